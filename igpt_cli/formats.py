@@ -1,0 +1,172 @@
+"""The one place where igpt's HDF5 file formats are defined.
+
+Every igpt file describes itself: `attrs["format"]` names its kind and
+`attrs["format_version"]` its schema version; provenance lives in attrs too.
+Files are written under a temporary name next to the destination and renamed
+into place only when complete (`atomic_output`), so a crash never leaves a
+half-written file at the final path.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from pathlib import Path
+from typing import Iterator
+
+import h5py
+import numpy as np
+
+from . import __version__
+
+TOKENS_FORMAT = "igpt-tokens"
+FEATURES_FORMAT = "igpt-features"
+FORMAT_VERSION = 1
+
+STR_DTYPE = h5py.string_dtype("utf-8")
+ROW_CHUNK = 256  # rows per HDF5 chunk for row-streamed datasets
+
+
+from .errors import InputError
+
+
+class FormatError(InputError):
+    """A file that is not the igpt file it should be."""
+
+
+def _attr(v):
+    return v.decode() if isinstance(v, bytes) else v
+
+
+def read_attrs(f: h5py.File) -> dict:
+    out = {}
+    for k, v in f.attrs.items():
+        v = _attr(v)
+        if isinstance(v, np.generic):
+            v = v.item()
+        out[k] = v
+    return out
+
+
+def open_igpt(path: str | Path, expected: str | None = None) -> h5py.File:
+    """Open an igpt HDF5 file read-only, checking its kind."""
+    p = Path(path)
+    if not p.exists():
+        raise FormatError(f"{p}: no such file")
+    try:
+        f = h5py.File(p, "r")
+    except OSError:
+        raise FormatError(f"{p}: not an HDF5 file") from None
+    kind = _attr(f.attrs.get("format"))
+    if kind not in (TOKENS_FORMAT, FEATURES_FORMAT) or (expected and kind != expected):
+        f.close()
+        want = expected or f"{TOKENS_FORMAT} or {FEATURES_FORMAT}"
+        raise FormatError(f"{p}: not an {want} file (format={kind!r})")
+    version = int(f.attrs.get("format_version", -1))
+    if version > FORMAT_VERSION:
+        f.close()
+        raise FormatError(f"{p}: format_version {version} is newer than this igpt reads ({FORMAT_VERSION})")
+    return f
+
+
+def temp_path_for(final: str | Path) -> Path:
+    final = Path(final)
+    return final.with_name(f".{final.name}.tmp")
+
+
+def check_output_path(path: str | Path, overwrite: bool) -> Path:
+    """Validate an output path before any work starts (clear errors, nothing written)."""
+    p = Path(path)
+    parent = p.parent if str(p.parent) else Path(".")
+    if not parent.is_dir():
+        raise FormatError(f"{p}: output directory {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise FormatError(f"{p}: output directory {parent} is not writable")
+    if p.exists() and not overwrite:
+        raise FormatError(f"{p}: output file exists (use --overwrite to replace it)")
+    return p
+
+
+@contextlib.contextmanager
+def atomic_output(final: str | Path) -> Iterator[Path]:
+    """Yield a temp path; rename it onto `final` on success, delete it on any failure."""
+    final = Path(final)
+    tmp = temp_path_for(final)
+    tmp.unlink(missing_ok=True)
+    try:
+        yield tmp
+        os.replace(tmp, final)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+# ---------------------------------------------------------------------------
+# Tokens file
+# ---------------------------------------------------------------------------
+# tokens   uint16 [N, H*W]  palette indices in raster order, chunked by rows
+# labels   int64  [N]       class index, -1 where unknown
+# palette  float32 [K, 3]   RGB centres in [-1, 1]
+# sources  utf-8 [N]        file name, "archive:member" or "name[index]"
+# attrs: format, format_version, height, width, class_names (JSON), split,
+#        source, resize, igpt_version
+
+
+def create_tokens_file(
+    f: h5py.File,
+    *,
+    height: int,
+    width: int,
+    palette: np.ndarray,
+    class_names: list[str],
+    split: str,
+    source: str,
+    resize: str,
+    capacity: int = 0,
+) -> None:
+    n_pos = height * width
+    f.create_dataset("tokens", shape=(capacity, n_pos), maxshape=(None, n_pos), dtype="uint16",
+                     chunks=(ROW_CHUNK, n_pos))
+    f.create_dataset("labels", shape=(capacity,), maxshape=(None,), dtype="int64", chunks=(4096,))
+    f.create_dataset("sources", shape=(capacity,), maxshape=(None,), dtype=STR_DTYPE, chunks=(4096,))
+    f.create_dataset("palette", data=np.asarray(palette, dtype=np.float32))
+    f.attrs.update(
+        format=TOKENS_FORMAT,
+        format_version=FORMAT_VERSION,
+        height=height,
+        width=width,
+        class_names=json.dumps(list(class_names)),
+        split=split,
+        source=str(source),
+        resize=resize,
+        igpt_version=__version__,
+    )
+
+
+def append_rows(f: h5py.File, **columns: np.ndarray) -> int:
+    """Append equally long row blocks to the named row datasets; returns the new row count."""
+    n = f[next(iter(columns))].shape[0]
+    k = len(next(iter(columns.values())))
+    for name, block in columns.items():
+        ds = f[name]
+        ds.resize(n + k, axis=0)
+        ds[n:n + k] = block
+    return n + k
+
+
+def class_names(f: h5py.File) -> list[str]:
+    return json.loads(_attr(f.attrs.get("class_names", "[]")))
+
+
+# ---------------------------------------------------------------------------
+# Features file
+# ---------------------------------------------------------------------------
+# features/<l>  float32 (or float16) [N, D] per requested layer, chunked by rows
+# labels        int64 [N], sources utf-8 [N]   (copied from the tokens file)
+# attrs: format, format_version, layers (JSON list), site, sos, compute_dtype,
+#        model, model_config (JSON), model_sha256, tokens_file, tokens_sha256,
+#        class_names (JSON), n_total, n_done, complete, igpt_version
+
+
+def feature_layers(f: h5py.File) -> list[int]:
+    return [int(k) for k in sorted(f["features"].keys(), key=int)]

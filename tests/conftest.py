@@ -1,0 +1,23 @@
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("IGPT_SHARED", ROOT.parent / "shared")) / "data"
+CIFAR_TAR = SHARED / "cifar10-jpeg.tar"
+PALETTE_NPY = SHARED / "kmeans_centers.npy"
+
+
+@pytest.fixture(scope="session")
+def cifar_tar() -> Path:
+    # The shared data is part of the test environment (CI has ../shared beside the clone):
+    # a missing file is a broken environment, so fail loudly rather than skip.
+    assert CIFAR_TAR.is_file(), f"shared data missing: {CIFAR_TAR}"
+    return CIFAR_TAR
+
+
+@pytest.fixture(scope="session")
+def official_palette_path() -> Path:
+    assert PALETTE_NPY.is_file(), f"shared data missing: {PALETTE_NPY}"
+    return PALETTE_NPY
