@@ -49,6 +49,15 @@ def main() -> None:
     """igpt — quantize images to palette tokens, extract iGPT features, probe them."""
 
 
+# --- quantize / palette / info / show commands (issue 2) ---
+
+# --- extract commands (issue 3) ---
+
+# --- probe commands (issue 4) ---
+
+# --- train / demo commands (issue 5) ---
+
+
 def run() -> None:  # pragma: no cover
     app(prog_name="igpt")
 
