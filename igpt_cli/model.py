@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -298,5 +299,8 @@ def save_pretrained(model: IGPT, model_dir: str | Path, dtype: torch.dtype = tor
     d = Path(model_dir)
     d.mkdir(parents=True, exist_ok=True)
     sd = native_to_hf({k: v.detach().to("cpu", dtype) for k, v in model.state_dict().items()})
-    save_file(sd, str(d / "model.safetensors"), metadata={"format": "pt"})
-    (d / "config.json").write_text(json.dumps(model.config.to_hf_dict(), indent=2) + "\n")
+    # write-then-rename: a reader (or a kill) never sees half a file
+    save_file(sd, str(d / ".model.safetensors.tmp"), metadata={"format": "pt"})
+    os.replace(d / ".model.safetensors.tmp", d / "model.safetensors")
+    (d / ".config.json.tmp").write_text(json.dumps(model.config.to_hf_dict(), indent=2) + "\n")
+    os.replace(d / ".config.json.tmp", d / "config.json")

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from . import __version__
 from .errors import InputError
 from .formats import TOKENS_FORMAT, class_names, open_igpt, read_attrs
-from .model import IGPT, IGPTConfig, load_pretrained, save_pretrained, sos_shift
+from .model import IGPT, IGPTConfig, save_pretrained, sos_shift
 from .runtime import resolve_device, resolve_dtype
 
 STATE_FILE = "train_state.pt"
@@ -179,14 +179,16 @@ def train(
         raise InputError(f"{val_tokens}: {val.height}x{val.width} tokens, training data is {data.height}x{data.width}")
     K = len(data.palette)
     dev = resolve_device(device)
-    compute = resolve_dtype(dtype, dev)
     state_path = out / STATE_FILE
     if resume:
         if not state_path.is_file():
             raise InputError(f"{out}: nothing to resume (no {STATE_FILE})")
         state = torch.load(state_path, map_location="cpu", weights_only=True)
+        if dtype == "auto":  # bit-for-bit continuation needs the run's own compute dtype
+            dtype = state.get("compute_dtype", dtype)
         cfg = TrainConfig(**json.loads(state["train_config"]))
-        model = load_pretrained(out)
+        model = IGPT(IGPTConfig(**json.loads(state["model_config"])))
+        model.load_state_dict(state["model"])
     else:
         if state_path.exists():
             raise InputError(f"{out}: holds a training run already (use --resume to continue it)")
@@ -194,6 +196,7 @@ def train(
         torch.manual_seed(cfg.seed)
         model = IGPT(IGPTConfig(vocab_size=K + 1, n_positions=data.height * data.width, n_embd=cfg.n_embd,
                                 n_layer=cfg.n_layer, n_head=cfg.n_head))
+    compute = resolve_dtype(dtype, dev)
     if model.config.n_positions != data.height * data.width or model.config.vocab_size != K + 1:
         raise InputError(f"{train_tokens}: tokens ({data.height}x{data.width}, {K} colours) do not fit the model in {out}")
     if cfg.n_embd % cfg.n_head:
@@ -213,8 +216,11 @@ def train(
         save_pretrained(model, out)
         write_preprocessor_config(out, data.palette, data.height, data.width)
         tmp = out / (STATE_FILE + ".tmp")
-        torch.save({"optimizer": opt.state_dict(), "step": step, "train_config": json.dumps(asdict(cfg)),
-                    "history": json.dumps(history)}, tmp)
+        # One file holds everything a resume needs, replaced atomically: a kill at any
+        # moment leaves either the previous or the new checkpoint, never a mix.
+        torch.save({"model": model.state_dict(), "model_config": json.dumps(asdict(model.config)),
+                    "optimizer": opt.state_dict(), "step": step, "train_config": json.dumps(asdict(cfg)),
+                    "compute_dtype": str(compute).removeprefix("torch."), "history": json.dumps(history)}, tmp)
         os.replace(tmp, state_path)
         meta = {"igpt_version": __version__, "train_tokens": str(train_tokens), "val_tokens": str(val_tokens or ""),
                 "step": step, "steps": steps, "history": history, "class_names": data.class_names,

@@ -1,0 +1,148 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from igpt_cli import formats
+from igpt_cli.model import load_pretrained, sos_shift
+from igpt_cli.train import TrainConfig, batch_indices, lr_at, make_batch, load_tokens, train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write_tokens(path: Path, n: int = 96, side: int = 4, k: int = 16, seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    palette = rng.uniform(-1, 1, size=(k, 3)).astype(np.float32)
+    # structured tokens (left half / right half colours) so there is something to learn
+    tokens = rng.integers(0, k, size=(n, side * side)).astype(np.uint16)
+    tokens[:, ::2] = tokens[:, :1] % 4
+    labels = rng.integers(0, 2, size=n)
+    with h5py.File(path, "w") as f:
+        formats.create_tokens_file(f, height=side, width=side, palette=palette, class_names=["a", "b"],
+                                   split="train", source="synthetic", resize="bilinear")
+        formats.append_rows(f, tokens=tokens, labels=labels,
+                            sources=np.array([f"x[{i}]" for i in range(n)], dtype=object))
+    return path
+
+
+TINY = dict(n_layer=2, n_embd=32, n_head=4, batch_size=8, lr=1e-2, warmup_steps=2, eval_every=3,
+            checkpoint_every=3)
+
+
+def test_lr_schedule_warmup_then_cosine():
+    cfg = TrainConfig(lr=1.0, warmup_steps=10, min_lr_ratio=0.1)
+    lrs = [lr_at(s, 100, cfg) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))  # monotone decay after warm-up
+    assert lr_at(100, 100, cfg) == pytest.approx(0.1)
+
+
+def test_batches_cover_each_epoch_exactly_once():
+    n, b = 50, 8
+    rows = np.concatenate([batch_indices(s, n, b, seed=3) for s in range(25)])  # 200 rows = 4 epochs
+    for e in range(4):
+        assert sorted(rows[e * n:(e + 1) * n]) == list(range(n))
+    assert not np.array_equal(rows[:n], rows[n:2 * n])  # each epoch reshuffled
+
+
+def test_flip_augmentation_flips_rows_in_token_space(tmp_path):
+    data = load_tokens(write_tokens(tmp_path / "t.h5"))
+    cfg = TrainConfig(batch_size=16, flip=True, seed=1)
+    flipped = make_batch(data, 0, cfg).numpy().reshape(16, 4, 4)
+    plain = make_batch(data, 0, TrainConfig(batch_size=16, flip=False, seed=1)).numpy().reshape(16, 4, 4)
+    same = [np.array_equal(a, b) for a, b in zip(flipped, plain)]
+    mirrored = [np.array_equal(a, b[:, ::-1]) for a, b in zip(flipped, plain)]
+    assert all(s or m for s, m in zip(same, mirrored)) and not all(same)
+
+
+def test_training_lowers_validation_loss(tmp_path):
+    tok = write_tokens(tmp_path / "t.h5")
+    summary = train(tok, tmp_path / "m", TrainConfig(steps=30, **TINY), val_tokens=tok, dtype="float32",
+                    progress=False)
+    hist = json.loads((tmp_path / "m" / "train_meta.json").read_text())["history"]
+    assert hist[-1]["val_loss"] < hist[0]["val_loss"] - 0.2
+    assert summary["val_bits_per_dim"] == pytest.approx(hist[-1]["val_loss"] / np.log(2), rel=1e-4)
+
+
+def test_resume_is_bit_for_bit(tmp_path):
+    tok = write_tokens(tmp_path / "t.h5")
+    cfg = TrainConfig(steps=9, **TINY)
+    train(tok, tmp_path / "full", cfg, dtype="float32", progress=False)
+
+    def interrupt_at_step_3(msg):  # Ctrl-C right after step 3's log line
+        if json.loads(msg)["step"] == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(tok, tmp_path / "cut", cfg, dtype="float32", progress=False, log=interrupt_at_step_3)
+    assert json.loads((tmp_path / "cut" / "train_meta.json").read_text())["step"] == 3
+    train(tok, tmp_path / "cut", TrainConfig(), dtype="float32", progress=False, resume=True)
+    a = (tmp_path / "full" / "model.safetensors").read_bytes()
+    b = (tmp_path / "cut" / "model.safetensors").read_bytes()
+    assert a == b
+
+
+def test_output_loads_in_transformers_with_same_hidden_states(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    tok = write_tokens(tmp_path / "t.h5")
+    train(tok, tmp_path / "m", TrainConfig(steps=4, **TINY), dtype="float32", progress=False)
+    ours = load_pretrained(tmp_path / "m")
+    hf = transformers.ImageGPTForCausalImageModeling.from_pretrained(tmp_path / "m").eval()
+    x = sos_shift(torch.from_numpy(load_tokens(tok).tokens[:5].astype(np.int64)), ours.config.sos_token)
+    with torch.no_grad():
+        out = hf(x, output_hidden_states=True)
+        feats = ours.forward_intermediates(x, list(range(3)), site="resid")
+        logits = ours(x)
+    for layer in range(3):
+        assert torch.allclose(feats[layer], out.hidden_states[layer].mean(1), atol=1e-5)
+    assert torch.allclose(logits, out.logits, atol=1e-4)
+    proc = transformers.ImageGPTImageProcessor.from_pretrained(tmp_path / "m")
+    assert np.allclose(np.asarray(proc.clusters), load_tokens(tok).palette)
+    assert proc.size == {"height": 4, "width": 4}
+
+
+def _igpt(*args, **kw):
+    return subprocess.run([sys.executable, "-m", "igpt_cli", *args], capture_output=True, text=True,
+                          cwd=ROOT, **kw)
+
+
+def test_cli_bad_input(tmp_path):
+    tok = write_tokens(tmp_path / "t.h5")
+    r = _igpt("train", str(tok), "-o", str(tmp_path / "m"))
+    assert r.returncode == 2 and "--steps or --epochs" in r.stderr and "Traceback" not in r.stderr
+    r = _igpt("train", str(tok), "-o", str(tmp_path / "m"), "--resume")
+    assert r.returncode == 2 and "nothing to resume" in r.stderr
+    r = _igpt("train", str(tmp_path / "missing.h5"), "-o", str(tmp_path / "m"), "--steps", "2")
+    assert r.returncode == 2 and "missing.h5" in r.stderr and "Traceback" not in r.stderr
+    r = _igpt("train", str(tok), "-o", str(tmp_path / "m"), "--steps", "2", "--width", "30", "--heads", "4")
+    assert r.returncode == 2 and "divisible" in r.stderr
+
+
+def test_cli_killed_run_resumes_to_the_same_weights(tmp_path):
+    tok = write_tokens(tmp_path / "t.h5", n=64)
+    common = ["--layers", "2", "--width", "32", "--heads", "4", "--batch-size", "8", "--steps", "40",
+              "--checkpoint-every", "5", "--eval-every", "5", "--dtype", "float32", "--quiet"]
+    ref = _igpt("train", str(tok), "-o", str(tmp_path / "ref"), *common)
+    assert ref.returncode == 0, ref.stderr
+    proc = subprocess.Popen([sys.executable, "-m", "igpt_cli", "train", str(tok), "-o", str(tmp_path / "cut"),
+                             *common], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    meta = tmp_path / "cut" / "train_meta.json"
+    deadline = time.time() + 60
+    while time.time() < deadline and not meta.exists():
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = json.loads(meta.read_text())["step"]
+    assert done < 40, "the run finished before it could be killed"
+    r = _igpt("train", str(tok), "-o", str(tmp_path / "cut"), "--resume", "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["steps"] == 40
+    assert (tmp_path / "ref" / "model.safetensors").read_bytes() == (tmp_path / "cut" / "model.safetensors").read_bytes()
