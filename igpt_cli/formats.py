@@ -170,3 +170,62 @@ def class_names(f: h5py.File) -> list[str]:
 
 def feature_layers(f: h5py.File) -> list[int]:
     return [int(k) for k in sorted(f["features"].keys(), key=int)]
+
+# Attributes that pin down what a features file holds: a partial file is resumed
+# only when all of them match the new run (anything else would mix two results).
+FEATURES_IDENTITY = ("layers", "site", "sos", "compute_dtype", "store_dtype", "device_type",
+                     "batch_size", "model_sha256", "model_config", "tokens_sha256", "n_total")
+
+
+def _chunked_preallocated(group: h5py.Group, name: str, shape: tuple[int, int], dtype, chunk_rows: int):
+    """A row-chunked dataset whose chunks are all allocated at creation and never filled.
+
+    Later row writes then touch raw data only, never HDF5 metadata (no chunk-index
+    updates between flushes), so a process killed mid-write leaves a file that still
+    opens at its last flushed state. Rows not yet written hold garbage, hence `n_done`.
+    """
+    dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+    dcpl.set_chunk((max(1, min(chunk_rows, shape[0])), shape[1]))
+    dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
+    dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)
+    space = h5py.h5s.create_simple(shape)
+    tid = h5py.h5t.py_create(np.dtype(dtype))
+    h5py.h5d.create(group.id, name.encode(), tid, space, dcpl=dcpl)
+    return group[name]
+
+
+def create_features_file(
+    f: h5py.File,
+    *,
+    dims: dict[int, int],
+    labels: np.ndarray,
+    sources: np.ndarray,
+    store_dtype: str,
+    attrs: dict,
+) -> None:
+    """Lay out an empty features file of `len(labels)` rows; `attrs` must hold the identity keys."""
+    n = len(labels)
+    g = f.create_group("features")
+    for layer, d in sorted(dims.items()):
+        _chunked_preallocated(g, str(layer), (n, d), store_dtype, ROW_CHUNK)
+    f.create_dataset("labels", data=np.asarray(labels, dtype=np.int64))
+    f.create_dataset("sources", data=np.asarray(sources, dtype=object), dtype=STR_DTYPE)
+    f.attrs.update(format=FEATURES_FORMAT, format_version=FORMAT_VERSION, igpt_version=__version__)
+    f.attrs.update({k: (json.dumps(v) if isinstance(v, (list, dict)) else v) for k, v in attrs.items()})
+    f.attrs.update(n_total=n, n_done=0, complete=False)
+
+
+def features_mismatch(f: h5py.File, expected: dict) -> str | None:
+    """Why the partial features file `f` cannot be resumed by a run with `expected` attrs (None: it can)."""
+    have = read_attrs(f)
+    if have.get("format") != FEATURES_FORMAT:
+        return f"not an {FEATURES_FORMAT} file"
+    for key in FEATURES_IDENTITY:
+        want = expected.get(key)
+        want = json.dumps(want) if isinstance(want, (list, dict)) else want
+        if have.get(key) != want:
+            old = str(have.get(key))
+            old = old if len(old) < 60 else old[:57] + "…"
+            new = str(want) if len(str(want)) < 60 else str(want)[:57] + "…"
+            return f"{key} differs (partial file: {old}, this run: {new})"
+    return None
