@@ -219,6 +219,53 @@ def extract(
 
 # --- probe commands (issue 4) ---
 
+
+@app.command("probe")
+@handles_input_errors
+def probe_cmd(
+    train: str = typer.Argument(..., metavar="TRAIN_FEATS.h5", help="features file to fit the probes on"),
+    test: str = typer.Option(None, "--test", metavar="TEST_FEATS.h5",
+                             help="features file to report accuracy on (default: hold out --test-fraction of TRAIN)"),
+    layer: list[str] = typer.Option(None, "--layer", "-l",
+                                    help="layers: 8, -1, 8-16, 0,4,8 or all (repeatable; default all)"),
+    test_fraction: float = typer.Option(0.2, "--test-fraction",
+                                        help="without --test: stratified fraction of TRAIN held out as test set"),
+    as_json: bool = typer.Option(False, "--json", help="print the report as one JSON document on stdout"),
+    csv_out: str = typer.Option(None, "--csv", metavar="OUT.csv", help="write one row per layer"),
+    plot_out: str = typer.Option(None, "--plot", metavar="OUT.png",
+                                 help="plot accuracy vs layer (needs the 'plot' extra: matplotlib)"),
+    seed: int = typer.Option(0, "--seed", help="seed for the stratified splits"),
+    jobs: int = typer.Option(1, "--jobs", "-j", help="layers probed in parallel (each holds its layer in memory)"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress lines"),
+) -> None:
+    """Linear-probe accuracy per layer: features in, per-layer accuracy out."""
+    from . import formats, probe
+
+    if plot_out:
+        probe.check_plot_available()
+        formats.check_output_path(plot_out, overwrite=True)
+    if csv_out:
+        formats.check_output_path(csv_out, overwrite=True)
+
+    def progress(r: "probe.LayerResult") -> None:
+        if not quiet:
+            err.print(f"layer {r.layer}: val {r.val_acc:.2%} (C={r.c:.3g}) test {r.test_acc:.2%} "
+                      f"[{r.seconds:.1f} s]", highlight=False)
+
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # counted in the report instead (not_converged_fits)
+        report = probe.probe_files(train, test, layer, test_fraction=test_fraction, seed=seed, jobs=jobs,
+                                   on_layer=progress)
+    probe.render_table(report, err)
+    if csv_out:
+        probe.write_csv(report, csv_out)
+    if plot_out:
+        probe.write_plot(report, plot_out)
+    if as_json:
+        print(probe.report_json(report))
+
 # --- train / demo commands (issue 5) ---
 
 
