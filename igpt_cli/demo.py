@@ -1,0 +1,90 @@
+"""`igpt demo`: the whole pipeline, offline, on data and a model shipped with the package.
+
+quantize (shipped CIFAR-10 subset) → extract (shipped pretrained iGPT, all layers,
+plus the raw-pixel baseline) → probe → table, JSON report and PNG curve.
+"""
+from __future__ import annotations
+
+import json
+import shlex
+import tempfile
+import time
+from importlib import resources
+from pathlib import Path
+
+from .extract import extract_features
+from .model import read_config
+from .errors import InputError
+from .probe import probe_files, write_plot
+from .quantize import quantize_dataset
+
+ASSETS = Path(str(resources.files("igpt_cli") / "assets"))
+DEMO_DATA = ASSETS / "demo-cifar10.tar"
+SHIPPED_MODEL = ASSETS / "igpt-cifar8"
+
+
+def pipeline_commands(out: Path, model: Path, side: int) -> list[str]:
+    """The shell commands equivalent to the demo, for a user to repeat by hand."""
+    q = shlex.quote
+    data, o = q(str(DEMO_DATA)), lambda name: q(str(out / name))
+    cmds = []
+    for split in ("train", "test"):
+        cmds.append(f"igpt quantize {data} --split {split} --size {side} --palette {q(str(model))} "
+                    f"-o {o(split + '.h5')} --overwrite")
+    for split in ("train", "test"):
+        cmds.append(f"igpt extract {o(split + '.h5')} --model {q(str(model))} --layer all "
+                    f"-o {o(split + '-feats.h5')} --overwrite")
+        cmds.append(f"igpt extract {o(split + '.h5')} --model pixels -o {o(split + '-pixels.h5')} --overwrite")
+    cmds.append(f"igpt probe {o('train-pixels.h5')} --test {o('test-pixels.h5')} --json > {o('probe-pixels.json')}")
+    cmds.append(f"igpt probe {o('train-feats.h5')} --test {o('test-feats.h5')} --plot {o('probe.png')} "
+                f"--json > {o('probe.json')}")
+    return cmds
+
+
+def run_demo(out_dir: str | Path | None = None, *, model: str | Path | None = None,
+             plot: str | Path | None = None, progress: bool = True, log=print) -> dict:
+    """Run the demo; returns {"model": report, "pixels": report, "files": {...}, "seconds": …}.
+
+    With `out_dir` every intermediate file is kept there (and the plot is
+    `out_dir/probe.png`); without it they live in a temporary directory and only
+    the plot (`plot`, default ./igpt-demo.png) is kept.
+    """
+    model = Path(model) if model else SHIPPED_MODEL
+    side = read_config(model).side
+    t0 = time.perf_counter()
+    tmp = None
+    if out_dir is None:
+        tmp = tempfile.TemporaryDirectory(prefix="igpt-demo-")
+        out = Path(tmp.name)
+    else:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+    try:
+        files = {}
+        for split in ("train", "test"):
+            files[split] = out / f"{split}.h5"
+            s = quantize_dataset(DEMO_DATA, files[split], split=split, size=side, palette=model, overwrite=True)
+            log(f"quantize  {split:5s}: {s['n']} images -> {files[split]}")
+        for split in ("train", "test"):
+            for kind, source in (("feats", model), ("pixels", "pixels")):
+                path = out / f"{split}-{kind}.h5"
+                s = extract_features(files[split], source, "all" if kind == "feats" else None, path,
+                                     overwrite=True, progress=progress)
+                files[f"{split}-{kind}"] = path
+                log(f"extract   {split:5s}: {'pixels' if kind == 'pixels' else 'iGPT layers'} -> {path}")
+        pixels = probe_files(files["train-pixels"], files["test-pixels"])
+        report = probe_files(files["train-feats"], files["test-feats"])
+        files["plot"] = Path(plot) if plot else (out / "probe.png" if tmp is None else Path("igpt-demo.png"))
+        try:
+            write_plot(report, files["plot"])
+        except InputError as e:  # matplotlib is an optional extra
+            log(f"(no plot: {e})")
+            files.pop("plot")
+        (out / "probe.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
+        (out / "probe-pixels.json").write_text(json.dumps(pixels, indent=1, default=str) + "\n")
+        return {"model": report, "pixels": pixels, "files": {k: str(v) for k, v in files.items()},
+                "commands": pipeline_commands(out, model, side), "seconds": round(time.perf_counter() - t0, 1),
+                "kept": tmp is None}
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
