@@ -88,7 +88,10 @@ def main() -> None:
 
             A, B = standardize(Xtr, Xte)
             t = time.perf_counter()
-            ref = LogisticRegression(C=r.c, max_iter=1000).fit(A, ytr)
+            from threadpoolctl import threadpool_limits
+
+            with threadpool_limits(limits=1):  # same single BLAS thread as the probe
+                ref = LogisticRegression(C=r.c, max_iter=1000).fit(A, ytr)
             ref_acc = ref.score(B, yte)
             deltas.append(100 * (r.test_acc - ref_acc))
             msg += f" | plain sklearn at C: {ref_acc:.4f} ({time.perf_counter() - t:.1f} s), delta {deltas[-1]:+.2f} pt"

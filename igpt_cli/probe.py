@@ -129,7 +129,7 @@ class _Converged(Exception):
 
 def fit_logreg(X: np.ndarray, y: np.ndarray, n_classes: int, C: float, *,
                init: Fit | None = None, tol: float = TOL, max_iter: int = MAX_ITER,
-               precondition: bool = True) -> Fit:
+               precondition: bool = True, eig: tuple[np.ndarray, np.ndarray] | None = None) -> Fit:
     """Minimise  mean_i CE(x_i W^T + b, y_i) + ||W||^2 / (2 C n)  with L-BFGS-B.
 
     This is scikit-learn's lbfgs objective (C * sum CE + ||W||^2 / 2, divided by n) and
@@ -153,9 +153,7 @@ def fit_logreg(X: np.ndarray, y: np.ndarray, n_classes: int, C: float, *,
     rows = np.arange(n)
     with threadpool_limits(limits=1):
         if precondition:
-            S = (X.T @ X).astype(np.float64) / n
-            evals, V = np.linalg.eigh(S)
-            evals = np.clip(evals, 0.0, None)
+            evals, V = eig if eig is not None else covariance_eig(X)
             a = (k - 1) / k**2 if k > 1 else 0.25
             r = 1.0 / np.sqrt(a * evals + lam)
             R = (V * r) @ V.T                     # W = V' R  (V' : [K, D], row-wise)
@@ -205,6 +203,16 @@ def fit_logreg(X: np.ndarray, y: np.ndarray, n_classes: int, C: float, *,
     Wp = w[: k * d].reshape(k, d)
     W = Wp if R is None else Wp @ R
     return Fit(coef=W.copy(), intercept=w[k * d:] * bs, n_iter=int(state["nfev"]), converged=bool(converged))
+
+
+def covariance_eig(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Eigen-decomposition of X'X/n (the preconditioner of `fit_logreg`; compute once per layer)."""
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=1):
+        S = (X.T @ X).astype(np.float64) / len(X)
+        evals, V = np.linalg.eigh(S)
+    return np.clip(evals, 0.0, None), V
 
 
 def standardize(X_fit: np.ndarray, *others: np.ndarray) -> list[np.ndarray]:
@@ -287,8 +295,9 @@ def probe_layer(X_train: np.ndarray, y_train: np.ndarray, X_test: np.ndarray, y_
     fits: dict[float, Fit] = {}
     not_conv = 0
     prev = None
+    eig = covariance_eig(Xf)  # preconditioner, shared by every fit of this layer
     for c in sorted(grid):
-        prev = fit_logreg(Xf, yf, k, c, init=prev, tol=tol, max_iter=max_iter)
+        prev = fit_logreg(Xf, yf, k, c, init=prev, tol=tol, max_iter=max_iter, eig=eig)
         fits[c] = prev
         not_conv += not prev.converged
         search.append({"c": c, "val_acc": float((prev.predict(Xv) == yv).mean()), "stage": "coarse"})
@@ -304,7 +313,7 @@ def probe_layer(X_train: np.ndarray, y_train: np.ndarray, X_test: np.ndarray, y_
             continue
         below = [cc for cc in fits if cc < c]
         init = fits[max(below)] if below else None  # warm start from the next smaller C
-        f = fit_logreg(Xf, yf, k, c, init=init, tol=tol, max_iter=max_iter)
+        f = fit_logreg(Xf, yf, k, c, init=init, tol=tol, max_iter=max_iter, eig=eig)
         fits[c] = f
         not_conv += not f.converged
         search.append({"c": c, "val_acc": float((f.predict(Xv) == yv).mean()), "stage": "refine"})
@@ -313,7 +322,7 @@ def probe_layer(X_train: np.ndarray, y_train: np.ndarray, X_test: np.ndarray, y_
 
     # --- refit on the whole training set with the chosen C ------------------
     Xtr, Xte = standardize(X_train, X_test)
-    final = fit_logreg(Xtr, yi_train, k, best["c"], init=fits[best["c"]], tol=tol, max_iter=max_iter)
+    final = fit_logreg(Xtr, yi_train, k, best["c"], init=fits[best["c"]], tol=tol, max_iter=max_iter, eig=eig)
     not_conv += not final.converged
     pred = classes[final.predict(Xte)]
     correct = pred == y_test
