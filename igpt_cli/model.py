@@ -128,8 +128,9 @@ class Block(nn.Module):
         self.ln_2 = IGPTLayerNorm(cfg.n_embd, cfg.layer_norm_epsilon)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x))
+    def forward(self, x: torch.Tensor, ln_1x: torch.Tensor | None = None) -> torch.Tensor:
+        """`ln_1x`: ln_1(x) when the caller already has it (feature taps), to skip recomputing it."""
+        x = x + self.attn(self.ln_1(x) if ln_1x is None else ln_1x)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -185,14 +186,15 @@ class IGPT(nn.Module):
         out: dict[int, torch.Tensor] = {}
         x = self.embed(idx)
         for i in range(max(wanted) + 1):
+            tap = None
             if i in wanted:
                 if i == L:
                     tap = self.ln_f(x)
                 else:
                     tap = self.h[i].ln_1(x) if site == "ln" else x
-                out[i] = tap.float().mean(dim=1)
+                out[i] = tap.mean(dim=1, dtype=torch.float32)
             if i < L and i < max(wanted):
-                x = self.h[i](x)
+                x = self.h[i](x, tap if (site == "ln" and tap is not None) else None)
         return out
 
     def num_params(self) -> int:
