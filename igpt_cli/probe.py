@@ -20,10 +20,11 @@ LogisticRegression` at the same C (same optimum, same accuracy).
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
-import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -122,6 +123,19 @@ class Fit:
         return z.argmax(axis=1)
 
 
+def one_blas_thread():
+    """Limit BLAS to one thread (OpenBLAS threading is slower for these skinny products).
+
+    threadpoolctl limits are process-wide, so only the main thread sets them; `probe_files`
+    sets them once around its worker threads.
+    """
+    if threading.current_thread() is threading.main_thread():
+        from threadpoolctl import threadpool_limits
+
+        return threadpool_limits(limits=1)
+    return contextlib.nullcontext()
+
+
 class _Converged(Exception):
     def __init__(self, w):
         self.w = w
@@ -143,15 +157,13 @@ def fit_logreg(X: np.ndarray, y: np.ndarray, n_classes: int, C: float, *,
     over X. Matrix products are float32 on one BLAS thread (OpenBLAS threading is slower
     for these skinny products).
     """
-    from threadpoolctl import threadpool_limits
-
     X = np.ascontiguousarray(X, dtype=np.float32)
     y = np.asarray(y, dtype=np.int64)
     n, d = X.shape
     k = n_classes
     lam = 1.0 / (C * n)
     rows = np.arange(n)
-    with threadpool_limits(limits=1):
+    with one_blas_thread():
         if precondition:
             evals, V = eig if eig is not None else covariance_eig(X)
             a = (k - 1) / k**2 if k > 1 else 0.25
@@ -207,9 +219,7 @@ def fit_logreg(X: np.ndarray, y: np.ndarray, n_classes: int, C: float, *,
 
 def covariance_eig(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Eigen-decomposition of X'X/n (the preconditioner of `fit_logreg`; compute once per layer)."""
-    from threadpoolctl import threadpool_limits
-
-    with threadpool_limits(limits=1):
+    with one_blas_thread():
         S = (X.T @ X).astype(np.float64) / len(X)
         evals, V = np.linalg.eigh(S)
     return np.clip(evals, 0.0, None), V
@@ -474,8 +484,7 @@ def probe_files(train: str | Path, test: str | Path | None = None, layers: Seque
     else:
         from threadpoolctl import threadpool_limits
 
-        with threadpool_limits(limits=max(1, (os.cpu_count() or 1) // jobs)), \
-                ThreadPoolExecutor(max_workers=jobs) as ex:
+        with threadpool_limits(limits=1), ThreadPoolExecutor(max_workers=jobs) as ex:
             results = list(ex.map(run_layer, sel))
     wall = time.perf_counter() - t0
 
