@@ -185,6 +185,7 @@ class Dataset:
         self.splits: list[str] = []
         self.skipped = 0
         self.n: int | None = None  # number of images to expect, when known
+        self.workers: int | None = None  # decode processes (image folders); None: automatic
 
     def _check_split(self) -> None:
         if self.split == "all":
@@ -341,32 +342,76 @@ class ImageFolder(Dataset):
     def batches(self, batch_size: int = 256) -> Iterator[Batch]:
         return self._limited(self._batches(batch_size))
 
-    def _batches(self, batch_size: int) -> Iterator[Batch]:
-        size = self.size
-        buf = np.empty((batch_size, size, size, 3), dtype=np.uint8)
-        labels, sources = [], []
+    def _chunks(self, batch_size: int) -> Iterator[list[tuple[str, bytes | str]]]:
+        chunk = []
         for name, data in self._members():
-            try:
-                if isinstance(data, Exception):
-                    raise data
-                img = decode_image(data, size, self.resize, name)
-            except Exception as e:  # noqa: BLE001 - any decoder failure is a bad image
-                if self.skip_bad:
-                    self.skipped += 1
-                    continue
-                where = str(self.path / name) if self.container == "dir" else f"{self.path}:{name}"
-                msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-                raise BadImageError(f"{where}: cannot read image ({msg}); use --skip-bad to skip such files") from None
-            k = len(labels)
-            buf[k] = img
-            labels.append(self._entries[name])
-            sources.append(self._source(name))
-            if len(labels) == batch_size:
-                yield buf.copy(), np.asarray(labels, dtype=np.int64), sources
-                labels, sources = [], []
-        if labels:
-            k = len(labels)
-            yield buf[:k].copy(), np.asarray(labels, dtype=np.int64), sources
+            if isinstance(data, Exception):
+                data = str(data) or type(data).__name__
+            chunk.append((name, data))
+            if len(chunk) == batch_size:
+                yield chunk
+                chunk = []
+        if chunk:
+            yield chunk
+
+    def _decoded(self, batch_size: int) -> Iterator[tuple[list, tuple]]:
+        """(chunk, decode result) pairs in order; decoding runs in a small process pool
+        for large datasets (JPEG decoding dominates once quantizing is a table lookup)."""
+        args = (self.size, self.resize)
+        workers = self.workers
+        if workers is None:
+            workers = min(2, os.cpu_count() or 1) if (self.n or 0) >= 4096 else 0
+        if workers <= 1:
+            for chunk in self._chunks(batch_size):
+                yield chunk, _decode_chunk(chunk, *args)
+            return
+        import multiprocessing as mp
+        from collections import deque
+
+        # fork: no re-import of __main__ (works from scripts without a main guard); the
+        # workers only run _decode_chunk. The CLI progress bar refreshes without a thread.
+        with mp.get_context("fork").Pool(workers) as pool:
+            pending: deque = deque()
+            for chunk in self._chunks(batch_size):
+                pending.append((chunk, pool.apply_async(_decode_chunk, (chunk, *args))))
+                if len(pending) > 2 * workers:
+                    c, r = pending.popleft()
+                    yield c, r.get()
+            while pending:
+                c, r = pending.popleft()
+                yield c, r.get()
+
+    def _batches(self, batch_size: int) -> Iterator[Batch]:
+        for chunk, (imgs, errors) in self._decoded(batch_size):
+            if errors:
+                if not self.skip_bad:
+                    i, msg = errors[0]
+                    name = chunk[i][0]
+                    where = str(self.path / name) if self.container == "dir" else f"{self.path}:{name}"
+                    raise BadImageError(f"{where}: cannot read image ({msg}); use --skip-bad to skip such files")
+                self.skipped += len(errors)
+                bad = {i for i, _ in errors}
+                chunk = [c for i, c in enumerate(chunk) if i not in bad]
+            if chunk:
+                yield (imgs, np.asarray([self._entries[n] for n, _ in chunk], dtype=np.int64),
+                       [self._source(n) for n, _ in chunk])
+
+
+def _decode_chunk(chunk: list[tuple[str, bytes | str]], size: int, resize: str):
+    """Decode a chunk of (name, bytes | error text): (uint8 [k, S, S, 3] of the good ones,
+    [(index, message)] of the bad ones)."""
+    out = np.empty((len(chunk), size, size, 3), dtype=np.uint8)
+    errors, k = [], 0
+    for i, (name, data) in enumerate(chunk):
+        try:
+            if isinstance(data, str):
+                raise OSError(data)
+            out[k] = decode_image(data, size, resize, name)
+            k += 1
+        except Exception as e:  # noqa: BLE001 - any decoder failure is a bad image
+            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+            errors.append((i, msg))
+    return out[:k], errors
 
 
 class _FastTarUnsupported(Exception):
