@@ -235,6 +235,17 @@ class PixelSource:
         return {0: self.palette[tokens.astype(np.int64)].reshape(len(tokens), -1)}
 
 
+def resolve_model_dir(model: str | Path) -> Path:
+    """A directory as given, or a Hugging Face hub name (`openai/imagegpt-small`) found in the local HF cache."""
+    p = Path(model)
+    if p.is_dir() or "/" not in str(model) or str(model).startswith((".", "/", "~")):
+        return p
+    hub = Path(os.environ.get("HF_HUB_CACHE") or Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface")) / "hub")
+    snaps = sorted((hub / f"models--{str(model).replace('/', '--')}" / "snapshots").glob("*/config.json"),
+                   key=lambda c: c.stat().st_mtime)
+    return snaps[-1].parent if snaps else p
+
+
 def load_model(model_dir: str | Path, device: torch.device, dtype: torch.dtype) -> IGPT:
     """Load a checkpoint directory onto `device` with weights cast to `dtype` (no autocast)."""
     model = load_pretrained(model_dir)
@@ -386,6 +397,9 @@ def extract_features(
 
     tf = formats.open_igpt(tokens_path, formats.TOKENS_FORMAT)
     try:
+        missing = [k for k in ("tokens", "palette") if k not in tf] + [a for a in ("height", "width") if a not in tf.attrs]
+        if missing:
+            raise InputError(f"{tokens_path}: tokens file lacks {', '.join(missing)}")
         tok = tf["tokens"]
         height, width = int(tf.attrs["height"]), int(tf.attrs["width"])
         palette = np.asarray(tf["palette"], dtype=np.float32)
@@ -401,6 +415,7 @@ def extract_features(
             source: ModelSource | PixelSource = PixelSource(palette, height, width)
             site_attr, sos_attr = "pixels", False
         else:
+            model = resolve_model_dir(model)
             dev = resolve_device(device)
             cdt = resolve_dtype(dtype, dev)
             weights = find_weights(model)

@@ -454,3 +454,15 @@ def test_existing_output_needs_overwrite(small):
         extract_features(small["tokens"], small["dir"], "1", out, progress=False)
     extract_features(small["tokens"], small["dir"], "1", out, progress=False, overwrite=True)
     assert formats.open_igpt(out, formats.FEATURES_FORMAT)
+
+
+def test_hub_name_resolves_from_local_cache(tmp_path, monkeypatch, small):
+    from igpt_cli.extract import resolve_model_dir
+
+    snap = tmp_path / "hub" / "models--openai--imagegpt-small" / "snapshots" / "abc123"
+    snap.mkdir(parents=True)
+    (snap / "config.json").write_text("{}")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    assert resolve_model_dir("openai/imagegpt-small") == snap
+    assert resolve_model_dir(small["dir"]) == small["dir"]
+    assert resolve_model_dir("openai/imagegpt-large") == Path("openai/imagegpt-large")  # not cached: as given
