@@ -14,6 +14,7 @@ the data generation, and compares the test accuracy with a plain scikit-learn
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -48,6 +49,7 @@ def main() -> None:
     ap.add_argument("--n-train", type=int, default=50000)
     ap.add_argument("--parity", type=int, default=2, help="layers to compare with plain scikit-learn")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--only", type=int, nargs="*", help="probe only these layers (of --layers)")
     ap.add_argument("--files", nargs=2, metavar=("TRAIN", "TEST"), help="probe real features files instead")
     args = ap.parse_args()
 
@@ -73,17 +75,21 @@ def main() -> None:
     print(f"data: {len(ytr)} train / {len(yte)} test, {args.layers} layers x {args.dim} dims "
           f"(prepared in {time.perf_counter() - t:.0f} s)", flush=True)
 
-    probe_s = 0.0
+    probe_s = cpu_s = 0.0
     results = []
     deltas = []
-    for l in range(args.layers):
+    todo = args.only if args.only else list(range(args.layers))
+    for i, l in enumerate(todo):
         Xtr, Xte = stand_in_layer(base_tr, base_te, l, args.layers)
+        cpu0 = time.process_time()
         r = probe_layer(Xtr, ytr, Xte, yte, args.seed, layer=l)
+        cpu = time.process_time() - cpu0
         probe_s += r.seconds
+        cpu_s += cpu
         results.append(r)
         msg = (f"layer {l:2d}: val {r.val_acc:.4f} C={r.c:.3g} test {r.test_acc:.4f} "
-               f"{r.seconds:.1f} s (final fit {r.n_iter} evals)")
-        if l < args.parity:
+               f"{r.seconds:.1f} s wall, {cpu:.1f} s CPU ({r.evals} passes over the data, final fit {r.n_iter})")
+        if i < args.parity:
             from sklearn.linear_model import LogisticRegression
 
             A, B = standardize(Xtr, Xte)
@@ -98,8 +104,9 @@ def main() -> None:
         print(msg, flush=True)
         del Xtr, Xte
     best = max(results, key=lambda r: r.val_acc)
-    print(f"probe wall time {probe_s:.1f} s for {args.layers} layers = {probe_s / args.layers:.1f} s/layer "
-          f"(projected for 25 layers: {25 * probe_s / args.layers / 60:.1f} min); "
+    print(f"probe wall time {probe_s:.1f} s for {len(todo)} layers = {probe_s / len(todo):.1f} s/layer "
+          f"(projected for 25 layers: {25 * probe_s / len(todo) / 60:.1f} min; CPU {cpu_s / len(todo):.1f} s/layer, "
+          f"load average now {os.getloadavg()[0]:.1f}); "
           f"best layer {best.layer} test {best.test_acc:.4f}")
     if deltas:
         print(f"accuracy delta vs plain scikit-learn at the chosen C: max |delta| = {max(map(abs, deltas)):.2f} points")

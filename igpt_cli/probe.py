@@ -253,6 +253,7 @@ class LayerResult:
     n_iter: int
     converged: bool
     not_converged_fits: int
+    evals: int = 0   # objective/gradient evaluations over all fits of this layer (passes over the data)
     c_search: list[dict] = field(default_factory=list)
 
     def to_dict(self) -> dict:
@@ -348,6 +349,7 @@ def probe_layer(X_train: np.ndarray, y_train: np.ndarray, X_test: np.ndarray, y_
         per_class_acc=per_class, n_train=int(len(y_train)), n_val=int(len(v_idx)),
         n_test=int(len(y_test)), dim=int(X_train.shape[1]), seconds=round(time.perf_counter() - t0, 3),
         n_iter=final.n_iter, converged=final.converged, not_converged_fits=not_conv,
+        evals=sum(f.n_iter for f in fits.values()) + final.n_iter,
         c_search=sorted(search, key=lambda r: r["c"]),
     )
 
