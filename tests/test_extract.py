@@ -81,7 +81,7 @@ def read_feats(path: Path) -> dict[int, np.ndarray]:
 def run_cli(*args, env=None) -> subprocess.CompletedProcess:
     e = dict(os.environ, PYTHONPATH=str(ROOT), **(env or {}))
     return subprocess.run([sys.executable, "-m", "igpt_cli", "extract", *map(str, args)],
-                          capture_output=True, text=True, env=e, timeout=120)
+                          capture_output=True, text=True, env=e, timeout=600)
 
 
 @pytest.fixture(scope="module")
@@ -332,7 +332,7 @@ def test_kill_9_resume_identical(tmp_path):
     for target in (200, 700):
         p = subprocess.Popen([sys.executable, "-m", "igpt_cli", "extract", *map(str, args), "-o", str(out)],
                              env=e, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        deadline = time.time() + 60
+        deadline = time.time() + 300
         while p.poll() is None and time.time() < deadline:
             try:
                 with h5py.File(tmp, "r", locking=False) as f:
