@@ -265,6 +265,6 @@ def fit_palette(pixel_batches, k: int = 512, sample_pixels: int = 1_000_000, see
     k_eff = min(k, len(np.unique(sample[:n], axis=0)))
     if k_eff < 1 or k > MAX_K:
         raise InputError(f"-k must be between 1 and {MAX_K}")
-    km = MiniBatchKMeans(n_clusters=k_eff, batch_size=batch_size, random_state=seed, n_init=3)
+    km = MiniBatchKMeans(n_clusters=k_eff, batch_size=batch_size, random_state=seed, n_init=1)
     km.fit(x)
     return Palette(np.clip(km.cluster_centers_, -1.0, 1.0), source=f"fit(k={k_eff}, pixels={n})")
