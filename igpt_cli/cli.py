@@ -39,6 +39,8 @@ def handles_input_errors(fn):
         try:
             return fn(*args, **kwargs)
         except InputError as e:
+            if getattr(e, "quiet", False):  # another process already reported it (distributed runs)
+                raise typer.Exit(2)
             fail(str(e))
         except KeyboardInterrupt:
             err.print("interrupted")
@@ -204,17 +206,28 @@ def extract(
     restart: bool = typer.Option(False, "--restart", help="Discard a partial run instead of resuming it."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
-    """Run a pretrained iGPT over a tokens file; write per-layer averaged features (resumable)."""
+    """Run a pretrained iGPT over a tokens file; write per-layer averaged features (resumable).
+
+    Under torchrun (or srun with RANK/WORLD_SIZE/LOCAL_RANK set) every process takes a
+    shard of the rows; see 'Running on a cluster' in the README.
+    """
     import json
 
+    from .distributed import DistContext
     from .extract import extract_features
 
-    summary = extract_features(
-        tokens, model, layer or None, out, batch_size=batch_size, device=device, dtype=dtype,
-        sos=not no_sos, site=site, limit=limit, store_dtype=store_dtype, progress=not quiet,
-        overwrite=overwrite, restart=restart, log=None if quiet else (lambda m: err.print(m, highlight=False)),
-    )
-    print(json.dumps(summary))
+    dist = DistContext.from_env()
+    try:
+        summary = extract_features(
+            tokens, model, layer or None, out, batch_size=batch_size, device=device, dtype=dtype,
+            sos=not no_sos, site=site, limit=limit, store_dtype=store_dtype, progress=not quiet and dist.is_main,
+            overwrite=overwrite, restart=restart, log=None if quiet else (lambda m: err.print(m, highlight=False)),
+            dist=dist,
+        )
+    finally:
+        dist.close()
+    if dist.is_main:
+        print(json.dumps(summary))
 
 
 # --- probe commands (issue 4) ---

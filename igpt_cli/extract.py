@@ -374,12 +374,15 @@ def extract_features(
     overwrite: bool = False,
     restart: bool = False,
     log: Callable[[str], None] | None = None,
+    dist=None,
 ) -> dict:
     """Run the extract stage; returns a summary dict. Raises InputError on bad input.
 
     `model` is a Hugging Face ImageGPT directory or "pixels". Interrupted runs
     resume from their partial file (`formats.temp_path_for(out)`) when called again
     with the same arguments; `restart=True` discards such a file.
+    `dist` (a `distributed.DistContext` with world_size > 1): extract this rank's shard
+    into a part file, and on rank 0 merge the parts into `out` (see distributed.py).
     """
     t_start = time.perf_counter()
     tokens_path, out = Path(tokens_path), Path(out)
@@ -417,6 +420,8 @@ def extract_features(
         else:
             model = resolve_model_dir(model)
             dev = resolve_device(device)
+            if dist is not None:
+                dev = dist.device_for(dev)  # cuda -> cuda:LOCAL_RANK
             cdt = resolve_dtype(dtype, dev)
             weights = find_weights(model)
             cfg = read_config(model)
@@ -446,6 +451,13 @@ def extract_features(
             model_sha256=source.sha256, model_config=source.config_json,
             tokens_sha256=sha256_file(tokens_path), n_total=n_total,
         )
+        if dist is not None and dist.active:
+            from .distributed import run_shard
+
+            return run_shard(dist, source, tf, tok, tokens_path, out, identity,
+                             dict(model=str(model), tokens_file=str(tokens_path),
+                                  class_names=json.dumps(formats.class_names(tf)), height=height, width=width),
+                             store_dtype=store_dtype, restart=restart, progress=progress, log=log, t_start=t_start)
 
         tmp = formats.temp_path_for(out)
         if restart:

@@ -1,0 +1,405 @@
+"""`igpt extract` on many processes: torchrun / Slurm sharding, part files, merge.
+
+Launch the ordinary command under `torchrun` (or any launcher that sets `RANK`,
+`WORLD_SIZE`, `LOCAL_RANK`, `MASTER_ADDR`, `MASTER_PORT`); nothing else changes:
+
+    torchrun --nproc-per-node=4 -m igpt_cli extract TOKENS.h5 --model DIR -o FEATS.h5
+
+How it works:
+- Sharding is by whole batches of the single-process batch grid [0, B), [B, 2B), …:
+  rank r of K takes the contiguous run of batches `shard_rows(N, K, r, B)`. Every batch
+  therefore holds exactly the rows it holds in a one-process run, so with the same
+  batch size (agreed by all ranks, recorded in the file) the features are the same
+  bytes as a one-process run on the same hardware kind and thread count.
+- Each rank writes its rows into its own part file next to the output,
+  `.<out>.part-<rank>-of-<K>.tmp` (5 digits each), a features file of the shard's rows
+  with the same identity attrs plus `shard_start`, `shard_stop`, `rows_total`. It is
+  resumable exactly like the one-process partial file (same validation, `n_done`
+  written after the rows).
+- When every rank is done (a gloo barrier), rank 0 checks that every part is there,
+  complete and from the same run, copies them by row index into the output through the
+  same temp-then-rename path as a one-process run (same attrs), and removes the parts.
+- Ranks use `cuda:LOCAL_RANK` when CUDA is used (NCCL process group), else the CPU
+  (gloo). Control messages always go through a gloo group with a long timeout, so a
+  rank that finishes early can wait for slower ones.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import h5py
+import numpy as np
+import torch
+
+from . import formats
+from .errors import InputError
+
+COPY_ROWS = 8192  # rows per block when merging parts
+
+
+class PeerError(InputError):
+    """Another rank failed with bad input; this rank exits 2 without repeating the message."""
+
+    quiet = True
+
+
+def _env_int(name: str, default: int | None = None) -> int | None:
+    v = os.environ.get(name)
+    if v is None or v == "":
+        return default
+    try:
+        return int(v)
+    except ValueError:
+        raise InputError(f"environment variable {name}={v!r}: expected an integer") from None
+
+
+def _env_seconds(name: str, default: float) -> float:
+    v = os.environ.get(name)
+    try:
+        return float(v) if v else default
+    except ValueError:
+        raise InputError(f"environment variable {name}={v!r}: expected seconds") from None
+
+
+@dataclass
+class DistContext:
+    """This process's place in a multi-process run (world_size 1: a plain single process)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    local_world_size: int = 1
+    init_timeout_s: float = 300.0
+    wait_timeout_s: float = 7 * 24 * 3600.0
+    part_wait_s: float = 60.0
+    group: object = field(default=None, repr=False)
+    initialized: bool = False
+
+    @classmethod
+    def from_env(cls) -> "DistContext":
+        ws = _env_int("WORLD_SIZE", 1)
+        rank = _env_int("RANK", 0)
+        local = _env_int("LOCAL_RANK", rank if ws and ws > 1 else 0)
+        lws = _env_int("LOCAL_WORLD_SIZE", ws)
+        if ws < 1:
+            raise InputError(f"WORLD_SIZE={ws}: must be at least 1")
+        if not 0 <= rank < ws:
+            raise InputError(f"RANK={rank} is not in 0..{ws - 1} (WORLD_SIZE={ws})")
+        return cls(rank=rank, world_size=ws, local_rank=local, local_world_size=lws,
+                   init_timeout_s=_env_seconds("IGPT_DIST_TIMEOUT", 300.0),
+                   part_wait_s=_env_seconds("IGPT_PART_WAIT", 60.0))
+
+    @property
+    def active(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def device_for(self, dev: torch.device) -> torch.device:
+        """cuda → cuda:LOCAL_RANK (one GPU per process); anything else unchanged."""
+        if self.active and dev.type == "cuda" and dev.index is None:
+            n = torch.cuda.device_count()
+            if self.local_rank >= n:
+                raise InputError(f"LOCAL_RANK={self.local_rank} but only {n} CUDA device(s) are visible; "
+                                 f"start at most {n} processes per node")
+            dev = torch.device("cuda", self.local_rank)
+        if dev.type == "cuda":
+            torch.cuda.set_device(dev)
+        return dev
+
+    def init(self, device: torch.device) -> None:
+        """Join the process group (NCCL for CUDA, gloo otherwise); failures are one-line input errors."""
+        if not self.active or self.initialized:
+            return
+        import torch.distributed as dist
+
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(k)]
+        if missing:
+            raise InputError(f"WORLD_SIZE={self.world_size} is set but {' and '.join(missing)} "
+                             f"{'is' if len(missing) == 1 else 'are'} not: launch with torchrun or srun "
+                             f"(see 'Running on a cluster' in the README)")
+        where = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
+        try:
+            if not dist.is_initialized():
+                dist.init_process_group(backend=backend, rank=self.rank, world_size=self.world_size,
+                                        timeout=_dt.timedelta(seconds=self.init_timeout_s))
+            # control messages: CPU tensors over gloo, patient enough for uneven shards
+            self.group = dist.new_group(backend="gloo", timeout=_dt.timedelta(seconds=self.wait_timeout_s))
+        except Exception as e:  # noqa: BLE001 - any rendezvous failure is reported in one line
+            msg = " ".join(str(e).split())
+            msg = msg if len(msg) < 300 else msg[:297] + "…"
+            raise InputError(f"rank {self.rank} of {self.world_size}: rendezvous at {where} ({backend}) failed "
+                             f"within {self.init_timeout_s:g} s: {type(e).__name__}: {msg}") from None
+        self.initialized = True
+
+    # --- collectives over the gloo control group ---------------------------------
+    def gather(self, obj) -> list:
+        if not self.active:
+            return [obj]
+        import torch.distributed as dist
+
+        out: list = [None] * self.world_size
+        dist.all_gather_object(out, obj, group=self.group)
+        return out
+
+    def check(self, error: str | None) -> None:
+        """Collective: if any rank has an error, every rank raises (the failing ones loudly)."""
+        errors = self.gather(error)
+        if error:
+            raise InputError(error)
+        for r, e in enumerate(errors):
+            if e:
+                raise PeerError(f"rank {r} failed: {e}")
+
+    def barrier(self) -> None:
+        if self.active:
+            import torch.distributed as dist
+
+            dist.barrier(group=self.group)
+
+    def close(self) -> None:
+        if self.initialized:
+            import torch.distributed as dist
+
+            try:
+                dist.destroy_process_group()
+            except Exception:  # pragma: no cover
+                pass
+            self.initialized = False
+
+
+# ---------------------------------------------------------------------------
+# Shards and part files
+# ---------------------------------------------------------------------------
+def shard_rows(n: int, world_size: int, rank: int, batch_size: int) -> tuple[int, int]:
+    """Rows [start, stop) of rank `rank`: a contiguous run of whole batches of the grid [kB, (k+1)B).
+
+    The ceil(n / B) batches are split as evenly as possible in rank order (ranks may get
+    none when there are fewer batches than ranks: start == stop).
+    """
+    if n < 0 or world_size < 1 or not 0 <= rank < world_size or batch_size < 1:
+        raise ValueError(f"shard_rows({n}, {world_size}, {rank}, {batch_size})")
+    nb = -(-n // batch_size)
+    b0, b1 = rank * nb // world_size, (rank + 1) * nb // world_size
+    return min(b0 * batch_size, n), min(b1 * batch_size, n)
+
+
+def part_path(out: str | Path, rank: int, world_size: int) -> Path:
+    out = Path(out)
+    return out.with_name(f".{out.name}.part-{rank:05d}-of-{world_size:05d}.tmp")
+
+
+def all_part_paths(out: str | Path) -> list[Path]:
+    """Part files of any world size lying next to `out` (stale ones included)."""
+    out = Path(out)
+    parent = out.parent if str(out.parent) else Path(".")
+    return sorted(parent.glob(f".{out.name}.part-*-of-*.tmp"))
+
+
+def part_identity(identity: dict, start: int, stop: int) -> dict:
+    """What a part file's attrs must say: the run's identity with the shard's row count."""
+    return dict(identity, n_total=stop - start)
+
+
+SHARD_ATTRS = ("shard_start", "shard_stop", "rows_total")
+
+
+def part_mismatch(f: h5py.File, identity: dict, start: int, stop: int) -> str | None:
+    why = formats.features_mismatch(f, part_identity(identity, start, stop))
+    if why:
+        return why
+    have = formats.read_attrs(f)
+    want = dict(shard_start=start, shard_stop=stop, rows_total=identity["n_total"])
+    for k, v in want.items():
+        if have.get(k) != v:
+            return f"{k} differs (part file: {have.get(k)}, this run: {v})"
+    return None
+
+
+def merge_parts(out: str | Path, identity: dict, file_attrs: dict, labels: np.ndarray, sources: np.ndarray,
+                dims: dict[int, int], store_dtype: str, world_size: int, *, wait_s: float = 0.0,
+                remove_parts: bool = True) -> list[Path]:
+    """Check the K part files of `out` and copy them by row index into `out` (atomic rename).
+
+    Raises InputError naming missing parts (waiting up to `wait_s` for them to appear,
+    e.g. on NFS) or a part that is incomplete or from different settings.
+    Returns the part files that were merged.
+    """
+    out = Path(out)
+    n = int(identity["n_total"])
+    bs = int(identity["batch_size"])
+    shards = [(r, *shard_rows(n, world_size, r, bs)) for r in range(world_size)]
+    shards = [(r, a, b) for r, a, b in shards if b > a]
+    paths = {r: part_path(out, r, world_size) for r, _, _ in shards}
+    deadline = time.monotonic() + wait_s
+    while True:
+        missing = [p for p in paths.values() if not p.exists()]
+        if not missing or time.monotonic() >= deadline:
+            break
+        time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+    if missing:
+        raise InputError(f"{len(missing)} of {len(paths)} part file(s) missing at merge time: "
+                         f"{', '.join(str(p) for p in missing)} — is the output directory "
+                         f"{out.parent.resolve()} shared by all nodes?")
+    parts: dict[int, h5py.File] = {}
+    try:
+        for r, a, b in shards:
+            p = paths[r]
+            try:
+                f = h5py.File(p, "r")
+            except OSError:
+                raise InputError(f"{p}: part file is not a readable HDF5 file") from None
+            parts[r] = f
+            why = part_mismatch(f, identity, a, b)
+            if why:
+                raise InputError(f"{p}: part file disagrees with this run: {why}")
+            done = int(f.attrs.get("n_done", -1))
+            if done != b - a or not bool(f.attrs.get("complete", False)):
+                raise InputError(f"{p}: part file is incomplete ({done} of {b - a} rows done)")
+        tmp = formats.temp_path_for(out)
+        tmp.unlink(missing_ok=True)
+        try:
+            with h5py.File(tmp, "w") as of:
+                formats.create_features_file(of, dims=dims, labels=labels, sources=sources,
+                                             store_dtype=store_dtype, attrs=file_attrs)
+                for r, a, b in shards:
+                    src = parts[r]["features"]
+                    for layer, ds in of["features"].items():
+                        for i in range(a, b, COPY_ROWS):
+                            j = min(i + COPY_ROWS, b)
+                            ds[i:j] = src[layer][i - a:j - a]
+                of.attrs["n_done"] = n
+                of.attrs["complete"] = True
+            os.replace(tmp, out)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+    finally:
+        for f in parts.values():
+            f.close()
+    merged = list(paths.values())
+    if remove_parts:
+        for p in all_part_paths(out):  # this run's parts, and stale ones of other world sizes
+            p.unlink(missing_ok=True)
+    return merged
+
+
+# ---------------------------------------------------------------------------
+# One rank's share of `extract_features`
+# ---------------------------------------------------------------------------
+def agree_batch_size(ctx: DistContext, out: Path, candidate: int, n_total: int,
+                     stored_of: Callable[[Path], int | None], log: Callable[[str], None] | None) -> int:
+    """One batch size for all ranks: the parts' recorded one when resuming, else the smallest candidate."""
+    mine = stored_of(part_path(out, ctx.rank, ctx.world_size))
+    everyone = ctx.gather((mine, candidate))
+    stored = [s for s, _ in everyone if s is not None]
+    if stored:
+        bs = Counter(stored).most_common(1)[0][0]
+        if bs != candidate and log and ctx.is_main:
+            log(f"resuming with the part files' batch size {bs} (not {candidate})")
+        return bs
+    return min(min(c for _, c in everyone), n_total)
+
+
+def run_shard(ctx: DistContext, source, tf: h5py.File, tok: h5py.Dataset, tokens_path: Path, out: Path,
+              identity: dict, extra_attrs: dict, *, store_dtype: str, restart: bool, progress: bool,
+              log: Callable[[str], None] | None, t_start: float) -> dict:
+    """Extract this rank's shard into its part file; rank 0 then merges all parts into `out`."""
+    from .extract import _open_partial, _rate_progress, _stored_batch_size, dtype_name, extract_rows
+
+    ctx.init(source.device)
+    n_total = int(identity["n_total"])
+    mine = part_path(out, ctx.rank, ctx.world_size)
+    if restart:
+        mine.unlink(missing_ok=True)
+    ctx.barrier()  # nobody reads stored batch sizes before every --restart has removed its part
+    bs = agree_batch_size(ctx, out, int(identity["batch_size"]), n_total, _stored_batch_size, log)
+    identity = dict(identity, batch_size=bs)
+    start, stop = shard_rows(n_total, ctx.world_size, ctx.rank, bs)
+    labels = np.asarray(tf["labels"][:n_total]) if "labels" in tf else np.full(n_total, -1)
+    sources = (np.asarray(tf["sources"].asstr()[:n_total], dtype=object) if "sources" in tf
+               else np.array([f"{tokens_path.name}[{i}]" for i in range(n_total)], dtype=object))
+    file_attrs = dict(identity, **extra_attrs)
+
+    of, error, resumed = None, None, 0
+    if stop > start:
+        try:
+            of = _open_partial(mine, part_identity(identity, start, stop))
+            if of is not None and part_mismatch(of, identity, start, stop):
+                why = part_mismatch(of, identity, start, stop)
+                of.close()
+                raise InputError(f"{mine}: a part file with different settings is in the way: {why}. "
+                                 "Run the original command again to resume it, or pass --restart to discard it")
+            if of is None:
+                mine.unlink(missing_ok=True)
+                of = h5py.File(mine, "w")
+                try:
+                    formats.create_features_file(
+                        of, dims=source.dims, labels=labels[start:stop], sources=sources[start:stop],
+                        store_dtype=store_dtype,
+                        attrs=dict(file_attrs, shard_start=start, shard_stop=stop, rows_total=n_total,
+                                   rank=ctx.rank, world_size=ctx.world_size))
+                    of.flush()
+                except BaseException:
+                    of.close()
+                    mine.unlink(missing_ok=True)
+                    raise
+            else:
+                resumed = int(of.attrs["n_done"])
+                if log and resumed:
+                    log(f"rank {ctx.rank}: resuming {mine} at row {start + resumed} ({resumed} of {stop - start} done)")
+        except InputError as e:
+            error = str(e)
+    ctx.check(error)
+
+    loop_s = 0.0
+    if of is not None:
+        try:
+            done = int(of.attrs["n_done"])
+            bar = _rate_progress(stop - start, done, progress and ctx.is_main,
+                                f"extract [rank 0 of {ctx.world_size}]")
+            step = (lambda k: bar.advance(bar.task_ids[0], k)) if bar else None
+            t_loop = time.perf_counter()
+            try:
+                extract_rows(source, tok, of, start + done, stop, bs, out_offset=start, on_batch=step)
+            finally:
+                if bar:
+                    bar.stop()
+            loop_s = time.perf_counter() - t_loop
+            of.attrs["complete"] = True
+            of.flush()
+        finally:
+            of.close()
+    computed = (stop - start) - resumed
+    stats = ctx.gather((computed, resumed, loop_s))
+    ctx.barrier()  # every part is complete and closed
+
+    error = None
+    if ctx.is_main:
+        try:
+            merge_parts(out, identity, file_attrs, labels, sources, source.dims, store_dtype, ctx.world_size,
+                        wait_s=ctx.part_wait_s)
+        except InputError as e:
+            error = str(e)
+    ctx.check(error)
+    total_computed = sum(c for c, _, _ in stats)
+    slowest = max(s for _, _, s in stats)
+    return dict(
+        out=str(out), model=str(identity.get("model", extra_attrs.get("model"))), layers=identity["layers"],
+        site=identity["site"], sos=identity["sos"], n=n_total, computed=total_computed,
+        resumed_from=sum(r for _, r, _ in stats), device=str(source.device),
+        compute_dtype=dtype_name(source.dtype), batch_size=bs, store_dtype=store_dtype,
+        images_per_s=round(total_computed / slowest, 3) if slowest > 0 and total_computed else None,
+        seconds=round(time.perf_counter() - t_start, 3),
+        world_size=ctx.world_size, rank=ctx.rank, shard=[start, stop],
+    )
