@@ -512,9 +512,23 @@ CIFAR_FILES = {
 }
 
 
+class _ArraysOnlyUnpickler(pickle.Unpickler):
+    """CIFAR batches are pickles of dicts of lists and numpy arrays. Allow exactly the
+    numpy reconstructors they need and nothing else, so a hostile file cannot run code."""
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
+               ("numpy._core.multiarray", "scalar"), ("_codecs", "encode")}
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+        return super().find_class(module, name)
+
+
 def _unpickle(data: bytes, where: str) -> dict:
     try:
-        d = pickle.loads(data, encoding="bytes")
+        d = _ArraysOnlyUnpickler(io.BytesIO(data), encoding="bytes").load()
     except Exception as e:  # noqa: BLE001
         raise DataError(f"{where}: not a CIFAR pickle ({type(e).__name__}: {e})") from None
     if not isinstance(d, dict):

@@ -487,3 +487,21 @@ def test_bad_input_real_process(tmp_path):
     assert p.returncode == 2, p.stderr
     assert len(p.stderr.strip().splitlines()) == 1 and "nope.tar" in p.stderr and "Traceback" not in p.stderr
     assert not out.exists()
+
+
+def test_cifar_pickle_cannot_execute_code(tmp_path):
+    import pickle
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("touch " + str(tmp_path / "pwned"),))
+
+    d = tmp_path / "cifar-10-batches-py"
+    d.mkdir()
+    names = {b"label_names": [b"a", b"b"]}
+    (d / "batches.meta").write_bytes(pickle.dumps(names))
+    for f in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        (d / f).write_bytes(pickle.dumps({b"data": Evil(), b"labels": [0]}))
+    with pytest.raises(InputError, match="refusing to load"):
+        quantize_dataset(d, tmp_path / "o.h5", split="test")
+    assert not (tmp_path / "pwned").exists() and not (tmp_path / "o.h5").exists()
