@@ -32,7 +32,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from igpt_cli import formats  # noqa: E402
-from igpt_cli.extract import extract_features, resolve_dtype  # noqa: E402
+from igpt_cli.extract import extract_features  # noqa: E402
+from igpt_cli.runtime import resolve_dtype  # noqa: E402
 from igpt_cli.model import IGPT, IGPTConfig, save_pretrained  # noqa: E402
 
 

@@ -29,9 +29,8 @@ import torch
 from . import formats
 from .errors import InputError
 from .model import IGPT, SITES, find_weights, load_pretrained, read_config, sos_shift
+from .runtime import resolve_device, resolve_dtype
 
-DEVICES = ("auto", "cpu", "cuda", "mps")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 STORE_DTYPES = ("float32", "float16")
 PIXELS = "pixels"
 
@@ -82,61 +81,6 @@ def parse_layers(spec: str | int | Sequence[str | int] | None, n_layers: int) ->
 # ---------------------------------------------------------------------------
 # Device, dtype, batch size
 # ---------------------------------------------------------------------------
-def resolve_device(name: str) -> torch.device:
-    name = (name or "auto").lower()
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    kind = name.split(":")[0]
-    if kind not in DEVICES:
-        raise InputError(f"--device {name}: unknown device (choose from {', '.join(DEVICES)})")
-    if kind == "cuda" and not torch.cuda.is_available():
-        why = "this torch build has no CUDA support" if torch.version.cuda is None else "no CUDA GPU is visible"
-        raise InputError(f"--device {name}: no CUDA GPU available ({why}); use --device cpu or auto")
-    if kind == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise InputError(f"--device {name}: Apple MPS is not available on this machine; use --device cpu or auto")
-    try:
-        dev = torch.device(name)
-    except RuntimeError as e:
-        raise InputError(f"--device {name}: {e}") from None
-    if kind == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise InputError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) visible")
-    return dev
-
-
-def cpu_has_fast_bf16() -> bool:
-    """AVX512-BF16 or AMX: oneDNN runs bf16 matmuls natively (≈2–3× float32)."""
-    cpu = getattr(torch, "cpu", None)
-    for probe in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"):
-        fn = getattr(cpu, probe, None)
-        try:
-            if fn is not None and fn():
-                return True
-        except Exception:  # pragma: no cover - private API drift
-            pass
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return bool(re.search(r"\b(avx512_bf16|amx_bf16)\b", flags))
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    name = (name or "auto").lower()
-    if name == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
-        if device.type == "cpu":
-            return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
-        return torch.float32
-    if name not in DTYPES:
-        raise InputError(f"--dtype {name}: unknown dtype (choose from auto, {', '.join(DTYPES)})")
-    return DTYPES[name]
-
-
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 

@@ -16,7 +16,8 @@ import torch
 
 from igpt_cli import formats
 from igpt_cli.errors import InputError
-from igpt_cli.extract import extract_features, parse_layers, resolve_device, resolve_dtype
+from igpt_cli.extract import extract_features, parse_layers
+from igpt_cli.runtime import resolve_device, resolve_dtype
 from igpt_cli.model import IGPT, IGPTConfig, save_pretrained
 
 ROOT = Path(__file__).resolve().parents[1]
