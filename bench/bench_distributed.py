@@ -10,7 +10,7 @@ Reports, per configuration: images/s of the extraction loop (the JSON summary's
 whole command: process start, model load, rendezvous, merge), and whether the output
 is byte-identical to the one-process file.
 
-    PYTHONPATH=. .venv/bin/python bench/bench_distributed.py [--images 256] [--side 8] [--procs 2] [--threads 2]
+    PYTHONPATH=. .venv/bin/python bench/bench_distributed.py [--images 256] [--side 8] [--procs 2] [--threads 2] [--repeats 2]
 """
 from __future__ import annotations
 
@@ -71,6 +71,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--procs", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2, help="CPU threads in all")
     args = ap.parse_args()
 
@@ -80,10 +81,22 @@ def main() -> None:
         common = ["-m", "igpt_cli", "extract", str(tokens), "--model", str(model), "-l", "all",
                   "--batch-size", str(args.batch_size), "--dtype", args.dtype, "--quiet"]
         torchrun = str(Path(sys.executable).with_name("torchrun"))
-        s1, w1 = run([sys.executable, *common, "-o", str(tmp / "one.h5")], args.threads)
         per = max(1, args.threads // args.procs)
-        sk, wk = run([torchrun, "--standalone", f"--nproc-per-node={args.procs}", *common,
-                      "-o", str(tmp / "many.h5")], per)
+        one = [sys.executable, *common, "-o", str(tmp / "one.h5")]
+        many = [torchrun, "--standalone", f"--nproc-per-node={args.procs}", *common, "-o", str(tmp / "many.h5")]
+        best1 = bestk = None
+        for rep in range(args.repeats):  # alternate, keep each configuration's best (the machine is shared)
+            for p in (tmp / "one.h5", tmp / "many.h5"):
+                p.unlink(missing_ok=True)
+            s1, w1 = run(one, args.threads)
+            sk, wk = run(many, per)
+            print(f"  repeat {rep + 1}: 1 proc {s1['images_per_s']:.2f} img/s, {args.procs} procs "
+                  f"{sk['images_per_s']:.2f} img/s", flush=True)
+            if best1 is None or s1["images_per_s"] > best1[0]["images_per_s"]:
+                best1 = (s1, w1)
+            if bestk is None or sk["images_per_s"] > bestk[0]["images_per_s"]:
+                bestk = (sk, wk)
+        (s1, w1), (sk, wk) = best1, bestk
         identical = same(tmp / "one.h5", tmp / "many.h5")
 
     n = args.images

@@ -131,8 +131,19 @@ class DistContext:
         where = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
         try:
             if not dist.is_initialized():
-                dist.init_process_group(backend=backend, rank=self.rank, world_size=self.world_size,
-                                        timeout=_dt.timedelta(seconds=self.init_timeout_s))
+                timeout = _dt.timedelta(seconds=self.init_timeout_s)
+                store = None
+                if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+                    # torchrun shares its rendezvous store with the workers and keeps it across
+                    # --max-restarts attempts: without a per-attempt prefix a restarted gloo group
+                    # reads the dead attempt's peer addresses and never connects (pytorch#135712).
+                    base = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                                         world_size=self.world_size, is_master=False, timeout=timeout)
+                    attempt = (f"igpt/{os.environ.get('TORCHELASTIC_RUN_ID', '')}/"
+                               f"attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}")
+                    store = dist.PrefixStore(attempt, base)
+                dist.init_process_group(backend=backend, store=store, rank=self.rank, world_size=self.world_size,
+                                        timeout=timeout)
             # control messages: CPU tensors over gloo, patient enough for uneven shards
             self.group = dist.new_group(backend="gloo", timeout=_dt.timedelta(seconds=self.wait_timeout_s))
         except Exception as e:  # noqa: BLE001 - any rendezvous failure is reported in one line
