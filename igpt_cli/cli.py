@@ -319,6 +319,39 @@ def train_cmd(
     print(json.dumps(summary))
 
 
+@app.command("demo")
+@handles_input_errors
+def demo_cmd(
+    out: Optional[Path] = typer.Option(None, "--out", help="Keep every intermediate file in this directory."),
+    model: Optional[Path] = typer.Option(None, "--model", help="Model directory (default: the shipped iGPT)."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Where to write the probe curve PNG."),
+    as_json: bool = typer.Option(False, "--json", help="Print the probe report as JSON on stdout."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
+) -> None:
+    """Run quantize → extract → probe offline on the shipped CIFAR-10 subset and model."""
+    from .demo import run_demo
+    from .probe import render_table
+
+    log = (lambda msg: None) if quiet else (lambda msg: err.print(msg, highlight=False))
+    result = run_demo(out, model=model, plot=plot, progress=not quiet, log=log)
+    rep, pix = result["model"], result["pixels"]
+    if not quiet:
+        render_table(rep, err)
+        best = next(r for r in rep["layers"] if r["layer"] == rep["best_layer"])
+        base = pix["layers"][0]["test_acc"]
+        err.print(f"best layer {best['layer']}: test accuracy {best['test_acc']:.1%} vs raw pixels {base:.1%} "
+                  f"({100 * (best['test_acc'] - base):+.1f} points) — {result['seconds']:.0f} s", highlight=False)
+        if "plot" in result["files"]:
+            err.print(f"curve: {result['files']['plot']}", highlight=False)
+        if result["kept"]:
+            err.print("\nThe same pipeline by hand:", highlight=False)
+            for cmd in result["commands"]:
+                err.print(f"  {cmd}", highlight=False, soft_wrap=True)
+    if as_json:
+        print(json.dumps({"model": rep, "pixels": pix, "files": result["files"], "seconds": result["seconds"]},
+                         default=str))
+
+
 def run() -> None:  # pragma: no cover
     app(prog_name="igpt")
 
