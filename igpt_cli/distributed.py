@@ -26,7 +26,6 @@ How it works:
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import os
 import time
 from collections import Counter

@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +28,7 @@ import torch
 from . import formats
 from .errors import InputError
 from .model import IGPT, SITES, find_weights, load_pretrained, read_config, sos_shift
+from .layers import parse_layers
 from .runtime import resolve_device, resolve_dtype
 
 STORE_DTYPES = ("float32", "float16")
@@ -38,44 +38,6 @@ PIXELS = "pixels"
 # ---------------------------------------------------------------------------
 # Layer specs (shared with `igpt probe`)
 # ---------------------------------------------------------------------------
-_RANGE = re.compile(r"^(-?\d+)\s*(?:-|\.\.|:)\s*(-?\d+)$")
-
-
-def parse_layers(spec: str | int | Sequence[str | int] | None, n_layers: int) -> list[int]:
-    """Resolve layer specs against layers 0..n_layers (inclusive) into a sorted unique list.
-
-    Items: integers, negative integers (-1 is n_layers), ranges "8-16" (also "8..16",
-    "-4--1"), "all"; items may be repeated or comma-separated. None/empty means "all".
-    """
-    if spec is None:
-        items: list[str] = ["all"]
-    elif isinstance(spec, (str, int)):
-        items = [str(spec)]
-    else:
-        items = [str(s) for s in spec]
-    parts = [p.strip() for item in items for p in str(item).split(",") if p.strip()] or ["all"]
-    top = n_layers
-    out: set[int] = set()
-
-    def norm(v: int, part: str) -> int:
-        r = v + top + 1 if v < 0 else v
-        if not 0 <= r <= top:
-            raise InputError(f"layer {part}: out of range, the model has layers 0..{top} (or -{top + 1}..-1)")
-        return r
-
-    for p in parts:
-        if p.lower() == "all":
-            out.update(range(top + 1))
-        elif re.fullmatch(r"-?\d+", p):
-            out.add(norm(int(p), p))
-        elif m := _RANGE.match(p):
-            a, b = norm(int(m.group(1)), p), norm(int(m.group(2)), p)
-            if a > b:
-                raise InputError(f"layer range {p}: start is after end")
-            out.update(range(a, b + 1))
-        else:
-            raise InputError(f"layer {p!r}: expected an integer, a range like 8-16, or 'all'")
-    return sorted(out)
 
 
 # ---------------------------------------------------------------------------
@@ -357,7 +319,7 @@ def extract_features(
 
         # --- the feature source -------------------------------------------------
         if str(model) == PIXELS:
-            lay = parse_layers(layers, 0)
+            lay = parse_layers(layers, [0], where="the pixels baseline")
             dev, cdt = torch.device("cpu"), torch.float32
             source: ModelSource | PixelSource = PixelSource(palette, height, width)
             site_attr, sos_attr = "pixels", False
@@ -369,7 +331,7 @@ def extract_features(
             cdt = resolve_dtype(dtype, dev)
             weights = find_weights(model)
             cfg = read_config(model)
-            lay = parse_layers(layers, cfg.n_layer)
+            lay = parse_layers(layers, range(cfg.n_layer + 1))
             if height * width != cfg.n_positions:
                 side = cfg.side
                 want = f"{side}x{side} images" if side else f"{cfg.n_positions} positions"

@@ -36,6 +36,7 @@ from scipy.optimize import minimize
 
 from . import __version__
 from .errors import InputError
+from .layers import format_layers, parse_layers
 from .formats import FEATURES_FORMAT, FormatError, atomic_output, feature_layers, open_igpt, read_attrs
 
 COARSE_GRID = tuple(float(c) for c in np.logspace(-4, 2, 7))
@@ -52,60 +53,6 @@ PROVENANCE_ATTRS = ("model", "model_sha256", "model_config", "site", "sos", "com
 # ---------------------------------------------------------------------------
 # Layer specs
 # ---------------------------------------------------------------------------
-
-def parse_layers(spec: Sequence[str] | None, available: int | Sequence[int]) -> list[int]:
-    """Parse `--layer` values into a sorted list of layer indices.
-
-    Each item may be an int (`8`), a negative index counted from the end (`-1` = last
-    available layer), an inclusive range (`8-16`), a comma-separated mix (`0,4,8-12`)
-    or `all`. `available` is either the number of layers (layers 0..n-1) or the list of
-    layers a features file holds. Explicit indices must exist; a range selects the
-    available layers inside it (and must select at least one).
-    """
-    avail = list(range(available)) if isinstance(available, int) else sorted(int(a) for a in available)
-    if not spec:
-        return avail
-    out: set[int] = set()
-    for item in spec:
-        for part in str(item).split(","):
-            part = part.strip()
-            if not part:
-                continue
-            if part.lower() == "all":
-                out.update(avail)
-                continue
-            try:
-                if part.startswith("-") or "-" not in part:
-                    i = int(part)
-                    if i < 0:
-                        if -i > len(avail):
-                            raise InputError(f"--layer {part}: only {len(avail)} layers available")
-                        i = avail[i]
-                    elif i not in avail:
-                        raise InputError(f"--layer {i}: no such layer (available: {_fmt_layers(avail)})")
-                    out.add(i)
-                else:
-                    lo_s, hi_s = part.split("-", 1)
-                    lo, hi = int(lo_s), int(hi_s)
-                    if lo > hi:
-                        raise InputError(f"--layer {part}: empty range")
-                    sel = [a for a in avail if lo <= a <= hi]
-                    if not sel:
-                        raise InputError(f"--layer {part}: no layer in range (available: {_fmt_layers(avail)})")
-                    out.update(sel)
-            except ValueError as e:
-                if isinstance(e, InputError):
-                    raise
-                raise InputError(f"--layer {part!r}: expected an int, a range like 8-16, or 'all'") from None
-    return sorted(out)
-
-
-def _fmt_layers(layers: Sequence[int]) -> str:
-    layers = list(layers)
-    if layers and layers == list(range(layers[0], layers[-1] + 1)) and len(layers) > 2:
-        return f"{layers[0]}-{layers[-1]}"
-    return ",".join(str(x) for x in layers)
-
 
 # ---------------------------------------------------------------------------
 # Solver: scikit-learn's lbfgs multinomial logistic regression, float32 products
@@ -414,8 +361,8 @@ def check_compatible(train: FeatureSource, test: FeatureSource) -> None:
             raise InputError(f"{test.path}: {key}={b!r} does not match {train.path} ({key}={a!r}); "
                              "train and test features must come from the same model, site and settings")
     if train.layers != test.layers:
-        raise InputError(f"{test.path}: layers {_fmt_layers(test.layers)} do not match {train.path} "
-                         f"(layers {_fmt_layers(train.layers)})")
+        raise InputError(f"{test.path}: layers {format_layers(test.layers)} do not match {train.path} "
+                         f"(layers {format_layers(train.layers)})")
     for l in train.layers:
         if train.dims[l] != test.dims[l]:
             raise InputError(f"{test.path}: layer {l} has {test.dims[l]} dims, {train.path} has {train.dims[l]}")
@@ -444,7 +391,7 @@ def probe_files(train: str | Path, test: str | Path | None = None, layers: Seque
     te = inspect_features(test) if test is not None else None
     if te is not None:
         check_compatible(tr, te)
-    sel = parse_layers(layers, tr.layers)
+    sel = parse_layers(layers, tr.layers, where=str(tr.path))
     if jobs < 1:
         raise InputError("--jobs must be >= 1")
 

@@ -16,7 +16,8 @@ import torch
 
 from igpt_cli import formats
 from igpt_cli.errors import InputError
-from igpt_cli.extract import extract_features, parse_layers
+from igpt_cli.extract import extract_features
+from igpt_cli.layers import parse_layers
 from igpt_cli.runtime import resolve_device, resolve_dtype
 from igpt_cli.model import IGPT, IGPTConfig, save_pretrained
 
@@ -99,20 +100,20 @@ def small(tmp_path_factory):
 # layer specs, device, dtype
 # ---------------------------------------------------------------------------
 def test_parse_layers():
-    assert parse_layers("12", 24) == [12]
-    assert parse_layers(["12", "16"], 24) == [12, 16]
-    assert parse_layers("8-10", 24) == [8, 9, 10]
-    assert parse_layers("all", 4) == [0, 1, 2, 3, 4]
-    assert parse_layers(None, 2) == [0, 1, 2]
-    assert parse_layers(["-1"], 24) == [24]
-    assert parse_layers("-3--1", 24) == [22, 23, 24]
-    assert parse_layers("1,3, 2", 4) == [1, 2, 3]
-    assert parse_layers([0, 0, 4], 4) == [0, 4]
+    assert parse_layers("12", range(24 + 1)) == [12]
+    assert parse_layers(["12", "16"], range(24 + 1)) == [12, 16]
+    assert parse_layers("8-10", range(24 + 1)) == [8, 9, 10]
+    assert parse_layers("all", range(4 + 1)) == [0, 1, 2, 3, 4]
+    assert parse_layers(None, range(2 + 1)) == [0, 1, 2]
+    assert parse_layers(["-1"], range(24 + 1)) == [24]
+    assert parse_layers("-3--1", range(24 + 1)) == [22, 23, 24]
+    assert parse_layers("1,3, 2", range(4 + 1)) == [1, 2, 3]
+    assert parse_layers([0, 0, 4], range(4 + 1)) == [0, 4]
     for bad in ("25", "-26", "x", "5-3", "1-"):
         with pytest.raises(InputError):
-            parse_layers(bad, 24)
+            parse_layers(bad, range(24 + 1))
     with pytest.raises(InputError, match="0..24"):
-        parse_layers("30", 24)
+        parse_layers("30", range(24 + 1))
 
 
 def test_device_and_dtype():

@@ -13,7 +13,8 @@ import pytest
 
 from igpt_cli import formats
 from igpt_cli.errors import InputError
-from igpt_cli.probe import (fit_logreg, parse_layers, probe_files, probe_layer, standardize)
+from igpt_cli.layers import parse_layers
+from igpt_cli.probe import fit_logreg, probe_files, probe_layer, standardize
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ["cat", "dog", "ship"]
@@ -167,13 +168,13 @@ def test_depth_curve_and_provenance(pair):
     (["0,2", "-2"], 5, [0, 2, 3]), (["0-8"], [0, 4, 8, 12], [0, 4, 8]), (["-1"], [0, 4, 8], [8]),
 ])
 def test_parse_layers(spec, avail, want):
-    assert parse_layers(spec, avail) == want
+    assert parse_layers(spec, range(avail) if isinstance(avail, int) else avail) == want
 
 
 @pytest.mark.parametrize("spec", [["30"], ["x"], ["5-3"], ["-9"], ["40-50"]])
 def test_parse_layers_bad(spec):
     with pytest.raises(InputError):
-        parse_layers(spec, 8)
+        parse_layers(spec, range(8))
 
 
 # ---------------------------------------------------------------------------
@@ -278,7 +279,7 @@ def test_bad_mismatched_model_or_site(pair, tmp_path):
 
 
 def test_bad_missing_layer(pair):
-    assert_clean_failure(cli(pair[0], "--test", pair[1], "--layer", "7"), "no such layer")
+    assert_clean_failure(cli(pair[0], "--test", pair[1], "--layer", "7"), "layer 7: out of range")
 
 
 def test_bad_single_class(tmp_path):
