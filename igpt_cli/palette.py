@@ -11,6 +11,8 @@ nearest-centre search (float64, so the answer is the true nearest up to genuine 
 """
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 from pathlib import Path
 
@@ -19,6 +21,10 @@ import numpy as np
 from .errors import InputError
 
 DEFAULT_PALETTE = Path(__file__).parent / "assets" / "palette_igpt512.npy"
+# The complete colour -> token table of the official palette (all 2^24 colours, 0.8 MB
+# compressed), precomputed with `Palette.full_lookup_table()`; used for any palette whose
+# centres hash to the same bytes, so quantizing with it never searches at all.
+SHIPPED_LUT = Path(__file__).parent / "assets" / "palette_igpt512_lut.npz"
 _UNSET = np.uint16(0xFFFF)  # sentinel in the lookup table: colour not looked up yet
 MAX_K = 0xFFFF  # tokens are uint16 and 0xFFFF is the sentinel
 _CELL_CACHE: dict[bytes, tuple] = {}  # candidate tables per palette (pure function of the centres)
@@ -192,9 +198,23 @@ class Palette:
         table = np.where(np.arange(maxc)[None, :] < kcnt[:, None], table, last)
         return np.ascontiguousarray(table), kcnt
 
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(np.ascontiguousarray(self.centers, dtype=np.float32).tobytes()).hexdigest()
+
+    def full_lookup_table(self, chunk: int = 1 << 21) -> np.ndarray:
+        """The token of every one of the 2^24 RGB colours (uint16 [2^24]); ~5 s."""
+        lut = np.empty(1 << 24, dtype=np.uint16)
+        for i in range(0, 1 << 24, chunk):
+            c = np.arange(i, i + chunk, dtype=np.uint32)
+            lut[i:i + chunk] = self.nearest(np.stack([c >> 16, (c >> 8) & 255, c & 255], axis=1).astype(np.uint8))
+        return lut
+
     def _lookup_table(self) -> np.ndarray:
         if self._lut is None:
-            self._lut = np.full(1 << 24, _UNSET, dtype=np.uint16)
+            shipped = _shipped_lut(self.sha256)
+            # a complete table is never written to, so palettes may share it
+            self._lut = shipped if shipped is not None else np.full(1 << 24, _UNSET, dtype=np.uint16)
         return self._lut
 
     def quantize(self, images: np.ndarray) -> np.ndarray:
@@ -268,3 +288,15 @@ def fit_palette(pixel_batches, k: int = 512, sample_pixels: int = 1_000_000, see
     km = MiniBatchKMeans(n_clusters=k_eff, batch_size=batch_size, random_state=seed, n_init=1)
     km.fit(x)
     return Palette(np.clip(km.cluster_centers_, -1.0, 1.0), source=f"fit(k={k_eff}, pixels={n})")
+
+
+@functools.lru_cache(maxsize=1)
+def _shipped_lut(palette_sha256: str) -> np.ndarray | None:
+    if not SHIPPED_LUT.is_file():
+        return None
+    with np.load(SHIPPED_LUT) as z:
+        if str(z["palette_sha256"]) != palette_sha256:
+            return None
+        lut = z["lut"]
+    lut.setflags(write=False)
+    return lut

@@ -505,3 +505,15 @@ def test_cifar_pickle_cannot_execute_code(tmp_path):
     with pytest.raises(InputError, match="refusing to load"):
         quantize_dataset(d, tmp_path / "o.h5", split="test")
     assert not (tmp_path / "pwned").exists() and not (tmp_path / "o.h5").exists()
+
+
+def test_shipped_lookup_table_is_the_exact_nearest_centre_of_every_colour():
+    from igpt_cli.palette import SHIPPED_LUT, _shipped_lut
+
+    pal = Palette.default()
+    shipped = _shipped_lut(pal.sha256)
+    assert shipped is not None and SHIPPED_LUT.stat().st_size < 2 << 20
+    np.testing.assert_array_equal(shipped, pal.full_lookup_table())  # recomputed from the centres, all 2^24
+    # a palette from elsewhere (here: the same centres perturbed) does not use it
+    other = Palette(pal.centers * np.float32(0.999))
+    assert _shipped_lut(other.sha256) is None
