@@ -25,7 +25,8 @@ install-test: $(VENV)/.installed-test
 demo: $(VENV)/.installed
 	$(VENV)/bin/igpt demo --out demo-out
 
-# The whole suite on small inputs (slow cases excluded; `make test-all` runs them).
+# The whole suite (about 3 minutes on 2 cores). Cases marked `slow` (none at present)
+# are left to `make test-all`.
 test: $(VENV)/.installed-test
 	$(PY) -m pytest -q -m "not slow"
 

@@ -281,7 +281,6 @@ def test_killed_rank_restarted_by_torchrun(setup, long_run):
     assert_same_file(long_run["ref"], out)
 
 
-@pytest.mark.slow
 def test_killed_rank_rerun_same_command(setup, long_run):
     """Without --max-restarts torchrun gives up; running the same command again resumes both parts."""
     out = setup["tmp"] / "rerun.h5"

@@ -176,7 +176,6 @@ def test_fidelity_small_shape(tmp_path):
         np.testing.assert_allclose(got[layer], ref[layer], atol=1e-4, rtol=0, err_msg=f"layer {layer}")
 
 
-@pytest.mark.slow
 def test_fidelity_small_shape_full_sequence(tmp_path):
     """imagegpt-small exactly: 24 x 512, 1024 positions (32x32 images)."""
     m, d = hf_model(tmp_path, n_layer=24, n_embd=512, n_head=8, n_positions=1024)
