@@ -325,7 +325,8 @@ def run_shard(ctx: DistContext, source, tf: h5py.File, tok: h5py.Dataset, tokens
               identity: dict, extra_attrs: dict, *, store_dtype: str, restart: bool, progress: bool,
               log: Callable[[str], None] | None, t_start: float) -> dict:
     """Extract this rank's shard into its part file; rank 0 then merges all parts into `out`."""
-    from .extract import _open_partial, _rate_progress, _stored_batch_size, dtype_name, extract_rows
+    from .extract import (_open_partial, _rate_progress, _stored_batch_size, create_partial, dtype_name,
+                          extract_rows, labels_and_sources)
 
     ctx.init(source.device)
     n_total = int(identity["n_total"])
@@ -336,9 +337,7 @@ def run_shard(ctx: DistContext, source, tf: h5py.File, tok: h5py.Dataset, tokens
     bs = agree_batch_size(ctx, out, int(identity["batch_size"]), n_total, _stored_batch_size, log)
     identity = dict(identity, batch_size=bs)
     start, stop = shard_rows(n_total, ctx.world_size, ctx.rank, bs)
-    labels = np.asarray(tf["labels"][:n_total]) if "labels" in tf else np.full(n_total, -1)
-    sources = (np.asarray(tf["sources"].asstr()[:n_total], dtype=object) if "sources" in tf
-               else np.array([f"{tokens_path.name}[{i}]" for i in range(n_total)], dtype=object))
+    labels, sources = labels_and_sources(tf, n_total, tokens_path)
     file_attrs = dict(identity, **extra_attrs)
 
     of, error, resumed = None, None, 0
@@ -351,19 +350,10 @@ def run_shard(ctx: DistContext, source, tf: h5py.File, tok: h5py.Dataset, tokens
                 raise InputError(f"{mine}: a part file with different settings is in the way: {why}. "
                                  "Run the original command again to resume it, or pass --restart to discard it")
             if of is None:
-                mine.unlink(missing_ok=True)
-                of = h5py.File(mine, "w")
-                try:
-                    formats.create_features_file(
-                        of, dims=source.dims, labels=labels[start:stop], sources=sources[start:stop],
-                        store_dtype=store_dtype,
-                        attrs=dict(file_attrs, shard_start=start, shard_stop=stop, rows_total=n_total,
-                                   rank=ctx.rank, world_size=ctx.world_size))
-                    of.flush()
-                except BaseException:
-                    of.close()
-                    mine.unlink(missing_ok=True)
-                    raise
+                of = create_partial(mine, dims=source.dims, labels=labels[start:stop], sources=sources[start:stop],
+                                    store_dtype=store_dtype,
+                                    attrs=dict(file_attrs, shard_start=start, shard_stop=stop, rows_total=n_total,
+                                               rank=ctx.rank, world_size=ctx.world_size))
             else:
                 resumed = int(of.attrs["n_done"])
                 if log and resumed:

@@ -239,6 +239,28 @@ def _stored_batch_size(tmp: Path) -> int | None:
         return None
 
 
+def labels_and_sources(tf: h5py.File, n: int, tokens_path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """The first n labels and sources of a tokens file (-1 / "name[i]" where it has none)."""
+    labels = np.asarray(tf["labels"][:n]) if "labels" in tf else np.full(n, -1)
+    sources = (np.asarray(tf["sources"].asstr()[:n], dtype=object) if "sources" in tf
+               else np.array([f"{tokens_path.name}[{i}]" for i in range(n)], dtype=object))
+    return labels, sources
+
+
+def create_partial(path: Path, **create_kw) -> h5py.File:
+    """Start a fresh partial features file at `path`; nothing is left behind if that fails."""
+    path.unlink(missing_ok=True)
+    of = h5py.File(path, "w")
+    try:
+        formats.create_features_file(of, **create_kw)
+        of.flush()
+    except BaseException:
+        of.close()
+        path.unlink(missing_ok=True)
+        raise
+    return of
+
+
 def _open_partial(tmp: Path, expected: dict) -> h5py.File | None:
     """Reopen a partial file for resumption; None if there is nothing usable to resume."""
     if not tmp.exists():
@@ -378,23 +400,11 @@ def extract_features(
 
         resumed_from = 0
         if of is None:
-            tmp.unlink(missing_ok=True)
-            of = h5py.File(tmp, "w")
-            try:
-                labels = np.asarray(tf["labels"][:n_total]) if "labels" in tf else np.full(n_total, -1)
-                sources = (np.asarray(tf["sources"].asstr()[:n_total], dtype=object) if "sources" in tf
-                           else np.array([f"{tokens_path.name}[{i}]" for i in range(n_total)], dtype=object))
-                formats.create_features_file(
-                    of, dims=source.dims, labels=labels, sources=sources, store_dtype=store_dtype,
-                    attrs=dict(identity, model=str(model), tokens_file=str(tokens_path),
-                               class_names=json.dumps(formats.class_names(tf)),
-                               height=height, width=width),
-                )
-                of.flush()
-            except BaseException:
-                of.close()
-                tmp.unlink(missing_ok=True)
-                raise
+            labels, sources = labels_and_sources(tf, n_total, tokens_path)
+            of = create_partial(tmp, dims=source.dims, labels=labels, sources=sources, store_dtype=store_dtype,
+                                attrs=dict(identity, model=str(model), tokens_file=str(tokens_path),
+                                           class_names=json.dumps(formats.class_names(tf)),
+                                           height=height, width=width))
         else:
             resumed_from = int(of.attrs["n_done"])
             if log and resumed_from:
