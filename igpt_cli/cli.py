@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import functools
 import json
-import sys
 from pathlib import Path
 from typing import Optional
 
@@ -350,11 +349,3 @@ def demo_cmd(
     if as_json:
         print(json.dumps({"model": rep, "pixels": pix, "files": result["files"], "seconds": result["seconds"]},
                          default=str))
-
-
-def run() -> None:  # pragma: no cover
-    app(prog_name="igpt")
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(run())

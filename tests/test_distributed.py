@@ -154,7 +154,7 @@ def test_merge_by_row_index(tmp_path, parts_data, k):
     data, labels, sources = parts_data
     out = tmp_path / "f.h5"
     make_parts(out, k, data, labels, sources)
-    (tmp_path / f".f.h5.part-00000-of-00009.tmp").write_bytes(b"stale part of another world size")
+    (tmp_path / ".f.h5.part-00000-of-00009.tmp").write_bytes(b"stale part of another world size")
     merged = merge_parts(out, IDENT, dict(IDENT, **EXTRA), labels, sources, {0: 5, 2: 5}, "float32", k)
     assert len(merged) == min(k, 6)  # 23 rows in batches of 4: 6 batches, so at most 6 non-empty shards
     assert not all_part_paths(out) and not formats.temp_path_for(out).exists()

@@ -162,29 +162,18 @@ def test_fidelity_bin_checkpoint_and_no_sos(tmp_path, small):
         assert bool(f.attrs["sos"]) is False
 
 
-def test_fidelity_small_shape(tmp_path):
-    """The imagegpt-small shape (24 x 512, 8 heads) on a short 8x8 sequence."""
-    m, d = hf_model(tmp_path, n_layer=24, n_embd=512, n_head=8, n_positions=64)
-    tokens = make_tokens(tmp_path / "t.h5", 3, 8, seed=5)
+@pytest.mark.parametrize("side,n_images,seed", [(8, 3, 5), (32, 2, 6)], ids=["8x8", "32x32-full"])
+def test_fidelity_small_shape(tmp_path, side, n_images, seed):
+    """The imagegpt-small shape (24 x 512, 8 heads), on a short 8x8 sequence and on the
+    released models' full 1024 positions (32x32 images)."""
+    m, d = hf_model(tmp_path, n_layer=24, n_embd=512, n_head=8, n_positions=side * side)
+    tokens = make_tokens(tmp_path / "t.h5", n_images, side, seed=seed)
     out = tmp_path / "f.h5"
     extract_features(tokens, d, "all", out, dtype="float32", progress=False)
     with h5py.File(tokens) as f:
         ref = hf_reference(m, f["tokens"][:])
     got = read_feats(out)
     assert sorted(got) == list(range(25))
-    for layer in range(25):
-        np.testing.assert_allclose(got[layer], ref[layer], atol=1e-4, rtol=0, err_msg=f"layer {layer}")
-
-
-def test_fidelity_small_shape_full_sequence(tmp_path):
-    """imagegpt-small exactly: 24 x 512, 1024 positions (32x32 images)."""
-    m, d = hf_model(tmp_path, n_layer=24, n_embd=512, n_head=8, n_positions=1024)
-    tokens = make_tokens(tmp_path / "t.h5", 2, 32, seed=6)
-    out = tmp_path / "f.h5"
-    extract_features(tokens, d, "all", out, dtype="float32", progress=False)
-    with h5py.File(tokens) as f:
-        ref = hf_reference(m, f["tokens"][:])
-    got = read_feats(out)
     for layer in range(25):
         np.testing.assert_allclose(got[layer], ref[layer], atol=1e-4, rtol=0, err_msg=f"layer {layer}")
 

@@ -22,7 +22,7 @@ from igpt_cli.cli import app
 from igpt_cli.data import decode_image, open_dataset
 from igpt_cli.errors import InputError
 from igpt_cli.palette import DEFAULT_PALETTE, Palette, PaletteError
-from igpt_cli.quantize import file_info, quantize_dataset, show_tokens
+from igpt_cli.quantize import quantize_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 runner = CliRunner()
