@@ -88,10 +88,10 @@ def main() -> None:
         def ours(layers, dtype, tag):
             # warm-up (oneDNN kernel selection) on one image, then the timed run
             extract_features(td / "tokens.h5", td / "model", layers, td / f"w-{tag}.h5", dtype=dtype,
-                             limit=1, progress=False, overwrite=True)
+                             limit=1, overwrite=True)
             s = extract_features(td / "tokens.h5", td / "model", layers, td / f"{tag}.h5", dtype=dtype,
-                                 batch_size=args.batch_size, progress=False, overwrite=True)
-            return s
+                                 batch_size=args.batch_size, overwrite=True)
+            return s.to_dict()
 
         results = {}
         s = ours("all", "auto", "all")

@@ -55,11 +55,13 @@ def main() -> None:
 
     if args.files:
         t0 = time.perf_counter()
-        rep = probe_files(args.files[0], args.files[1], seed=args.seed,
-                          on_layer=lambda r: print(f"layer {r.layer}: test {r.test_acc:.4f} C={r.c:.3g} "
-                                                   f"{r.seconds:.1f} s", flush=True))
+        def show(event):
+            if (r := event.result) is not None:
+                print(f"layer {r.layer}: test {r.test_acc:.4f} C={r.c:.3g} {r.seconds:.1f} s", flush=True)
+
+        rep = probe_files(args.files[0], args.files[1], seed=args.seed, on_progress=show)
         wall = time.perf_counter() - t0
-        print(f"wall {wall:.1f} s for {len(rep['layers'])} layers = {wall / len(rep['layers']):.1f} s/layer")
+        print(f"wall {wall:.1f} s for {len(rep.layers)} layers = {wall / len(rep.layers):.1f} s/layer")
         return
 
     from cifar_pixels import load_cifar_pixels

@@ -70,7 +70,7 @@ def main():
         feats = {}
         for dt in ("float32", "bfloat16"):
             for name in ("train", "test"):
-                extract_features(td / f"{name}.h5", td / "m", "all", td / f"{name}-{dt}.h5", dtype=dt, progress=False)
+                extract_features(td / f"{name}.h5", td / "m", "all", td / f"{name}-{dt}.h5", dtype=dt)
                 with h5py.File(td / f"{name}-{dt}.h5") as f:
                     feats[dt, name] = {int(k): v[:] for k, v in f["features"].items()}
         for layer in range(cfg.n_layer + 1):

@@ -23,7 +23,8 @@ sys.path.insert(0, str(ROOT))
 from igpt_cli.demo import SHIPPED_MODEL  # noqa: E402
 from igpt_cli.extract import extract_features  # noqa: E402
 from igpt_cli.model import IGPT, load_pretrained, read_config, save_pretrained  # noqa: E402
-from igpt_cli.probe import probe_files, write_plot  # noqa: E402
+from igpt_cli.cli.plots import write_probe_plot  # noqa: E402
+from igpt_cli.probe import probe_files  # noqa: E402
 from igpt_cli.quantize import quantize_dataset  # noqa: E402
 
 CIFAR = ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar"
@@ -65,15 +66,15 @@ def main() -> None:
         feats = {}
         for split in ("train", "test"):
             feats[split] = args.work / f"{name}-{split}.h5"
-            extract_features(tokens[split], source, layers, feats[split], overwrite=True, progress=False)
+            extract_features(tokens[split], source, layers, feats[split], overwrite=True)
         t = time.perf_counter()
-        rep = probe_files(feats["train"], feats["test"], seed=args.seed)
+        rep = probe_files(feats["train"], feats["test"], seed=args.seed).to_dict()
         best = max(rep["layers"], key=lambda r: r["val_acc"])
         out[name] = {"best_layer": best["layer"], "best_test_acc": round(best["test_acc"], 4),
                      "probe_seconds": round(time.perf_counter() - t, 1), "curve": curve(rep),
                      "n_train": best["n_train"], "n_test": best["n_test"]}
         if name == "pretrained" and args.plot:
-            write_plot(rep, args.plot)
+            write_probe_plot(rep, args.plot)
         print(json.dumps({name: out[name]}), file=sys.stderr, flush=True)
     out["gain_over_pixels_points"] = round(100 * (out["pretrained"]["best_test_acc"] - out["pixels"]["best_test_acc"]), 2)
     out["gain_over_random_points"] = round(100 * (out["pretrained"]["best_test_acc"] - out["random"]["best_test_acc"]), 2)

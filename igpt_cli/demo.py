@@ -1,7 +1,8 @@
 """`igpt demo`: the whole pipeline, offline, on data and a model shipped with the package.
 
 quantize (shipped CIFAR-10 subset) → extract (shipped pretrained iGPT, all layers,
-plus the raw-pixel baseline) → probe → table, JSON report and PNG curve.
+plus the raw-pixel baseline) → probe → JSON reports. The command draws the table and the
+PNG curve from the result (`igpt_cli.cli`); this module only runs the stages.
 """
 from __future__ import annotations
 
@@ -9,14 +10,16 @@ import json
 import shlex
 import tempfile
 import time
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
 from .extract import extract_features
 from .model import read_config
-from .errors import InputError
-from .probe import probe_files, write_plot
+from .probe import ProbeReport, probe_files
+from .progress import OnProgress, Reporter
 from .quantize import quantize_dataset
+from .results import Result
 
 ASSETS = Path(str(resources.files("igpt_cli") / "assets"))
 DEMO_DATA = ASSETS / "demo-cifar10.tar"
@@ -41,16 +44,27 @@ def pipeline_commands(out: Path, model: Path, side: int) -> list[str]:
     return cmds
 
 
-def run_demo(out_dir: str | Path | None = None, *, model: str | Path | None = None,
-             plot: str | Path | None = None, progress: bool = True, log=print) -> dict:
-    """Run the demo; returns {"model": report, "pixels": report, "files": {...}, "seconds": …}.
+@dataclass
+class DemoResult(Result):
+    model: ProbeReport      # the probe of the model's layers
+    pixels: ProbeReport     # the raw-pixel baseline
+    files: dict             # name -> path of every file kept (none when out_dir is None)
+    commands: list          # the equivalent shell pipeline
+    seconds: float
+    kept: bool              # whether the intermediate files were kept (out_dir given)
 
-    With `out_dir` every intermediate file is kept there (and the plot is
-    `out_dir/probe.png`); without it they live in a temporary directory and only
-    the plot (`plot`, default ./igpt-demo.png) is kept.
+
+def run_demo(out_dir: str | Path | None = None, *, model: str | Path | None = None,
+             on_progress: OnProgress | None = None) -> DemoResult:
+    """Run quantize → extract → probe on the shipped data and model.
+
+    With `out_dir` every intermediate file is kept there; without it they live in a
+    temporary directory that is removed before returning. Stage progress and one log
+    line per step go to `on_progress`.
     """
     model = Path(model) if model else SHIPPED_MODEL
     side = read_config(model).side
+    log = Reporter(on_progress, "demo").log
     t0 = time.perf_counter()
     tmp = None
     if out_dir is None:
@@ -63,28 +77,24 @@ def run_demo(out_dir: str | Path | None = None, *, model: str | Path | None = No
         files = {}
         for split in ("train", "test"):
             files[split] = out / f"{split}.h5"
-            s = quantize_dataset(DEMO_DATA, files[split], split=split, size=side, palette=model, overwrite=True)
-            log(f"quantize  {split:5s}: {s['n']} images -> {files[split]}")
+            s = quantize_dataset(DEMO_DATA, files[split], split=split, size=side, palette=model, overwrite=True,
+                                 on_progress=on_progress)
+            log(f"quantize  {split:5s}: {s.n} images -> {files[split]}")
         for split in ("train", "test"):
             for kind, source in (("feats", model), ("pixels", "pixels")):
                 path = out / f"{split}-{kind}.h5"
-                s = extract_features(files[split], source, "all" if kind == "feats" else None, path,
-                                     overwrite=True, progress=progress)
+                extract_features(files[split], source, "all" if kind == "feats" else None, path,
+                                 overwrite=True, on_progress=on_progress)
                 files[f"{split}-{kind}"] = path
                 log(f"extract   {split:5s}: {'pixels' if kind == 'pixels' else 'iGPT layers'} -> {path}")
         pixels = probe_files(files["train-pixels"], files["test-pixels"])
         report = probe_files(files["train-feats"], files["test-feats"])
-        files["plot"] = Path(plot) if plot else (out / "probe.png" if tmp is None else Path("igpt-demo.png"))
-        try:
-            write_plot(report, files["plot"])
-        except InputError as e:  # matplotlib is an optional extra
-            log(f"(no plot: {e})")
-            files.pop("plot")
-        (out / "probe.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
-        (out / "probe-pixels.json").write_text(json.dumps(pixels, indent=1, default=str) + "\n")
-        return {"model": report, "pixels": pixels, "files": {k: str(v) for k, v in files.items()},
-                "commands": pipeline_commands(out, model, side), "seconds": round(time.perf_counter() - t0, 1),
-                "kept": tmp is None}
+        (out / "probe.json").write_text(json.dumps(report.to_dict(), indent=1, default=str) + "\n")
+        (out / "probe-pixels.json").write_text(json.dumps(pixels.to_dict(), indent=1, default=str) + "\n")
+        return DemoResult(model=report, pixels=pixels,
+                          files={k: str(v) for k, v in files.items()} if tmp is None else {},
+                          commands=pipeline_commands(out, model, side),
+                          seconds=round(time.perf_counter() - t0, 1), kept=tmp is None)
     finally:
         if tmp is not None:
             tmp.cleanup()

@@ -1,10 +1,14 @@
 """The one place where igpt's HDF5 file formats are defined.
 
 Every igpt file describes itself: `attrs["format"]` names its kind and
-`attrs["format_version"]` its schema version; provenance lives in attrs too.
-Files are written under a temporary name next to the destination and renamed
-into place only when complete (`atomic_output`), so a crash never leaves a
-half-written file at the final path.
+`attrs["format_version"]` its schema version, counted per kind (`FORMAT_VERSIONS`);
+provenance lives in attrs too. Files are written under a temporary name next to the
+destination and renamed into place only when complete (`atomic_output`), so a crash
+never leaves a half-written file at the final path.
+
+Versions: tokens files are at version 1. Features files are at version 2, which added
+the `pool` attr; version-1 features files are still read, as if they said
+`pool="mean"` (`"flatten"` for the pixel baseline; `read_attrs` fills it in).
 """
 from __future__ import annotations
 
@@ -18,16 +22,16 @@ import h5py
 import numpy as np
 
 from . import __version__
+from .errors import InputError, ParameterError
 
 TOKENS_FORMAT = "igpt-tokens"
 FEATURES_FORMAT = "igpt-features"
-FORMAT_VERSION = 1
+TOKENS_VERSION = 1
+FEATURES_VERSION = 2  # 2: the `pool` attr
+FORMAT_VERSIONS = {TOKENS_FORMAT: TOKENS_VERSION, FEATURES_FORMAT: FEATURES_VERSION}
 
 STR_DTYPE = h5py.string_dtype("utf-8")
 ROW_CHUNK = 256  # rows per HDF5 chunk for row-streamed datasets
-
-
-from .errors import InputError
 
 
 class FormatError(InputError):
@@ -39,12 +43,15 @@ def _attr(v):
 
 
 def read_attrs(f: h5py.File) -> dict:
+    """The file's attrs as plain Python values; a version-1 features file gets its implied `pool`."""
     out = {}
     for k, v in f.attrs.items():
         v = _attr(v)
         if isinstance(v, np.generic):
             v = v.item()
         out[k] = v
+    if out.get("format") == FEATURES_FORMAT and "pool" not in out:
+        out["pool"] = implied_pool(out.get("site"))
     return out
 
 
@@ -62,10 +69,10 @@ def open_igpt(path: str | Path, expected: str | None = None) -> h5py.File:
         f.close()
         want = expected or f"{TOKENS_FORMAT} or {FEATURES_FORMAT}"
         raise FormatError(f"{p}: not an {want} file (format={kind!r})")
-    version = int(f.attrs.get("format_version", -1))
-    if version > FORMAT_VERSION:
+    version, readable = int(f.attrs.get("format_version", -1)), FORMAT_VERSIONS[kind]
+    if version > readable:
         f.close()
-        raise FormatError(f"{p}: format_version {version} is newer than this igpt reads ({FORMAT_VERSION})")
+        raise FormatError(f"{p}: format_version {version} is newer than this igpt reads ({readable})")
     return f
 
 
@@ -83,7 +90,7 @@ def check_output_path(path: str | Path, overwrite: bool) -> Path:
     if not os.access(parent, os.W_OK):
         raise FormatError(f"{p}: output directory {parent} is not writable")
     if p.exists() and not overwrite:
-        raise FormatError(f"{p}: output file exists (use --overwrite to replace it)")
+        raise FormatError(f"{p}: output file exists (pass overwrite=True to replace it)")
     return p
 
 
@@ -122,17 +129,17 @@ def create_tokens_file(
     split: str,
     source: str,
     resize: str,
-    capacity: int = 0,
 ) -> None:
+    """Lay out an empty tokens file; rows are added with `append_rows`."""
     n_pos = height * width
-    f.create_dataset("tokens", shape=(capacity, n_pos), maxshape=(None, n_pos), dtype="uint16",
+    f.create_dataset("tokens", shape=(0, n_pos), maxshape=(None, n_pos), dtype="uint16",
                      chunks=(ROW_CHUNK, n_pos))
-    f.create_dataset("labels", shape=(capacity,), maxshape=(None,), dtype="int64", chunks=(4096,))
-    f.create_dataset("sources", shape=(capacity,), maxshape=(None,), dtype=STR_DTYPE, chunks=(4096,))
+    f.create_dataset("labels", shape=(0,), maxshape=(None,), dtype="int64", chunks=(4096,))
+    f.create_dataset("sources", shape=(0,), maxshape=(None,), dtype=STR_DTYPE, chunks=(4096,))
     f.create_dataset("palette", data=np.asarray(palette, dtype=np.float32))
     f.attrs.update(
         format=TOKENS_FORMAT,
-        format_version=FORMAT_VERSION,
+        format_version=TOKENS_VERSION,
         height=height,
         width=width,
         class_names=json.dumps(list(class_names)),
@@ -163,17 +170,26 @@ def class_names(f: h5py.File) -> list[str]:
 # ---------------------------------------------------------------------------
 # features/<l>  float32 (or float16) [N, D] per requested layer, chunked by rows
 # labels        int64 [N], sources utf-8 [N]   (copied from the tokens file)
-# attrs: format, format_version, layers (JSON list), site, sos, compute_dtype,
-#        model, model_config (JSON), model_sha256, tokens_file, tokens_sha256,
-#        class_names (JSON), n_total, n_done, complete, igpt_version
+# attrs: format, format_version, layers (JSON list), site, sos, pool, compute_dtype,
+#        store_dtype, device_type, batch_size, model, model_config (JSON), model_sha256,
+#        tokens_file, tokens_sha256, class_names (JSON), height, width, n_total, n_done,
+#        complete, igpt_version
+# pool: "mean" (iGPT features averaged over positions), or "flatten" for the raw-pixel
+# baseline (site "pixels"), whose features are the whole image; version 1 had no pool.
 
 
 def feature_layers(f: h5py.File) -> list[int]:
     return [int(k) for k in sorted(f["features"].keys(), key=int)]
 
+
+def implied_pool(site: str | None) -> str:
+    """The `pool` of a version-1 features file, which did not record one."""
+    return "flatten" if site == "pixels" else "mean"
+
+
 # Attributes that pin down what a features file holds: a partial file is resumed
 # only when all of them match the new run (anything else would mix two results).
-FEATURES_IDENTITY = ("layers", "site", "sos", "compute_dtype", "store_dtype", "device_type",
+FEATURES_IDENTITY = ("layers", "site", "sos", "pool", "compute_dtype", "store_dtype", "device_type",
                      "batch_size", "model_sha256", "model_config", "tokens_sha256", "n_total")
 
 
@@ -210,7 +226,7 @@ def create_features_file(
         _chunked_preallocated(g, str(layer), (n, d), store_dtype, ROW_CHUNK)
     f.create_dataset("labels", data=np.asarray(labels, dtype=np.int64))
     f.create_dataset("sources", data=np.asarray(sources, dtype=object), dtype=STR_DTYPE)
-    f.attrs.update(format=FEATURES_FORMAT, format_version=FORMAT_VERSION, igpt_version=__version__)
+    f.attrs.update(format=FEATURES_FORMAT, format_version=FEATURES_VERSION, igpt_version=__version__)
     f.attrs.update({k: (json.dumps(v) if isinstance(v, (list, dict)) else v) for k, v in attrs.items()})
     f.attrs.update(n_total=n, n_done=0, complete=False)
 
@@ -229,3 +245,25 @@ def features_mismatch(f: h5py.File, expected: dict) -> str | None:
             new = str(want) if len(str(want)) < 60 else str(want)[:57] + "…"
             return f"{key} differs (partial file: {old}, this run: {new})"
     return None
+
+
+def load_features(path: str | Path, layer: int) -> tuple[np.ndarray, np.ndarray]:
+    """One layer of a complete features file (version 1 or 2) in memory: X [N, D] float32, labels [N] int64.
+
+    Labels are -1 where the tokens file had none.
+    """
+    p = Path(path)
+    with open_igpt(p, FEATURES_FORMAT) as f:
+        attrs = read_attrs(f)
+        if not attrs.get("complete", False):
+            raise FormatError(f"{p}: incomplete features file ({attrs.get('n_done', '?')}/"
+                              f"{attrs.get('n_total', '?')} rows); finish it with igpt extract first")
+        if "features" not in f or "labels" not in f:
+            raise FormatError(f"{p}: features file without features/ or labels")
+        layers = feature_layers(f)
+        if int(layer) not in layers:
+            raise ParameterError("layer", layer, f"not in {p}, which holds layers "
+                                                 f"{', '.join(map(str, layers)) or '(none)'}")
+        X = np.asarray(f["features"][str(int(layer))][:], dtype=np.float32)  # [N, D]
+        labels = np.asarray(f["labels"][:], dtype=np.int64)  # [N]
+    return X, labels

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import InputError
+from .errors import InputError, ParameterError, check_positive
 
 DEFAULT_PALETTE = Path(__file__).parent / "assets" / "palette_igpt512.npy"
 # The complete colour -> token table of the official palette (all 2^24 colours, 0.8 MB
@@ -103,10 +103,6 @@ class Palette:
                 raise PaletteError(f"{p}: no 'clusters' key (not an ImageGPT preprocessor config)")
             return cls(d["clusters"], source=str(p))
         raise PaletteError(f"{p}: unknown palette format (expected .npy, preprocessor_config.json or a model directory)")
-
-    def save(self, path: str | Path) -> None:
-        with open(path, "wb") as f:
-            np.save(f, self.centers)
 
     # -- quantize ----------------------------------------------------------------------
     def nearest(self, rgb: np.ndarray) -> np.ndarray:
@@ -253,6 +249,13 @@ class Palette:
         return rgb[tokens.reshape(n, height * width)].reshape(n, height, width, 3)
 
 
+def check_fit_parameters(k: int, sample_pixels: int) -> None:
+    """ParameterError unless 1 <= k <= MAX_K and sample_pixels >= 1 (checked before any work)."""
+    if not 1 <= k <= MAX_K:
+        raise ParameterError("k", k, f"must be between 1 and {MAX_K}")
+    check_positive("sample_pixels", sample_pixels, allow_none=False)
+
+
 def fit_palette(pixel_batches, k: int = 512, sample_pixels: int = 1_000_000, seed: int = 0,
                 batch_size: int = 4096) -> Palette:
     """Fit a k-colour palette with MiniBatchKMeans on up to `sample_pixels` pixels.
@@ -262,6 +265,7 @@ def fit_palette(pixel_batches, k: int = 512, sample_pixels: int = 1_000_000, see
     """
     from sklearn.cluster import MiniBatchKMeans
 
+    check_fit_parameters(k, sample_pixels)
     rng = np.random.default_rng(seed)
     sample = np.empty((sample_pixels, 3), dtype=np.uint8)
     seen = 0
@@ -282,9 +286,7 @@ def fit_palette(pixel_batches, k: int = 512, sample_pixels: int = 1_000_000, see
     if n == 0:
         raise InputError("no pixels to fit a palette on")
     x = sample[:n].astype(np.float32) / 127.5 - 1.0
-    k_eff = min(k, len(np.unique(sample[:n], axis=0)))
-    if k_eff < 1 or k > MAX_K:
-        raise InputError(f"-k must be between 1 and {MAX_K}")
+    k_eff = min(k, len(np.unique(sample[:n], axis=0)))  # no more colours than distinct pixels
     km = MiniBatchKMeans(n_clusters=k_eff, batch_size=batch_size, random_state=seed, n_init=1)
     km.fit(x)
     return Palette(np.clip(km.cluster_centers_, -1.0, 1.0), source=f"fit(k={k_eff}, pixels={n})")

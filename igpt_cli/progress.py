@@ -20,6 +20,7 @@ class ProgressEvent:
     info: str = ""             # short status to show beside the bar ("loss 2.31 nats")
     message: str = ""          # a line worth logging ("resuming at row 512 of 3000")
     result: Any = None         # a partial result, e.g. a probe's finished LayerResult
+    started: bool = False      # True on the first event of a run (`Reporter.start`): a new bar
 
 
 OnProgress = Callable[[ProgressEvent], None]
@@ -33,16 +34,17 @@ class Reporter:
                  unit: str = "item", done: int = 0):
         self.on_progress, self.task, self.total, self.unit, self.done = on_progress, task, total, unit, done
 
-    def emit(self, *, info: str = "", message: str = "", result: Any = None) -> None:
+    def emit(self, *, info: str = "", message: str = "", result: Any = None, started: bool = False) -> None:
         if self.on_progress is not None:
-            self.on_progress(ProgressEvent(self.task, self.done, self.total, self.unit, info, message, result))
+            self.on_progress(ProgressEvent(self.task, self.done, self.total, self.unit, info, message, result,
+                                           started))
 
     def start(self, total: Optional[int] = None, done: int | None = None) -> None:
         if total is not None:
             self.total = total
         if done is not None:
             self.done = done
-        self.emit()
+        self.emit(started=True)
 
     def advance(self, k: int = 1, *, info: str = "", result: Any = None) -> None:
         self.done += k

@@ -7,14 +7,15 @@ from pathlib import Path
 
 import torch
 
-from .errors import InputError
+from .errors import ParameterError
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPE_CHOICES = ("auto", *DTYPES)
 
 
 def resolve_device(name: str) -> torch.device:
-    name = (name or "auto").lower()
+    name = str(getattr(name, "value", name) or "auto").lower()
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
@@ -23,18 +24,18 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cpu")
     kind = name.split(":")[0]
     if kind not in DEVICES:
-        raise InputError(f"--device {name}: unknown device (choose from {', '.join(DEVICES)})")
+        raise ParameterError("device", name, f"unknown device (choose from {', '.join(DEVICES)})")
     if kind == "cuda" and not torch.cuda.is_available():
         why = "this torch build has no CUDA support" if torch.version.cuda is None else "no CUDA GPU is visible"
-        raise InputError(f"--device {name}: no CUDA GPU available ({why}); use --device cpu or auto")
+        raise ParameterError("device", name, f"no CUDA GPU available ({why}); use device 'cpu' or 'auto'")
     if kind == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise InputError(f"--device {name}: Apple MPS is not available on this machine; use --device cpu or auto")
+        raise ParameterError("device", name, "Apple MPS is not available on this machine; use device 'cpu' or 'auto'")
     try:
         dev = torch.device(name)
     except RuntimeError as e:
-        raise InputError(f"--device {name}: {e}") from None
+        raise ParameterError("device", name, str(e)) from None
     if kind == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise InputError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) visible")
+        raise ParameterError("device", name, f"only {torch.cuda.device_count()} CUDA device(s) visible")
     return dev
 
 
@@ -57,7 +58,7 @@ def cpu_has_fast_bf16() -> bool:
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    name = (name or "auto").lower()
+    name = str(getattr(name, "value", name) or "auto").lower()
     if name == "auto":
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
@@ -65,5 +66,5 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
             return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
         return torch.float32
     if name not in DTYPES:
-        raise InputError(f"--dtype {name}: unknown dtype (choose from auto, {', '.join(DTYPES)})")
+        raise ParameterError("dtype", name, f"unknown dtype (choose from auto, {', '.join(DTYPES)})")
     return DTYPES[name]

@@ -25,9 +25,11 @@ import torch
 import torch.nn.functional as F
 
 from . import __version__
-from .errors import InputError
+from .errors import InputError, ParameterError
 from .formats import TOKENS_FORMAT, class_names, open_igpt, read_attrs
 from .model import IGPT, IGPTConfig, save_pretrained, sos_shift
+from .progress import OnProgress, Reporter
+from .results import Result
 from .runtime import resolve_device, resolve_dtype
 
 STATE_FILE = "train_state.pt"
@@ -52,6 +54,20 @@ class TrainConfig:
     checkpoint_every: int = 200
     eval_every: int = 200
     eval_rows: int = 2000
+
+
+@dataclass
+class TrainResult(Result):
+    model_dir: str
+    steps: int
+    n_params: int
+    height: int
+    width: int
+    seconds: float
+    train_loss: float | None = None
+    val_loss: float | None = None
+    val_bits_per_dim: float | None = None
+    _omit_if_none = ("train_loss", "val_loss", "val_bits_per_dim")
 
 
 @dataclass
@@ -156,10 +172,10 @@ def total_steps(cfg: TrainConfig, n_rows: int) -> int:
         return cfg.steps
     if cfg.epochs:
         return max(1, math.ceil(cfg.epochs * n_rows / cfg.batch_size))
-    raise InputError("give --steps or --epochs")
+    raise InputError("give steps= or epochs= (how long to train)")
 
 
-def train(
+def pretrain(
     train_tokens: str | Path,
     out_dir: str | Path,
     cfg: TrainConfig,
@@ -168,10 +184,13 @@ def train(
     device: str = "auto",
     dtype: str = "auto",
     resume: bool = False,
-    progress: bool = True,
-    log=None,
-) -> dict:
-    """Pretrain (or resume pretraining) an iGPT; returns a summary dict."""
+    on_progress: OnProgress | None = None,
+) -> TrainResult:
+    """Pretrain (or resume pretraining) an iGPT.
+
+    Progress: one event per step (`info` holds the smoothed loss and learning rate); every
+    evaluation record is also a log `message` (one JSON line).
+    """
     out = Path(out_dir)
     data = load_tokens(train_tokens)
     val = load_tokens(val_tokens) if val_tokens else None
@@ -191,7 +210,7 @@ def train(
         model.load_state_dict(state["model"])
     else:
         if state_path.exists():
-            raise InputError(f"{out}: holds a training run already (use --resume to continue it)")
+            raise InputError(f"{out}: holds a training run already (resume=True continues it)")
         state = None
         torch.manual_seed(cfg.seed)
         model = IGPT(IGPTConfig(vocab_size=K + 1, n_positions=data.height * data.width, n_embd=cfg.n_embd,
@@ -200,7 +219,7 @@ def train(
     if model.config.n_positions != data.height * data.width or model.config.vocab_size != K + 1:
         raise InputError(f"{train_tokens}: tokens ({data.height}x{data.width}, {K} colours) do not fit the model in {out}")
     if cfg.n_embd % cfg.n_head:
-        raise InputError(f"--width {cfg.n_embd} is not divisible by --heads {cfg.n_head}")
+        raise ParameterError("n_embd", cfg.n_embd, f"not divisible by n_head={cfg.n_head}")
     steps = total_steps(cfg, len(data.tokens))
     model.to(dev).train()
     opt = make_optimizer(model, cfg)
@@ -228,47 +247,40 @@ def train(
         (out / TRAIN_META).write_text(json.dumps(meta, indent=1) + "\n")
 
     autocast = dict(device_type=dev.type, dtype=compute, enabled=compute != torch.float32)
-    log = log or (lambda msg: None)
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    bar = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-                   TimeRemainingColumn(), transient=False, disable=not progress)
+    rep = Reporter(on_progress, "train", total=steps, unit="step", done=step)
+    rep.start()
     t0 = time.time()
     loss_ema = None
     try:
-        with bar:
-            task = bar.add_task("train", total=steps, completed=step, info="")
-            while step < steps:
-                lr = lr_at(step, steps, cfg)
-                for g in opt.param_groups:
-                    g["lr"] = lr
-                x = make_batch(data, step, cfg).to(dev)
-                with torch.autocast(**autocast):
-                    loss = loss_on(model, x)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                step += 1
-                loss_ema = loss.item() if loss_ema is None else 0.95 * loss_ema + 0.05 * loss.item()
-                record = None
-                if step % cfg.eval_every == 0 or step == steps:
-                    record = {"step": step, "train_loss": round(loss_ema, 5), "lr": lr,
-                              "seconds": round(time.time() - t0, 1)}
-                    if val is not None:
-                        v = evaluate(model, val.tokens[:cfg.eval_rows], dev, compute)
-                        record.update(val_loss=round(v, 5), val_bits_per_dim=round(v / math.log(2), 5))
-                    history.append(record)
-                    log(json.dumps(record))
-                bpd = loss_ema / math.log(2)
-                bar.update(task, completed=step, info=f"loss {loss_ema:.3f} nats ({bpd:.3f} bits/dim) lr {lr:.2e}")
-                if step % cfg.checkpoint_every == 0 or step == steps:
-                    checkpoint()
+        while step < steps:
+            lr = lr_at(step, steps, cfg)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            x = make_batch(data, step, cfg).to(dev)
+            with torch.autocast(**autocast):
+                loss = loss_on(model, x)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            loss_ema = loss.item() if loss_ema is None else 0.95 * loss_ema + 0.05 * loss.item()
+            if step % cfg.eval_every == 0 or step == steps:
+                record = {"step": step, "train_loss": round(loss_ema, 5), "lr": lr,
+                          "seconds": round(time.time() - t0, 1)}
+                if val is not None:
+                    v = evaluate(model, val.tokens[:cfg.eval_rows], dev, compute)
+                    record.update(val_loss=round(v, 5), val_bits_per_dim=round(v / math.log(2), 5))
+                history.append(record)
+                rep.log(json.dumps(record))
+            bpd = loss_ema / math.log(2)
+            rep.advance(1, info=f"loss {loss_ema:.3f} nats ({bpd:.3f} bits/dim) lr {lr:.2e}")
+            if step % cfg.checkpoint_every == 0 or step == steps:
+                checkpoint()
     except KeyboardInterrupt:
         checkpoint()
         raise
-    summary = {"model_dir": str(out), "steps": steps, "n_params": model.num_params(),
-               "height": data.height, "width": data.width, "seconds": round(time.time() - t0, 1)}
-    if history:
-        summary.update({k: v for k, v in history[-1].items() if k.startswith(("val", "train_loss"))})
-    return summary
+    last = history[-1] if history else {}
+    return TrainResult(model_dir=str(out), steps=steps, n_params=model.num_params(), height=data.height,
+                       width=data.width, seconds=round(time.time() - t0, 1), train_loss=last.get("train_loss"),
+                       val_loss=last.get("val_loss"), val_bits_per_dim=last.get("val_bits_per_dim"))

@@ -113,3 +113,69 @@ def assert_clean_failure(r, needle: str = "", out: Path | None = None) -> None:
     assert needle.lower() in r.stderr.lower(), r.stderr
     if out is not None:
         assert not Path(out).exists()
+
+
+def overlapping_classes(n: int, d: int = 20, k: int = 4, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """n rows of k overlapping Gaussian classes in d dims (not linearly separable): (X float32 [n, d], y [n])."""
+    rng = np.random.default_rng(seed)
+    centers = np.random.default_rng(7).standard_normal((k, d)) * 0.35
+    y = rng.integers(0, k, n)
+    return (centers[y] + rng.standard_normal((n, d))).astype(np.float32), y
+
+
+# --- image datasets and tokens files (quantize, data, fileinfo tests) ---------------------------
+
+FOLDER_CLASSES = ["cat", "dog", "frog"]  # the classes of make_image_folder
+
+
+def random_image(rng, h=32, w=32, mode="RGB"):
+    """A PIL image of random pixels: RGB, L (grayscale), RGBA (random alpha) or P (16-colour palette)."""
+    from PIL import Image
+
+    im = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+    if mode == "L":
+        return im.convert("L")
+    if mode == "RGBA":
+        im = im.convert("RGBA")
+        im.putalpha(Image.fromarray(rng.integers(0, 256, (h, w), dtype=np.uint8)))
+        return im
+    if mode == "P":
+        return im.convert("P", palette=Image.ADAPTIVE, colors=16)
+    return im
+
+
+def encode_image(im, fmt: str) -> bytes:
+    """A PIL image encoded as `fmt` ("PNG", "JPEG", …)."""
+    import io
+
+    b = io.BytesIO()
+    im.save(b, format=fmt)
+    return b.getvalue()
+
+
+def make_image_folder(root: Path, splits=("train", "test"), per_class=2, seed=0) -> Path:
+    """root/<split>/<class>/NNNN.png of random 32×32 images (split "": root/<class>/…), FOLDER_CLASSES."""
+    rng = np.random.default_rng(seed)
+    for s in splits:
+        for c in FOLDER_CLASSES:
+            d = root / s / c if s else root / c
+            d.mkdir(parents=True, exist_ok=True)
+            for i in range(per_class):
+                (d / f"{i:04d}.png").write_bytes(encode_image(random_image(rng), "PNG"))
+    return root
+
+
+def read_tokens(path: Path) -> tuple[np.ndarray, np.ndarray, list[str], dict]:
+    """A tokens file's (tokens, labels, sources, attrs)."""
+    with h5py.File(path, "r") as f:
+        return f["tokens"][:], f["labels"][:], [s.decode() for s in f["sources"][:]], dict(f.attrs)
+
+
+def assert_bad_input(r, out: Path, *needles: str) -> None:
+    """`assert_clean_failure`, its one line naming every needle (case as given), and neither
+    `out` nor its temporary file left behind."""
+    assert_clean_failure(r, out=out)
+    line = error_lines(r.stderr)[0]
+    for needle in needles:
+        assert needle in line, (needle, line)
+    assert not formats.temp_path_for(out).exists()

@@ -12,9 +12,9 @@ import torch
 
 from igpt_cli import formats
 from igpt_cli.model import load_pretrained, sos_shift
-from igpt_cli.train import TrainConfig, batch_indices, lr_at, make_batch, load_tokens, train
+from igpt_cli.train import TrainConfig, batch_indices, load_tokens, lr_at, make_batch, pretrain
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import ENV, ROOT, run_igpt
 
 
 def write_tokens(path: Path, n: int = 96, side: int = 4, k: int = 16, seed: int = 0) -> Path:
@@ -64,35 +64,42 @@ def test_flip_augmentation_flips_rows_in_token_space(tmp_path):
 
 def test_training_lowers_validation_loss(tmp_path):
     tok = write_tokens(tmp_path / "t.h5")
-    summary = train(tok, tmp_path / "m", TrainConfig(steps=30, **TINY), val_tokens=tok, dtype="float32",
-                    progress=False)
+    events = []
+    summary = pretrain(tok, tmp_path / "m", TrainConfig(steps=30, **TINY), val_tokens=tok, dtype="float32",
+                       on_progress=events.append)
     hist = json.loads((tmp_path / "m" / "train_meta.json").read_text())["history"]
     assert hist[-1]["val_loss"] < hist[0]["val_loss"] - 0.2
-    assert summary["val_bits_per_dim"] == pytest.approx(hist[-1]["val_loss"] / np.log(2), rel=1e-4)
+    assert summary.val_bits_per_dim == pytest.approx(hist[-1]["val_loss"] / np.log(2), rel=1e-4)
+    assert list(summary.to_dict()) == ["model_dir", "steps", "n_params", "height", "width", "seconds",
+                                       "train_loss", "val_loss", "val_bits_per_dim"]
+    # one progress event per step (plus the start), the evaluation records as log lines
+    steps = [e.done for e in events if not e.message]
+    assert steps == list(range(31)) and all(e.task == "train" and e.total == 30 for e in events)
+    assert [json.loads(e.message)["step"] for e in events if e.message] == [h["step"] for h in hist]
 
 
 def test_resume_is_bit_for_bit(tmp_path):
     tok = write_tokens(tmp_path / "t.h5")
     cfg = TrainConfig(steps=9, **TINY)
-    train(tok, tmp_path / "full", cfg, dtype="float32", progress=False)
+    pretrain(tok, tmp_path / "full", cfg, dtype="float32")
 
-    def interrupt_at_step_3(msg):  # Ctrl-C right after step 3's log line
-        if json.loads(msg)["step"] == 3:
+    def interrupt_at_step_3(ev):  # Ctrl-C right after step 3's log line
+        if ev.message and json.loads(ev.message)["step"] == 3:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        train(tok, tmp_path / "cut", cfg, dtype="float32", progress=False, log=interrupt_at_step_3)
+        pretrain(tok, tmp_path / "cut", cfg, dtype="float32", on_progress=interrupt_at_step_3)
     assert json.loads((tmp_path / "cut" / "train_meta.json").read_text())["step"] == 3
-    train(tok, tmp_path / "cut", TrainConfig(), dtype="float32", progress=False, resume=True)
+    pretrain(tok, tmp_path / "cut", TrainConfig(), dtype="float32", resume=True)
     a = (tmp_path / "full" / "model.safetensors").read_bytes()
     b = (tmp_path / "cut" / "model.safetensors").read_bytes()
     assert a == b
 
 
 def test_output_loads_in_transformers_with_same_hidden_states(tmp_path):
-    transformers = pytest.importorskip("transformers")
+    import transformers
     tok = write_tokens(tmp_path / "t.h5")
-    train(tok, tmp_path / "m", TrainConfig(steps=4, **TINY), dtype="float32", progress=False)
+    pretrain(tok, tmp_path / "m", TrainConfig(steps=4, **TINY), dtype="float32")
     ours = load_pretrained(tmp_path / "m")
     hf = transformers.ImageGPTForCausalImageModeling.from_pretrained(tmp_path / "m").eval()
     x = sos_shift(torch.from_numpy(load_tokens(tok).tokens[:5].astype(np.int64)), ours.config.sos_token)
@@ -108,31 +115,29 @@ def test_output_loads_in_transformers_with_same_hidden_states(tmp_path):
     assert proc.size == {"height": 4, "width": 4}
 
 
-def _igpt(*args, **kw):
-    return subprocess.run([sys.executable, "-m", "igpt_cli", *args], capture_output=True, text=True,
-                          cwd=ROOT, **kw)
-
-
 def test_cli_bad_input(tmp_path):
     tok = write_tokens(tmp_path / "t.h5")
-    r = _igpt("train", str(tok), "-o", str(tmp_path / "m"))
+    r = run_igpt("train", str(tok), "-o", str(tmp_path / "m"))
     assert r.returncode == 2 and "--steps or --epochs" in r.stderr and "Traceback" not in r.stderr
-    r = _igpt("train", str(tok), "-o", str(tmp_path / "m"), "--resume")
+    r = run_igpt("train", str(tok), "-o", str(tmp_path / "m"), "--resume")
     assert r.returncode == 2 and "nothing to resume" in r.stderr
-    r = _igpt("train", str(tmp_path / "missing.h5"), "-o", str(tmp_path / "m"), "--steps", "2")
+    r = run_igpt("train", str(tmp_path / "missing.h5"), "-o", str(tmp_path / "m"), "--steps", "2")
     assert r.returncode == 2 and "missing.h5" in r.stderr and "Traceback" not in r.stderr
-    r = _igpt("train", str(tok), "-o", str(tmp_path / "m"), "--steps", "2", "--width", "30", "--heads", "4")
+    r = run_igpt("train", str(tok), "-o", str(tmp_path / "m"), "--steps", "2", "--width", "30", "--heads", "4")
     assert r.returncode == 2 and "divisible" in r.stderr
+    assert "--width 30: not divisible by --heads 4" in r.stderr  # library says n_embd=, the CLI its flags
+    r = run_igpt("train", str(tok), "-o", str(tmp_path / "m"), "--steps", "2", "--layers", "2")
+    assert r.returncode == 2 and "--layers" in r.stderr  # renamed --depth: --layer always means "which layers"
 
 
 def test_cli_killed_run_resumes_to_the_same_weights(tmp_path):
     tok = write_tokens(tmp_path / "t.h5", n=64)
-    common = ["--layers", "2", "--width", "32", "--heads", "4", "--batch-size", "8", "--steps", "40",
+    common = ["--depth", "2", "--width", "32", "--heads", "4", "--batch-size", "8", "--steps", "40",
               "--checkpoint-every", "5", "--eval-every", "5", "--dtype", "float32", "--quiet"]
-    ref = _igpt("train", str(tok), "-o", str(tmp_path / "ref"), *common)
+    ref = run_igpt("train", str(tok), "-o", str(tmp_path / "ref"), *common)
     assert ref.returncode == 0, ref.stderr
     proc = subprocess.Popen([sys.executable, "-m", "igpt_cli", "train", str(tok), "-o", str(tmp_path / "cut"),
-                             *common], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                             *common], cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     meta = tmp_path / "cut" / "train_meta.json"
     deadline = time.time() + 60
     while time.time() < deadline and not meta.exists():
@@ -141,7 +146,7 @@ def test_cli_killed_run_resumes_to_the_same_weights(tmp_path):
     proc.wait()
     done = json.loads(meta.read_text())["step"]
     assert done < 40, "the run finished before it could be killed"
-    r = _igpt("train", str(tok), "-o", str(tmp_path / "cut"), "--resume", "--quiet")
+    r = run_igpt("train", str(tok), "-o", str(tmp_path / "cut"), "--resume", "--quiet")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["steps"] == 40
     assert (tmp_path / "ref" / "model.safetensors").read_bytes() == (tmp_path / "cut" / "model.safetensors").read_bytes()

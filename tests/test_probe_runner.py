@@ -1,22 +1,19 @@
-"""igpt probe: protocol, parity with scikit-learn, determinism, reports, bad input."""
+"""igpt_cli.probe.runner (and `igpt probe`): features files in, a report out; bad input refused cleanly."""
 from __future__ import annotations
 
+import csv
 import json
-import subprocess
-import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import h5py
 import numpy as np
 import pytest
+from helpers import assert_clean_failure, invoke, run_igpt
 
 from igpt_cli import formats
-from igpt_cli.errors import InputError
-from igpt_cli.layers import parse_layers
-from igpt_cli.probe import fit_logreg, probe_files, probe_layer, standardize
+from igpt_cli.errors import ParameterError
+from igpt_cli.probe import LayerResult, ProbeReport, probe_files, write_csv
 
-ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ["cat", "dog", "ship"]
 
 
@@ -36,10 +33,11 @@ def make_data(n: int, d: int = 12, k: int = 3, layers=(0, 1, 2), seed: int = 0, 
 
 
 def write_features(path: Path, feats: dict, labels: np.ndarray, **attrs) -> Path:
+    """A features file; attrs given as None are left out."""
     n = len(labels)
     base = dict(
-        format=formats.FEATURES_FORMAT, format_version=formats.FORMAT_VERSION,
-        layers=json.dumps(sorted(feats)), site="resid", sos=True, compute_dtype="float32",
+        format=formats.FEATURES_FORMAT, format_version=formats.FEATURES_VERSION,
+        layers=json.dumps(sorted(feats)), site="resid", pool="mean", sos=True, compute_dtype="float32",
         model="imagegpt-test", model_config=json.dumps({"n_layer": 3}), model_sha256="ab" * 32,
         tokens_file="cifar-train.h5", tokens_sha256="cd" * 32, class_names=json.dumps(CLASSES),
         n_total=n, n_done=n, complete=True, igpt_version="0.1.0",
@@ -67,80 +65,21 @@ def pair(tmp_path_factory):
 
 
 def cli(*args):
-    from typer.testing import CliRunner
-
-    from igpt_cli.cli import app
-
-    r = CliRunner().invoke(app, ["probe", *map(str, args)])
-    if r.exception is not None and not isinstance(r.exception, SystemExit):
-        raise r.exception
-    return SimpleNamespace(returncode=r.exit_code, stdout=r.stdout, stderr=r.stderr)
+    return invoke("probe", *args)
 
 
-def assert_clean_failure(r, needle: str):
-    assert r.returncode == 2, (r.returncode, r.stderr, r.stdout)
-    assert "Traceback" not in r.stderr and r.stdout == ""
-    lines = [line for line in r.stderr.strip().splitlines() if line.strip()]
-    assert len(lines) == 1 and "error" in lines[0], r.stderr
-    assert needle.lower() in r.stderr.lower(), r.stderr
+def strip(rep: ProbeReport) -> list[dict]:
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in rep.to_dict()["layers"]]
 
 
 # ---------------------------------------------------------------------------
-# solver and protocol
+# probe_files
 # ---------------------------------------------------------------------------
-
-def overlapping(n, d=20, k=4, seed=0):
-    rng = np.random.default_rng(seed)
-    centers = np.random.default_rng(7).standard_normal((k, d)) * 0.35
-    y = rng.integers(0, k, n)
-    return (centers[y] + rng.standard_normal((n, d))).astype(np.float32), y
-
-
-@pytest.mark.parametrize("C", [1e-3, 0.1, 10.0])
-def test_solver_matches_sklearn_coefficients(C):
-    from sklearn.linear_model import LogisticRegression
-
-    X, y = overlapping(1500)
-    (A,) = standardize(X)
-    ours = fit_logreg(A, y, 4, C, tol=1e-7)
-    ref = LogisticRegression(C=C, tol=1e-9, max_iter=10000).fit(A.astype(np.float64), y)
-    scale = np.abs(ref.coef_).max()
-    assert np.abs(ours.coef - ref.coef_).max() <= 2e-3 * scale + 1e-6
-    assert np.abs(ours.intercept - ref.intercept_).max() <= 2e-3 * max(1.0, np.abs(ref.intercept_).max())
-    assert ours.converged
-
-
-def test_probe_accuracy_matches_plain_sklearn_at_chosen_c():
-    from sklearn.linear_model import LogisticRegression
-
-    X, y = overlapping(2000, seed=0)
-    Xt, yt = overlapping(1000, seed=1)
-    r = probe_layer(X, y, Xt, yt, seed=0)
-    A, B = standardize(X, Xt)
-    ref = LogisticRegression(C=r.c).fit(A.astype(np.float64), y)  # plain scikit-learn defaults
-    assert 0.4 < r.test_acc < 0.99  # not a trivially separable case
-    assert abs(r.test_acc - ref.score(B.astype(np.float64), yt)) <= 0.002
-    # the C search saw the coarse grid and a refinement, and picked the best validation accuracy
-    stages = {s["stage"] for s in r.c_search}
-    assert stages == {"coarse", "refine"}
-    assert r.val_acc == max(s["val_acc"] for s in r.c_search)
-    assert r.n_val == 200 and r.n_train == 2000 and r.n_test == 1000
-    assert set(r.per_class_acc) == {"0", "1", "2", "3"}
-
-
-def test_test_set_does_not_influence_choices():
-    X, y = overlapping(600, seed=2)
-    Xt, yt = overlapping(300, seed=3)
-    a = probe_layer(X, y, Xt, yt, seed=0)
-    b = probe_layer(X, y, Xt[::-1] * 3 + 1, yt[::-1], seed=0)
-    assert a.c == b.c and a.val_acc == b.val_acc and a.c_search == b.c_search
-
 
 def test_deterministic_for_seed(pair):
     train, test = pair
     a = probe_files(train, test, seed=3)
     b = probe_files(train, test, seed=3)
-    strip = lambda rep: [{k: v for k, v in r.items() if k != "seconds"} for r in rep["layers"]]
     assert strip(a) == strip(b)
     c = probe_files(train, None, seed=3)
     d = probe_files(train, None, seed=3)
@@ -149,32 +88,63 @@ def test_deterministic_for_seed(pair):
 
 def test_jobs_gives_same_result(pair):
     train, test = pair
-    strip = lambda rep: [{k: v for k, v in r.items() if k != "seconds"} for r in rep["layers"]]
     assert strip(probe_files(train, test, jobs=2)) == strip(probe_files(train, test, jobs=1))
 
 
 def test_depth_curve_and_provenance(pair):
     train, test = pair
     rep = probe_files(train, test)
-    accs = {r["layer"]: r["test_acc"] for r in rep["layers"]}
+    assert isinstance(rep, ProbeReport) and all(isinstance(r, LayerResult) for r in rep.layers)
+    accs = {r.layer: r.test_acc for r in rep.layers}
     assert accs[1] > accs[0] and accs[1] > accs[2]  # the middle layer is the separable one
-    assert rep["best_layer"] == 1
-    assert rep["model"] == "imagegpt-test" and rep["site"] == "resid" and rep["sos"] is True
-    assert rep["test_mode"] == "file"
+    d = rep.to_dict()
+    assert d["best_layer"] == 1
+    assert d["model"] == "imagegpt-test" and d["site"] == "resid" and d["sos"] is True and d["pool"] == "mean"
+    assert d["test_mode"] == "file" and d["test_tokens_file"] == "cifar-test.h5"
+    assert list(d) == ["igpt_version", "train", "test", "test_mode", "test_fraction", "seed", "model",
+                       "model_sha256", "model_config", "site", "pool", "sos", "compute_dtype", "tokens_file",
+                       "tokens_sha256", "test_tokens_file", "class_names", "protocol", "best_layer",
+                       "best_test_layer", "not_converged_fits", "seconds", "layers"]
+    assert d["layers"][0] == rep.layers[0].to_dict() and json.loads(rep.to_json(indent=2)) == d
 
 
-@pytest.mark.parametrize("spec,avail,want", [
-    (None, 4, [0, 1, 2, 3]), (["all"], [0, 4, 8], [0, 4, 8]), (["-1"], 25, [24]), (["8-10"], 25, [8, 9, 10]),
-    (["0,2", "-2"], 5, [0, 2, 3]), (["0-8"], [0, 4, 8, 12], [0, 4, 8]), (["-1"], [0, 4, 8], [8]),
-])
-def test_parse_layers(spec, avail, want):
-    assert parse_layers(spec, range(avail) if isinstance(avail, int) else avail) == want
+def test_progress_one_event_per_layer(pair):
+    train, test = pair
+    for jobs in (1, 2):
+        events = []
+        rep = probe_files(train, test, jobs=jobs, on_progress=events.append)
+        assert events[0].started and events[0].done == 0 and events[0].total == 3
+        assert all(e.task == "probe" and e.unit == "layer" for e in events)
+        done = events[1:]
+        assert [e.done for e in done] == [1, 2, 3]
+        assert sorted(e.result.layer for e in done) == [0, 1, 2]
+        assert {e.result.layer: e.result for e in done} == {r.layer: r for r in rep.layers}
 
 
-@pytest.mark.parametrize("spec", [["30"], ["x"], ["5-3"], ["-9"], ["40-50"]])
-def test_parse_layers_bad(spec):
-    with pytest.raises(InputError):
-        parse_layers(spec, range(8))
+def test_version1_file_without_pool_still_probes(pair, tmp_path):
+    feats, y = make_data(240, seed=0)
+    v1 = write_features(tmp_path / "v1.h5", feats, y, format_version=1, pool=None)
+    with h5py.File(v1) as f:
+        assert "pool" not in f.attrs
+    rep = probe_files(v1, pair[1])  # the test file says pool=mean explicitly: the same thing
+    assert rep.pool == "mean" and strip(rep) == strip(probe_files(pair[0], pair[1]))
+    assert probe_files(v1, None, ["1"]).to_dict()["pool"] == "mean"
+
+
+def test_write_csv_from_the_library(pair, tmp_path):
+    rep = probe_files(pair[0], pair[1], ["1"])
+    write_csv(rep, tmp_path / "r.csv")
+    (row,) = list(csv.DictReader((tmp_path / "r.csv").open()))
+    assert row["layer"] == "1" and float(row["c"]) == rep.layers[0].c and row["model"] == "imagegpt-test"
+    assert float(row["acc_dog"]) == pytest.approx(rep.layers[0].per_class_acc["dog"], abs=1e-6)
+
+
+def test_bad_parameters_name_the_parameter(pair):
+    with pytest.raises(ParameterError, match="^jobs=0: must be at least 1$"):
+        probe_files(pair[0], pair[1], jobs=0)
+    with pytest.raises(ParameterError, match="^test_fraction=1.5: must be between 0 and 1$"):
+        probe_files(pair[0], test_fraction=1.5)
+    probe_files(pair[0], pair[1], ["0"], test_fraction=1.5)  # ignored with a test file, as before
 
 
 # ---------------------------------------------------------------------------
@@ -183,8 +153,7 @@ def test_parse_layers_bad(spec):
 
 def test_cli_json_on_stdout_only(pair):
     train, test = pair
-    r = subprocess.run([sys.executable, "-m", "igpt_cli", "probe", str(train), "--test", str(test), "--json",
-                        "--layer", "0-1"], capture_output=True, text=True, cwd=ROOT)
+    r = run_igpt("probe", train, "--test", test, "--json", "--layer", "0-1")
     assert r.returncode == 0, r.stderr
     rep = json.loads(r.stdout)  # the whole of stdout is one JSON document
     assert [x["layer"] for x in rep["layers"]] == [0, 1]
@@ -204,27 +173,10 @@ def test_cli_csv_and_plot(pair, tmp_path):
     r = cli(train, "--test", test, "--csv", out_csv, "--plot", out_png, "-q")
     assert r.returncode == 0, r.stderr
     assert r.stdout == ""
-    import csv
-
     rows = list(csv.DictReader(out_csv.open()))
     assert [int(x["layer"]) for x in rows] == [0, 1, 2]
     assert {"c", "val_acc", "test_acc", "n_train", "n_test", "acc_cat"} <= set(rows[0])
     assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-
-
-def test_cli_plot_without_matplotlib(pair, tmp_path, monkeypatch):
-    import builtins
-
-    real_import = builtins.__import__
-
-    def fake_import(name, *a, **kw):
-        if name == "matplotlib" or name.startswith("matplotlib."):
-            raise ImportError(name)
-        return real_import(name, *a, **kw)
-
-    monkeypatch.setattr(builtins, "__import__", fake_import)
-    r = cli(pair[0], "--plot", tmp_path / "x.png")
-    assert_clean_failure(r, "matplotlib")
 
 
 def test_cli_test_fraction_mode(pair):
@@ -240,7 +192,7 @@ def test_cli_test_fraction_mode(pair):
 def test_pixels_baseline_file(tmp_path):
     feats, y = make_data(150, d=48, layers=(0,), sep=(0.8,))
     f = write_features(tmp_path / "pix.h5", feats, y, model="pixels", model_sha256="", model_config="{}",
-                       site="pixels")
+                       site="pixels", pool="flatten")
     r = cli(f, "--json")
     assert r.returncode == 0, r.stderr
     rep = json.loads(r.stdout)
@@ -270,16 +222,24 @@ def test_bad_mismatched_layers(pair, tmp_path):
     assert_clean_failure(cli(pair[0], "--test", other), "layers")
 
 
-def test_bad_mismatched_model_or_site(pair, tmp_path):
+def test_bad_mismatched_model_site_or_pool(pair, tmp_path):
     feats, y = make_data(90)
     m = write_features(tmp_path / "m.h5", feats, y, model="imagegpt-medium", model_sha256="ef" * 32)
     assert_clean_failure(cli(pair[0], "--test", m), "same model")
     s = write_features(tmp_path / "s.h5", feats, y, site="mlp")
     assert_clean_failure(cli(pair[0], "--test", s), "site")
+    p = write_features(tmp_path / "p.h5", feats, y, pool="max")
+    assert_clean_failure(cli(pair[0], "--test", p), "pool='max' does not match")
+    v1 = write_features(tmp_path / "v1.h5", feats, y, format_version=1, pool=None)  # no attr: mean
+    assert_clean_failure(cli(p, "--test", v1), "pool='mean' does not match")
 
 
 def test_bad_missing_layer(pair):
     assert_clean_failure(cli(pair[0], "--test", pair[1], "--layer", "7"), "layer 7: out of range")
+
+
+def test_bad_jobs(pair):
+    assert_clean_failure(cli(pair[0], "--jobs", "0"), "jobs")
 
 
 def test_bad_single_class(tmp_path):

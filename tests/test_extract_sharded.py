@@ -1,4 +1,5 @@
-"""igpt extract under torchrun: sharding, part files, merge, resume after a killed rank, bad input."""
+"""igpt_cli.extract.sharded: extract under torchrun — sharding, part files, merge, resume after a killed
+rank, bad input."""
 from __future__ import annotations
 
 import json
@@ -16,19 +17,13 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import ENV, invoke, make_tokens
 from igpt_cli import formats
-from igpt_cli.distributed import (DistContext, all_part_paths, merge_parts, part_path, shard_rows)
 from igpt_cli.errors import InputError
+from igpt_cli.extract.sharded import DistContext, all_part_paths, merge_parts, part_path, shard_rows
 from igpt_cli.model import IGPT, IGPTConfig, save_pretrained
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_extract import make_tokens  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
 TORCHRUN = Path(sys.executable).with_name("torchrun")
-ENV = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-    ENV.pop(k, None)
 
 
 def extract_cmd(tokens, model, out, *extra, batch=7):
@@ -116,8 +111,8 @@ def test_context_from_env(monkeypatch):
 # ---------------------------------------------------------------------------
 # merge: constructed part files
 # ---------------------------------------------------------------------------
-IDENT = dict(layers=[0, 2], site="ln", sos=True, compute_dtype="float32", store_dtype="float32", device_type="cpu",
-             batch_size=4, model_sha256="a" * 64, model_config="{}", tokens_sha256="b" * 64, n_total=23)
+IDENT = dict(layers=[0, 2], site="ln", sos=True, pool="mean", compute_dtype="float32", store_dtype="float32",
+             device_type="cpu", batch_size=4, model_sha256="a" * 64, model_config="{}", tokens_sha256="b" * 64, n_total=23)
 EXTRA = dict(model="m", tokens_file="t.h5", class_names='["a"]', height=2, width=2)
 
 
@@ -298,7 +293,8 @@ def test_killed_rank_rerun_same_command(setup, long_run):
 # ---------------------------------------------------------------------------
 # bad input: one line, exit 2
 # ---------------------------------------------------------------------------
-def error_lines(text: str) -> list[str]:
+def error_messages(text: str) -> list[str]:
+    """The `error:` lines among torchrun's own output."""
     return [l for l in text.splitlines() if l.startswith("error:")]
 
 
@@ -315,7 +311,7 @@ def test_part_from_other_settings_is_refused(setup):
         formats.create_features_file(p, dims={1: 32}, labels=f["labels"][a:b], sources=f["sources"].asstr()[a:b],
                                      store_dtype="float32", attrs=attrs)
     r = torchrun(2, setup["tokens"], setup["model"], out)  # all layers now
-    errs = error_lines(r.stderr)
+    errs = error_messages(r.stderr)
     assert r.returncode != 0 and len(errs) == 1, r.stderr[-3000:]
     assert str(part_path(out, 1, 2)) in " ".join(r.stderr.split()) and "layers differs" in errs[0]
     assert re.search(r"exitcode\s*:\s*2", r.stderr), r.stderr[-3000:]
@@ -338,18 +334,13 @@ def test_rendezvous_failure_is_one_line(setup):
 
 
 def test_world_size_without_master_is_one_line(setup, monkeypatch):
-    from typer.testing import CliRunner
-
-    from igpt_cli.cli import app
-
     for k in ("MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(k, raising=False)
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
     out = setup["tmp"] / "nomaster.h5"
-    r = CliRunner().invoke(app, ["extract", str(setup["tokens"]), "--model", str(setup["model"]), "-b", "7",
-                                 "-q", "-o", str(out)])
-    assert r.exit_code == 2, (r.output, r.exception)
+    r = invoke("extract", setup["tokens"], "--model", setup["model"], "-b", "7", "-q", "-o", out)
+    assert r.exit_code == 2, (r.stdout, r.stderr)
     lines = [l for l in r.stderr.splitlines() if l.strip()]
     assert len(lines) == 1 and "MASTER_ADDR" in lines[0] and "torchrun" in lines[0]
     assert not out.exists()

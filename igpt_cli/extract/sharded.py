@@ -14,8 +14,7 @@ How it works:
 - Each rank writes its rows into its own part file next to the output,
   `.<out>.part-<rank>-of-<K>.tmp` (5 digits each), a features file of the shard's rows
   with the same identity attrs plus `shard_start`, `shard_stop`, `rows_total`. It is
-  resumable exactly like the one-process partial file (same validation, `n_done`
-  written after the rows).
+  filled and resumed by the same code as the one-process partial file (`rows.py`).
 - When every rank is done (a gloo barrier), rank 0 checks that every part is there,
   complete and from the same run, copies them by row index into the output through the
   same temp-then-rename path as a one-process run (same attrs), and removes the parts.
@@ -31,14 +30,15 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import h5py
 import numpy as np
 import torch
 
-from . import formats
-from .errors import InputError
+from .. import formats
+from ..errors import InputError
+from ..progress import OnProgress, Reporter
+from .rows import RowsRun, create_partial, fill_rows, labels_and_sources, open_partial, stored_batch_size
 
 COPY_ROWS = 8192  # rows per block when merging parts
 
@@ -74,7 +74,6 @@ class DistContext:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
-    local_world_size: int = 1
     init_timeout_s: float = 300.0
     wait_timeout_s: float = 7 * 24 * 3600.0
     part_wait_s: float = 60.0
@@ -86,12 +85,11 @@ class DistContext:
         ws = _env_int("WORLD_SIZE", 1)
         rank = _env_int("RANK", 0)
         local = _env_int("LOCAL_RANK", rank if ws and ws > 1 else 0)
-        lws = _env_int("LOCAL_WORLD_SIZE", ws)
         if ws < 1:
             raise InputError(f"WORLD_SIZE={ws}: must be at least 1")
         if not 0 <= rank < ws:
             raise InputError(f"RANK={rank} is not in 0..{ws - 1} (WORLD_SIZE={ws})")
-        return cls(rank=rank, world_size=ws, local_rank=local, local_world_size=lws,
+        return cls(rank=rank, world_size=ws, local_rank=local,
                    init_timeout_s=_env_seconds("IGPT_DIST_TIMEOUT", 300.0),
                    part_wait_s=_env_seconds("IGPT_PART_WAIT", 60.0))
 
@@ -221,9 +219,6 @@ def part_identity(identity: dict, start: int, stop: int) -> dict:
     return dict(identity, n_total=stop - start)
 
 
-SHARD_ATTRS = ("shard_start", "shard_stop", "rows_total")
-
-
 def part_mismatch(f: h5py.File, identity: dict, start: int, stop: int) -> str | None:
     why = formats.features_mismatch(f, part_identity(identity, start, stop))
     if why:
@@ -307,34 +302,35 @@ def merge_parts(out: str | Path, identity: dict, file_attrs: dict, labels: np.nd
 # ---------------------------------------------------------------------------
 # One rank's share of `extract_features`
 # ---------------------------------------------------------------------------
-def agree_batch_size(ctx: DistContext, out: Path, candidate: int, n_total: int,
-                     stored_of: Callable[[Path], int | None], log: Callable[[str], None] | None) -> int:
+def agree_batch_size(ctx: DistContext, out: Path, candidate: int, n_total: int, reporter: Reporter) -> int:
     """One batch size for all ranks: the parts' recorded one when resuming, else the smallest candidate."""
-    mine = stored_of(part_path(out, ctx.rank, ctx.world_size))
+    mine = stored_batch_size(part_path(out, ctx.rank, ctx.world_size))
     everyone = ctx.gather((mine, candidate))
     stored = [s for s, _ in everyone if s is not None]
     if stored:
         bs = Counter(stored).most_common(1)[0][0]
-        if bs != candidate and log and ctx.is_main:
-            log(f"resuming with the part files' batch size {bs} (not {candidate})")
+        if bs != candidate:
+            reporter.log(f"resuming with the part files' batch size {bs} (not {candidate})")
         return bs
     return min(min(c for _, c in everyone), n_total)
 
 
 def run_shard(ctx: DistContext, source, tf: h5py.File, tok: h5py.Dataset, tokens_path: Path, out: Path,
-              identity: dict, extra_attrs: dict, *, store_dtype: str, restart: bool, progress: bool,
-              log: Callable[[str], None] | None, t_start: float) -> dict:
-    """Extract this rank's shard into its part file; rank 0 then merges all parts into `out`."""
-    from .extract import (_open_partial, _rate_progress, _stored_batch_size, create_partial, dtype_name,
-                          extract_rows, labels_and_sources)
+              identity: dict, extra_attrs: dict, *, store_dtype: str, restart: bool,
+              on_progress: OnProgress | None = None) -> RowsRun:
+    """Extract this rank's shard into its part file; rank 0 then merges all parts into `out`.
 
+    Every rank reports its own shard's progress to `on_progress` (the CLI passes None
+    on ranks other than 0). Returns the run summed over ranks, with this rank's shard.
+    """
     ctx.init(source.device)
     n_total = int(identity["n_total"])
+    reporter = Reporter(on_progress, "extract", unit="image")
     mine = part_path(out, ctx.rank, ctx.world_size)
     if restart:
         mine.unlink(missing_ok=True)
-    ctx.barrier()  # nobody reads stored batch sizes before every --restart has removed its part
-    bs = agree_batch_size(ctx, out, int(identity["batch_size"]), n_total, _stored_batch_size, log)
+    ctx.barrier()  # nobody reads stored batch sizes before every restart has removed its part
+    bs = agree_batch_size(ctx, out, int(identity["batch_size"]), n_total, reporter)
     identity = dict(identity, batch_size=bs)
     start, stop = shard_rows(n_total, ctx.world_size, ctx.rank, bs)
     labels, sources = labels_and_sources(tf, n_total, tokens_path)
@@ -343,12 +339,7 @@ def run_shard(ctx: DistContext, source, tf: h5py.File, tok: h5py.Dataset, tokens
     of, error, resumed = None, None, 0
     if stop > start:
         try:
-            of = _open_partial(mine, part_identity(identity, start, stop))
-            if of is not None and part_mismatch(of, identity, start, stop):
-                why = part_mismatch(of, identity, start, stop)
-                of.close()
-                raise InputError(f"{mine}: a part file with different settings is in the way: {why}. "
-                                 "Run the original command again to resume it, or pass --restart to discard it")
+            of = open_partial(mine, lambda f: part_mismatch(f, identity, start, stop))
             if of is None:
                 of = create_partial(mine, dims=source.dims, labels=labels[start:stop], sources=sources[start:stop],
                                     store_dtype=store_dtype,
@@ -356,32 +347,20 @@ def run_shard(ctx: DistContext, source, tf: h5py.File, tok: h5py.Dataset, tokens
                                                rank=ctx.rank, world_size=ctx.world_size))
             else:
                 resumed = int(of.attrs["n_done"])
-                if log and resumed:
-                    log(f"rank {ctx.rank}: resuming {mine} at row {start + resumed} ({resumed} of {stop - start} done)")
+                if resumed:
+                    reporter.log(f"rank {ctx.rank}: resuming {mine} at row {start + resumed} "
+                                 f"({resumed} of {stop - start} done)")
         except InputError as e:
             error = str(e)
     ctx.check(error)
 
     loop_s = 0.0
     if of is not None:
-        try:
-            done = int(of.attrs["n_done"])
-            bar = _rate_progress(stop - start, done, progress and ctx.is_main,
-                                f"extract [rank 0 of {ctx.world_size}]")
-            step = (lambda k: bar.advance(bar.task_ids[0], k)) if bar else None
-            t_loop = time.perf_counter()
-            try:
-                extract_rows(source, tok, of, start + done, stop, bs, out_offset=start, on_batch=step)
-            finally:
-                if bar:
-                    bar.stop()
-            loop_s = time.perf_counter() - t_loop
-            of.attrs["complete"] = True
-            of.flush()
-        finally:
-            of.close()
-    computed = (stop - start) - resumed
-    stats = ctx.gather((computed, resumed, loop_s))
+        with of:
+            info = f"rank {ctx.rank} of {ctx.world_size}"
+            reporter.start(total=stop - start, done=resumed)
+            loop_s = fill_rows(source, tok, of, start + resumed, stop, bs, reporter, out_offset=start, info=info)
+    stats = ctx.gather(((stop - start) - resumed, resumed, loop_s))
     ctx.barrier()  # every part is complete and closed
 
     error = None
@@ -392,14 +371,5 @@ def run_shard(ctx: DistContext, source, tf: h5py.File, tok: h5py.Dataset, tokens
         except InputError as e:
             error = str(e)
     ctx.check(error)
-    total_computed = sum(c for c, _, _ in stats)
-    slowest = max(s for _, _, s in stats)
-    return dict(
-        out=str(out), model=str(identity.get("model", extra_attrs.get("model"))), layers=identity["layers"],
-        site=identity["site"], sos=identity["sos"], n=n_total, computed=total_computed,
-        resumed_from=sum(r for _, r, _ in stats), device=str(source.device),
-        compute_dtype=dtype_name(source.dtype), batch_size=bs, store_dtype=store_dtype,
-        images_per_s=round(total_computed / slowest, 3) if slowest > 0 and total_computed else None,
-        seconds=round(time.perf_counter() - t_start, 3),
-        world_size=ctx.world_size, rank=ctx.rank, shard=[start, stop],
-    )
+    return RowsRun(computed=sum(c for c, _, _ in stats), resumed_from=sum(r for _, r, _ in stats),
+                   loop_seconds=max(s for _, _, s in stats), batch_size=bs, shard=(start, stop))

@@ -1,0 +1,201 @@
+"""Everything the command line draws on stderr: error lines, the one progress bar, tables.
+
+Library code only emits `ProgressEvent`s and raises `InputError`s; this module turns
+them into what a user sees. stdout is reserved for results (JSON).
+"""
+from __future__ import annotations
+
+import functools
+import json
+import re
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TaskID, TextColumn,
+                           TimeElapsedColumn, TimeRemainingColumn)
+from rich.text import Text
+
+from ..errors import InputError
+from ..progress import ProgressEvent
+
+try:  # typer >= 0.22 vendors its own click; older ones use click itself
+    from typer._click import exceptions as click_errors
+    from typer._click.globals import get_current_context
+except ImportError:  # pragma: no cover - depends on the installed typer
+    from click import exceptions as click_errors
+    from click import get_current_context
+
+err = Console(stderr=True)
+
+
+def print_json(result) -> None:
+    """A result (dataclass with to_dict, or a dict) as one JSON document on stdout."""
+    d = result.to_dict() if hasattr(result, "to_dict") else result
+    typer.echo(json.dumps(d, default=str))
+
+
+def fail(msg: str, code: int = 2) -> None:
+    err.print(f"[bold red]error:[/] {msg}", highlight=False, soft_wrap=True, markup=True)
+    raise typer.Exit(code)
+
+
+def flag_names() -> dict[str, str]:
+    """Python parameter name -> its long flag, for the command now running (`batch_size` -> `--batch-size`).
+
+    Command functions use the library's parameter names, so a library message that names
+    `batch_size=` can be said with the flag the user typed."""
+    ctx = get_current_context(silent=True)
+    if ctx is None:
+        return {}
+    out = {}
+    for p in ctx.command.params:
+        if getattr(p, "param_type_name", "") == "option" and p.name:
+            longs = [o for o in p.opts if o.startswith("--")]
+            out[p.name] = (longs or p.opts)[0]
+    return out
+
+
+def say_with_flags(message: str) -> str:
+    """Rewrite `param=value` (and `param=True`) in a library message as the command's flags."""
+    for name, flag in sorted(flag_names().items(), key=lambda kv: -len(kv[0])):
+        message = re.sub(rf"(?<![\w-]){re.escape(name)}=True\b", flag, message)
+        message = re.sub(rf"(?<![\w-]){re.escape(name)}=", f"{flag} ", message)
+    return message
+
+
+def handles_input_errors(fn):
+    """Turn InputError (and Ctrl-C) into one clean line on stderr and an exit status (2, 130)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except InputError as e:
+            if e.quiet:  # another process already reported it (distributed runs)
+                raise typer.Exit(2)
+            fail(say_with_flags(str(e)))
+        except KeyboardInterrupt:
+            err.print("interrupted")
+            raise typer.Exit(130)
+
+    return wrapper
+
+
+class _Rate(ProgressColumn):
+    def render(self, task):  # noqa: D401
+        speed = task.finished_speed or task.speed
+        unit = task.fields.get("unit", "")
+        return Text(f"{speed:.1f} {unit}/s" if speed else f"– {unit}/s")
+
+
+class ProgressBar:
+    """The CLI's one progress bar: renders the library's ProgressEvents on stderr.
+
+    One bar per run of a task (a new bar on `started` events or when the task changes);
+    `message` events are printed above the bar; `result` events are handed to
+    `on_result` (e.g. the probe prints one line per finished layer). Use as a context
+    manager and pass the instance as `on_progress`; `ProgressBar.maybe(quiet)` is None
+    when quiet, so the library skips all reporting.
+    """
+
+    def __init__(self, on_result=None):
+        self.on_result = on_result
+        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), _Rate(),
+                                 TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+                                 TextColumn("{task.fields[info]}"), console=err, transient=False)
+        self.task: TaskID | None = None
+        self.task_name: str | None = None
+
+    @classmethod
+    def maybe(cls, quiet: bool, on_result=None) -> "ProgressBar | None":
+        return None if quiet else cls(on_result)
+
+    def __enter__(self):
+        self.progress.start()
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None:  # a failed stage leaves no half bar above its one-line error
+            for task in list(self.progress.task_ids):
+                self.progress.remove_task(task)
+        self.progress.stop()
+        return False
+
+    def __call__(self, ev: ProgressEvent) -> None:
+        if ev.message:
+            self.progress.console.print(ev.message, highlight=False, markup=False)
+        if ev.result is not None and self.on_result is not None:
+            self.on_result(ev.result, self.progress.console)
+        if ev.total is None and ev.done == 0 and not ev.started:
+            return  # a pure log event of a task without a bar
+        if ev.started or self.task is None or ev.task != self.task_name:
+            if self.task is not None:
+                self.progress.stop_task(self.task)
+            self.task = self.progress.add_task(ev.task, total=ev.total, completed=ev.done, info=ev.info,
+                                               unit=ev.unit)
+            self.task_name = ev.task
+            return
+        self.progress.update(self.task, total=ev.total, completed=ev.done, info=ev.info)
+
+
+def maybe_bar(bar: ProgressBar | None):
+    """A context for an optional bar (quiet runs pass None)."""
+    import contextlib
+
+    return bar if bar is not None else contextlib.nullcontext()
+
+
+# --- tables --------------------------------------------------------------------------------
+def probe_layer_line(r, console: Console) -> None:
+    console.print(f"layer {r.layer}: val {r.val_acc:.2%} (C={r.c:.3g}) test {r.test_acc:.2%} "
+                  f"[{r.seconds:.1f} s]", highlight=False)
+
+
+def render_probe_table(report: dict, console: Console = err) -> None:
+    """The probe report as a table with an inline bar per layer (best layer starred)."""
+    from rich.table import Table
+
+    rows = report["layers"]
+    if not rows:
+        return
+    test_accs = [r["test_acc"] for r in rows]
+    lo, hi = min(test_accs), max(test_accs)
+    width = 30
+    held = "held-out {:.0%} of train".format(report["test_fraction"]) if report["test_mode"] == "held_out" \
+        else Path(report["test"]).name
+    title = f"linear probe · {report.get('model')} · site={report.get('site')} · test: {held}"
+    t = Table(title=title, title_justify="left")
+    t.add_column("layer", justify="right")
+    t.add_column("val acc", justify="right")
+    t.add_column("C", justify="right")
+    t.add_column("test acc", justify="right")
+    t.add_column("fit s", justify="right")
+    t.add_column(f"test acc {lo:.1%} → {hi:.1%}", no_wrap=True)
+    for r in rows:
+        frac = 1.0 if hi == lo else (r["test_acc"] - lo) / (hi - lo)
+        n = 1 + int(round(frac * (width - 1)))
+        is_best = r["layer"] == report["best_layer"]
+        style = "bold green" if is_best else None
+        bar = Text("█" * n, style="green" if is_best else "cyan")
+        t.add_row(str(r["layer"]) + (" ★" if is_best else ""), f"{r['val_acc']:.2%}", f"{r['c']:.3g}",
+                  f"{r['test_acc']:.2%}", f"{r['seconds']:.1f}", bar, style=style)
+    console.print(t)
+    notes = [f"best layer (by validation accuracy): {report['best_layer']}", f"{report['seconds']:.1f} s"]
+    if report["test_mode"] == "held_out":
+        notes.append(f"no --test file: a stratified {report['test_fraction']:g} of {Path(report['train']).name} "
+                     "is held out as the test set")
+    if report["not_converged_fits"]:
+        notes.append(f"{report['not_converged_fits']} fits stopped at max_iter before converging")
+    console.print("; ".join(notes), highlight=False)
+
+
+def render_file_info(d: dict) -> None:
+    """`igpt info` in words (stdout: it is the command's result)."""
+    typer.echo(f"{d['path']}: {d['kind']} (format_version {d['format_version']}), {d['n']} rows")
+    for name, s in d["datasets"].items():
+        typer.echo(f"  {name:<14} {s['dtype']:<8} {tuple(s['shape'])}")
+    if d.get("class_counts"):
+        typer.echo("  classes: " + ", ".join(f"{c} {n}" for c, n in d["class_counts"].items()))
+    for k, v in d["attrs"].items():
+        typer.echo(f"  {k}: {v if not isinstance(v, (list, dict)) else json.dumps(v)}")

@@ -1,0 +1,75 @@
+"""Dataset readers: every input format as batches of uint8 RGB images, already resized.
+
+`open_dataset(src, ...)` detects the format from the path (or takes `fmt`) and returns a
+`Dataset` whose `.batches(batch_size)` yields `(images uint8 [B, S, S, 3], labels int64 [B],
+sources list[str])`, plus `.class_names`. Readers stream: memory is bounded by a batch
+(plus a list of member names), never by the dataset.
+
+Formats (`READERS`: format name -> reader class; a new format is one module, one line
+here and its name in `igpt_cli.choices.DatasetFormat`):
+- ``imagefolder`` (`imagefolder.py`): class-folder trees as a directory, tar or zip.
+- ``cifar`` (`cifar.py`): the CIFAR-10 / CIFAR-100 "python version", archive or folder.
+- ``npz`` / ``npy`` (`arrays.py`): uint8 image arrays, with labels and splits in a ``.npz``.
+
+Image conversion (`base.py`) follows Hugging Face's ImageGPT processor.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..choices import FORMATS, RESIZE_MODES, SPLIT_CHOICES, SPLIT_NAMES
+from ..errors import check_choice, check_positive
+from .arrays import ArrayDataset
+from .base import (IMAGE_EXTS, TAR_SUFFIXES, BadImageError, Batch, DataError, Dataset, EmptyDatasetError, SplitError,
+                   UnknownFormatError, decode_image)
+from .cifar import CifarPython
+from .imagefolder import ImageFolder
+
+READERS: dict[str, type[Dataset]] = {  # keys: FORMATS, in order
+    "imagefolder": ImageFolder,
+    "cifar": CifarPython,
+    "npz": ArrayDataset,
+    "npy": ArrayDataset,
+}
+
+__all__ = [
+    "open_dataset", "detect_format", "READERS", "FORMATS", "RESIZE_MODES", "SPLIT_CHOICES", "SPLIT_NAMES",
+    "IMAGE_EXTS", "TAR_SUFFIXES", "Dataset", "Batch", "decode_image", "DataError", "UnknownFormatError",
+    "SplitError", "EmptyDatasetError", "BadImageError",
+]
+
+
+def detect_format(path: str | Path) -> str:
+    """The format name of the dataset at `path`: the reader that claims it, preferring any
+    specific reader over image folders (which take every directory and archive)."""
+    p = Path(path)
+    if not p.exists():
+        raise DataError(f"{p}: no such file or directory")
+    claimed = [name for name, reader in READERS.items() if reader.claims(p, name)]
+    specific = [name for name in claimed if not READERS[name].catch_all]
+    if specific or claimed:
+        return (specific or claimed)[0]
+    raise UnknownFormatError(f"{p}: unknown input format (expected an image folder, .tar/.zip archive, "
+                             f"CIFAR python archive or folder, .npz or .npy; or pass fmt=<one of {', '.join(FORMATS)}>)")
+
+
+def open_dataset(src: str | Path, split: str = "all", size: int = 32, resize: str = "bilinear",
+                 fmt: str | None = None, limit: int | None = None, skip_bad: bool = False) -> Dataset:
+    """Open any supported dataset for streaming (see module docstring).
+
+    `split`: one of SPLIT_CHOICES; `size`: images become size×size; `resize`: one of
+    RESIZE_MODES; `fmt`: one of FORMATS (None: detect); `limit`: at most this many images;
+    `skip_bad`: skip unreadable images (counted in `Dataset.skipped`) instead of raising.
+    """
+    resize = check_choice("resize", resize, RESIZE_MODES)
+    check_positive("size", size, allow_none=False)
+    check_positive("limit", limit)
+    split = check_choice("split", split, SPLIT_CHOICES)
+    if fmt is not None:
+        fmt = check_choice("fmt", fmt, FORMATS)
+    p = Path(src)
+    if fmt is None:
+        fmt = detect_format(p)
+    elif not p.exists():
+        raise DataError(f"{p}: no such file or directory")
+    return READERS[fmt](p, split, size, resize, limit, skip_bad)

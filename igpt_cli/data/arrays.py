@@ -1,0 +1,105 @@
+"""NumPy arrays: uint8 images ``N×H×W×C`` or ``N×H×W`` in a ``.npy`` file, or in a
+``.npz`` archive with labels from ``y``, ``labels``, ``y_train``…; ``x_train``/``x_test``
+pairs give splits. A ``.npy`` is memory-mapped, so only a batch at a time is read.
+"""
+from __future__ import annotations
+
+import zipfile
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from ..choices import SPLIT_NAMES
+from .base import Batch, DataError, Dataset, EmptyDatasetError, UnknownFormatError, array_to_rgb, resize_batch
+
+IMAGE_KEYS = ("x", "X", "images", "image", "imgs", "data", "arr_0")
+LABEL_KEYS = ("y", "Y", "labels", "label", "targets", "target", "arr_1")
+NAME_KEYS = ("class_names", "label_names", "classes")
+
+# (npz key or "" for a .npy, images [N, H, W(, C)], labels [N] or None)
+Part = tuple[str, np.ndarray, "np.ndarray | None"]
+
+
+class ArrayDataset(Dataset):
+    """Both ``npz`` and ``npy``: the file's content decides which (`kind`)."""
+
+    @classmethod
+    def claims(cls, path: Path, fmt: str) -> bool:
+        return path.is_file() and path.name.lower().endswith(f".{fmt}")
+
+    def __init__(self, path, split, size, resize, limit, skip_bad):
+        super().__init__(path, split, size, resize, limit, skip_bad)
+        p = self.path
+        self.kind = "npy" if p.suffix.lower() == ".npy" else "npz"
+        try:
+            parts = self._read_parts()
+        except DataError:  # a ValueError too: already names the file
+            raise
+        except (ValueError, OSError, zipfile.BadZipFile, EOFError) as e:
+            raise DataError(f"{p}: not a readable {self.kind} file ({e})") from None
+        self._parts = [self._checked(*part) for part in parts]
+        total = sum(len(x) for _, x, _ in self._parts)
+        if total == 0:
+            raise EmptyDatasetError(f"{p}: no images (empty array)")
+        if not self.class_names:
+            ys = [y for _, _, y in self._parts if y is not None and len(y)]
+            if ys:
+                self.class_names = [str(i) for i in range(int(max(int(y.max()) for y in ys)) + 1)]
+        self.n = total if self.limit is None else min(self.limit, total)
+
+    def _read_parts(self) -> list[Part]:
+        """The image arrays of the selected split (sets `kind`, `splits`, `class_names`)."""
+        p = self.path
+        loaded = np.load(p, mmap_mode="r", allow_pickle=False)  # a .npz ignores mmap_mode
+        if isinstance(loaded, np.ndarray):
+            self.kind = "npy"
+            self._check_split()
+            return [("", loaded, None)]
+        self.kind = "npz"
+        with loaded as z:
+            keys = list(z.files)
+            nk = next((k for k in NAME_KEYS if k in keys), None)
+            if nk:
+                self.class_names = [str(s) for s in z[nk].tolist()]
+            split_keys = [s for s in SPLIT_NAMES if f"x_{s}" in keys]
+            self.splits = split_keys
+            self._check_split()
+            if split_keys:
+                return [(f"x_{s}", z[f"x_{s}"], z[f"y_{s}"] if f"y_{s}" in keys else None)
+                        for s in split_keys if self.split in ("all", s)]
+            xk = next((k for k in IMAGE_KEYS if k in keys), None)
+            if xk is None:
+                cands = [k for k in keys if z[k].dtype == np.uint8 and z[k].ndim in (3, 4)]
+                if len(cands) != 1:
+                    raise UnknownFormatError(f"{p}: cannot tell which array holds the images "
+                                             f"(keys: {', '.join(keys)}; expected one of {', '.join(IMAGE_KEYS)})")
+                xk = cands[0]
+            yk = next((k for k in LABEL_KEYS if k in keys and k != xk), None)
+            return [(xk, z[xk], z[yk] if yk else None)]
+
+    def _checked(self, key: str, x: np.ndarray, y: np.ndarray | None) -> Part:
+        """Images as N×H×W or N×H×W×C (channel-first turned channel-last), labels as int64 [N]."""
+        where = f"{self.path}[{key}]" if key else str(self.path)
+        if x.dtype != np.uint8:
+            raise DataError(f"{where}: images must be uint8, got {x.dtype}")
+        if x.ndim == 4 and x.shape[-1] not in (1, 3, 4) and x.shape[1] in (1, 3, 4):
+            x = x.transpose(0, 2, 3, 1)  # [N, C, H, W] -> [N, H, W, C]
+        if not (x.ndim == 3 or (x.ndim == 4 and x.shape[-1] in (1, 3, 4))):
+            raise DataError(f"{where}: images must be N×H×W or N×H×W×C (C in 1, 3, 4), got shape {x.shape}")
+        if y is not None:
+            y = np.asarray(y).reshape(-1)
+            if len(y) != len(x):
+                raise DataError(f"{where}: {len(x)} images but {len(y)} labels")
+            if not np.issubdtype(y.dtype, np.integer):
+                raise DataError(f"{where}: labels must be integers, got {y.dtype}")
+            y = y.astype(np.int64)
+        return key, x, y
+
+    def _batches(self, batch_size: int) -> Iterator[Batch]:
+        for key, x, y in self._parts:
+            tag = f"{self.path.name}[{key}]" if key else self.path.name
+            for i in range(0, len(x), batch_size):
+                b = array_to_rgb(np.asarray(x[i:i + batch_size]))
+                lab = y[i:i + batch_size] if y is not None else np.full(len(b), -1, dtype=np.int64)
+                yield resize_batch(b, self.size, self.resize), lab, [f"{tag}[{j}]" for j in range(i, i + len(b))]

@@ -1,0 +1,132 @@
+"""Features in memory: arrays in, `{layer: array}` out, no files.
+
+`features_from_tokens` runs the extract stage's computation on palette tokens: for the
+same batch size, device and compute dtype the numbers are those `extract_features`
+writes. `features_from_images` first does what `igpt quantize` does to an image array
+(resize to the model's side, nearest palette colour), then the same.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from ..choices import POOLS, RESIZE_MODES, SITES
+from ..errors import ParameterError, check_choice, check_positive
+from ..layers import parse_layers
+from ..model import IGPT, resolve_model_dir
+from ..progress import OnProgress, Reporter
+from ..runtime import resolve_device, resolve_dtype
+from .rows import batches
+from .sources import ModelSource, auto_batch_size, load_model
+
+Layers = str | int | Sequence[str | int] | None
+
+
+def _ready_model(model: IGPT | str | Path, device: str, dtype: str) -> tuple[IGPT, torch.device, torch.dtype]:
+    """The model to run, its device and compute dtype: an IGPT as it is unless told otherwise, or a
+    directory loaded onto the resolved device and dtype."""
+    if isinstance(model, IGPT):
+        p = next(model.parameters())
+        dev = p.device if device == "auto" else resolve_device(device)
+        cdt = p.dtype if dtype == "auto" else resolve_dtype(dtype, dev)
+        if (dev, cdt) != (p.device, p.dtype):
+            model.to(device=dev, dtype=cdt)
+        return model, dev, cdt
+    dev = resolve_device(device)
+    cdt = resolve_dtype(dtype, dev)
+    return load_model(resolve_model_dir(model), dev, cdt), dev, cdt
+
+
+def features_from_tokens(
+    tokens: np.ndarray,
+    model: IGPT | str | Path,
+    layers: Layers = None,
+    *,
+    site: str = "ln",
+    sos: bool = True,
+    pool: str | None = "mean",
+    batch_size: int | None = None,
+    device: str = "auto",
+    dtype: str = "auto",
+    on_progress: OnProgress | None = None,
+) -> dict[int, np.ndarray]:
+    """iGPT features of palette-token images: `{layer: [N, n_embd] float32}`.
+
+    `tokens`: [N, H*W] palette indices (uint16 or any integer type), as in a tokens
+    file. `model`: an IGPT, or a model directory / hub name in the local cache.
+    `pool=None` returns the token maps `{layer: [N, T, n_embd]}` (float32) instead.
+    For an IGPT, device and dtype "auto" use it where and as it is; other values move
+    and cast it in place (`nn.Module.to`). Progress goes to `on_progress`
+    (task "extract", unit "image").
+    """
+    site = check_choice("site", site, SITES)
+    pool = None if pool is None else check_choice("pool", pool, POOLS)
+    check_positive("batch_size", batch_size)
+    net, dev, cdt = _ready_model(model, device, dtype)
+    cfg = net.config
+    tokens = np.asarray(tokens)
+    if tokens.ndim != 2 or tokens.shape[1] != cfg.n_positions:
+        raise ParameterError("tokens", tokens.shape, f"expected [N, {cfg.n_positions}] palette indices "
+                                                     f"(the model's n_positions)")
+    if not np.issubdtype(tokens.dtype, np.integer):
+        raise ParameterError("tokens", str(tokens.dtype), "expected integer palette indices")
+    if tokens.size and (int(tokens.min()) < 0 or int(tokens.max()) >= cfg.vocab_size - 1):
+        raise ParameterError("tokens", (int(tokens.min()), int(tokens.max())),
+                             f"values must lie in 0..{cfg.vocab_size - 2} (the model's palette)")
+    layers = parse_layers(layers, range(cfg.n_layer + 1))
+    source = ModelSource(net, dev, cdt, layers, site, bool(sos), pool=pool)
+    n = len(tokens)
+    bs = min(batch_size or auto_batch_size(net, dev, cdt), max(1, n))
+    row_shape = (cfg.n_embd,) if pool is not None else (cfg.n_positions, cfg.n_embd)
+    feats = {layer: np.empty((n, *row_shape), dtype=np.float32) for layer in layers}  # [N, D] or [N, T, D]
+    reporter = Reporter(on_progress, "extract", n, "image")
+    reporter.start()
+    for i, j, batch in batches(source, tokens, 0, n, bs):
+        for layer in layers:
+            feats[layer][i:j] = batch[layer]
+        reporter.advance(j - i)
+    return feats
+
+
+def features_from_images(
+    images: np.ndarray,
+    model: IGPT | str | Path,
+    layers: Layers = None,
+    *,
+    palette=None,
+    resize: str = "bilinear",
+    site: str = "ln",
+    sos: bool = True,
+    pool: str | None = "mean",
+    batch_size: int | None = None,
+    device: str = "auto",
+    dtype: str = "auto",
+    on_progress: OnProgress | None = None,
+) -> dict[int, np.ndarray]:
+    """iGPT features of uint8 images `[N, H, W, 3]` (also grey [N, H, W] or RGBA): `{layer: [N, n_embd]}`.
+
+    The images are resized to the model's side (`resize`: "bilinear" or "center-crop")
+    and quantized with `palette`: a `Palette`, anything `Palette.load` reads, or None
+    (the model directory's own palette, or the official iGPT one for an IGPT instance).
+    The rest is `features_from_tokens`.
+    """
+    from ..data.base import array_to_rgb, resize_batch
+    from ..palette import Palette
+
+    resize = check_choice("resize", resize, RESIZE_MODES)
+    images = np.asarray(images)
+    channels = images.shape[-1] if images.ndim == 4 else 1
+    if images.dtype != np.uint8 or images.ndim not in (3, 4) or channels not in (1, 3, 4):
+        raise ParameterError("images", f"{images.dtype} {images.shape}", "expected uint8 RGB images [N, H, W, 3]")
+    net, dev, cdt = _ready_model(model, device, dtype)
+    side = net.config.side
+    if side is None:
+        raise ParameterError("model", str(model), f"n_positions={net.config.n_positions} is not a square image")
+    if not isinstance(palette, Palette):
+        palette = Palette.load(palette if palette is not None or isinstance(model, IGPT) else resolve_model_dir(model))
+    tokens = palette.quantize(resize_batch(array_to_rgb(images), side, resize))  # [N, side*side]
+    return features_from_tokens(tokens, net, layers, site=site, sos=sos, pool=pool, batch_size=batch_size,
+                                on_progress=on_progress)

@@ -1,0 +1,132 @@
+"""The row loop and the partial files it fills, shared by the one-process stage and every rank.
+
+A features file is filled in place: `create_partial` lays out all N rows up front
+(`formats.create_features_file`), `fill_rows` computes rows [start, stop) batch by batch,
+and after each batch flushes the rows first and `attrs["n_done"]` second, so `n_done`
+never runs ahead of the data and a killed run leaves a file that says how far it got.
+`open_partial` reopens such a file when the settings match (else it names the
+difference), `stored_batch_size` reads the batch size it was started with: resuming on
+the same batch boundaries makes the finished file the same as an uninterrupted run's.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import h5py
+import numpy as np
+
+from .. import formats
+from ..errors import InputError
+from ..progress import Reporter
+
+Source = Callable[[np.ndarray], dict[int, np.ndarray]]  # tokens [B, T] -> {layer: [B, D]}
+
+
+@dataclass
+class RowsRun:
+    """What one run of the row loop did (summed over ranks for a sharded run)."""
+
+    computed: int  # rows computed now
+    resumed_from: int  # rows already done in the partial file(s)
+    loop_seconds: float  # time in the row loop (the slowest rank's)
+    batch_size: int  # the batch size used (a partial file's, when resuming)
+    shard: tuple[int, int] | None = None  # this rank's rows [start, stop) in a sharded run
+
+
+def batches(source: Source, tokens, start: int, stop: int, batch_size: int) -> Iterator[tuple[int, int, dict]]:
+    """(i, j, features of tokens rows [i, j)) for the batches [start, start + B), … up to `stop`."""
+    for i in range(start, stop, batch_size):
+        j = min(i + batch_size, stop)
+        yield i, j, source(tokens[i:j])
+
+
+def fill_rows(source: Source, tokens: h5py.Dataset, out: h5py.File, start: int, stop: int, batch_size: int,
+              reporter: Reporter, *, out_offset: int = 0, info: str = "") -> float:
+    """Fill features rows [start, stop) of the open file `out`, then mark it complete.
+
+    Tokens row r lands in features row r - out_offset (a part file of a sharded run
+    sets out_offset = its first row). After each batch the rows are flushed, then
+    `attrs["n_done"]` (rows of `out` done, counted from its row 0), and `reporter`
+    advances. Returns the seconds spent in the loop.
+    """
+    dsets = {int(k): v for k, v in out["features"].items()}
+    t0 = time.perf_counter()
+    for i, j, feats in batches(source, tokens, start, stop, batch_size):
+        for layer, ds in dsets.items():
+            ds[i - out_offset:j - out_offset] = feats[layer].astype(ds.dtype, copy=False)
+        out.flush()  # data first …
+        out.attrs["n_done"] = j - out_offset
+        out.flush()  # … then the counter: n_done never runs ahead of the rows
+        reporter.advance(j - i, info=info)
+    seconds = time.perf_counter() - t0
+    out.attrs["complete"] = True
+    out.flush()
+    return seconds
+
+
+def labels_and_sources(tf: h5py.File, n: int, tokens_path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """The first n labels and sources of a tokens file (-1 / "name[i]" where it has none)."""
+    labels = np.asarray(tf["labels"][:n]) if "labels" in tf else np.full(n, -1)
+    sources = (np.asarray(tf["sources"].asstr()[:n], dtype=object) if "sources" in tf
+               else np.array([f"{tokens_path.name}[{i}]" for i in range(n)], dtype=object))
+    return labels, sources
+
+
+def create_partial(path: Path, **create_kw) -> h5py.File:
+    """Start a fresh partial features file at `path` (see `formats.create_features_file` for the
+    keywords); nothing is left behind if that fails."""
+    path.unlink(missing_ok=True)
+    of = h5py.File(path, "w")
+    try:
+        formats.create_features_file(of, **create_kw)
+        of.flush()
+    except BaseException:
+        of.close()
+        path.unlink(missing_ok=True)
+        raise
+    return of
+
+
+def open_partial(path: Path, mismatch: Callable[[h5py.File], str | None]) -> h5py.File | None:
+    """Reopen a partial features file for resumption; None if there is nothing usable to resume.
+
+    `mismatch(f)` says why the file cannot be resumed by this run (None: it can); a
+    file with other settings is in the way: InputError naming the difference. A
+    version-1 file that matches is upgraded to the current version (its `pool` written).
+    """
+    if not path.exists():
+        return None
+    try:
+        f = h5py.File(path, "r+")
+    except OSError:
+        return None  # killed before its first flush: nothing to keep
+    try:
+        attrs = formats.read_attrs(f)
+        if attrs.get("format") != formats.FEATURES_FORMAT or "n_done" not in attrs or "features" not in f:
+            f.close()
+            return None
+        why = mismatch(f)
+    except Exception:
+        f.close()
+        return None
+    if why:
+        f.close()
+        raise InputError(f"{path}: a partial run with different settings is in the way: {why}. "
+                         "Run the original command again to resume it, or pass restart=True to discard it")
+    if attrs.get("format_version") != formats.FEATURES_VERSION:
+        f.attrs.update(format_version=formats.FEATURES_VERSION, pool=attrs["pool"])
+    return f
+
+
+def stored_batch_size(path: Path) -> int | None:
+    """The batch size a partial file at `path` was started with (None: no readable file)."""
+    if not path.exists():
+        return None
+    try:
+        with h5py.File(path, "r") as f:
+            return int(f.attrs["batch_size"])
+    except Exception:
+        return None

@@ -1,0 +1,13 @@
+"""The iGPT model: `igpt.py` (the network and its feature API), `pooling.py` (token maps to
+vectors) and `checkpoint.py` (Hugging Face directories in and out)."""
+from __future__ import annotations
+
+from ..choices import POOLS, SITES
+from .checkpoint import (CheckpointError, config_from_hf, config_to_hf, find_weights, load_pretrained,
+                         read_config, resolve_model_dir, save_pretrained, weight_map)
+from .igpt import IGPT, IGPTConfig, sos_shift
+from .pooling import pool_tokens
+
+__all__ = ["IGPT", "IGPTConfig", "CheckpointError", "SITES", "POOLS", "pool_tokens", "sos_shift",
+           "load_pretrained", "save_pretrained", "read_config", "find_weights", "resolve_model_dir",
+           "config_from_hf", "config_to_hf", "weight_map"]

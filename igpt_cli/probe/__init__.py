@@ -1,0 +1,26 @@
+"""Linear probes on iGPT features: per-layer accuracy, the paper's central measurement.
+
+Layers of this package, each importing only the ones before it:
+
+- `estimator`: `LinearProbe`, a scikit-learn classifier with exactly scikit-learn's
+  multinomial lbfgs logistic-regression objective, several times faster;
+- `protocol`: standardisation, stratified splits, the C search and `probe_layer`, the
+  whole protocol on one layer's arrays;
+- `runner`: `probe_files`, the stage on features files, returning a `ProbeReport`;
+- `report`: the report as CSV (JSON is `ProbeReport.to_json`).
+"""
+from __future__ import annotations
+
+from .estimator import MAX_ITER, TOL, LinearProbe
+from .protocol import (COARSE_GRID, REFINE_STEPS, VAL_FRACTION, CSearch, LayerResult, probe_layer, search_c,
+                       standardize, stratified_split)
+from .report import write_csv
+from .runner import FeatureSource, ProbeReport, check_compatible, inspect_features, probe_files
+
+__all__ = [
+    "LinearProbe", "TOL", "MAX_ITER",
+    "probe_layer", "LayerResult", "standardize", "stratified_split", "search_c", "CSearch",
+    "COARSE_GRID", "REFINE_STEPS", "VAL_FRACTION",
+    "probe_files", "ProbeReport", "FeatureSource", "inspect_features", "check_compatible",
+    "write_csv",
+]

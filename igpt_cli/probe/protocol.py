@@ -1,0 +1,217 @@
+"""The linear-probe protocol on one layer's features (the CLIP / DINOv2 / iGPT one).
+
+1. standardise features with mean/std of the training rows only (the C search uses the
+   statistics of its 90 % fitting split, the final fit those of the whole training set);
+2. fit a classifier: by default `LinearProbe`, multinomial logistic regression with L2
+   penalty, exactly scikit-learn's lbfgs objective (see `estimator.py`);
+3. choose C on a stratified 10 % validation split of the training set: a coarse log grid
+   (1e-4 .. 1e2, 7 points, warm-started along increasing C), then the two half-decade
+   neighbours of the best value; ties go to the smaller C;
+4. refit on the whole training set with the chosen C, report test accuracy.
+
+Nothing from the test set influences any choice. Any scikit-learn classifier with a `C`
+parameter can stand in for `LinearProbe`: the search `clone`s it and sets C; warm starts
+are passed when its `fit` takes `coef_init`/`intercept_init`, and work shared by the
+fits of one layer comes from its `fit_context(X)` when it has one.
+"""
+from __future__ import annotations
+
+import inspect
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+from sklearn.base import clone
+
+from ..errors import InputError, ParameterError
+from ..results import Result
+from .estimator import MAX_ITER, TOL, LinearProbe
+
+COARSE_GRID = tuple(float(c) for c in np.logspace(-4, 2, 7))
+REFINE_STEPS = (-0.5, 0.5)  # decades around the best coarse C
+VAL_FRACTION = 0.1
+
+
+def standardize(X_fit: np.ndarray, *others: np.ndarray) -> list[np.ndarray]:
+    """Scale all arrays with mean/std of `X_fit` (float32 out; constant features -> std 1)."""
+    mean = X_fit.mean(axis=0, dtype=np.float64)
+    std = X_fit.std(axis=0, dtype=np.float64)
+    std[std == 0] = 1.0
+    m, s = mean.astype(np.float32), std.astype(np.float32)
+    return [((np.asarray(a, dtype=np.float32) - m) / s).astype(np.float32, copy=False) for a in (X_fit, *others)]
+
+
+def check_labels(y: np.ndarray, what: str = "training split") -> None:
+    """Refuse labels a stratified probe cannot use: one class only, or a class with a single row."""
+    classes, counts = np.unique(y, return_counts=True)
+    if len(classes) < 2:
+        raise InputError(f"{what} has a single class ({classes[0] if len(classes) else 'none'}); "
+                         "a probe needs at least 2 classes")
+    few = classes[counts < 2]
+    if len(few):
+        raise InputError(f"{what}: class {few[0]} has fewer than 2 samples "
+                         "(a stratified validation split needs at least 2 per class)")
+
+
+def stratified_split(y: np.ndarray, fraction: float, seed: int, *, min_rest_per_class: int = 1,
+                     what: str = "training split", split: str = "validation") -> tuple[np.ndarray, np.ndarray]:
+    """Stratified split of row indices into sorted (rest, held_out); deterministic for `seed`.
+
+    `held_out` has ceil(fraction * n) rows, at least one per class; `rest` must keep at
+    least `min_rest_per_class` rows per class on average, else an InputError naming
+    `what` and the `split` being held out.
+    """
+    from sklearn.model_selection import train_test_split
+
+    n_classes = len(np.unique(y))
+    n_held = max(int(math.ceil(fraction * len(y))), n_classes)
+    if len(y) - n_held < min_rest_per_class * n_classes:
+        raise InputError(f"{what}: too few rows ({len(y)}) to hold out a stratified {fraction:g} {split} "
+                         f"split over {n_classes} classes")
+    rest, held = train_test_split(np.arange(len(y)), test_size=n_held, stratify=y, random_state=seed)
+    return np.sort(rest), np.sort(held)
+
+
+# ---------------------------------------------------------------------------
+# C search
+# ---------------------------------------------------------------------------
+
+@dataclass
+class CSearch:
+    """What `search_c` tried: one entry per fit, the fitted estimators by C, the winner."""
+
+    entries: list[dict]     # {"c", "val_acc", "stage": "coarse" | "refine"}, in fitting order
+    fits: dict[float, Any]  # C -> fitted estimator (warm start for a refit at that C)
+    not_converged: int      # fits that stopped before converging
+
+    @property
+    def best(self) -> dict:
+        """Highest validation accuracy; ties -> smaller C (stronger regularisation)."""
+        return max(self.entries, key=lambda r: (r["val_acc"], -r["c"]))
+
+
+def _fit_at(estimator, C: float, X: np.ndarray, y: np.ndarray, *, warm=None, context: dict | None = None):
+    """A fitted clone of `estimator` at this C, warm-started from the fitted `warm` where it can be."""
+    est = clone(estimator).set_params(C=C)
+    kw = dict(context or {})
+    if warm is not None and "coef_init" in inspect.signature(est.fit).parameters:
+        kw.update(coef_init=warm.coef_, intercept_init=warm.intercept_)
+    return est.fit(X, y, **kw)
+
+
+def _converged(est) -> bool:
+    return bool(getattr(est, "converged_", True))
+
+
+def _n_iter(est) -> int:
+    return int(np.max(getattr(est, "n_iter_", 0)))
+
+
+def search_c(estimator, X_fit: np.ndarray, y_fit: np.ndarray, X_val: np.ndarray, y_val: np.ndarray,
+             grid: Sequence[float] = COARSE_GRID, refine: Sequence[float] = REFINE_STEPS, *,
+             context: dict | None = None) -> CSearch:
+    """Fit `estimator` at every C of `grid` (increasing, each warm-started from the last), then at
+    the best C times 10**step for each `refine` step (warm-started from the next smaller C);
+    score each on the validation rows. `context`: shared fit arguments (default `fit_context(X_fit)`)."""
+    if context is None:
+        context = estimator.fit_context(X_fit) if hasattr(estimator, "fit_context") else {}
+    search = CSearch(entries=[], fits={}, not_converged=0)
+
+    def run(c: float, warm, stage: str):
+        est = _fit_at(estimator, c, X_fit, y_fit, warm=warm, context=context)
+        search.fits[c] = est
+        search.not_converged += not _converged(est)
+        search.entries.append({"c": c, "val_acc": float(np.mean(est.predict(X_val) == y_val)), "stage": stage})
+        return est
+
+    prev = None
+    for c in sorted(grid):
+        prev = run(c, prev, "coarse")
+    c_best = search.best["c"]
+    for step in sorted(refine):
+        c = float(c_best * 10.0 ** step)
+        if any(math.isclose(c, r["c"], rel_tol=1e-9) for r in search.entries):
+            continue
+        below = [cc for cc in search.fits if cc < c]
+        run(c, search.fits[max(below)] if below else None, "refine")  # warm start from the next smaller C
+    return search
+
+
+# ---------------------------------------------------------------------------
+# One layer
+# ---------------------------------------------------------------------------
+
+@dataclass
+class LayerResult(Result):
+    layer: int
+    c: float
+    val_acc: float
+    test_acc: float
+    per_class_acc: dict[str, float | None]
+    n_train: int
+    n_val: int
+    n_test: int
+    dim: int
+    seconds: float
+    n_iter: int
+    converged: bool
+    not_converged_fits: int
+    evals: int = 0   # objective/gradient evaluations over all fits of this layer (passes over the data)
+    c_search: list[dict] = field(default_factory=list)
+
+
+def probe_layer(X_train: np.ndarray, y_train: np.ndarray, X_test: np.ndarray, y_test: np.ndarray,
+                seed: int = 0, *, estimator=None, layer: int = 0, class_names: Sequence[str] | None = None,
+                grid: Sequence[float] = COARSE_GRID, refine: Sequence[float] = REFINE_STEPS,
+                tol: float | None = None, max_iter: int | None = None) -> LayerResult:
+    """Run the full protocol on one layer's features. Labels are class ids >= 0.
+
+    `estimator`: the classifier (default `LinearProbe(tol=tol, max_iter=max_iter)`); give
+    either an estimator or tol/max_iter, not both.
+    """
+    t0 = time.perf_counter()
+    estimator = _default_estimator(estimator, tol, max_iter)
+    y_train = np.asarray(y_train, dtype=np.int64)
+    y_test = np.asarray(y_test, dtype=np.int64)
+    check_labels(y_train)
+    classes = np.unique(y_train)
+
+    # --- choose C on a stratified 10 % of the training set -------------------
+    fit_idx, v_idx = stratified_split(y_train, VAL_FRACTION, seed)
+    Xf, Xv = standardize(X_train[fit_idx], X_train[v_idx])
+    context = estimator.fit_context(Xf) if hasattr(estimator, "fit_context") else {}  # shared by every fit
+    search = search_c(estimator, Xf, y_train[fit_idx], Xv, y_train[v_idx], grid, refine, context=context)
+    best = search.best
+    del Xf, Xv
+
+    # --- refit on the whole training set with the chosen C ------------------
+    Xtr, Xte = standardize(X_train, X_test)
+    final = _fit_at(estimator, best["c"], Xtr, y_train, warm=search.fits[best["c"]], context=context)
+    correct = final.predict(Xte) == y_test
+    names = list(class_names) if class_names else []
+    per_class: dict[str, float | None] = {}
+    for cls in sorted(set(np.unique(y_test).tolist()) | set(classes.tolist())):
+        m = y_test == cls
+        key = names[cls] if 0 <= cls < len(names) else str(cls)
+        per_class[key] = float(correct[m].mean()) if m.any() else None
+    return LayerResult(
+        layer=int(layer), c=float(best["c"]), val_acc=float(best["val_acc"]),
+        test_acc=float(correct.mean()) if len(correct) else float("nan"),
+        per_class_acc=per_class, n_train=int(len(y_train)), n_val=int(len(v_idx)),
+        n_test=int(len(y_test)), dim=int(X_train.shape[1]), seconds=round(time.perf_counter() - t0, 3),
+        n_iter=_n_iter(final), converged=_converged(final),
+        not_converged_fits=search.not_converged + (not _converged(final)),
+        evals=sum(_n_iter(f) for f in search.fits.values()) + _n_iter(final),
+        c_search=sorted(search.entries, key=lambda r: r["c"]),
+    )
+
+
+def _default_estimator(estimator, tol: float | None, max_iter: int | None):
+    if estimator is None:
+        return LinearProbe(tol=TOL if tol is None else tol, max_iter=MAX_ITER if max_iter is None else max_iter)
+    for name, value in (("tol", tol), ("max_iter", max_iter)):
+        if value is not None:
+            raise ParameterError(name, value, "set it on the estimator (both given)")
+    return estimator

@@ -1,0 +1,240 @@
+"""The probe stage on files: features file(s) in, a `ProbeReport` (accuracy per layer) out.
+
+Checks the files (complete, labelled, finite, train and test from the same model, site,
+pooling and layers), holds out a stratified test split when there is no test file, runs
+`probe_layer` on every requested layer (one layer in memory at a time, or `jobs` layers
+in parallel threads) and reports each finished layer as a progress event.
+"""
+from __future__ import annotations
+
+import json
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from ..errors import InputError, ParameterError, check_positive
+from ..formats import FEATURES_FORMAT, FormatError, feature_layers, open_igpt, read_attrs
+from ..layers import format_layers, parse_layers
+from ..progress import OnProgress, Reporter
+from ..results import Result
+from .estimator import TOL, LinearProbe
+from .protocol import COARSE_GRID, REFINE_STEPS, VAL_FRACTION, LayerResult, check_labels, probe_layer, \
+    stratified_split
+
+# attrs that must agree between the train and test features files (`read_attrs` gives a
+# version-1 file, which has no "pool", the pooling it implies)
+MATCH_ATTRS = ("model", "model_sha256", "site", "pool", "sos")
+
+
+@dataclass
+class FeatureSource:
+    path: Path
+    attrs: dict
+    layers: list[int]
+    dims: dict[int, int]
+    labels: np.ndarray
+    class_names: list[str]
+
+
+def inspect_features(path: str | Path) -> FeatureSource:
+    """Open a features file, check it is complete and labelled; read labels and metadata."""
+    p = Path(path)
+    with open_igpt(p, FEATURES_FORMAT) as f:
+        attrs = read_attrs(f)
+        if not attrs.get("complete", False):
+            raise FormatError(f"{p}: incomplete features file ({attrs.get('n_done', '?')}/"
+                              f"{attrs.get('n_total', '?')} rows); finish it with igpt extract first")
+        if "features" not in f or not len(f["features"]) or "labels" not in f:
+            raise FormatError(f"{p}: features file without features/ or labels")
+        layers = feature_layers(f)
+        dims = {}
+        for l in layers:
+            ds = f["features"][str(l)]
+            if ds.ndim != 2:
+                raise FormatError(f"{p}: features/{l} is not a 2-D array")
+            dims[l] = int(ds.shape[1])
+        labels = np.asarray(f["labels"][:], dtype=np.int64)
+        if any(f["features"][str(l)].shape[0] != len(labels) for l in layers):
+            raise FormatError(f"{p}: features and labels have different row counts")
+        try:
+            names = json.loads(attrs.get("class_names") or "[]")
+        except (TypeError, ValueError):
+            names = []
+    n_unl = int((labels < 0).sum())
+    if n_unl:
+        raise InputError(f"{p}: {n_unl} of {len(labels)} rows are unlabelled (label -1); "
+                         "probing needs labelled rows")
+    if len(labels) == 0:
+        raise InputError(f"{p}: no rows")
+    return FeatureSource(p, attrs, layers, dims, labels, [str(n) for n in names])
+
+
+def check_compatible(train: FeatureSource, test: FeatureSource) -> None:
+    """Refuse train/test files from different models, sites, pooling, layers or class lists."""
+    for key in MATCH_ATTRS:
+        a, b = train.attrs.get(key), test.attrs.get(key)
+        if key == "model_sha256" and (not a or not b):
+            continue
+        if key == "model" and train.attrs.get("model_sha256") and \
+                train.attrs.get("model_sha256") == test.attrs.get("model_sha256"):
+            continue  # same weights under a different path
+        if a != b:
+            raise InputError(f"{test.path}: {key}={b!r} does not match {train.path} ({key}={a!r}); "
+                             "train and test features must come from the same model, site and settings")
+    if train.layers != test.layers:
+        raise InputError(f"{test.path}: layers {format_layers(test.layers)} do not match {train.path} "
+                         f"(layers {format_layers(train.layers)})")
+    for l in train.layers:
+        if train.dims[l] != test.dims[l]:
+            raise InputError(f"{test.path}: layer {l} has {test.dims[l]} dims, {train.path} has {train.dims[l]}")
+    if train.class_names and test.class_names and train.class_names != test.class_names:
+        raise InputError(f"{test.path}: class_names do not match {train.path}")
+
+
+def _read_layer(src: FeatureSource, layer: int) -> np.ndarray:
+    with open_igpt(src.path, FEATURES_FORMAT) as f:
+        X = np.asarray(f["features"][str(layer)][:], dtype=np.float32)   # [N, D]
+    if not np.isfinite(X).all():
+        bad = int((~np.isfinite(X)).any(axis=1).sum())
+        raise InputError(f"{src.path}: layer {layer} has NaN/inf features in {bad} rows")
+    return X
+
+
+# ---------------------------------------------------------------------------
+# The report
+# ---------------------------------------------------------------------------
+
+@dataclass
+class ProbeReport(Result):
+    """Accuracy per layer and where it came from; `to_dict()` is the CLI's `--json` document."""
+
+    igpt_version: Any         # the igpt version that extracted the train features (its attr)
+    train: str
+    test: str | None
+    test_mode: str            # "file" | "held_out"
+    test_fraction: float | None
+    seed: int
+    # provenance of the train features file (its attrs)
+    model: Any
+    model_sha256: Any
+    model_config: Any
+    site: Any
+    pool: Any                 # for format-version-1 files, which have no such attr, the one they imply
+    sos: Any
+    compute_dtype: Any
+    tokens_file: Any
+    tokens_sha256: Any
+    test_tokens_file: Any
+    class_names: list[str]
+    protocol: dict
+    best_layer: int | None          # by validation accuracy (ties: larger test accuracy, then lower layer)
+    best_test_layer: int | None     # by test accuracy, for reference only
+    not_converged_fits: int
+    seconds: float
+    layers: list[LayerResult]
+
+
+PROVENANCE_ATTRS = ("igpt_version", "model", "model_sha256", "model_config", "site", "pool", "sos",
+                    "compute_dtype", "tokens_file", "tokens_sha256")
+
+
+def _protocol(estimator, probe_kw: dict) -> dict:
+    if estimator is None or type(estimator) is LinearProbe:
+        classifier = "multinomial logistic regression, L2, lbfgs (C * sum CE + 0.5 ||W||^2)"
+        tol = estimator.tol if estimator is not None else TOL if probe_kw.get("tol") is None else probe_kw["tol"]
+    else:
+        classifier, tol = repr(estimator), estimator.get_params().get("tol")
+    return {
+        "standardize": "train statistics only",
+        "classifier": classifier,
+        "c_grid": list(probe_kw.get("grid", COARSE_GRID)),
+        "c_refine_decades": list(probe_kw.get("refine", REFINE_STEPS)),
+        "val_fraction": VAL_FRACTION,
+        "tol": tol,
+        "selection": "max validation accuracy (ties: smaller C); refit on full train",
+    }
+
+
+# ---------------------------------------------------------------------------
+# The stage
+# ---------------------------------------------------------------------------
+
+def probe_files(train: str | Path, test: str | Path | None = None, layers: Sequence[str] | None = None, *,
+                test_fraction: float = 0.2, seed: int = 0, jobs: int = 1, estimator=None,
+                on_progress: OnProgress | None = None, **probe_kw) -> ProbeReport:
+    """Probe every requested layer of a features file.
+
+    Without `test`, a stratified `test_fraction` of `train` is held out as the test set.
+    Reads one layer at a time (`jobs` layers at a time when jobs > 1). `estimator` and
+    `probe_kw` (grid, refine, tol, max_iter) go to `probe_layer`. Progress: one "probe"
+    event per finished layer, its `LayerResult` as the event's `result`.
+    """
+    check_positive("jobs", jobs, allow_none=False)
+    if test is None and not 0 < test_fraction < 1:
+        raise ParameterError("test_fraction", test_fraction, "must be between 0 and 1")
+    tr = inspect_features(train)
+    te = inspect_features(test) if test is not None else None
+    if te is not None:
+        check_compatible(tr, te)
+    sel = parse_layers(layers, tr.layers, where=str(tr.path))
+
+    if te is None:
+        check_labels(tr.labels, f"{tr.path}")
+        tr_idx, te_idx = stratified_split(tr.labels, test_fraction, seed, min_rest_per_class=2,
+                                          what=str(tr.path), split="test")
+        y_train, y_test = tr.labels[tr_idx], tr.labels[te_idx]
+    else:
+        tr_idx = te_idx = None
+        y_train, y_test = tr.labels, te.labels
+    check_labels(y_train, f"{tr.path}: training split" if te is None else f"{tr.path}")
+
+    progress = Reporter(on_progress, "probe", total=len(sel), unit="layer")
+    progress_lock = threading.Lock()  # layers finish on worker threads when jobs > 1
+
+    def run_layer(l: int) -> LayerResult:
+        X = _read_layer(tr, l)
+        if te is None:
+            Xtr, Xte = X[tr_idx], X[te_idx]
+            del X
+        else:
+            Xtr, Xte = X, _read_layer(te, l)
+        r = probe_layer(Xtr, y_train, Xte, y_test, seed, estimator=estimator, layer=l,
+                        class_names=tr.class_names, **probe_kw)
+        with progress_lock:
+            progress.advance(1, info=f"layer {r.layer}: test {r.test_acc:.1%}", result=r)
+        return r
+
+    progress.start()
+    t0 = time.perf_counter()
+    if jobs == 1:
+        results = [run_layer(l) for l in sel]
+    else:
+        from threadpoolctl import threadpool_limits
+
+        with threadpool_limits(limits=1), ThreadPoolExecutor(max_workers=jobs) as ex:
+            results = list(ex.map(run_layer, sel))
+    wall = time.perf_counter() - t0
+
+    best = max(results, key=lambda r: (r.val_acc, r.test_acc, -r.layer)) if results else None
+    best_test = max(results, key=lambda r: (r.test_acc, -r.layer)) if results else None
+    return ProbeReport(
+        train=str(tr.path),
+        test=str(te.path) if te is not None else None,
+        test_mode="file" if te is not None else "held_out",
+        test_fraction=None if te is not None else test_fraction,
+        seed=seed,
+        **{k: tr.attrs.get(k) for k in PROVENANCE_ATTRS},
+        test_tokens_file=te.attrs.get("tokens_file") if te is not None else None,
+        class_names=tr.class_names,
+        protocol=_protocol(estimator, probe_kw),
+        best_layer=best.layer if best else None,
+        best_test_layer=best_test.layer if best_test else None,
+        not_converged_fits=int(sum(r.not_converged_fits for r in results)),
+        seconds=round(wall, 3),
+        layers=results,
+    )

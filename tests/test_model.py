@@ -1,0 +1,160 @@
+"""igpt_cli.model: fidelity against transformers, the feature API, and checkpoint weight names."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from helpers import hf_model, hf_reference
+from igpt_cli.errors import ParameterError
+from igpt_cli.model import (IGPT, IGPTConfig, POOLS, SITES, load_pretrained, pool_tokens, save_pretrained,
+                            sos_shift)
+from igpt_cli.model.checkpoint import BLOCK_WEIGHTS, weight_map
+
+
+def ours(model: IGPT, tokens: np.ndarray, layers, site="ln", sos=True, pool="mean") -> dict[int, np.ndarray]:
+    """Our features for token rows, the way the extract stage computes them."""
+    idx = torch.from_numpy(tokens.astype(np.int64))
+    if sos:
+        idx = sos_shift(idx, model.config.sos_token)
+    with torch.inference_mode():
+        return {k: v.float().numpy() for k, v in model.forward_intermediates(idx, layers, site, pool).items()}
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("small")
+    m, d = hf_model(tmp)
+    rng = np.random.default_rng(0)
+    return dict(tmp=tmp, hf=m, dir=d, t=rng.integers(0, 512, (12, 64)).astype(np.uint16))
+
+
+# ---------------------------------------------------------------------------
+# fidelity against transformers
+# ---------------------------------------------------------------------------
+@pytest.mark.parametrize("site", ["ln", "resid"])
+def test_fidelity_safetensors(small, site):
+    got = ours(load_pretrained(small["dir"]), small["t"], range(5), site=site)
+    ref = hf_reference(small["hf"], small["t"], site=site)
+    assert sorted(got) == [0, 1, 2, 3, 4]
+    for layer in range(5):
+        assert got[layer].dtype == np.float32 and got[layer].shape == (12, 128)
+        np.testing.assert_allclose(got[layer], ref[layer], atol=1e-4, rtol=0, err_msg=f"layer {layer}")
+    # ln and resid really differ (the ln site is not the residual stream)
+    if site == "ln":
+        assert np.abs(got[1] - hf_reference(small["hf"], small["t"], site="resid")[1]).max() > 1e-2
+
+
+def test_fidelity_bin_checkpoint_and_no_sos(tmp_path, small):
+    m, d = hf_model(tmp_path, n_layer=2, n_embd=64, n_head=2, safe=False, seed=1)
+    assert (d / "pytorch_model.bin").exists() and not (d / "model.safetensors").exists()
+    got = ours(load_pretrained(d), small["t"], range(3), sos=False)
+    ref = hf_reference(m, small["t"], sos=False)
+    for layer in range(3):
+        np.testing.assert_allclose(got[layer], ref[layer], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("side,n_images,seed", [(8, 3, 5), (32, 2, 6)], ids=["8x8", "32x32-full"])
+def test_fidelity_small_shape(tmp_path, side, n_images, seed):
+    """The imagegpt-small shape (24 x 512, 8 heads), on a short 8x8 sequence and on the
+    released models' full 1024 positions (32x32 images)."""
+    m, d = hf_model(tmp_path, n_layer=24, n_embd=512, n_head=8, n_positions=side * side)
+    t = np.random.default_rng(seed).integers(0, 512, (n_images, side * side)).astype(np.uint16)
+    got = ours(load_pretrained(d), t, range(25))
+    ref = hf_reference(m, t)
+    assert sorted(got) == list(range(25))
+    for layer in range(25):
+        np.testing.assert_allclose(got[layer], ref[layer], atol=1e-4, rtol=0, err_msg=f"layer {layer}")
+
+
+def test_bfloat16_close_to_float32(small):
+    fp32 = load_pretrained(small["dir"])
+    bf16 = load_pretrained(small["dir"]).to(torch.bfloat16)
+    fa, fb = ours(bf16, small["t"], range(5)), ours(fp32, small["t"], range(5))
+    idx = sos_shift(torch.from_numpy(small["t"].astype(np.int64)), bf16.config.sos_token)
+    with torch.inference_mode():
+        pooled = bf16.forward_intermediates(idx, [2])
+    assert pooled[2].dtype == torch.float32  # pooled features stay float32
+    for layer in fa:
+        cos = (fa[layer] * fb[layer]).sum(1) / np.linalg.norm(fa[layer], axis=1) / np.linalg.norm(fb[layer], axis=1)
+        assert cos.min() > 0.99, layer
+
+
+# ---------------------------------------------------------------------------
+# the feature API
+# ---------------------------------------------------------------------------
+def test_early_exit_runs_only_needed_blocks(small):
+    model = load_pretrained(small["dir"])
+    calls, ln_1_calls = [], []
+    for i, blk in enumerate(model.h):
+        blk.register_forward_hook(lambda mod, inp, out, i=i: calls.append(i))
+        blk.ln_1.register_forward_hook(lambda mod, inp, out, i=i: ln_1_calls.append(i))
+    got = ours(model, small["t"], [1])
+    assert calls == [0]  # layer 1 = ln_1 of block 1 applied to h_1: only block 0 runs
+    assert list(got) == [1]
+    calls.clear(), ln_1_calls.clear()
+    ours(model, small["t"], [0, 1])
+    assert calls == [0] and ln_1_calls == [0, 1]  # block 0 reuses the tapped ln_1(h_0): one ln_1 per block
+
+
+@pytest.mark.parametrize("site", SITES)
+def test_token_maps_average_to_the_pooled_features(small, site):
+    model = load_pretrained(small["dir"])
+    maps = ours(model, small["t"], [0, 2, 4], site=site, pool=None)
+    pooled = ours(model, small["t"], [0, 2, 4], site=site)
+    for layer in (0, 2, 4):
+        assert maps[layer].shape == (12, 64, 128)
+        np.testing.assert_array_equal(pool_tokens(torch.from_numpy(maps[layer])).numpy(), pooled[layer])
+        np.testing.assert_allclose(maps[layer].mean(1), pooled[layer], atol=1e-6, rtol=0)
+    assert set(POOLS) == {"mean"}
+    x = torch.randn(3, 5, 7, dtype=torch.bfloat16)
+    assert pool_tokens(x, "mean").dtype == torch.float32 and pool_tokens(x).shape == (3, 7)
+
+
+def test_feature_api_errors_name_parameters(small):
+    model = load_pretrained(small["dir"])
+    idx = torch.zeros(1, 64, dtype=torch.long)
+    with pytest.raises(ParameterError, match="site='post'"):
+        model.forward_intermediates(idx, [1], site="post")
+    with pytest.raises(ParameterError, match="pool='max'"):
+        model.forward_intermediates(idx, [1], pool="max")
+    with pytest.raises(ParameterError, match=r"layers=\[5\]: must lie in 0..4"):
+        model.forward_intermediates(idx, [5])
+
+
+# ---------------------------------------------------------------------------
+# checkpoints
+# ---------------------------------------------------------------------------
+def test_weight_map_covers_every_transformers_weight():
+    from transformers import ImageGPTConfig, ImageGPTForCausalImageModeling, ImageGPTModel
+
+    n_layer = 3
+    cfg = ImageGPTConfig(vocab_size=513, n_positions=16, n_embd=32, n_layer=n_layer, n_head=2)
+    names = weight_map(n_layer)
+    hf = ImageGPTForCausalImageModeling(cfg).state_dict()
+    ref = IGPT(IGPTConfig(n_positions=16, n_embd=32, n_layer=n_layer, n_head=2)).state_dict()
+    assert set(names) == set(ref)  # every weight of ours, once
+    assert {h for h, _ in names.values()} == set(hf)  # every weight of theirs, once
+    headless = set(ImageGPTModel(cfg).state_dict())
+    assert {h.removeprefix("transformer.") for h, _ in names.values() if h != "lm_head.weight"} == headless
+    for name, (h, transposed) in names.items():  # the transposed ones are exactly the Conv1D weights
+        want = tuple(ref[name].shape[::-1]) if transposed else tuple(ref[name].shape)
+        assert tuple(hf[h].shape) == want, name
+        assert transposed == (name.endswith(".weight") and (".attn.c_" in name or ".mlp.c_" in name)), name
+    assert sum(BLOCK_WEIGHTS.values()) == 4
+
+
+def test_saved_checkpoint_loads_in_transformers_and_back(tmp_path):
+    from transformers import ImageGPTForCausalImageModeling
+
+    torch.manual_seed(0)
+    model = IGPT(IGPTConfig(n_positions=16, n_embd=32, n_layer=2, n_head=2)).eval()
+    save_pretrained(model, tmp_path / "m")
+    hf = ImageGPTForCausalImageModeling.from_pretrained(tmp_path / "m").eval()
+    idx = torch.randint(0, 512, (2, 16))
+    with torch.no_grad():
+        ref = hf(input_ids=idx).logits[..., :512]
+        np.testing.assert_allclose(model(idx).numpy(), ref.numpy(), atol=1e-5, rtol=0)
+    back = load_pretrained(tmp_path / "m")
+    for k, v in model.state_dict().items():
+        assert torch.equal(back.state_dict()[k], v), k

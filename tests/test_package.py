@@ -1,0 +1,106 @@
+"""The package's structure: one-way imports, no UI in the library, a public API."""
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+from helpers import ENV, ROOT
+
+PKG = ROOT / "igpt_cli"
+
+
+def module_name(path: Path) -> str:
+    rel = path.relative_to(ROOT).with_suffix("")
+    parts = list(rel.parts)
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    return ".".join(parts)
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Module -> igpt_cli modules it imports (at any level of the file, lazy imports included)."""
+    modules = {module_name(p): p for p in PKG.rglob("*.py")}
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        is_pkg = path.name == "__init__.py"
+        base = name.split(".") if is_pkg else name.split(".")[:-1]
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            targets = []
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                if node.level:
+                    pkg = base[:len(base) - node.level + 1]
+                    mod = ".".join(pkg + ([node.module] if node.module else []))
+                else:
+                    mod = node.module or ""
+                targets = [mod] + [f"{mod}.{a.name}" for a in node.names]
+            for t in targets:
+                while t and t not in modules:
+                    t = t.rpartition(".")[0]
+                if t and t != name and t.startswith("igpt_cli"):
+                    deps.add(t)
+        graph[name] = deps
+    return graph
+
+
+def test_import_graph_has_no_cycle():
+    graph = import_graph()
+    # a package's __init__ re-exporting its own submodules is not a cycle of code
+    graph = {m: {d for d in deps if not (d.startswith(m + ".") and PKG.joinpath(*m.split(".")[1:]).is_dir())}
+             for m, deps in graph.items()}
+    graph = {m: {d for d in deps if d != "igpt_cli"} for m, deps in graph.items()}  # lazy top-level API
+    state: dict[str, int] = {}
+
+    def visit(m, stack):
+        state[m] = 1
+        for d in graph.get(m, ()):
+            if state.get(d) == 1:
+                raise AssertionError("import cycle: " + " -> ".join(stack + [m, d]))
+            if not state.get(d):
+                visit(d, stack + [m])
+        state[m] = 2
+
+    for m in graph:
+        if not state.get(m):
+            visit(m, [])
+
+
+def test_only_the_cli_imports_typer_and_rich():
+    for path in PKG.rglob("*.py"):
+        if "cli" in path.relative_to(PKG).parts[:1]:
+            continue
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else []
+            for n in names:
+                assert n.split(".")[0] not in ("typer", "rich", "matplotlib"), f"{path}: imports {n}"
+    for path in PKG.rglob("*.py"):  # and nothing outside the cli package imports it (but `python -m igpt_cli`)
+        if "cli" not in path.relative_to(PKG).parts[:1] and path.name != "__main__.py":
+            assert "igpt_cli.cli" not in import_graph().get(module_name(path), set()), path
+
+
+def test_library_import_loads_no_ui():
+    code = ("import igpt_cli, igpt_cli.probe, igpt_cli.extract; import sys; "
+            "assert 'typer' not in sys.modules and 'rich' not in sys.modules, sorted(sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV)
+    assert r.returncode == 0, r.stderr
+
+
+def test_public_api_names_resolve():
+    import igpt_cli
+
+    for name in igpt_cli.__all__:
+        assert getattr(igpt_cli, name) is not None, name
+
+
+def test_modules_are_short_or_say_why():
+    for path in PKG.rglob("*.py"):
+        text = path.read_text()
+        if text.count("\n") > 420:
+            doc = ast.get_docstring(ast.parse(text)) or ""
+            assert "long" in doc.lower() or "lines" in doc.lower(), f"{path}: {text.count(chr(10))} lines, no reason given"

@@ -1,0 +1,108 @@
+"""igpt_cli.probe.protocol: the C search and one layer's probe, against plain scikit-learn."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from helpers import overlapping_classes
+from sklearn.linear_model import LogisticRegression
+
+from igpt_cli.errors import InputError, ParameterError
+from igpt_cli.probe import COARSE_GRID, LinearProbe, probe_layer, search_c, standardize, stratified_split
+
+
+def without_seconds(r) -> dict:
+    return {k: v for k, v in r.to_dict().items() if k != "seconds"}
+
+
+def test_probe_accuracy_matches_plain_sklearn_at_chosen_c():
+    X, y = overlapping_classes(2000, seed=0)
+    Xt, yt = overlapping_classes(1000, seed=1)
+    r = probe_layer(X, y, Xt, yt, seed=0)
+    A, B = standardize(X, Xt)
+    ref = LogisticRegression(C=r.c).fit(A.astype(np.float64), y)  # plain scikit-learn defaults
+    assert 0.4 < r.test_acc < 0.99  # not a trivially separable case
+    assert abs(r.test_acc - ref.score(B.astype(np.float64), yt)) <= 0.002
+    # the C search saw the coarse grid and a refinement, and picked the best validation accuracy
+    stages = {s["stage"] for s in r.c_search}
+    assert stages == {"coarse", "refine"}
+    assert r.val_acc == max(s["val_acc"] for s in r.c_search)
+    assert r.n_val == 200 and r.n_train == 2000 and r.n_test == 1000
+    assert set(r.per_class_acc) == {"0", "1", "2", "3"}
+
+
+def test_test_set_does_not_influence_choices():
+    X, y = overlapping_classes(600, seed=2)
+    Xt, yt = overlapping_classes(300, seed=3)
+    a = probe_layer(X, y, Xt, yt, seed=0)
+    b = probe_layer(X, y, Xt[::-1] * 3 + 1, yt[::-1], seed=0)
+    assert a.c == b.c and a.val_acc == b.val_acc and a.c_search == b.c_search
+
+
+def test_probe_layer_deterministic_for_seed():
+    X, y = overlapping_classes(600, seed=2)
+    Xt, yt = overlapping_classes(300, seed=3)
+    a, b = (probe_layer(X, y, Xt, yt, seed=7, layer=3, class_names="abcd") for _ in range(2))
+    assert without_seconds(a) == without_seconds(b)
+    assert a.layer == 3 and set(a.per_class_acc) == set("abcd")
+
+
+def test_ties_go_to_the_smaller_c():
+    X, y = overlapping_classes(400, seed=5, k=2)
+    X[:, 0] += 20 * y  # separable: every C but the smallest reaches validation accuracy 1
+    r = probe_layer(X, y, X, y, seed=0)
+    tied = [s for s in r.c_search if s["val_acc"] == 1.0]
+    assert len(tied) >= 5 and r.val_acc == 1.0
+    assert r.c == min(s["c"] for s in tied) < min(c for c in COARSE_GRID if c in {s["c"] for s in tied})
+    assert r.c_search[[s["c"] for s in r.c_search].index(r.c)]["stage"] == "refine"  # refined below the coarse tie
+
+
+def test_search_c_takes_any_estimator_with_c():
+    """The search clones the estimator and sets C; scikit-learn's own classifier fits in unchanged."""
+    X, y = overlapping_classes(1000, seed=6)
+    fit_rows, val_rows = stratified_split(y, 0.2, seed=0)
+    Xf, Xv = standardize(X[fit_rows], X[val_rows])
+    grid = (1e-3, 1e-1, 10.0)
+    ours = search_c(LinearProbe(), Xf, y[fit_rows], Xv, y[val_rows], grid, refine=(0.5,))
+    ref = search_c(LogisticRegression(), Xf.astype(np.float64), y[fit_rows], Xv.astype(np.float64), y[val_rows],
+                   grid, refine=(0.5,))
+    assert [e["c"] for e in ours.entries] == [e["c"] for e in ref.entries] == [*grid, ours.best["c"] * 10**0.5]
+    assert [e["stage"] for e in ours.entries] == ["coarse"] * 3 + ["refine"]
+    for a, b in zip(ours.entries, ref.entries):
+        assert abs(a["val_acc"] - b["val_acc"]) <= 0.01
+    assert isinstance(ref.fits[10.0], LogisticRegression) and ref.fits[10.0].C == 10.0
+    assert ours.not_converged == 0
+
+
+def test_probe_layer_with_an_estimator():
+    X, y = overlapping_classes(600, seed=2)
+    Xt, yt = overlapping_classes(300, seed=3)
+    a = probe_layer(X, y, Xt, yt, estimator=LinearProbe(tol=1e-3, max_iter=50))
+    b = probe_layer(X, y, Xt, yt, tol=1e-3, max_iter=50)
+    assert without_seconds(a) == without_seconds(b)
+    with pytest.raises(ParameterError, match="tol=0.001"):
+        probe_layer(X, y, Xt, yt, estimator=LinearProbe(), tol=1e-3)
+
+
+def test_stratified_split_is_stratified_and_deterministic():
+    y = np.repeat([0, 1, 2], [50, 30, 20])
+    np.random.default_rng(0).shuffle(y)
+    rest, held = stratified_split(y, 0.1, seed=3)
+    assert len(held) == 10 and len(rest) == 90
+    assert np.array_equal(np.sort(np.concatenate([rest, held])), np.arange(100))
+    assert (np.diff(rest) > 0).all() and (np.diff(held) > 0).all()  # sorted row indices
+    assert np.bincount(y[held]).tolist() == [5, 3, 2]  # class proportions kept
+    again = stratified_split(y, 0.1, seed=3)
+    assert np.array_equal(again[0], rest) and np.array_equal(again[1], held)
+    assert not np.array_equal(stratified_split(y, 0.1, seed=4)[1], held)
+    # at least one held-out row per class, however small the fraction
+    assert np.bincount(y[stratified_split(y, 0.001, seed=0)[1]]).tolist() == [1, 1, 1]
+
+
+def test_stratified_split_too_few_rows():
+    y = np.array([0, 0, 1, 1, 2, 2])
+    rest, held = stratified_split(y, 0.5, seed=0)
+    assert len(held) == 3 and sorted(y[held]) == [0, 1, 2]
+    with pytest.raises(InputError, match="train.h5: too few rows \\(6\\) to hold out a stratified 0.5 test split"):
+        stratified_split(y, 0.5, seed=0, min_rest_per_class=2, what="train.h5", split="test")
+    with pytest.raises(InputError, match="training split: too few rows"):
+        stratified_split(y, 0.9, seed=0)
