@@ -247,6 +247,17 @@ def features_mismatch(f: h5py.File, expected: dict) -> str | None:
     return None
 
 
+def check_complete_features(f: h5py.File, path: Path) -> dict:
+    """The attrs of an open features file that is complete and has features and labels (else FormatError)."""
+    attrs = read_attrs(f)
+    if not attrs.get("complete", False):
+        raise FormatError(f"{path}: incomplete features file ({attrs.get('n_done', '?')}/"
+                          f"{attrs.get('n_total', '?')} rows); finish it with igpt extract first")
+    if "features" not in f or not len(f["features"]) or "labels" not in f:
+        raise FormatError(f"{path}: features file without features/ or labels")
+    return attrs
+
+
 def load_features(path: str | Path, layer: int) -> tuple[np.ndarray, np.ndarray]:
     """One layer of a complete features file (version 1 or 2) in memory: X [N, D] float32, labels [N] int64.
 
@@ -254,12 +265,7 @@ def load_features(path: str | Path, layer: int) -> tuple[np.ndarray, np.ndarray]
     """
     p = Path(path)
     with open_igpt(p, FEATURES_FORMAT) as f:
-        attrs = read_attrs(f)
-        if not attrs.get("complete", False):
-            raise FormatError(f"{p}: incomplete features file ({attrs.get('n_done', '?')}/"
-                              f"{attrs.get('n_total', '?')} rows); finish it with igpt extract first")
-        if "features" not in f or "labels" not in f:
-            raise FormatError(f"{p}: features file without features/ or labels")
+        check_complete_features(f, p)
         layers = feature_layers(f)
         if int(layer) not in layers:
             raise ParameterError("layer", layer, f"not in {p}, which holds layers "

@@ -18,7 +18,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..errors import InputError, ParameterError, check_positive
-from ..formats import FEATURES_FORMAT, FormatError, feature_layers, open_igpt, read_attrs
+from ..formats import FEATURES_FORMAT, FormatError, check_complete_features, feature_layers, open_igpt
 from ..layers import format_layers, parse_layers
 from ..progress import OnProgress, Reporter
 from ..results import Result
@@ -45,12 +45,7 @@ def inspect_features(path: str | Path) -> FeatureSource:
     """Open a features file, check it is complete and labelled; read labels and metadata."""
     p = Path(path)
     with open_igpt(p, FEATURES_FORMAT) as f:
-        attrs = read_attrs(f)
-        if not attrs.get("complete", False):
-            raise FormatError(f"{p}: incomplete features file ({attrs.get('n_done', '?')}/"
-                              f"{attrs.get('n_total', '?')} rows); finish it with igpt extract first")
-        if "features" not in f or not len(f["features"]) or "labels" not in f:
-            raise FormatError(f"{p}: features file without features/ or labels")
+        attrs = check_complete_features(f, p)
         layers = feature_layers(f)
         dims = {}
         for l in layers:
