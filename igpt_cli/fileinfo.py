@@ -15,7 +15,8 @@ import numpy as np
 
 from . import formats
 from .errors import check_positive
-from .formats import FormatError, atomic_output, check_output_path, open_igpt
+from .formats import FormatError, open_igpt
+from .outputs import atomic_output, check_output_path
 from .palette import Palette
 from .results import Result
 

@@ -3,8 +3,8 @@
 Every igpt file describes itself: `attrs["format"]` names its kind and
 `attrs["format_version"]` its schema version, counted per kind (`FORMAT_VERSIONS`);
 provenance lives in attrs too. Files are written under a temporary name next to the
-destination and renamed into place only when complete (`atomic_output`), so a crash
-never leaves a half-written file at the final path.
+destination and renamed into place only when complete, under a lock
+(`igpt_cli.outputs`), so a crash never leaves a half-written file at the final path.
 
 Versions: tokens files are at version 1. Features files are at version 2, which added
 the `pool` attr; version-1 features files are still read, as if they said
@@ -12,11 +12,8 @@ the `pool` attr; version-1 features files are still read, as if they said
 """
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 from pathlib import Path
-from typing import Iterator
 
 import h5py
 import numpy as np
@@ -76,36 +73,6 @@ def open_igpt(path: str | Path, expected: str | None = None) -> h5py.File:
     return f
 
 
-def temp_path_for(final: str | Path) -> Path:
-    final = Path(final)
-    return final.with_name(f".{final.name}.tmp")
-
-
-def check_output_path(path: str | Path, overwrite: bool) -> Path:
-    """Validate an output path before any work starts (clear errors, nothing written)."""
-    p = Path(path)
-    parent = p.parent if str(p.parent) else Path(".")
-    if not parent.is_dir():
-        raise FormatError(f"{p}: output directory {parent} does not exist")
-    if not os.access(parent, os.W_OK):
-        raise FormatError(f"{p}: output directory {parent} is not writable")
-    if p.exists() and not overwrite:
-        raise FormatError(f"{p}: output file exists (pass overwrite=True to replace it)")
-    return p
-
-
-@contextlib.contextmanager
-def atomic_output(final: str | Path) -> Iterator[Path]:
-    """Yield a temp path; rename it onto `final` on success, delete it on any failure."""
-    final = Path(final)
-    tmp = temp_path_for(final)
-    tmp.unlink(missing_ok=True)
-    try:
-        yield tmp
-        os.replace(tmp, final)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 # ---------------------------------------------------------------------------

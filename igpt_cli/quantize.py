@@ -19,7 +19,8 @@ import numpy as np
 
 from .data import EmptyDatasetError, open_dataset
 from .errors import check_positive
-from .formats import append_rows, atomic_output, check_output_path, create_tokens_file
+from .formats import append_rows, create_tokens_file
+from .outputs import atomic_output, check_output_path
 from .palette import Palette, check_fit_parameters, fit_palette
 from .progress import OnProgress, Reporter
 from .results import Result

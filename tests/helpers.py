@@ -11,7 +11,7 @@ import h5py
 import numpy as np
 import torch
 
-from igpt_cli import formats
+from igpt_cli import formats, outputs
 
 ROOT = Path(__file__).resolve().parents[1]
 # a random 512-colour palette: tokens files of random content need no real images
@@ -178,4 +178,4 @@ def assert_bad_input(r, out: Path, *needles: str) -> None:
     line = error_lines(r.stderr)[0]
     for needle in needles:
         assert needle in line, (needle, line)
-    assert not formats.temp_path_for(out).exists()
+    assert not outputs.temp_path_for(out).exists()

@@ -4,7 +4,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 
 from igpt_cli.demo import DEMO_DATA, SHIPPED_MODEL

@@ -16,7 +16,7 @@ import torch
 
 from helpers import (ENV, PALETTE, assert_clean_failure, hf_model, hf_reference, invoke, make_tokens, read_feats,
                      run_igpt)
-from igpt_cli import formats
+from igpt_cli import formats, outputs
 from igpt_cli.errors import InputError, ParameterError
 from igpt_cli.extract import ExtractResult, ModelSource, extract_features
 from igpt_cli.model import IGPT, IGPTConfig, resolve_model_dir, save_pretrained
@@ -87,7 +87,7 @@ def test_features_file_schema(small):
     s = extract_features(small["tokens"], small["dir"], ["-1", "0-1"], out, store_dtype="float16",
                          limit=7, batch_size=3)
     assert s.n == 7 and s.layers == [0, 1, 4]
-    assert not formats.temp_path_for(out).exists()
+    assert not outputs.temp_path_for(out).exists()
     f = formats.open_igpt(out, formats.FEATURES_FORMAT)
     with f:
         a = formats.read_attrs(f)
@@ -171,7 +171,7 @@ def test_resume_after_interrupt_in_process(small, monkeypatch):
     extract_features(small["tokens"], small["dir"], "all", ref, batch_size=5)
     out = small["tmp"] / "resumed.h5"
     interrupt_at_second_batch(monkeypatch, small["tokens"], small["dir"], "all", out, batch_size=5)
-    tmp = formats.temp_path_for(out)
+    tmp = outputs.temp_path_for(out)
     assert not out.exists() and tmp.exists()
     with h5py.File(tmp) as f:
         assert f.attrs["n_done"] == 5 and not f.attrs["complete"]
@@ -204,7 +204,7 @@ def test_resume_version_1_partial_file(small, monkeypatch):
     extract_features(small["tokens"], small["dir"], "all", ref, batch_size=5)
     out = small["tmp"] / "resumed-v1.h5"
     interrupt_at_second_batch(monkeypatch, small["tokens"], small["dir"], "all", out, batch_size=5)
-    with h5py.File(formats.temp_path_for(out), "r+") as f:
+    with h5py.File(outputs.temp_path_for(out), "r+") as f:
         del f.attrs["pool"]
         f.attrs["format_version"] = 1
     s = extract_features(small["tokens"], small["dir"], "all", out, batch_size=5)
@@ -219,7 +219,7 @@ def test_resume_version_1_partial_file(small, monkeypatch):
 
 def test_restart_discards_partial(small):
     out = small["tmp"] / "restart.h5"
-    tmp = formats.temp_path_for(out)
+    tmp = outputs.temp_path_for(out)
     tmp.write_bytes(b"garbage, e.g. killed before the first flush")
     s = extract_features(small["tokens"], small["dir"], "2", out)  # unreadable: starts over
     assert s.resumed_from == 0 and out.exists()
@@ -243,7 +243,7 @@ def test_kill_9_resume_identical(tmp_path):
     args = ["extract", tokens, "--model", tmp_path / "m", "-l", "all", "--batch-size", "2", "--dtype", "float32",
             "--quiet"]
     out = tmp_path / "f.h5"
-    tmp = formats.temp_path_for(out)
+    tmp = outputs.temp_path_for(out)
     kills = 0
     for target in (200, 700):
         p = subprocess.Popen([sys.executable, "-m", "igpt_cli", *map(str, args), "-o", str(out)],
@@ -334,14 +334,14 @@ def test_bad_input(bad_inputs, case):
         extra, needle = ["--dtype", "int4"], "int4"
     r = invoke("extract", tok, "--model", model, "-o", out, "--quiet", *extra)
     assert_clean_failure(r, needle, out)
-    assert not formats.temp_path_for(out).exists()
+    assert not outputs.temp_path_for(out).exists()
 
 
 def test_bad_input_real_process(bad_inputs):
     out = bad_inputs / "out-real.h5"
     r = run_igpt("extract", bad_inputs / "t8.h5", "--model", bad_inputs / "m", "-o", out)
     assert_clean_failure(r, "model wants 4x4 images", out)
-    assert not formats.temp_path_for(out).exists()
+    assert not outputs.temp_path_for(out).exists()
 
 
 @pytest.mark.parametrize("kw,message", [
@@ -357,7 +357,7 @@ def test_library_errors_name_parameters(bad_inputs, kw, message):
     with pytest.raises(ParameterError) as e:
         extract_features(bad_inputs / "t4.h5", bad_inputs / "m", None, out, **kw)
     assert str(e.value).startswith(message) and "--" not in str(e.value)
-    assert not out.exists() and not formats.temp_path_for(out).exists()
+    assert not out.exists() and not outputs.temp_path_for(out).exists()
 
 
 def test_existing_output_needs_overwrite(small):

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from helpers import ENV, invoke, make_tokens
-from igpt_cli import formats
+from igpt_cli import formats, outputs
 from igpt_cli.errors import InputError
 from igpt_cli.extract.sharded import DistContext, all_part_paths, merge_parts, part_path, shard_rows
 from igpt_cli.model import IGPT, IGPTConfig, save_pretrained
@@ -152,7 +152,7 @@ def test_merge_by_row_index(tmp_path, parts_data, k):
     (tmp_path / ".f.h5.part-00000-of-00009.tmp").write_bytes(b"stale part of another world size")
     merged = merge_parts(out, IDENT, dict(IDENT, **EXTRA), labels, sources, {0: 5, 2: 5}, "float32", k)
     assert len(merged) == min(k, 6)  # 23 rows in batches of 4: 6 batches, so at most 6 non-empty shards
-    assert not all_part_paths(out) and not formats.temp_path_for(out).exists()
+    assert not all_part_paths(out) and not outputs.temp_path_for(out).exists()
     with h5py.File(out) as f:
         for l, d in data.items():
             np.testing.assert_array_equal(f["features"][str(l)][:], d)
@@ -198,7 +198,7 @@ def test_torchrun_equals_single_process(setup, k):
     assert len(lines) == 1, r.stdout  # rank 0 alone prints the summary
     s = json.loads(lines[0])
     assert s["world_size"] == k and s["n"] == 250 and s["computed"] == 250 and s["batch_size"] == 7
-    assert not all_part_paths(out) and not formats.temp_path_for(out).exists()
+    assert not all_part_paths(out) and not outputs.temp_path_for(out).exists()
     assert_same_file(setup["ref"], out)
 
 

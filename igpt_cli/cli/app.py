@@ -17,7 +17,7 @@ from typer.core import TyperGroup
 from .. import __version__
 from ..choices import ComputeDtype, DatasetFormat, Pool, Resize, Site, Split, StoreDtype
 from ..errors import InputError
-from .ui import (ProgressBar, click_errors, err, fail, handles_input_errors, maybe_bar, print_json, probe_layer_line,
+from .ui import (ProgressBar, click_errors, err, handles_input_errors, maybe_bar, print_json, probe_layer_line,
                  render_file_info, render_probe_table)
 
 
@@ -257,13 +257,13 @@ def probe_command(
     """
     import warnings
 
-    from .. import formats
+    from .. import outputs
     from ..probe import probe_files, write_csv
     from .plots import write_probe_plot
 
     for path in (plot_out, csv_out):
         if path is not None:
-            formats.check_output_path(path, overwrite=True)
+            outputs.check_output_path(path, overwrite=True)
     bar = ProgressBar.maybe(quiet, on_result=probe_layer_line)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # counted in the report instead (not_converged_fits)
@@ -336,14 +336,14 @@ def demo_command(
 
     Example: igpt demo --out demo-out
     """
-    from .. import formats
+    from .. import outputs
     from ..demo import run_demo
     from .plots import write_probe_plot
 
     plot_path = plot or (out / "probe.png" if out else Path("igpt-demo.png"))
     if out is not None and plot is None:
         out.mkdir(parents=True, exist_ok=True)
-    formats.check_output_path(plot_path, overwrite=True)
+    outputs.check_output_path(plot_path, overwrite=True)
     bar = ProgressBar.maybe(quiet)
     with maybe_bar(bar):
         result = run_demo(out, model=model, on_progress=bar)

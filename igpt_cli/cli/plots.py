@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..formats import atomic_output
+from ..outputs import atomic_output
 
 
 def write_probe_plot(report: dict, path: str | Path) -> Path:

@@ -35,7 +35,7 @@ import h5py
 import numpy as np
 import torch
 
-from .. import formats
+from .. import formats, outputs
 from ..errors import InputError
 from ..progress import OnProgress, Reporter
 from .rows import RowsRun, create_partial, fill_rows, labels_and_sources, open_partial, stored_batch_size
@@ -271,7 +271,7 @@ def merge_parts(out: str | Path, identity: dict, file_attrs: dict, labels: np.nd
             done = int(f.attrs.get("n_done", -1))
             if done != b - a or not bool(f.attrs.get("complete", False)):
                 raise InputError(f"{p}: part file is incomplete ({done} of {b - a} rows done)")
-        tmp = formats.temp_path_for(out)
+        tmp = outputs.temp_path_for(out)
         tmp.unlink(missing_ok=True)
         try:
             with h5py.File(tmp, "w") as of:

@@ -22,7 +22,7 @@ from typing import Sequence
 import h5py
 import numpy as np
 
-from .. import formats
+from .. import formats, outputs
 from ..choices import POOLS, SITES, STORE_DTYPES
 from ..errors import InputError, check_choice, check_positive
 from ..layers import parse_layers
@@ -131,7 +131,7 @@ def extract_features(
     store_dtype = check_choice("store_dtype", store_dtype, STORE_DTYPES)
     check_positive("batch_size", batch_size)
     check_positive("limit", limit)
-    formats.check_output_path(out, overwrite)
+    outputs.check_output_path(out, overwrite)
     if out.resolve() == tokens_path.resolve():
         raise InputError(f"{out}: output would overwrite the tokens file")
 
@@ -196,10 +196,10 @@ def extract_features(
 def _run_one_process(source, tf: h5py.File, tok: h5py.Dataset, tokens_path: Path, out: Path, identity: dict,
                      extra_attrs: dict, *, store_dtype: str, restart: bool, batch_size_given: bool,
                      on_progress: OnProgress | None) -> RowsRun:
-    """Fill (or resume) the partial file `formats.temp_path_for(out)`, then rename it onto `out`."""
+    """Fill (or resume) the partial file `outputs.temp_path_for(out)`, then rename it onto `out`."""
     n_total, bs = int(identity["n_total"]), int(identity["batch_size"])
     reporter = Reporter(on_progress, "extract", n_total, "image")
-    tmp = formats.temp_path_for(out)
+    tmp = outputs.temp_path_for(out)
     if restart:
         tmp.unlink(missing_ok=True)
     stored = stored_batch_size(tmp)

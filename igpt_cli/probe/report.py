@@ -9,7 +9,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from ..formats import atomic_output
+from ..outputs import atomic_output
 from ..results import Result
 from .runner import ProbeReport
 
