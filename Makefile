@@ -23,7 +23,7 @@ install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test
 
 demo: $(VENV)/.installed
-	$(VENV)/bin/igpt demo --out demo-out
+	$(VENV)/bin/igpt demo --out demo-out --overwrite
 
 # The whole suite (about 4 minutes on 2 cores). Cases marked `slow` (none at present)
 # are left to `make test-all`.
@@ -46,4 +46,4 @@ shipped-model: $(VENV)/.installed
 	$(VENV)/bin/igpt train runs/cifar8-train.h5 --val runs/cifar8-test.h5 -o runs/igpt-cifar8 \
 		--depth 8 --width 192 --heads 6 --steps 2400 --batch-size 128 --lr 2e-3 --warmup 200 \
 		--checkpoint-every 100 --eval-every 100 --seed 0
-	$(PY) -m igpt_cli.export runs/igpt-cifar8 igpt_cli/assets/igpt-cifar8
+	$(PY) -m igpt_cli.export runs/igpt-cifar8 igpt_cli/assets/igpt-cifar8 --overwrite

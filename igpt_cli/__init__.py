@@ -26,6 +26,9 @@ _EXPORTS = {
     # in memory (numpy in, numpy out)
     "features_from_tokens": "extract", "features_from_images": "extract", "load_features": "formats",
     "open_dataset": "data", "Palette": "palette", "LinearProbe": "probe", "probe_layer": "probe",
+    # generation and likelihood
+    "sample_images": "generate", "complete_images": "generate", "score_images": "generate",
+    "sample_file": "generate", "complete_file": "generate", "score_file": "generate",
     # the model
     "IGPT": "model", "IGPTConfig": "model", "load_pretrained": "model", "save_pretrained": "model",
     # errors, progress, choices

@@ -1,8 +1,10 @@
 """`igpt demo`: the whole pipeline, offline, on data and a model shipped with the package.
 
 quantize (shipped CIFAR-10 subset) → extract (shipped pretrained iGPT, all layers,
-plus the raw-pixel baseline) → probe → JSON reports. The command draws the table and the
-PNG curve from the result (`igpt_cli.cli`); this module only runs the stages.
+plus the raw-pixel baseline) → probe → JSON reports; and `completions.png`, one test image
+of each class completed by the model from its top half (the iGPT blog's figure). The
+command draws the table and the PNG curve from the result (`igpt_cli.cli`); this module
+only runs the stages.
 """
 from __future__ import annotations
 
@@ -44,6 +46,18 @@ def pipeline_commands(out: Path, model: Path, side: int) -> list[str]:
     return cmds
 
 
+def _completions(tokens_path: Path, model: Path, png: Path) -> Path:
+    """The completion figure of the shipped model on one test image per class."""
+    from . import formats
+    from .generate.figures import write_completion_figure
+    from .palette import Palette
+
+    with formats.open_igpt(tokens_path, formats.TOKENS_FORMAT) as f:
+        tokens, h, w, palette = formats.tokens_layout(f, tokens_path)
+        tokens, labels = tokens[:], f["labels"][:]
+    return write_completion_figure(tokens, labels, model, png, palette=Palette(palette), height=h, width=w)
+
+
 @dataclass
 class DemoResult(Result):
     model: ProbeReport      # the probe of the model's layers
@@ -55,12 +69,13 @@ class DemoResult(Result):
 
 
 def run_demo(out_dir: str | Path | None = None, *, model: str | Path | None = None,
-             on_progress: OnProgress | None = None) -> DemoResult:
+             completions: str | Path | None = None, on_progress: OnProgress | None = None) -> DemoResult:
     """Run quantize → extract → probe on the shipped data and model.
 
     With `out_dir` every intermediate file is kept there; without it they live in a
-    temporary directory that is removed before returning. Stage progress and one log
-    line per step go to `on_progress`.
+    temporary directory that is removed before returning. `completions`: where to write
+    the completion figure (default `out_dir/completions.png`; none without `out_dir`).
+    Stage progress and one log line per step go to `on_progress`.
     """
     model = Path(model) if model else SHIPPED_MODEL
     side = read_config(model).side
@@ -80,6 +95,10 @@ def run_demo(out_dir: str | Path | None = None, *, model: str | Path | None = No
             s = quantize_dataset(DEMO_DATA, files[split], split=split, size=side, palette=model, overwrite=True,
                                  on_progress=on_progress)
             log(f"quantize  {split:5s}: {s.n} images -> {files[split]}")
+        png = Path(completions) if completions is not None else (out / "completions.png" if tmp is None else None)
+        if png is not None:
+            files["completions"] = _completions(files["test"], model, png)
+            log(f"complete  test : one image per class, 3 completions of the bottom half -> {png}")
         for split in ("train", "test"):
             for kind, source in (("feats", model), ("pixels", "pixels")):
                 path = out / f"{split}-{kind}.h5"

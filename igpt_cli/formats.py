@@ -12,13 +12,14 @@ the `pool` attr; version-1 features files are still read, as if they said
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
 import h5py
 import numpy as np
 
-from . import __version__
+from . import __version__, outputs
 from .errors import InputError, ParameterError
 
 TOKENS_FORMAT = "igpt-tokens"
@@ -28,7 +29,13 @@ FEATURES_VERSION = 2  # 2: the `pool` attr
 FORMAT_VERSIONS = {TOKENS_FORMAT: TOKENS_VERSION, FEATURES_FORMAT: FEATURES_VERSION}
 
 STR_DTYPE = h5py.string_dtype("utf-8")
-ROW_CHUNK = 256  # rows per HDF5 chunk for row-streamed datasets
+ROW_CHUNK = 256  # rows per HDF5 chunk for row-streamed datasets (fewer for very wide rows)
+CHUNK_BYTES = 4 << 20  # at most this much per chunk: 256 rows of 1024x1024 uint16 tokens would be 512 MiB
+
+
+def chunk_rows(row_bytes: int) -> int:
+    """Rows per HDF5 chunk: ROW_CHUNK, or fewer so that one chunk stays within CHUNK_BYTES."""
+    return max(1, min(ROW_CHUNK, CHUNK_BYTES // max(1, row_bytes)))
 
 
 class FormatError(InputError):
@@ -46,6 +53,8 @@ def read_attrs(f: h5py.File) -> dict:
         v = _attr(v)
         if isinstance(v, np.generic):
             v = v.item()
+        elif isinstance(v, np.ndarray):  # array attrs (not written by igpt) as lists: comparable, JSON-able
+            v = [_attr(x) for x in v.tolist()] if v.ndim == 1 else v.tolist()
         out[k] = v
     if out.get("format") == FEATURES_FORMAT and "pool" not in out:
         out["pool"] = implied_pool(out.get("site"))
@@ -53,26 +62,92 @@ def read_attrs(f: h5py.File) -> dict:
 
 
 def open_igpt(path: str | Path, expected: str | None = None) -> h5py.File:
-    """Open an igpt HDF5 file read-only, checking its kind."""
+    """Open an igpt HDF5 file read-only, checking its kind and version.
+
+    Refuses (FormatError, one line) a missing file, one another igpt run is still
+    writing (its output lock is held), a file HDF5 cannot open (not HDF5, truncated), and
+    a file whose `format` / `format_version` attrs are not an igpt kind and version.
+    """
     p = Path(path)
+    writer = outputs.writer_of(p)
+    if writer is not None:
+        raise FormatError(f"{p}: another igpt run is writing this file ({writer}); wait for it to finish")
     if not p.exists():
         raise FormatError(f"{p}: no such file")
+    if p.is_dir():
+        raise FormatError(f"{p}: is a directory, not an HDF5 file")
     try:
         f = h5py.File(p, "r")
-    except OSError:
-        raise FormatError(f"{p}: not an HDF5 file") from None
-    kind = _attr(f.attrs.get("format"))
-    if kind not in (TOKENS_FORMAT, FEATURES_FORMAT) or (expected and kind != expected):
+    except OSError as e:
+        why = h5_reason(e)
+        if "truncated" in why:
+            raise FormatError(f"{p}: truncated HDF5 file ({why})") from None
+        raise FormatError(f"{p}: not an HDF5 file" + (f" ({why})" if why and "signature" not in why else "")) \
+            from None
+    try:
+        kind = _attr(f.attrs.get("format"))
+        if not isinstance(kind, str) or kind not in FORMAT_VERSIONS or (expected and kind != expected):
+            want = expected or f"{TOKENS_FORMAT} or {FEATURES_FORMAT}"
+            raise FormatError(f"{p}: not an {want} file (format={kind!r})")
+        version, readable = _int_attr(f, "format_version", p), FORMAT_VERSIONS[kind]
+        if version > readable:
+            raise FormatError(f"{p}: format_version {version} is newer than this igpt reads ({readable})")
+    except BaseException:
         f.close()
-        want = expected or f"{TOKENS_FORMAT} or {FEATURES_FORMAT}"
-        raise FormatError(f"{p}: not an {want} file (format={kind!r})")
-    version, readable = int(f.attrs.get("format_version", -1)), FORMAT_VERSIONS[kind]
-    if version > readable:
-        f.close()
-        raise FormatError(f"{p}: format_version {version} is newer than this igpt reads ({readable})")
+        raise
     return f
 
 
+def h5_reason(e: BaseException) -> str:
+    """The useful part of an h5py error message (its first line, without the call site)."""
+    text = " ".join(str(e).split())
+    if "(" in text and text.endswith(")"):
+        text = text[text.index("(") + 1:-1]
+    return text[:200]
+
+
+def read_dataset(ds: h5py.Dataset, index=slice(None), path: str | Path | None = None) -> np.ndarray:
+    """`ds[index]`, with an HDF5 read error (a damaged file) as one FormatError naming the file and dataset."""
+    try:
+        return ds[index]
+    except OSError as e:
+        where = path if path is not None else ds.file.filename
+        raise FormatError(f"{where}: cannot read {ds.name.lstrip('/')} (damaged or truncated file: "
+                          f"{h5_reason(e)})") from None
+
+
+def _int_attr(f: h5py.File, key: str, path: Path, *, minimum: int | None = None) -> int:
+    """An integer attr (numpy and Python ints; not bools, floats or strings), else FormatError."""
+    v = _attr(f.attrs.get(key))
+    if isinstance(v, np.ndarray) and v.shape == ():
+        v = v.item()
+    if isinstance(v, np.generic):
+        v = v.item()
+    if not isinstance(v, int) or isinstance(v, bool):
+        what = "missing" if v is None else f"{v!r} is not an integer"
+        raise FormatError(f"{path}: attr {key} {what}")
+    if minimum is not None and v < minimum:
+        raise FormatError(f"{path}: attr {key}={v} must be at least {minimum}")
+    return v
+
+
+def json_attr(f: h5py.File, key: str, path: str | Path | None = None, *, kind: type | None = None, default=None):
+    """A JSON-text attr decoded (`default` when absent); FormatError naming the file and attr when
+    it is not JSON, or (with `kind`) not of that type."""
+    where = path if path is not None else f.filename
+    v = _attr(f.attrs.get(key))
+    if v is None:
+        return default
+    if not isinstance(v, str):
+        raise FormatError(f"{where}: attr {key} is not JSON text ({type(v).__name__})")
+    try:
+        d = json.loads(v)
+    except ValueError:
+        short = v if len(v) < 40 else v[:37] + "…"
+        raise FormatError(f"{where}: attr {key} is not valid JSON ({short!r})") from None
+    if kind is not None and not isinstance(d, kind):
+        raise FormatError(f"{where}: attr {key} must be a JSON {kind.__name__}, not {type(d).__name__}")
+    return d
 
 
 # ---------------------------------------------------------------------------
@@ -100,7 +175,7 @@ def create_tokens_file(
     """Lay out an empty tokens file; rows are added with `append_rows`."""
     n_pos = height * width
     f.create_dataset("tokens", shape=(0, n_pos), maxshape=(None, n_pos), dtype="uint16",
-                     chunks=(ROW_CHUNK, n_pos))
+                     chunks=(chunk_rows(2 * n_pos), n_pos))
     f.create_dataset("labels", shape=(0,), maxshape=(None,), dtype="int64", chunks=(4096,))
     f.create_dataset("sources", shape=(0,), maxshape=(None,), dtype=STR_DTYPE, chunks=(4096,))
     f.create_dataset("palette", data=np.asarray(palette, dtype=np.float32))
@@ -128,8 +203,41 @@ def append_rows(f: h5py.File, **columns: np.ndarray) -> int:
     return n + k
 
 
-def class_names(f: h5py.File) -> list[str]:
-    return json.loads(_attr(f.attrs.get("class_names", "[]")))
+def class_names(f: h5py.File, path: str | Path | None = None) -> list[str]:
+    """The file's class names ([] when it has none); FormatError when the attr is malformed."""
+    names = json_attr(f, "class_names", path, kind=list, default=[])
+    if not all(isinstance(n, str) for n in names):
+        raise FormatError(f"{path if path is not None else f.filename}: attr class_names must be a JSON list "
+                          "of strings")
+    return names
+
+
+def tokens_layout(f: h5py.File, path: str | Path) -> tuple[h5py.Dataset, int, int, np.ndarray]:
+    """tokens [N, H*W], height, width, palette [K, 3] of an open tokens file, after checking its
+    layout (FormatError naming the file and what is wrong)."""
+    missing = [k for k in ("tokens", "palette") if not isinstance(f.get(k), h5py.Dataset)]
+    missing += [a for a in ("height", "width") if a not in f.attrs]
+    if missing:
+        raise FormatError(f"{path}: tokens file lacks {', '.join(missing)}")
+    h, w = _int_attr(f, "height", Path(path), minimum=1), _int_attr(f, "width", Path(path), minimum=1)
+    tok = f["tokens"]
+    if tok.ndim != 2 or tok.dtype.kind not in "ui":
+        raise FormatError(f"{path}: tokens must be a 2-D integer array [N, height*width], "
+                          f"not {tok.dtype} {list(tok.shape)}")
+    if tok.shape[1] != h * w:
+        raise FormatError(f"{path}: tokens rows have {tok.shape[1]} values but height x width is {h}x{w} = {h * w}")
+    pal = f["palette"]
+    if pal.ndim != 2 or pal.shape[1] != 3 or pal.shape[0] < 1 or pal.dtype.kind != "f":
+        raise FormatError(f"{path}: palette must be a float array [K, 3], not {pal.dtype} {list(pal.shape)}")
+    palette = np.asarray(pal, dtype=np.float32)
+    if not np.isfinite(palette).all():
+        raise FormatError(f"{path}: palette holds NaN or infinite values")
+    for k in ("labels", "sources"):
+        if k in f and (not isinstance(f[k], h5py.Dataset) or f[k].shape[:1] != tok.shape[:1] or f[k].ndim != 1):
+            raise FormatError(f"{path}: {k} must be a 1-D array of {tok.shape[0]} rows like tokens")
+    if "labels" in f and f["labels"].dtype.kind not in "ui":
+        raise FormatError(f"{path}: labels must be integers, not {f['labels'].dtype}")
+    return tok, h, w, palette
 
 
 # ---------------------------------------------------------------------------
@@ -146,7 +254,12 @@ def class_names(f: h5py.File) -> list[str]:
 
 
 def feature_layers(f: h5py.File) -> list[int]:
-    return [int(k) for k in sorted(f["features"].keys(), key=int)]
+    """The layers of a features file: the integer names of `features/` (FormatError otherwise)."""
+    keys = list(f["features"].keys())
+    bad = [k for k in keys if not (k.isdigit() or (k.startswith("-") and k[1:].isdigit()))]
+    if bad:
+        raise FormatError(f"{f.filename}: features/{bad[0]} is not a layer number")
+    return sorted(int(k) for k in keys)
 
 
 def implied_pool(site: str | None) -> str:
@@ -190,7 +303,7 @@ def create_features_file(
     n = len(labels)
     g = f.create_group("features")
     for layer, d in sorted(dims.items()):
-        _chunked_preallocated(g, str(layer), (n, d), store_dtype, ROW_CHUNK)
+        _chunked_preallocated(g, str(layer), (n, d), store_dtype, chunk_rows(d * np.dtype(store_dtype).itemsize))
     f.create_dataset("labels", data=np.asarray(labels, dtype=np.int64))
     f.create_dataset("sources", data=np.asarray(sources, dtype=object), dtype=STR_DTYPE)
     f.attrs.update(format=FEATURES_FORMAT, format_version=FEATURES_VERSION, igpt_version=__version__)
@@ -220,9 +333,42 @@ def check_complete_features(f: h5py.File, path: Path) -> dict:
     if not attrs.get("complete", False):
         raise FormatError(f"{path}: incomplete features file ({attrs.get('n_done', '?')}/"
                           f"{attrs.get('n_total', '?')} rows); finish it with igpt extract first")
-    if "features" not in f or not len(f["features"]) or "labels" not in f:
+    if not isinstance(f.get("features"), h5py.Group) or not len(f["features"]) or \
+            not isinstance(f.get("labels"), h5py.Dataset):
         raise FormatError(f"{path}: features file without features/ or labels")
+    labels = f["labels"]
+    if labels.ndim != 1 or labels.dtype.kind not in "ui":
+        raise FormatError(f"{path}: labels must be a 1-D integer array, not {labels.dtype} {list(labels.shape)}")
+    for layer in feature_layers(f):
+        ds = f["features"][str(layer)]
+        if not isinstance(ds, h5py.Dataset) or ds.ndim != 2 or ds.dtype.kind != "f":
+            raise FormatError(f"{path}: features/{layer} is not a 2-D float array")
+        if ds.shape[0] != labels.shape[0]:
+            raise FormatError(f"{path}: features/{layer} has {ds.shape[0]} rows but labels has {labels.shape[0]}")
     return attrs
+
+
+def sha256_file(path: str | Path) -> str:
+    """SHA-256 of a file's bytes (the provenance of weights and tokens files)."""
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
+def check_token_values(tokens, palette_size: int, path: str | Path, n: int | None = None) -> None:
+    """Every token of the first `n` rows (an h5py dataset or an array [N, T]) lies in 0..palette_size-1.
+
+    Read in blocks of about 16 M tokens; the error names the file, the row and the value."""
+    n = len(tokens) if n is None else n
+    step = max(1, (1 << 24) // max(1, tokens.shape[1]))
+    for i in range(0, n, step):
+        block = np.asarray(read_dataset(tokens, slice(i, min(i + step, n)), path) if isinstance(tokens, h5py.Dataset)
+                           else tokens[i:min(i + step, n)])
+        if block.size and (int(block.min()) < 0 or int(block.max()) >= palette_size):
+            bad = (block < 0) | (block >= palette_size)
+            row = int(np.argwhere(bad.any(axis=1))[0][0])
+            value = int(block[row][bad[row]][0])
+            raise InputError(f"{path}: token value {value} at row {i + row} is not in 0..{palette_size - 1} "
+                             f"(the palette has {palette_size} colours)")
 
 
 def load_features(path: str | Path, layer: int) -> tuple[np.ndarray, np.ndarray]:
@@ -240,3 +386,27 @@ def load_features(path: str | Path, layer: int) -> tuple[np.ndarray, np.ndarray]
         X = np.asarray(f["features"][str(int(layer))][:], dtype=np.float32)  # [N, D]
         labels = np.asarray(f["labels"][:], dtype=np.int64)  # [N]
     return X, labels
+
+
+# ---------------------------------------------------------------------------
+# Scores file (`igpt score`): per-image negative log-likelihood under a model
+# ---------------------------------------------------------------------------
+# nats_per_token  float64 [N]  mean cross-entropy of image i's tokens (SOS-shifted input), nats
+# bits_per_token  float64 [N]  the same in bits (nats / ln 2)
+# labels int64 [N], sources utf-8 [N]   copied from the tokens file
+# attrs: format, format_version, model, model_sha256, model_config (JSON), tokens_file,
+#        tokens_sha256, class_names (JSON), height, width, compute_dtype, device_type,
+#        batch_size, n_total, n_done, complete, igpt_version
+SCORES_FORMAT = "igpt-scores"
+SCORES_VERSION = 1
+FORMAT_VERSIONS[SCORES_FORMAT] = SCORES_VERSION
+
+
+def create_scores_file(f: h5py.File, *, labels: np.ndarray, sources: np.ndarray) -> None:
+    """Lay out a scores file of `len(labels)` rows (scores NaN until computed)."""
+    n = len(labels)
+    for name in ("nats_per_token", "bits_per_token"):
+        f.create_dataset(name, data=np.full(n, np.nan))
+    f.create_dataset("labels", data=np.asarray(labels, dtype=np.int64))
+    f.create_dataset("sources", data=np.asarray(sources, dtype=object), dtype=STR_DTYPE)
+    f.attrs.update(format=SCORES_FORMAT, format_version=SCORES_VERSION, igpt_version=__version__)

@@ -11,10 +11,17 @@ The rules every stage follows (as git's lock files and rsync's temp files do):
 - `atomic_output(path)` writes under `.<name>.tmp` and renames onto the path only on
   success (deleting the temp file on any failure); together with the lock, nothing
   incomplete ever appears at the final path.
+- Disk space: `check_free_space` refuses a write up front when the file system cannot
+  hold it, `reserve_space` allocates a preallocated file's whole length (so writes inside
+  it cannot fail for space later), and `is_disk_full` recognises ENOSPC however it
+  surfaces (OSError, or h5py's RuntimeError text); `DiskFullError` is the one-line error.
+- Readers: `writer_of(path)` names the process writing a file, so a reader can refuse a
+  file that another igpt run is still producing.
 """
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -29,6 +36,14 @@ from .errors import InputError
 
 class OutputError(InputError):
     """An output path that cannot be written (missing directory, a directory, exists, locked)."""
+
+
+class DiskFullError(OutputError):
+    """The file system of an output has no room for it (ENOSPC), said in one line."""
+
+
+LOCK_RETRY_S = 0.25  # a held lock is re-tried this long: a reader's momentary probe (`writer_of`) is no conflict
+_held: set[str] = set()  # lock files this process holds (a reader here never refuses its own output)
 
 
 def temp_path_for(final: str | Path) -> Path:
@@ -72,19 +87,36 @@ def _holder(lock: Path) -> str:
         return "another process"
 
 
+def _flock_nb(fd: int, how: int, retry_s: float) -> bool:
+    """flock(fd, how | LOCK_NB), re-tried for `retry_s` seconds; False if still held by another."""
+    deadline = time.monotonic() + retry_s
+    while True:
+        try:
+            fcntl.flock(fd, how | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.01)
+
+
 @contextlib.contextmanager
 def output_lock(final: str | Path) -> Iterator[Path]:
     """Hold an exclusive lock on the output `final` for the duration of the block.
 
-    Raises OutputError at once if another process holds it. Safe against the unlink race:
-    after locking, the lock file must still be the one at the path (else retry).
+    Raises OutputError at once (after LOCK_RETRY_S) if another process holds it, naming
+    the holder. Safe against the unlink race: after locking, the lock file must still be
+    the one at the path (else retry with the new one).
     """
     lock = lock_path_for(final)
     while True:
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            if is_disk_full(e):
+                raise disk_full(final) from None
+            raise OutputError(f"{final}: cannot create the lock file {lock} ({e.strerror})") from None
+        if not _flock_nb(fd, fcntl.LOCK_EX, LOCK_RETRY_S):
             os.close(fd)
             raise OutputError(f"{final}: another igpt run is writing this output ({_holder(lock)}); "
                               "wait for it to finish, or stop it") from None
@@ -95,15 +127,122 @@ def output_lock(final: str | Path) -> Iterator[Path]:
         if same:
             break
         os.close(fd)  # the holder removed it between our open and flock: take the new one
+    key = str(lock.resolve())
+    _held.add(key)
     try:
         info = dict(pid=os.getpid(), host=socket.gethostname(), started=time.time(),
                     command=" ".join(os.path.basename(a) if i == 0 else a for i, a in enumerate(sys.argv)))
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(info).encode(), 0)
+        with contextlib.suppress(OSError):  # a full disk: the lock holds, only the holder's name is lost
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps(info).encode(), 0)
         yield lock
     finally:
+        _held.discard(key)
         with contextlib.suppress(OSError):
             os.unlink(lock)  # still holding it: a waiter that opened it re-checks the inode
+        os.close(fd)
+
+
+def writer_of(path: str | Path) -> str | None:
+    """Who holds the output lock of `path` (another igpt run writing it), or None.
+
+    A momentary shared lock on the lock file, never created here; a writer starting at
+    that instant re-tries (LOCK_RETRY_S), so the probe never makes it fail.
+    """
+    lock = lock_path_for(path)
+    try:
+        if str(lock.resolve()) in _held:
+            return None
+        fd = os.open(lock, os.O_RDONLY)
+    except OSError:
+        return None  # no lock file: nobody writes it
+    try:
+        if _flock_nb(fd, fcntl.LOCK_SH, 0.0):
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            return None
+        return _holder(lock)
+    finally:
+        os.close(fd)
+
+
+# ---------------------------------------------------------------------------
+# Disk space
+# ---------------------------------------------------------------------------
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"  # pragma: no cover
+
+
+def _directory(path: Path) -> Path:
+    return path.parent if str(path.parent) else Path(".")
+
+
+def free_bytes(path: str | Path) -> int:
+    """Bytes an unprivileged writer may still use on the file system of `path`'s directory."""
+    st = os.statvfs(_directory(Path(path)))
+    return int(st.f_bavail * st.f_frsize)
+
+
+def allocated_bytes(path: str | Path) -> int:
+    """Bytes the file at `path` already occupies on disk (0 if there is none)."""
+    try:
+        return int(os.stat(path).st_blocks * 512)
+    except OSError:
+        return 0
+
+
+def is_disk_full(e: BaseException) -> bool:
+    """Whether an exception means ENOSPC (an OSError, or h5py's RuntimeError quoting `errno = 28`)."""
+    if getattr(e, "errno", None) == errno.ENOSPC:
+        return True
+    text = str(e)
+    return f"errno = {errno.ENOSPC}," in text or os.strerror(errno.ENOSPC) in text
+
+
+def disk_full(path: str | Path, need: int | None = None, hint: str = "") -> DiskFullError:
+    """The one-line error for a full file system under `path` (`need`: bytes it wanted)."""
+    path = Path(path)
+    try:
+        free = _fmt_bytes(free_bytes(path))
+    except OSError:
+        free = "?"
+    want = f"{_fmt_bytes(need)} needed, " if need is not None else ""
+    return DiskFullError(f"no space left on device ({path}: {want}{free} free in {_directory(path)}){hint}")
+
+
+def check_free_space(path: str | Path, nbytes: int, *, partial: str | Path | None = None, hint: str = "") -> None:
+    """Refuse up front (DiskFullError) when `path`'s file system cannot hold `nbytes` more bytes,
+    counting what the partial file `partial` (resumed into) already occupies."""
+    need = int(nbytes) - (allocated_bytes(partial) if partial is not None else 0)
+    try:
+        free = free_bytes(path)
+    except OSError:
+        return  # cannot tell: the write itself reports ENOSPC
+    if need > free:
+        raise disk_full(path, need, hint)
+
+
+def reserve_space(path: str | Path, hint: str = "") -> None:
+    """Allocate the whole length of the (preallocated, sparse) file at `path` on disk, so that
+    writes inside it cannot fail for space later. File systems that cannot (no fallocate)
+    are left as they are: their writes report ENOSPC when it happens."""
+    fallocate = getattr(os, "posix_fallocate", None)
+    if fallocate is None:  # pragma: no cover - not on Linux
+        return
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        size = os.fstat(fd).st_size
+        if size:
+            fallocate(fd, 0, size)
+    except OSError as e:
+        if is_disk_full(e):
+            raise disk_full(path, size - allocated_bytes(path), hint) from None
+        if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+            raise
+    finally:
         os.close(fd)
 
 
@@ -112,6 +251,7 @@ def atomic_output(final: str | Path, *, lock: bool = True) -> Iterator[Path]:
     """Yield a temp path; rename it onto `final` on success, delete it on any failure.
 
     With `lock` (the default) the output is locked for the whole block (`output_lock`).
+    A full file system while writing becomes a `DiskFullError` (the temp file removed).
     """
     final = Path(final)
     tmp = temp_path_for(final)
@@ -120,6 +260,8 @@ def atomic_output(final: str | Path, *, lock: bool = True) -> Iterator[Path]:
         try:
             yield tmp
             os.replace(tmp, final)
-        except BaseException:
+        except BaseException as e:
             tmp.unlink(missing_ok=True)
+            if not isinstance(e, InputError) and isinstance(e, Exception) and is_disk_full(e):
+                raise disk_full(final) from None
             raise

@@ -5,29 +5,48 @@ Library entry points (no CLI needed):
 - `fit_palette_file(src, out, ...) -> PaletteFitResult` (a new palette for your own domain)
 
 Reading and inspecting the files they write: `igpt_cli.fileinfo`.
+
+Both refuse bad parameters and inputs before any output appears (a cut archive included),
+report warnings (a limit that leaves classes empty, unsafe archive member names skipped)
+as "warning: …" progress log lines and in the result's `warnings`, and turn a full disk
+into one `DiskFullError`: up front when the data cannot fit, else at the first failed
+write, the temp file closed without another write and removed.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional
 
 import h5py
 import numpy as np
 
-from .data import EmptyDatasetError, open_dataset
+from .data import EmptyDatasetError, check_dataset_parameters, open_dataset
 from .errors import check_positive
 from .formats import append_rows, create_tokens_file
-from .outputs import atomic_output, check_output_path
+from .outputs import atomic_output, check_free_space, check_output_path, disk_full, is_disk_full
 from .palette import Palette, check_fit_parameters, fit_palette
 from .progress import OnProgress, Reporter
 from .results import Result
 
+BATCH_BYTES = 64 << 20  # decoded images per batch at most (large --size: fewer images per batch)
+
+
+class _Warnings(Result):
+    """Results with a `warnings` list, left out of `to_dict()` when empty."""
+
+    def to_dict(self) -> dict:
+        d = super().to_dict()
+        if not d.get("warnings"):
+            d.pop("warnings", None)
+        return d
+
 
 @dataclass
-class QuantizeResult(Result):
+class QuantizeResult(_Warnings):
     path: str           # the tokens file written
     n: int              # images quantized
     height: int
@@ -38,19 +57,72 @@ class QuantizeResult(Result):
     unlabeled: int      # images without a class (label -1)
     format: str         # the dataset format read: imagefolder, cifar, npz, npy
     split: str
+    warnings: list[str] = field(default_factory=list)  # also logged as "warning: …"; omitted when empty
 
 
 @dataclass
-class PaletteFitResult(Result):
+class PaletteFitResult(_Warnings):
     path: str                # the palette .npy written
     k: int                   # colours fitted (fewer than asked when the data has fewer distinct colours)
     pixels: Optional[int]    # pixels sampled (None when the dataset size is unknown)
     seconds: float
     skipped: int             # unreadable images skipped (skip_bad=True)
+    warnings: list[str] = field(default_factory=list)  # also logged as "warning: …"; omitted when empty
 
 
 def _palette(palette) -> Palette:
     return palette if isinstance(palette, Palette) else Palette.load(palette)
+
+
+def _report_warnings(ds, progress: Reporter, done: int = 0) -> int:
+    """Log the dataset's warnings from index `done` on; returns how many are logged now."""
+    for w in ds.warnings[done:]:
+        progress.log(f"warning: {w}")
+    return len(ds.warnings)
+
+
+def _close_discarding(f: h5py.File) -> None:
+    """Close an HDF5 file whose contents are being thrown away, without writing to it again.
+
+    HDF5 flushes its caches on close; after a write failed for lack of space that flush
+    fails again, and writing on after failed writes can crash HDF5 (a segfault). So the
+    file's descriptor is first pointed at an anonymous in-memory file (or /dev/null):
+    the flush lands there and the file on disk is left as it is, for its caller to delete.
+    """
+    try:
+        fd = f.id.get_vfd_handle()
+        sink = os.memfd_create("igpt-discard") if hasattr(os, "memfd_create") else os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(sink, fd)
+        finally:
+            os.close(sink)
+    except (OSError, RuntimeError, ValueError):
+        pass  # not a plain file descriptor: close as it is
+    with contextlib.suppress(Exception):
+        f.close()
+
+
+@contextlib.contextmanager
+def _hdf5_output(tmp: Path, out: Path) -> Iterator[h5py.File]:
+    """A new HDF5 file at `tmp` (the temp file of `out`); on any failure it is closed without
+    another write (`_close_discarding`), and a full disk is said as one DiskFullError
+    naming `out`. The body should `flush()` after each block of rows, so that a full disk
+    shows at the first write that does not fit."""
+    try:
+        f = h5py.File(tmp, "w")
+    except OSError as e:
+        if is_disk_full(e):
+            raise disk_full(out) from None
+        raise
+    try:
+        yield f
+        f.flush()
+        f.close()
+    except BaseException as e:
+        _close_discarding(f)
+        if isinstance(e, Exception) and is_disk_full(e):
+            raise disk_full(out) from None
+        raise
 
 
 def quantize_dataset(
@@ -61,44 +133,60 @@ def quantize_dataset(
     size: int = 32,
     palette: "Palette | str | Path | None" = None,
     limit: int | None = None,
+    limit_per_class: int | None = None,
+    shuffle: bool = False,
+    seed: int = 0,
     resize: str = "bilinear",
     fmt: str | None = None,
     skip_bad: bool = False,
+    max_pixels: int | None = None,
     overwrite: bool = False,
     batch_size: int = 256,
     on_progress: OnProgress | None = None,
 ) -> QuantizeResult:
     """Quantize the dataset at `src` (see `igpt_cli.data.open_dataset` for the dataset
-    parameters) into the tokens file `out`, with `palette` (None: the official iGPT one).
+    parameters: split, size, limit, limit_per_class, shuffle, seed, resize, fmt, skip_bad,
+    max_pixels) into the tokens file `out`, with `palette` (None: the official iGPT one).
 
     Memory is bounded (one batch of images plus the palette's 32 MiB colour lookup
-    table); `out` only appears when complete. Raises `InputError` subclasses on bad input.
-    Progress: "quantize" events counting images, the first once the dataset is open.
+    table); `out` only appears when complete. Raises `InputError` subclasses on bad input
+    (`DiskFullError` when the file system is full). Progress: "quantize" events counting
+    images, the first once the dataset is open; warnings as "warning: …" log events.
     """
     t0 = time.perf_counter()
     check_positive("batch_size", batch_size, allow_none=False)
+    check_dataset_parameters(size=size, limit=limit, limit_per_class=limit_per_class, seed=seed,
+                             max_pixels=max_pixels)
     out = check_output_path(out, overwrite)
     pal = _palette(palette)
-    ds = open_dataset(src, split=split, size=size, resize=resize, fmt=fmt, limit=limit, skip_bad=skip_bad)
+    ds = open_dataset(src, split=split, size=size, resize=resize, fmt=fmt, limit=limit, skip_bad=skip_bad,
+                      limit_per_class=limit_per_class, shuffle=shuffle, seed=seed, max_pixels=max_pixels)
     split, resize = ds.split, ds.resize  # plain strings (Enum members accepted)
+    if ds.n is not None and not skip_bad:  # the rows alone (tokens, labels) must fit: refuse before writing
+        check_free_space(out, ds.n * (size * size * 2 + 8))
+    batch_size = min(batch_size, max(1, BATCH_BYTES // (size * size * 3)))
     progress = Reporter(on_progress, "quantize", total=ds.n, unit="image")
     progress.start()
+    logged = _report_warnings(ds, progress)
     n = 0
-    with atomic_output(out) as tmp:
-        with h5py.File(tmp, "w") as f:
-            create_tokens_file(f, height=size, width=size, palette=pal.centers, class_names=ds.class_names,
-                               split=split, source=os.path.abspath(src), resize=resize)
-            for imgs, labels, sources in ds.batches(batch_size):
-                n = append_rows(f, tokens=pal.quantize(imgs), labels=labels,  # [B, S, S, 3] -> [B, S*S]
+    with atomic_output(out) as tmp, _hdf5_output(tmp, out) as f:
+        create_tokens_file(f, height=size, width=size, palette=pal.centers, class_names=ds.class_names,
+                           split=split, source=os.path.abspath(src), resize=resize)
+        rows = {name: f[name] for name in ("tokens", "labels", "sources")}  # kept open: no flush on every close
+        with contextlib.closing(ds.batches(batch_size)) as batches:  # closing ends the decode pool at once
+            for imgs, labels, sources in batches:
+                n = append_rows(rows, tokens=pal.quantize(imgs), labels=labels,  # [B, S, S, 3] -> [B, S*S]
                                 sources=np.asarray(sources, dtype=object))
+                f.flush()
                 progress.advance(len(imgs))
-            if n == 0:
-                extra = f" ({ds.skipped} unreadable images skipped)" if ds.skipped else ""
-                raise EmptyDatasetError(f"{src}: no images to quantize{extra}")
-            unlabeled = int(np.count_nonzero(f["labels"][:] == -1))
+        logged = _report_warnings(ds, progress, logged)
+        if n == 0:
+            extra = f" ({ds.skipped} unreadable images skipped)" if ds.skipped else ""
+            raise EmptyDatasetError(f"{src}: no images to quantize{extra}")
+        unlabeled = int(np.count_nonzero(rows["labels"][:] == -1))
     return QuantizeResult(path=str(out), n=n, height=size, width=size, classes=len(ds.class_names),
                           seconds=round(time.perf_counter() - t0, 3), skipped=ds.skipped, unlabeled=unlabeled,
-                          format=ds.kind, split=split)
+                          format=ds.kind, split=split, warnings=list(ds.warnings))
 
 
 def fit_palette_file(
@@ -110,31 +198,47 @@ def fit_palette_file(
     split: str = "all",
     size: int = 32,
     limit: int | None = None,
+    limit_per_class: int | None = None,
+    shuffle: bool = False,
     resize: str = "bilinear",
     fmt: str | None = None,
     skip_bad: bool = False,
+    max_pixels: int | None = None,
     overwrite: bool = False,
     seed: int = 0,
     on_progress: OnProgress | None = None,
 ) -> PaletteFitResult:
     """Fit a k-colour palette (MiniBatchKMeans on `sample_pixels` sampled pixels) on the
-    dataset at `src` and save it as a `.npy` (float32 [k, 3] in [-1, 1]).
-    Progress: "palette" events counting the images read."""
+    dataset at `src` and save it as a `.npy` (float32 [k, 3] in [-1, 1]). `seed` seeds
+    the shuffle, the pixel sampling and k-means. Progress: "palette" events counting the
+    images read; warnings as "warning: …" log events."""
     t0 = time.perf_counter()
     check_fit_parameters(k, sample_pixels)
+    check_dataset_parameters(size=size, limit=limit, limit_per_class=limit_per_class, seed=seed,
+                             max_pixels=max_pixels)
     out = check_output_path(out, overwrite)
-    ds = open_dataset(src, split=split, size=size, resize=resize, fmt=fmt, limit=limit, skip_bad=skip_bad)
+    ds = open_dataset(src, split=split, size=size, resize=resize, fmt=fmt, limit=limit, skip_bad=skip_bad,
+                      limit_per_class=limit_per_class, shuffle=shuffle, seed=seed, max_pixels=max_pixels)
     progress = Reporter(on_progress, "palette", total=ds.n, unit="image")
     progress.start()
+    logged = _report_warnings(ds, progress)
 
     def images() -> Iterator[np.ndarray]:
-        for imgs in ds.images():
-            yield imgs
-            progress.advance(len(imgs))
+        with contextlib.closing(ds.images()) as it:
+            for imgs in it:
+                yield imgs
+                progress.advance(len(imgs))
 
     pal = fit_palette(images(), k=k, sample_pixels=sample_pixels, seed=seed)
+    _report_warnings(ds, progress, logged)
     with atomic_output(out) as tmp:
-        with open(tmp, "wb") as fh:
-            np.save(fh, pal.centers)
+        try:
+            with open(tmp, "wb") as fh:
+                np.save(fh, pal.centers)
+        except OSError as e:
+            if is_disk_full(e):
+                raise disk_full(out) from None
+            raise
     return PaletteFitResult(path=str(out), k=pal.k, pixels=min(sample_pixels, (ds.n or 0) * size * size) or None,
-                            seconds=round(time.perf_counter() - t0, 3), skipped=ds.skipped)
+                            seconds=round(time.perf_counter() - t0, 3), skipped=ds.skipped,
+                            warnings=list(ds.warnings))

@@ -179,3 +179,54 @@ def assert_bad_input(r, out: Path, *needles: str) -> None:
     for needle in needles:
         assert needle in line, (needle, line)
     assert not outputs.temp_path_for(out).exists()
+
+
+def small_tmpfs(path: Path, size: str = "1m"):
+    """Context manager: a tmpfs of `size` mounted at `path` (disk-full tests); skips the test, saying why,
+    only when mounting is impossible; always unmounts. `mount -o remount,size=…` enlarges it."""
+    import contextlib
+
+    import pytest
+
+    @contextlib.contextmanager
+    def mounted():
+        path.mkdir(parents=True, exist_ok=True)
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True,
+                           text=True)
+        if r.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs for a disk-full test: {(r.stderr or r.stdout).strip()}")
+        try:
+            yield path
+        finally:
+            subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+    return mounted()
+
+
+def hold_output_lock(path: Path) -> subprocess.Popen:
+    """Another process holding `outputs.output_lock(path)` (as a running igpt writing `path` does) until
+    its stdin is closed or it is killed; returns once the lock is held."""
+    code = ("import sys; from igpt_cli.outputs import output_lock\n"
+            "with output_lock(sys.argv[1]):\n    print('locked', flush=True); sys.stdin.read()")
+    p = subprocess.Popen([sys.executable, "-c", code, str(path)], env=ENV, stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "locked"
+    return p
+
+
+def hf_causal_model(tmp: Path, n_layer=2, n_embd=64, n_head=4, n_positions=64, seed=0, vocab_size=513):
+    """A random transformers ImageGPTForCausalImageModeling (LM head included) saved as a directory:
+    (model, dir); non-trivial layer-norm gains, like `hf_model`."""
+    from transformers import ImageGPTConfig, ImageGPTForCausalImageModeling
+
+    torch.manual_seed(seed)
+    cfg = ImageGPTConfig(vocab_size=vocab_size, n_positions=n_positions, n_embd=n_embd, n_layer=n_layer,
+                         n_head=n_head)
+    m = ImageGPTForCausalImageModeling(cfg).eval()
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if "ln" in name:
+                p.uniform_(0.5, 1.5)
+    d = tmp / f"hf-causal-{n_layer}x{n_embd}-{seed}"
+    m.save_pretrained(d)
+    return m, d

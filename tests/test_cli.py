@@ -65,3 +65,120 @@ def test_library_parameter_names_become_flags(tmp_path):
 def test_shell_completion_is_available():
     r = invoke("--help")
     assert "--install-completion" in r.stdout
+
+
+# --- hardening: one line for everything, signals, pictures by extension, -q / --overwrite everywhere -----
+import errno  # noqa: E402
+import io  # noqa: E402
+import json  # noqa: E402
+import signal  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+
+import h5py  # noqa: E402
+
+from helpers import ENV, hf_model, make_tokens  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def pixel_feats(tmp_path_factory):
+    d = tmp_path_factory.mktemp("pix")
+    tok = make_tokens(d / "t.h5", 120, 4)
+    r = run_igpt("extract", tok, "--model", "pixels", "-o", d / "f.h5", "-q")
+    assert r.returncode == 0, r.stderr
+    return d / "f.h5"
+
+
+def test_log_lines_are_never_wrapped():
+    from rich.console import Console
+
+    from igpt_cli.cli.ui import ProgressBar
+    from igpt_cli.progress import ProgressEvent
+
+    buf = io.StringIO()
+    bar = ProgressBar(console=Console(file=buf, width=20))
+    record = json.dumps({"step": 100, "train_loss": 2.123456, "lr": 0.002, "seconds": 12.5, "val_loss": 2.2})
+    with bar:
+        bar(ProgressEvent("train", 100, 200, "step", message=record))
+    assert buf.getvalue() == record + "\n"
+
+
+@pytest.mark.parametrize("exc, needle", [
+    (OSError(errno.ENOSPC, "No space left on device", "/data/out.h5"), "no space left on device (/data/out.h5)"),
+    (OSError(errno.EIO, "Input/output error", "/data/in.h5"), "/data/in.h5: Input/output error"),
+    (MemoryError(), "out of memory"),
+])
+def test_last_resort_errors_are_one_line(monkeypatch, tmp_path, exc, needle):
+    import igpt_cli.fileinfo
+
+    def boom(*a, **k):
+        raise exc
+
+    monkeypatch.setattr(igpt_cli.fileinfo, "file_info", boom)
+    r = invoke("info", tmp_path / "x.h5")
+    assert_clean_failure(r, needle)
+
+
+def test_errors_have_no_stray_blank_lines(tmp_path):
+    r = run_igpt("quantize", tmp_path / "missing", "-o", tmp_path / "o.h5")
+    assert r.returncode == 2 and r.stderr.splitlines() == [r.stderr.strip()], repr(r.stderr)
+
+
+def test_sigterm_unwinds_like_ctrl_c_and_keeps_the_resumable_partial(tmp_path):
+    _, model = hf_model(tmp_path, n_layer=2, n_embd=64, n_head=2, n_positions=64)
+    tok = make_tokens(tmp_path / "t.h5", 3000, 8)
+    out = tmp_path / "f.h5"
+    args = [sys.executable, "-m", "igpt_cli", "extract", str(tok), "-m", str(model), "-o", str(out),
+            "--batch-size", "1", "--dtype", "float32", "-q"]
+    proc = subprocess.Popen(args, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    deadline = time.time() + 120
+    done = 0
+    while time.time() < deadline and done < 8:
+        time.sleep(0.1)
+        try:
+            with h5py.File(tmp, "r", locking=False) as f:
+                done = int(f.attrs.get("n_done", 0))
+        except (OSError, KeyError):
+            pass
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 143, stderr
+    assert "Traceback" not in stderr and stdout == ""
+    assert stderr.strip().splitlines() == ["terminated"]
+    assert tmp.exists() and not out.exists()  # resumable partial kept, nothing at the final path
+    r = run_igpt("extract", tok, "-m", model, "-o", out, "--batch-size", "1", "--dtype", "float32", "-q")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["resumed_from"] >= 8
+
+
+def test_probe_plot_format_follows_the_extension(pixel_feats, tmp_path):
+    r = invoke("probe", pixel_feats, "--plot", tmp_path / "p.pdf", "-q")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "p.pdf").read_bytes()[:5] == b"%PDF-"
+    r = invoke("probe", pixel_feats, "--plot", tmp_path / "p.svg", "-q")
+    assert b"<svg" in (tmp_path / "p.svg").read_bytes()[:2000]
+    r = invoke("probe", pixel_feats, "--plot", tmp_path / "p.xyz")
+    assert_clean_failure(r, "--plot", out=tmp_path / "p.xyz")
+    assert "unknown picture format" in r.stderr
+
+
+def test_probe_quiet_prints_nothing_and_outputs_need_overwrite(pixel_feats, tmp_path):
+    r = invoke("probe", pixel_feats, "-q")
+    assert r.returncode == 0 and r.stderr == "" and r.stdout == ""
+    csv = tmp_path / "p.csv"
+    csv.write_text("precious\n")
+    t0 = time.perf_counter()
+    r = invoke("probe", pixel_feats, "--csv", csv)
+    assert_clean_failure(r, "--overwrite")
+    assert time.perf_counter() - t0 < 5 and csv.read_text() == "precious\n"  # refused before any fit
+    r = invoke("probe", pixel_feats, "--csv", csv, "--overwrite", "-q")
+    assert r.returncode == 0 and csv.read_text().startswith("layer,")
+    (tmp_path / "d.png").mkdir()
+    assert_clean_failure(invoke("probe", pixel_feats, "--plot", tmp_path / "d.png", "--overwrite"), "directory")
+
+
+@pytest.mark.parametrize("command", ["quantize", "extract", "probe", "train", "demo", "info", "show"])
+def test_every_command_takes_quiet(command):
+    assert "--quiet" in invoke(command, "-h").stdout

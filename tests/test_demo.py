@@ -35,6 +35,17 @@ def test_demo_runs_offline_end_to_end(tmp_path):
     best = next(l for l in rep["layers"] if l["layer"] == rep["best_layer"])
     # the pretrained features beat raw pixels on the shipped subset (measured: +5.6 points)
     assert best["test_acc"] > pix["layers"][0]["test_acc"] + 0.02
-    for name in ("train.h5", "test.h5", "train-feats.h5", "test-feats.h5", "probe.png", "probe.json"):
+    for name in ("train.h5", "test.h5", "train-feats.h5", "test-feats.h5", "probe.png", "probe.json",
+                 "completions.png"):
         assert (tmp_path / "demo" / name).is_file(), name
     assert "igpt probe" in r.stderr and "layer" in r.stderr  # table and the equivalent commands
+
+
+def test_demo_refuses_to_overwrite_an_earlier_demo_without_overwrite(tmp_path):
+    from helpers import assert_clean_failure, run_igpt
+
+    (tmp_path / "demo").mkdir()
+    (tmp_path / "demo" / "train.h5").write_text("precious")
+    r = run_igpt("demo", "--out", tmp_path / "demo", cwd=tmp_path)
+    assert_clean_failure(r, "--overwrite")
+    assert (tmp_path / "demo" / "train.h5").read_text() == "precious"

@@ -49,6 +49,12 @@ def test_python_api_example(tmp_path):
     assert "(4, 192)" in r.stdout  # in-memory features of 4 images from layers 0 and 4
 
 
+def test_generate_example(tmp_path):
+    r = run(sys.executable, EXAMPLES / "generate.py", SHIPPED_MODEL, DEMO_DATA, tmp_path / "gen", cwd=tmp_path)
+    assert "bits/token" in r.stdout
+    assert (tmp_path / "gen" / "completions.png").is_file() and (tmp_path / "gen" / "samples.png").is_file()
+
+
 def test_fit_palette_example(tmp_path):
     r = run(EXAMPLES / "fit_palette.sh", DEMO_DATA, tmp_path / "pal", 16, cwd=tmp_path)
     assert np.load(tmp_path / "pal" / "palette.npy").shape == (16, 3)

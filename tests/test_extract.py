@@ -2,6 +2,7 @@
 resumption, progress events, bad input."""
 from __future__ import annotations
 
+import errno
 import json
 import signal
 import subprocess
@@ -14,8 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import (ENV, PALETTE, assert_clean_failure, hf_model, hf_reference, invoke, make_tokens, read_feats,
-                     run_igpt)
+from helpers import (ENV, PALETTE, assert_clean_failure, error_lines, hf_model, hf_reference, hold_output_lock, invoke,
+                     make_tokens, read_feats, run_igpt, small_tmpfs)
 from igpt_cli import formats, outputs
 from igpt_cli.errors import InputError, ParameterError
 from igpt_cli.extract import ExtractResult, ModelSource, extract_features
@@ -133,6 +134,8 @@ def test_pixels_baseline(small):
         assert f.attrs["pool"] == "flatten"  # the whole image, not an average
     assert x.shape == (12, 8 * 8 * 3)
     np.testing.assert_array_equal(x, PALETTE[small["t"]].reshape(12, -1))
+    # the rate of the whole stage, not of its (table-lookup) loop: never above rows / stage seconds
+    assert s.images_per_s is not None and s.images_per_s <= s.n / (s.seconds - 0.0005)  # seconds: rounded
     with pytest.raises(InputError):
         extract_features(small["tokens"], "pixels", "3", small["tmp"] / "pix2.h5")
 
@@ -379,3 +382,209 @@ def test_hub_name_resolves_from_local_cache(tmp_path, monkeypatch, small):
     assert resolve_model_dir("openai/imagegpt-small") == snap
     assert resolve_model_dir(small["dir"]) == small["dir"]
     assert resolve_model_dir("openai/imagegpt-large") == Path("openai/imagegpt-large")  # not cached: as given
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_output_that_is_a_directory_is_refused_before_work(small, overwrite, monkeypatch):
+    out = small["tmp"] / f"dir-{overwrite}.h5"
+    out.mkdir()
+    monkeypatch.setattr(ModelSource, "__call__", lambda *a: pytest.fail("computed features"))
+    r = invoke("extract", small["tokens"], "--model", small["dir"], "-o", out, "-q",
+               *(["--overwrite"] if overwrite else []))
+    assert_clean_failure(r, "is a directory")
+    assert out.is_dir() and not any(out.iterdir()) and not outputs.temp_path_for(out).exists()
+
+
+@pytest.mark.parametrize("case", ["class-names", "class-names-type", "tokens-1d", "tokens-float", "no-height",
+                                  "bad-height", "truncated"])
+def test_damaged_tokens_files_are_one_line(bad_inputs, case):
+    t = bad_inputs
+    tok, out = t / f"damaged-{case}.h5", t / f"out-{case}.h5"
+    make_tokens(tok, 3, 4)
+    needle = {"class-names": "attr class_names is not valid JSON",
+              "class-names-type": "attr class_names must be a JSON list of strings",
+              "tokens-1d": "tokens must be a 2-D integer array", "tokens-float": "tokens must be a 2-D integer array",
+              "no-height": "tokens file lacks height", "bad-height": "attr height",
+              "truncated": "truncated HDF5 file"}[case]
+    with h5py.File(tok, "r+") as f:
+        if case == "class-names":
+            f.attrs["class_names"] = "[cat, dog"
+        elif case == "class-names-type":
+            f.attrs["class_names"] = json.dumps([1, 2])
+        elif case in ("tokens-1d", "tokens-float"):
+            data = f["tokens"][:]
+            del f["tokens"]
+            f["tokens"] = data.reshape(-1) if case == "tokens-1d" else data.astype(np.float32)
+        elif case == "no-height":
+            del f.attrs["height"]
+        elif case == "bad-height":
+            f.attrs["height"] = "four"
+    if case == "truncated":
+        tok.write_bytes(tok.read_bytes()[:3000])
+    r = invoke("extract", tok, "--model", t / "m", "-o", out, "-q")
+    assert_clean_failure(r, needle, out)
+    assert str(tok) in r.stderr and not outputs.temp_path_for(out).exists()
+
+
+def test_bad_config_json_is_one_line_naming_the_key(bad_inputs):
+    t = bad_inputs
+    d = t / "badcfg"
+    d.mkdir()
+    (d / "model.safetensors").write_bytes((t / "m" / "model.safetensors").read_bytes())
+    cfg = json.loads((t / "m" / "config.json").read_text())
+    for change, needle in (({"n_head": 5}, "n_head=5: must divide n_embd=32"),
+                           ({"n_embd": 65536}, "n_embd=65536: must be between 1 and 16384"),
+                           ({"n_layer": -2}, "n_layer=-2: must be between 1 and 1024"),
+                           ({"n_positions": "16"}, "n_positions='16': must be an integer")):
+        (d / "config.json").write_text(json.dumps(dict(cfg, **change)))
+        out = t / "out-cfg.h5"
+        assert_clean_failure(invoke("extract", t / "t4.h5", "--model", d, "-o", out, "-q"), needle, out)
+        assert "config.json" in error_lines(invoke("extract", t / "t4.h5", "--model", d, "-o", out, "-q").stderr)[0]
+
+
+# ---------------------------------------------------------------------------
+# one output, two runs: the lock
+# ---------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def long_run(tmp_path_factory):
+    """A 2 x 32 model over 6000 4x4 images in batches of 2 (2.3 MB of features): seconds long, so it can
+    be caught running."""
+    tmp = tmp_path_factory.mktemp("long")
+    torch.manual_seed(0)
+    save_pretrained(IGPT(IGPTConfig(n_positions=16, n_embd=32, n_layer=2, n_head=2)), tmp / "m")
+    tokens = make_tokens(tmp / "t.h5", 6000, 4, seed=3)
+    args = ["extract", tokens, "--model", tmp / "m", "-l", "all", "--batch-size", "2", "--dtype", "float32",
+            "--quiet"]
+    ref = tmp / "ref.h5"
+    r = run_igpt(*args, "-o", ref)
+    assert r.returncode == 0, r.stderr
+    return dict(tmp=tmp, args=args, ref=ref)
+
+
+def _n_done(path: Path) -> int:
+    try:
+        with h5py.File(path, "r", locking=False) as f:
+            return int(f.attrs.get("n_done", 0))
+    except Exception:
+        return 0
+
+
+def _start(args, out: Path, *, prefix=()) -> subprocess.Popen:
+    cmd = [sys.executable, *prefix] if prefix else [sys.executable, "-m", "igpt_cli"]
+    return subprocess.Popen([*cmd, *map(str, args), "-o", str(out)], env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def _wait_rows(p: subprocess.Popen, tmp: Path, rows: int) -> None:
+    deadline = time.time() + 120
+    while _n_done(tmp) < rows:
+        assert p.poll() is None, p.communicate()
+        assert time.time() < deadline
+        time.sleep(0.01)
+
+
+def _assert_same_file(a: Path, b: Path) -> None:
+    fa, fb = read_feats(a), read_feats(b)
+    assert fa.keys() == fb.keys()
+    for layer in fa:
+        np.testing.assert_array_equal(fa[layer], fb[layer])
+    with h5py.File(a) as x, h5py.File(b) as y:
+        assert formats.read_attrs(x) == formats.read_attrs(y)
+
+
+def test_second_run_on_the_same_output_fails_at_once(long_run):
+    out = long_run["tmp"] / "same.h5"
+    tmp = outputs.temp_path_for(out)
+    first = _start(long_run["args"], out)
+    _wait_rows(first, tmp, 20)
+    t0 = time.time()
+    second = run_igpt(*long_run["args"], "-o", out)
+    assert time.time() - t0 < 60
+    assert_clean_failure(second, "another igpt run is writing this output")
+    assert f"pid {first.pid} " in second.stderr
+    stdout, stderr = first.communicate(timeout=300)
+    assert first.returncode == 0, stderr  # its partial file was left alone
+    assert json.loads(stdout)["computed"] == 6000
+    assert not tmp.exists() and not outputs.lock_path_for(out).exists()
+    _assert_same_file(long_run["ref"], out)
+
+
+def test_tokens_file_being_written_is_refused(long_run, tmp_path):
+    tokens = make_tokens(tmp_path / "being-written.h5", 3, 4)
+    holder = hold_output_lock(tokens)  # as a running `igpt quantize … -o being-written.h5 --overwrite` holds it
+    try:
+        out = tmp_path / "f.h5"
+        r = invoke("extract", tokens, "--model", long_run["tmp"] / "m", "-o", out, "-q")
+        assert_clean_failure(r, "another igpt run is writing this file", out)
+        assert f"pid {holder.pid}" in r.stderr
+    finally:
+        holder.stdin.close()
+        holder.wait(30)
+    assert invoke("extract", tokens, "--model", long_run["tmp"] / "m", "-o", tmp_path / "f.h5", "-q").returncode == 0
+
+
+# ---------------------------------------------------------------------------
+# disk full (a real tmpfs)
+# ---------------------------------------------------------------------------
+def _fill(directory: Path) -> Path:
+    """Fill the file system of `directory` to the last byte; returns the filler file."""
+    filler = directory / "filler"
+    with open(filler, "wb", buffering=0) as fh:
+        for block in (1 << 16, 1 << 12, 1 << 9, 1):
+            try:
+                while True:
+                    fh.write(b"\0" * block)
+            except OSError as e:
+                assert e.errno == errno.ENOSPC
+    return filler
+
+
+def test_disk_full_is_refused_up_front(long_run, tmp_path):
+    """6000 rows x 3 layers x 32 floats = 2.3 MB do not fit a 1 MiB file system: one line before any work."""
+    with small_tmpfs(tmp_path / "mnt", "1m") as mnt:
+        out = mnt / "f.h5"
+        r = run_igpt(*long_run["args"], "-o", out)
+        assert_clean_failure(r, "no space left on device", out)
+        assert "needed" in r.stderr and not outputs.temp_path_for(out).exists()
+        assert not outputs.lock_path_for(out).exists()
+
+
+# a run on a file system without fallocate (space cannot be reserved): ENOSPC strikes mid-run
+NO_FALLOCATE = ("-c", "import os, runpy; del os.posix_fallocate; runpy.run_module('igpt_cli', run_name='__main__')")
+
+
+def test_disk_full_mid_run_keeps_a_resumable_partial(long_run, tmp_path):
+    with small_tmpfs(tmp_path / "mnt", "3m") as mnt:
+        out = mnt / "f.h5"
+        tmp = outputs.temp_path_for(out)
+        p = _start(long_run["args"], out, prefix=NO_FALLOCATE)
+        _wait_rows(p, tmp, 100)
+        filler = _fill(mnt)
+        stdout, stderr = p.communicate(timeout=300)
+        r = subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr)
+        assert_clean_failure(r, "no space left on device", out)
+        assert "is kept" in stderr and tmp.exists()
+        done = _n_done(tmp)
+        assert 100 <= done < 6000
+        # still full: refused again, the partial file untouched
+        r = run_igpt(*long_run["args"], "-o", out)
+        assert_clean_failure(r, "no space left on device", out)
+        assert _n_done(tmp) == done
+        # space freed (here: the file system grown): the same command resumes
+        filler.unlink()
+        subprocess.run(["mount", "-o", "remount,size=6m", str(mnt)], check=True)
+        r = run_igpt(*long_run["args"], "-o", out)
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout)["resumed_from"] == done
+        _assert_same_file(long_run["ref"], out)
+
+
+def test_space_reserved_up_front_survives_a_disk_filled_during_the_run(long_run, tmp_path):
+    with small_tmpfs(tmp_path / "mnt", "3m") as mnt:
+        out = mnt / "f.h5"
+        p = _start(long_run["args"], out)
+        _wait_rows(p, outputs.temp_path_for(out), 100)
+        _fill(mnt)
+        stdout, stderr = p.communicate(timeout=300)
+        assert p.returncode == 0, stderr
+        _assert_same_file(long_run["ref"], out)

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import ENV, invoke, make_tokens
+from helpers import ENV, hold_output_lock, invoke, make_tokens
 from igpt_cli import formats, outputs
 from igpt_cli.errors import InputError
 from igpt_cli.extract.sharded import DistContext, all_part_paths, merge_parts, part_path, shard_rows
@@ -316,6 +316,38 @@ def test_part_from_other_settings_is_refused(setup):
     assert str(part_path(out, 1, 2)) in " ".join(r.stderr.split()) and "layers differs" in errs[0]
     assert re.search(r"exitcode\s*:\s*2", r.stderr), r.stderr[-3000:]
     assert not out.exists()
+
+
+@pytest.mark.parametrize("locked", ["part", "out"])
+def test_locked_part_or_output_stops_every_rank_at_once(setup, locked):
+    """Another job holds rank 1's part file (or a one-process run holds the output): the failing rank
+    names the holder in one line, every rank exits 2, no part is touched, nothing is merged."""
+    out = setup["tmp"] / f"locked-{locked}.h5"
+    holder = hold_output_lock(part_path(out, 1, 2) if locked == "part" else out)
+    try:
+        r = torchrun(2, setup["tokens"], setup["model"], out)
+    finally:
+        holder.stdin.close()
+        holder.wait(30)
+    errs = error_messages(r.stderr)
+    assert r.returncode != 0 and len(errs) == 1, r.stderr[-3000:]
+    assert "another igpt run is writing this output" in errs[0] and f"pid {holder.pid} " in errs[0]
+    assert re.search(r"exitcode\s*:\s*2", r.stderr), r.stderr[-3000:]
+    assert not out.exists() and not all_part_paths(out) and not outputs.temp_path_for(out).exists()
+
+
+def test_merge_takes_the_output_lock(tmp_path, parts_data):
+    data, labels, sources = parts_data
+    out = tmp_path / "f.h5"
+    make_parts(out, 2, data, labels, sources)
+    holder = hold_output_lock(out)
+    try:
+        with pytest.raises(outputs.OutputError, match=f"pid {holder.pid} "):
+            merge_parts(out, IDENT, dict(IDENT, **EXTRA), labels, sources, {0: 5, 2: 5}, "float32", 2)
+    finally:
+        holder.stdin.close()
+        holder.wait(30)
+    assert not out.exists() and all_part_paths(out)  # nothing merged, nothing removed
 
 
 def test_rendezvous_failure_is_one_line(setup):

@@ -110,3 +110,98 @@ def test_bad_info_and_show_inputs(tmp_path):
     assert r.exit_code == 2 and "not an HDF5 file" in r.stderr and "Traceback" not in r.stderr + r.stdout
     out = tmp_path / "g.png"
     assert_bad_input(invoke("show", tmp_path / "x.h5", "-o", out), out, "x.h5")
+
+
+@pytest.mark.parametrize("ext,magic", [(".jpg", b"\xff\xd8\xff"), (".jpeg", b"\xff\xd8\xff"), (".webp", b"RIFF"),
+                                       (".bmp", b"BM"), (".gif", b"GIF8"), (".PNG", b"\x89PNG")])
+def test_show_writes_the_format_the_extension_names(tmp_path, ext, magic):
+    tokens = make_tokens(tmp_path / "t.h5", 4, 8)
+    out = tmp_path / f"g{ext}"
+    r = invoke("show", tokens, "-o", out, "--n", 4)
+    assert r.exit_code == 0, r.stderr
+    assert out.read_bytes().startswith(magic)
+    assert Image.open(out).size == (json.loads(r.stdout)["width"], json.loads(r.stdout)["height"])
+
+
+@pytest.mark.parametrize("name", ["g.xyz", "g.pdf", "grid"])
+def test_show_refuses_unknown_extensions_before_work(tmp_path, name):
+    tokens = make_tokens(tmp_path / "t.h5", 4, 8)
+    out = tmp_path / name
+    assert_bad_input(invoke("show", tokens, "-o", out), out, "unknown image extension", ".png")
+
+
+def test_show_caps_the_image_size(tmp_path):
+    tokens = make_tokens(tmp_path / "t.h5", 4, 8)
+    out = tmp_path / "g.png"
+    assert_bad_input(invoke("show", tokens, "-o", out, "--scale", 100000), out, "--scale 100000",
+                     "the grid would be 2200000x2200000 pixels")
+    with pytest.raises(ParameterError, match="^cols=100000: the grid would be"):
+        show_tokens(tokens, out, cols=100000)
+    assert show_tokens(tokens, out, scale=400).width == 22 * 400  # 8800 px a side: allowed
+    assert not (tmp_path / ".g.png.tmp").exists()
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_show_refuses_a_directory_output(tmp_path, overwrite):
+    tokens = make_tokens(tmp_path / "t.h5", 4, 8)
+    (tmp_path / "d.png").mkdir()
+    r = invoke("show", tokens, "-o", tmp_path / "d.png", *(["--overwrite"] if overwrite else []))
+    assert r.exit_code == 2 and "is a directory" in r.stderr and "Traceback" not in r.stderr
+    assert not any((tmp_path / "d.png").iterdir())
+
+
+@pytest.mark.parametrize("case,needle", [("no-palette", "tokens file lacks palette"),
+                                         ("no-height", "tokens file lacks height"),
+                                         ("fake-format", "tokens file lacks tokens, palette, height, width"),
+                                         ("float-tokens", "tokens must be a 2-D integer array"),
+                                         ("palette-shape", "palette must be a float array [K, 3]"),
+                                         ("token-range", "out of range for a 512-colour palette")])
+def test_show_on_damaged_tokens_files(tmp_path, case, needle):
+    path = tmp_path / "t.h5"
+    if case == "fake-format":  # not written by igpt: only the attr
+        with h5py.File(path, "w") as f:
+            f.attrs.update(format="igpt-tokens", format_version=1)
+    else:
+        make_tokens(path, 4, 8)
+        with h5py.File(path, "r+") as f:
+            if case == "no-palette":
+                del f["palette"]
+            elif case == "no-height":
+                del f.attrs["height"]
+            elif case == "float-tokens":
+                t = f["tokens"][:]
+                del f["tokens"]
+                f["tokens"] = t.astype(np.float64)
+            elif case == "palette-shape":
+                del f["palette"]
+                f["palette"] = np.zeros((512, 4), np.float32)
+            elif case == "token-range":
+                f["tokens"][0, 0] = 600
+    out = tmp_path / "g.png"
+    assert_bad_input(invoke("show", path, "-o", out), out, str(path), needle)
+
+
+def test_info_on_malformed_and_foreign_files(tmp_path):
+    path = make_tokens(tmp_path / "t.h5", 3, 4)
+    with h5py.File(path, "r+") as f:
+        f.attrs["class_names"] = "[a, b"
+    r = invoke("info", path)
+    assert r.exit_code == 2 and "attr class_names is not valid JSON" in r.stderr and "Traceback" not in r.stderr
+    with h5py.File(path, "r+") as f:
+        f.attrs["class_names"] = json.dumps({"a": 1})
+    assert "must be a JSON list" in invoke("info", path).stderr
+    fake = tmp_path / "fake.h5"  # a foreign file with a fake format attr and odd contents
+    with h5py.File(fake, "w") as f:
+        f.attrs.update(format="igpt-tokens", format_version=1)
+        f["labels"] = np.zeros((2, 2))
+        f["a/b/c"] = np.arange(3)
+    d = json.loads(invoke("info", fake, "--json").stdout)
+    assert d["n"] is None and d["classes"] == [] and d["datasets"]["a/b/c"] == {"shape": [3], "dtype": "int64"}
+    with h5py.File(fake, "w") as f:
+        f.attrs["format"] = np.array([1, 2])
+    r = invoke("info", fake)
+    assert r.exit_code == 2 and "not an igpt-tokens or igpt-features file" in r.stderr
+    with h5py.File(fake, "w") as f:
+        f.attrs.update(format="igpt-tokens", format_version="one")
+    assert "attr format_version 'one' is not an integer" in invoke("info", fake).stderr
+    assert "is a directory" in invoke("info", tmp_path).stderr

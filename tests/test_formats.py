@@ -104,3 +104,58 @@ def test_load_features_reads_float16_as_float32(tmp_path):
     assert X.dtype == np.float32 and (X == 0.5).all() and list(y) == list(range(n))
     with h5py.File(tmp_path / "f16.h5", "r") as f:
         assert json.loads(formats.read_attrs(f)["layers"]) == [2]
+
+
+def test_json_attrs_and_layer_names_are_checked(tmp_path):
+    path, _, _ = write_features(tmp_path / "f.h5")
+    with h5py.File(path, "r+") as f:
+        assert formats.json_attr(f, "layers", path, kind=list) == [0, 3]
+        assert formats.json_attr(f, "missing", path, default=7) == 7
+        assert formats.class_names(f, path) == ["a", "b", "c"]
+        for value, needle in (("[0, 3", "attr layers is not valid JSON"), ('{"a": 1}', "attr layers must be a "
+                                                                                      "JSON list, not dict")):
+            f.attrs["layers"] = value
+            with pytest.raises(formats.FormatError, match=needle) as e:
+                formats.json_attr(f, "layers", path, kind=list)
+            assert str(e.value).startswith(str(path))
+        f.attrs["class_names"] = json.dumps(["a", 2])
+        with pytest.raises(formats.FormatError, match="class_names must be a JSON list of strings"):
+            formats.class_names(f, path)
+        f["features/abc"] = np.zeros((6, 4), np.float32)
+        with pytest.raises(formats.FormatError, match="features/abc is not a layer number"):
+            formats.feature_layers(f)
+
+
+def test_open_igpt_names_what_is_wrong(tmp_path):
+    from helpers import hold_output_lock
+
+    tok = make_tokens(tmp_path / "t.h5", 3, 4)
+    with pytest.raises(formats.FormatError, match="is a directory"):
+        formats.open_igpt(tmp_path)
+    cut = tmp_path / "cut.h5"
+    cut.write_bytes(tok.read_bytes()[:2000])
+    with pytest.raises(formats.FormatError, match=r"cut.h5: truncated HDF5 file \(.*truncated"):
+        formats.open_igpt(cut)
+    holder = hold_output_lock(tok)
+    try:
+        with pytest.raises(formats.FormatError, match=f"another igpt run is writing this file \\(pid {holder.pid} "):
+            formats.open_igpt(tok)
+    finally:
+        holder.stdin.close()
+        holder.wait(30)
+    with formats.open_igpt(tok) as f:
+        t, h, w, pal = formats.tokens_layout(f, tok)
+        assert (t.shape, h, w, pal.shape) == ((3, 16), 4, 4, (512, 3))
+    with h5py.File(tok, "r+") as f:
+        f.attrs["width"] = 5
+    with formats.open_igpt(tok) as f, pytest.raises(formats.FormatError, match="height x width is 4x5 = 20"):
+        formats.tokens_layout(f, tok)
+
+
+def test_complete_features_need_matching_rows(tmp_path):
+    path, data, _ = write_features(tmp_path / "f.h5")
+    with h5py.File(path, "r+") as f:
+        del f["features/3"]
+        f["features/3"] = data[3][:5]
+    with pytest.raises(formats.FormatError, match="features/3 has 5 rows but labels has 6"):
+        formats.load_features(path, 0)

@@ -7,8 +7,8 @@ import torch
 
 from helpers import hf_model, hf_reference
 from igpt_cli.errors import ParameterError
-from igpt_cli.model import (IGPT, IGPTConfig, POOLS, SITES, load_pretrained, pool_tokens, save_pretrained,
-                            sos_shift)
+from igpt_cli.model import (IGPT, IGPTConfig, POOLS, SITES, config_to_hf, load_pretrained, pool_tokens,
+                            save_pretrained, sos_shift)
 from igpt_cli.model.checkpoint import BLOCK_WEIGHTS, weight_map
 
 
@@ -158,3 +158,128 @@ def test_saved_checkpoint_loads_in_transformers_and_back(tmp_path):
     back = load_pretrained(tmp_path / "m")
     for k, v in model.state_dict().items():
         assert torch.equal(back.state_dict()[k], v), k
+
+
+# ---------------------------------------------------------------------------
+# the KV cache (generation)
+# ---------------------------------------------------------------------------
+def _incremental_logits(model: IGPT, idx: torch.Tensor, chunks: list[int]) -> torch.Tensor:
+    """Logits of `idx` fed through one KVCache in chunks of the given sizes (the rest one token at a time)."""
+    from igpt_cli.model.igpt import KVCache
+
+    cache = KVCache(model.config, idx.shape[0])
+    out, pos = [], 0
+    sizes = list(chunks) + [1] * (idx.shape[1] - sum(chunks))
+    with torch.inference_mode():
+        for k in sizes:
+            out.append(model(idx[:, pos:pos + k], cache))
+            pos += k
+    assert cache.pos == idx.shape[1]
+    return torch.cat(out, 1)
+
+
+@pytest.mark.parametrize("chunks", [[1], [7, 5], [64]], ids=["token-by-token", "chunked-prefill", "one-chunk"])
+def test_cached_logits_equal_full_forward_and_transformers(tmp_path, chunks):
+    from helpers import hf_causal_model
+
+    hf, d = hf_causal_model(tmp_path, n_layer=3, n_embd=64, n_head=4, n_positions=64)
+    model = load_pretrained(d)
+    idx = sos_shift(torch.randint(0, 512, (3, 64), generator=torch.Generator().manual_seed(1)), 512)
+    with torch.inference_mode():
+        full = model(idx)
+        ref = hf(input_ids=idx).logits
+    cached = _incremental_logits(model, idx, chunks)
+    assert cached.shape == full.shape == ref.shape == (3, 64, 512)
+    np.testing.assert_allclose(cached.numpy(), full.numpy(), atol=1e-4, rtol=0)  # every position
+    np.testing.assert_allclose(cached.numpy(), ref.numpy(), atol=1e-4, rtol=0)
+    with torch.inference_mode():  # last_only: the last position's logits, [B, V]
+        from igpt_cli.model.igpt import KVCache
+
+        last = model(idx[:, :10], KVCache(model.config, 3), last_only=True)
+    np.testing.assert_allclose(last.numpy(), full[:, 9].numpy(), atol=1e-4, rtol=0)
+
+
+def test_cache_is_preallocated_and_refuses_overflow():
+    from igpt_cli.model.igpt import KVCache
+
+    cfg = IGPTConfig(n_positions=16, n_embd=32, n_layer=2, n_head=4)
+    model = IGPT(cfg).eval()
+    cache = KVCache(cfg, 2, dtype=torch.bfloat16)
+    assert cache.k.shape == (2, 2, 4, 16, 8) and cache.nbytes == KVCache.bytes_for(cfg, 2, torch.bfloat16) == \
+        2 * 2 * 2 * 16 * 32 * 2
+    k_ptr = cache.k.data_ptr()
+    with torch.inference_mode():
+        model.to(torch.bfloat16)(torch.zeros(2, 10, dtype=torch.long), cache)
+        assert cache.pos == 10 and cache.k.data_ptr() == k_ptr  # written in place, never reallocated
+        with pytest.raises(ParameterError, match="overflow the cache"):
+            model(torch.zeros(2, 7, dtype=torch.long), cache)
+        with pytest.raises(ParameterError, match="batch does not match"):
+            model(torch.zeros(3, 1, dtype=torch.long), cache)
+    with pytest.raises(ParameterError, match="max_len=17"):
+        KVCache(cfg, 1, max_len=17)
+
+
+# ---------------------------------------------------------------------------
+# config.json checks (checkpoint.py)
+# ---------------------------------------------------------------------------
+@pytest.mark.parametrize("change,message", [
+    ({"n_head": 5, "n_embd": 64}, "n_head=5: must divide n_embd=64"),
+    ({"n_embd": 65536}, "n_embd=65536: must be between 1 and 16384"),
+    ({"n_layer": -1}, "n_layer=-1: must be between 1 and 1024"),
+    ({"n_layer": 0}, "n_layer=0: must be between 1 and 1024"),
+    ({"vocab_size": 10 ** 12}, "vocab_size=1000000000000: must be between 2 and 65537"),
+    ({"n_positions": "1024"}, "n_positions='1024': must be an integer"),
+    ({"n_embd": 512.0}, "n_embd=512.0: must be an integer"),
+    ({"n_head": True}, "n_head=True: must be an integer"),
+    ({"n_inner": -4}, "n_inner=-4: must be between 1 and 65536"),
+    ({"layer_norm_epsilon": "tiny"}, "layer_norm_epsilon='tiny': must be a number between 0 and 1"),
+    ({"activation_function": "gelu"}, "activation_function='gelu': not iGPT's quick_gelu"),
+])
+def test_bad_config_values_name_config_json_and_the_key(tmp_path, change, message):
+    import json
+
+    from igpt_cli.model import CheckpointError, config_from_hf, read_config
+
+    good = config_to_hf(IGPTConfig(n_positions=16, n_embd=32, n_layer=2, n_head=2))
+    with pytest.raises(CheckpointError) as e:
+        config_from_hf(dict(good, **change))
+    assert str(e.value) == message
+    (tmp_path / "config.json").write_text(json.dumps(dict(good, **change)))
+    with pytest.raises(CheckpointError) as e:
+        read_config(tmp_path)
+    assert str(e.value) == f"{tmp_path / 'config.json'}: {message}"
+
+
+def test_config_not_an_object_or_not_json(tmp_path):
+    from igpt_cli.model import CheckpointError, read_config
+
+    for text, needle in (("[1, 2]", "expected a JSON object, not list"), ("{n_embd: 3", "unreadable config"),
+                         (b"\xff\xfe", "unreadable config")):
+        p = tmp_path / "config.json"
+        p.write_bytes(text if isinstance(text, bytes) else text.encode())
+        with pytest.raises(CheckpointError, match=needle):
+            read_config(tmp_path)
+
+
+def test_huge_config_with_small_weights_is_refused_without_allocating(tmp_path):
+    """config.json says 8192 wide, the weights are 32 wide: refused by shape, the model never built."""
+    import json
+    import resource
+    import time
+
+    from igpt_cli.model import CheckpointError
+
+    save_pretrained(IGPT(IGPTConfig(n_positions=16, n_embd=32, n_layer=2, n_head=2)), tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(dict(cfg, n_embd=8192)))  # 2 blocks = 6.4 GB in float32
+    rss0, t0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, time.time()
+    with pytest.raises(CheckpointError, match="config.json implies"):
+        load_pretrained(tmp_path)
+    assert time.time() - t0 < 10
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0 < 1 << 20  # KiB: under 1 GiB more
+
+
+def test_checkpoint_without_lm_head_keeps_a_fresh_head(small):
+    m = load_pretrained(small["dir"])  # a transformers ImageGPTModel: no lm_head in the file
+    assert m.lm_head.weight.shape == (512, 128) and m.lm_head.weight.device.type == "cpu"
+    assert torch.isfinite(m.lm_head.weight).all()

@@ -12,6 +12,7 @@ from helpers import assert_clean_failure, invoke, run_igpt
 
 from igpt_cli import formats
 from igpt_cli.errors import ParameterError
+from igpt_cli.outputs import OutputError
 from igpt_cli.probe import LayerResult, ProbeReport, probe_files, write_csv
 
 CLASSES = ["cat", "dog", "ship"]
@@ -245,7 +246,7 @@ def test_bad_jobs(pair):
 def test_bad_single_class(tmp_path):
     feats, y = make_data(60)
     f = write_features(tmp_path / "one.h5", feats, np.zeros_like(y))
-    assert_clean_failure(cli(f), "single class")
+    assert_clean_failure(cli(f), "single class ('cat' (0))")
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf])
@@ -261,8 +262,8 @@ def test_bad_class_with_one_sample(tmp_path, pair):
     y = np.where(y == 2, 1, y)
     y[7] = 2  # one sample of class 2
     f = write_features(tmp_path / "few.h5", feats, y)
-    assert_clean_failure(cli(f, "--test", pair[1]), "fewer than 2 samples")
-    assert_clean_failure(cli(f), "fewer than 2 samples")
+    assert_clean_failure(cli(f, "--test", pair[1]), "class 'ship' (2) has fewer than 2 samples")
+    assert_clean_failure(cli(f), "class 'ship' (2) has fewer than 2 samples")
 
 
 def test_bad_unlabelled_and_incomplete(tmp_path):
@@ -273,3 +274,68 @@ def test_bad_unlabelled_and_incomplete(tmp_path):
     assert_clean_failure(cli(f), "unlabelled")
     g = write_features(tmp_path / "inc.h5", feats, y, complete=False, n_done=30)
     assert_clean_failure(cli(g), "incomplete")
+
+
+def test_model_config_is_an_object_in_the_report(pair):
+    rep = probe_files(pair[0], pair[1], ["1"])
+    assert rep.model_config == {"n_layer": 3} and rep.class_names == CLASSES
+    r = cli(pair[0], "--test", pair[1], "--layer", "1", "--json", "-q")
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    assert d["model_config"] == {"n_layer": 3}  # an object, as in `igpt info --json`
+    assert d["model_config"] == json.loads(invoke("info", pair[0], "--json").stdout)["attrs"]["model_config"]
+
+
+def test_write_csv_refuses_an_existing_file_without_overwrite(pair, tmp_path):
+    rep = probe_files(pair[0], pair[1], ["1"])
+    out = tmp_path / "r.csv"
+    out.write_text("keep me")
+    with pytest.raises(OutputError, match="overwrite=True"):
+        write_csv(rep, out)
+    assert out.read_text() == "keep me"
+    write_csv(rep, out, overwrite=True)
+    assert next(csv.DictReader(out.open()))["layer"] == "1"
+    (tmp_path / "d.csv").mkdir()
+    for overwrite in (False, True):
+        with pytest.raises(OutputError, match="is a directory"):
+            write_csv(rep, tmp_path / "d.csv", overwrite=overwrite)
+
+
+@pytest.mark.parametrize("flag", ["--csv", "--plot"])
+def test_output_directory_is_refused_before_any_fit(pair, tmp_path, monkeypatch, flag):
+    import igpt_cli.probe.runner as runner
+
+    monkeypatch.setattr(runner, "probe_layer", lambda *a, **k: pytest.fail("fitted before checking the output"))
+    d = tmp_path / ("out.csv" if flag == "--csv" else "out.png")
+    d.mkdir()
+    assert_clean_failure(cli(pair[0], "--test", pair[1], flag, d, "-q"), "is a directory")
+    assert d.is_dir() and not any(d.iterdir())
+
+
+@pytest.mark.parametrize("case", ["class_names", "model_config", "layer-name", "rows", "truncated", "labels-float"])
+def test_bad_damaged_features_file(tmp_path, case):
+    feats, y = make_data(60)
+    path = tmp_path / f"{case}.h5"
+    needle = {"class_names": "attr class_names is not valid JSON", "model_config": "attr model_config",
+              "layer-name": "features/x is not a layer number", "rows": "features/1 has 59 rows but labels has 60",
+              "truncated": "truncated HDF5 file", "labels-float": "labels must be a 1-D integer array"}[case]
+    if case == "class_names":
+        write_features(path, feats, y, class_names="{cat")
+    elif case == "model_config":
+        write_features(path, feats, y, model_config="[1, 2]")  # JSON, but not an object
+    elif case == "layer-name":
+        write_features(path, feats, y)
+        with h5py.File(path, "r+") as f:
+            f["features/x"] = feats[0]
+    elif case == "rows":
+        write_features(path, {**feats, 1: feats[1][:59]}, y)
+    elif case == "truncated":
+        write_features(path, feats, y)
+        path.write_bytes(path.read_bytes()[:2500])
+    elif case == "labels-float":
+        write_features(path, feats, y)
+        with h5py.File(path, "r+") as f:
+            del f["labels"]
+            f["labels"] = y.astype(np.float32)
+    assert_clean_failure(cli(path), needle)
+    assert str(path) in cli(path).stderr.replace("\n", "")

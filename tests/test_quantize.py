@@ -108,6 +108,29 @@ def test_hf_parity_on_5000_real_cifar_images(cifar_tar, official_palette_path):
     check_hf_parity(cifar_tar, official_palette_path, stride=2, expect=5000)
 
 
+def test_selection_warnings_in_result_and_progress_and_size_cap(tmp_path, ds):
+    events: list[ProgressEvent] = []
+    r = quantize_dataset(ds, tmp_path / "o.h5", split="train", limit=2, on_progress=events.append)
+    want = (f"{ds}: limit=2 leaves 2 of 3 classes without images (dog, frog); pass shuffle=True or "
+            "limit_per_class=N for images of every class")
+    assert r.warnings == [want] and r.to_dict()["warnings"] == [want]
+    assert [e.message for e in events if e.message] == [f"warning: {want}"]
+    assert read_tokens(tmp_path / "o.h5")[1].tolist() == [0, 0]
+    r = quantize_dataset(ds, tmp_path / "p.h5", split="train", limit_per_class=1, shuffle=True, seed=5)
+    assert "warnings" not in r.to_dict() and sorted(read_tokens(tmp_path / "p.h5")[1].tolist()) == [0, 1, 2]
+    f = fit_palette_file(ds, tmp_path / "pal.npy", k=4, sample_pixels=500, limit=1)
+    assert f.to_dict()["warnings"][0].endswith("limit=1 leaves 2 of 3 classes without images (dog, frog); pass "
+                                               "shuffle=True or limit_per_class=N for images of every class")
+    # images are size×size: a size beyond MAX_SIZE is refused before anything is read
+    for bad in (1025, 100_000):
+        with pytest.raises(ParameterError, match=rf"^size={bad}: must be at most 1024"):
+            quantize_dataset(ds, tmp_path / "s.h5", size=bad)
+        with pytest.raises(ParameterError, match=rf"^size={bad}: must be at most 1024"):
+            fit_palette_file(ds, tmp_path / "s.npy", size=bad)
+    assert_bad_input(invoke("quantize", ds, "-o", tmp_path / "s.h5", "--size", 100000), tmp_path / "s.h5",
+                     "--size 100000: must be at most 1024")
+
+
 def test_fit_palette_file_result_and_bad_parameters(tmp_path, ds):
     events: list[ProgressEvent] = []
     r = fit_palette_file(ds, tmp_path / "p.npy", k=8, sample_pixels=3000, split="train", on_progress=events.append)
@@ -242,3 +265,15 @@ def test_bad_input_real_process(tmp_path):
     assert p.returncode == 2, p.stderr
     assert len(p.stderr.strip().splitlines()) == 1 and "nope.tar" in p.stderr and "Traceback" not in p.stderr
     assert not out.exists()
+
+
+def test_error_after_the_progress_bar_started_is_exactly_one_line(tmp_path, ds):
+    """No stray blank line (a bar drawn off a terminal) before the error, and the bad file is
+    named without Python internals (`<_io.BytesIO object at 0x…>`)."""
+    (ds / "train" / "dog" / "0001.png").write_bytes(b"not an image")
+    out = tmp_path / "o.h5"
+    r = run_igpt("quantize", ds, "-o", out)  # not --quiet: the progress bar runs
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr == (f"error: {ds / 'train/dog/0001.png'}: cannot read image (not a known image format, or "
+                        "corrupt); --skip-bad skips such files\n"), r.stderr
+    assert sorted(os.listdir(tmp_path)) == ["ds"]

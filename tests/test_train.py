@@ -90,7 +90,7 @@ def test_resume_is_bit_for_bit(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         pretrain(tok, tmp_path / "cut", cfg, dtype="float32", on_progress=interrupt_at_step_3)
     assert json.loads((tmp_path / "cut" / "train_meta.json").read_text())["step"] == 3
-    pretrain(tok, tmp_path / "cut", TrainConfig(), dtype="float32", resume=True)
+    pretrain(tok, tmp_path / "cut", dtype="float32", resume=True)  # cfg=None: the run's own settings
     a = (tmp_path / "full" / "model.safetensors").read_bytes()
     b = (tmp_path / "cut" / "model.safetensors").read_bytes()
     assert a == b

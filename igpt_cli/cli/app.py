@@ -8,6 +8,7 @@ is one line on stderr and exit status 2, never a traceback. Command functions ar
 from __future__ import annotations
 
 import json
+import signal
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -15,10 +16,13 @@ import typer
 from typer.core import TyperGroup
 
 from .. import __version__
-from ..choices import ComputeDtype, DatasetFormat, Pool, Resize, Site, Split, StoreDtype
+from ..choices import ComputeDtype, Pool, Resize, Site, Split, StoreDtype
 from ..errors import InputError
-from .ui import (ProgressBar, click_errors, err, handles_input_errors, maybe_bar, print_json, probe_layer_line,
-                 render_file_info, render_probe_table)
+from .generation import register as register_generation_commands
+from .options import (Device, Dtype, FormatOpt, LayerSpec, LimitOpt, LimitPerClass, MaxPixels, Overwrite, Quiet,
+                      ResizeOpt, Restart, Shuffle, SizeOpt, SkipBad, SplitOpt)
+from .ui import (ProgressBar, click_errors, err, get_current_context, handles_input_errors, maybe_bar, print_json,
+                 probe_layer_line, raise_terminated, render_file_info, render_probe_table)
 
 
 class OneLineErrors(TyperGroup):
@@ -75,23 +79,9 @@ def main_callback(
 
 
 def main() -> None:
-    """Console-script entry point (`igpt`)."""
+    """Console-script entry point (`igpt`): SIGTERM unwinds like Ctrl-C, so temp files are removed."""
+    signal.signal(signal.SIGTERM, raise_terminated)
     app(prog_name="igpt")
-
-
-# --- shared options --------------------------------------------------------------------------
-Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or progress lines.")]
-Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace an existing output file.")]
-LayerSpec = Annotated[Optional[list[str]], typer.Option(
-    "--layer", "-l", help="Layer(s): 12, 8-16, -1, 0,4,8 or all (repeatable). Default: all.")]
-Device = Annotated[str, typer.Option("--device", help="auto|cpu|cuda|cuda:N|mps (auto: cuda, then mps, then cpu).")]
-SplitOpt = Annotated[Split, typer.Option("--split", help="Which split to read.")]
-SizeOpt = Annotated[int, typer.Option("--size", help="Images are resized to size×size.")]
-LimitOpt = Annotated[Optional[int], typer.Option("--limit", help="At most N images.")]
-ResizeOpt = Annotated[Resize, typer.Option("--resize", help="bilinear: whole image (like Hugging Face); "
-                                                            "center-crop: central square first (the paper's ImageNet protocol).")]
-FormatOpt = Annotated[Optional[DatasetFormat], typer.Option("--format", help="Override format detection.")]
-SkipBad = Annotated[bool, typer.Option("--skip-bad", help="Skip unreadable images and count them.")]
 
 
 # --- quantize, palette, info, show ----------------------------------------------------------
@@ -105,9 +95,13 @@ def quantize_command(
     palette: Annotated[Optional[str], typer.Option(
         help="Palette: .npy, preprocessor_config.json or a model dir (default: the official iGPT 512-colour palette).")] = None,
     limit: LimitOpt = None,
+    limit_per_class: LimitPerClass = None,
+    shuffle: Shuffle = False,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of --shuffle.")] = 0,
     resize: ResizeOpt = Resize.bilinear,
     fmt: FormatOpt = None,
     skip_bad: SkipBad = False,
+    max_pixels: MaxPixels = None,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
 ) -> None:
@@ -120,8 +114,9 @@ def quantize_command(
     bar = ProgressBar.maybe(quiet)
     with maybe_bar(bar):
         result = quantize_dataset(src, out, split=split.value, size=size, palette=palette, limit=limit,
+                                  limit_per_class=limit_per_class, shuffle=shuffle, seed=seed,
                                   resize=resize.value, fmt=fmt.value if fmt else None, skip_bad=skip_bad,
-                                  overwrite=overwrite, on_progress=bar)
+                                  max_pixels=max_pixels, overwrite=overwrite, on_progress=bar)
     print_json(result)
 
 
@@ -135,11 +130,15 @@ def palette_fit_command(
     split: SplitOpt = Split.all,
     size: SizeOpt = 32,
     limit: LimitOpt = None,
+    limit_per_class: LimitPerClass = None,
+    shuffle: Shuffle = False,
     resize: ResizeOpt = Resize.bilinear,
     fmt: FormatOpt = None,
     skip_bad: SkipBad = False,
+    max_pixels: MaxPixels = None,
     overwrite: Overwrite = False,
-    seed: Annotated[int, typer.Option("--seed", help="Seed for sampling and k-means.")] = 0,
+    seed: Annotated[int, typer.Option("--seed", help="Seed for --shuffle, pixel sampling and k-means.")] = 0,
+    quiet: Quiet = False,
 ) -> None:
     """Fit a new palette with MiniBatchKMeans (for pretraining on your own domain).
 
@@ -147,9 +146,13 @@ def palette_fit_command(
     """
     from ..quantize import fit_palette_file
 
-    print_json(fit_palette_file(src, out, k=k, sample_pixels=sample_pixels, split=split.value, size=size,
-                                limit=limit, resize=resize.value, fmt=fmt.value if fmt else None,
-                                skip_bad=skip_bad, overwrite=overwrite, seed=seed))
+    bar = ProgressBar.maybe(quiet)
+    with maybe_bar(bar):
+        result = fit_palette_file(src, out, k=k, sample_pixels=sample_pixels, split=split.value, size=size,
+                                  limit=limit, limit_per_class=limit_per_class, shuffle=shuffle,
+                                  resize=resize.value, fmt=fmt.value if fmt else None, skip_bad=skip_bad,
+                                  max_pixels=max_pixels, overwrite=overwrite, seed=seed, on_progress=bar)
+    print_json(result)
 
 
 @app.command("info")
@@ -157,6 +160,7 @@ def palette_fit_command(
 def info_command(
     file: Annotated[Path, typer.Argument(help="Any igpt file (tokens or features).")],
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+    quiet: Quiet = False,
 ) -> None:
     """Summarize an igpt file: kind, shapes, classes and counts, attrs.
 
@@ -175,10 +179,11 @@ def info_command(
 @handles_input_errors
 def show_command(
     tokens: Annotated[Path, typer.Argument(help="A tokens file.")],
-    out: Annotated[Path, typer.Option("-o", "--out", help="PNG to write.")],
+    out: Annotated[Path, typer.Option("-o", "--out", help="Picture to write; its extension names the format (.png, .jpg, .webp, …).")],
     n: Annotated[int, typer.Option("--n", help="Number of images.")] = 64,
     scale: Annotated[int, typer.Option("--scale", help="Integer upscaling of the grid.")] = 2,
     overwrite: Overwrite = False,
+    quiet: Quiet = False,
 ) -> None:
     """Decode tokens through their palette into a PNG grid.
 
@@ -201,14 +206,14 @@ def extract_command(
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", "-b",
                                                       help="Images per batch (default: auto).")] = None,
     device: Device = "auto",
-    dtype: Annotated[ComputeDtype, typer.Option("--dtype", help="Compute dtype (auto: bfloat16 where fast).")] = ComputeDtype.auto,
+    dtype: Dtype = ComputeDtype.auto,
     no_sos: Annotated[bool, typer.Option("--no-sos", help="Feed tokens unshifted (Hugging Face's behaviour).")] = False,
     site: Annotated[Site, typer.Option("--site", help="ln: mean of ln_1(h_l) (the paper's); resid: mean of h_l.")] = Site.ln,
     pool: Annotated[Pool, typer.Option("--pool", help="How token maps become one vector per image.")] = Pool.mean,
     limit: LimitOpt = None,
     store_dtype: Annotated[StoreDtype, typer.Option("--store-dtype", help="Feature dtype on disk.")] = StoreDtype.float32,
     overwrite: Overwrite = False,
-    restart: Annotated[bool, typer.Option("--restart", help="Discard a partial run instead of resuming it.")] = False,
+    restart: Restart = False,
     quiet: Quiet = False,
 ) -> None:
     """Run a pretrained iGPT over a tokens file; write per-layer averaged features (resumable).
@@ -249,7 +254,8 @@ def probe_command(
     plot_out: Annotated[Optional[Path], typer.Option("--plot", metavar="OUT.png", help="Plot accuracy vs layer.")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed for the stratified splits.")] = 0,
     jobs: Annotated[int, typer.Option("--jobs", "-j", help="Layers probed in parallel (each holds its layer in memory).")] = 1,
-    quiet: Quiet = False,
+    overwrite: Overwrite = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Nothing on stderr but errors (no progress lines, no table).")] = False,
 ) -> None:
     """Linear-probe accuracy per layer: features in, per-layer accuracy out.
 
@@ -259,11 +265,12 @@ def probe_command(
 
     from .. import outputs
     from ..probe import probe_files, write_csv
-    from .plots import write_probe_plot
+    from .plots import check_plot_path, write_probe_plot
 
-    for path in (plot_out, csv_out):
-        if path is not None:
-            outputs.check_output_path(path, overwrite=True)
+    if plot_out is not None:
+        check_plot_path(plot_out, overwrite, param="plot_out")
+    if csv_out is not None:
+        outputs.check_output_path(csv_out, overwrite)
     bar = ProgressBar.maybe(quiet, on_result=probe_layer_line)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # counted in the report instead (not_converged_fits)
@@ -271,13 +278,18 @@ def probe_command(
             report = probe_files(train, test, layers, test_fraction=test_fraction, seed=seed, jobs=jobs,
                                  on_progress=bar)
     d = report.to_dict()
-    render_probe_table(d)
+    if not quiet:
+        render_probe_table(d)
     if csv_out:
-        write_csv(report, csv_out)
+        write_csv(report, csv_out, overwrite=overwrite)
     if plot_out:
         write_probe_plot(d, plot_out)
     if as_json:
         typer.echo(json.dumps(d, indent=2, default=str))
+
+
+# --- sample, complete, score: cli/generation.py ---------------------------------------------------
+register_generation_commands(app)
 
 
 # --- train, demo ----------------------------------------------------------------------------------
@@ -286,7 +298,7 @@ def probe_command(
 def train_command(
     train_tokens: Annotated[Path, typer.Argument(help="Tokens file (igpt quantize) to pretrain on.")],
     out: Annotated[Path, typer.Option("-o", "--out", help="Model directory to write (Hugging Face ImageGPT layout).")],
-    val: Annotated[Optional[Path], typer.Option("--val", help="Tokens file for validation loss (bits/dim).")] = None,
+    val_tokens: Annotated[Optional[Path], typer.Option("--val", help="Tokens file for validation loss (bits/dim).")] = None,
     n_layer: Annotated[int, typer.Option("--depth", min=1, help="Transformer blocks.")] = 8,
     n_embd: Annotated[int, typer.Option("--width", min=8, help="Embedding width.")] = 256,
     n_head: Annotated[int, typer.Option("--heads", min=1, help="Attention heads.")] = 8,
@@ -308,17 +320,23 @@ def train_command(
 
     Example: igpt train train.h5 --val test.h5 -o my-igpt --depth 8 --width 192 --heads 6 --steps 2400
     """
-    from ..train import TrainConfig, pretrain
+    from ..train import pretrain
 
     if not resume and steps is None and epochs is None:
         raise InputError("give --steps or --epochs")
-    cfg = TrainConfig(n_layer=n_layer, n_embd=n_embd, n_head=n_head, steps=steps, epochs=epochs,
-                      batch_size=batch_size, lr=lr, warmup_steps=warmup_steps, flip=not no_flip,
-                      checkpoint_every=checkpoint_every, eval_every=eval_every, seed=seed)
+    settings = dict(n_layer=n_layer, n_embd=n_embd, n_head=n_head, steps=steps, epochs=epochs,
+                    batch_size=batch_size, lr=lr, warmup_steps=warmup_steps, flip=not no_flip,
+                    checkpoint_every=checkpoint_every, eval_every=eval_every, seed=seed)
+    # Only the flags the user typed: a new run takes the defaults for the rest; a resumed run
+    # compares them with its own settings, and continues with its own when none is given.
+    ctx = get_current_context()
+    param = {"flip": "no_flip"}
+    cfg = {k: v for k, v in settings.items()
+           if getattr(ctx.get_parameter_source(param.get(k, k)), "name", "DEFAULT") not in ("DEFAULT", "DEFAULT_MAP")}
     bar = ProgressBar.maybe(quiet)
     with maybe_bar(bar):
-        result = pretrain(train_tokens, out, cfg, val_tokens=val, device=device, dtype=dtype.value, resume=resume,
-                       on_progress=bar)
+        result = pretrain(train_tokens, out, cfg, val_tokens=val_tokens, device=device, dtype=dtype.value,
+                          resume=resume, on_progress=bar)
     print_json(result)
 
 
@@ -330,23 +348,34 @@ def demo_command(
     plot: Annotated[Optional[Path], typer.Option("--plot", help=(
         "Where to write the probe curve PNG (default: OUT/probe.png, or ./igpt-demo.png without --out)."))] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the probe reports as JSON on stdout.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the files of an earlier demo.")] = False,
     quiet: Quiet = False,
 ) -> None:
     """Run quantize → extract → probe offline on the shipped CIFAR-10 subset and model.
+
+    Without --out only the probe curve (./igpt-demo.png) and a completion figure
+    (./igpt-demo-completions.png) are kept.
 
     Example: igpt demo --out demo-out
     """
     from .. import outputs
     from ..demo import run_demo
-    from .plots import write_probe_plot
+    from .plots import check_plot_path, write_probe_plot
 
     plot_path = plot or (out / "probe.png" if out else Path("igpt-demo.png"))
-    if out is not None and plot is None:
+    completions = None if out else Path("igpt-demo-completions.png")
+    if out is not None:
+        if out.exists() and not out.is_dir():
+            raise InputError(f"{out}: exists and is not a directory")
+        if not overwrite and out.is_dir() and any(out.iterdir()):
+            raise InputError(f"{out}: holds files already (pass overwrite=True to replace the demo's files)")
         out.mkdir(parents=True, exist_ok=True)
-    outputs.check_output_path(plot_path, overwrite=True)
+    check_plot_path(plot_path, overwrite)
+    if completions is not None:
+        outputs.check_output_path(completions, overwrite)
     bar = ProgressBar.maybe(quiet)
     with maybe_bar(bar):
-        result = run_demo(out, model=model, on_progress=bar)
+        result = run_demo(out, model=model, completions=completions, on_progress=bar)
     rep, pix = result.model.to_dict(), result.pixels.to_dict()
     files = dict(result.files, plot=str(write_probe_plot(rep, plot_path)))
     if not quiet:

@@ -1,9 +1,23 @@
-"""The tool's main picture: probe accuracy by layer (matplotlib, written as a PNG)."""
+"""The tool's main picture: probe accuracy by layer (matplotlib), in the format its file name says."""
 from __future__ import annotations
 
 from pathlib import Path
 
-from ..outputs import atomic_output
+from ..errors import ParameterError
+from ..outputs import atomic_output, check_output_path
+
+# what the file's extension may name (matplotlib's Agg canvas, without the raw dumps)
+PLOT_FORMATS = ("png", "pdf", "svg", "svgz", "jpg", "jpeg", "webp", "tif", "tiff", "gif", "eps", "ps")
+
+
+def check_plot_path(path: str | Path, overwrite: bool, param: str = "plot") -> Path:
+    """An output path whose extension names a picture format matplotlib writes (checked before any work)."""
+    p = check_output_path(path, overwrite)
+    fmt = p.suffix.lower().lstrip(".")
+    if fmt not in PLOT_FORMATS:
+        raise ParameterError(param, str(path), f"unknown picture format {p.suffix or '(no extension)'!r}; "
+                                               f"use one of .{', .'.join(PLOT_FORMATS)}")
+    return p
 
 
 def write_probe_plot(report: dict, path: str | Path) -> Path:
@@ -30,7 +44,8 @@ def write_probe_plot(report: dict, path: str | Path) -> Path:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
+    fmt = Path(path).suffix.lower().lstrip(".") or "png"
     with atomic_output(path) as tmp:
-        fig.savefig(tmp, format="png")
+        fig.savefig(tmp, format="jpeg" if fmt == "jpg" else fmt)
     plt.close(fig)
     return Path(path)

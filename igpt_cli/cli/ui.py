@@ -5,6 +5,7 @@ them into what a user sees. stdout is reserved for results (JSON).
 """
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import re
@@ -64,8 +65,30 @@ def say_with_flags(message: str) -> str:
     return message
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread so that it unwinds like Ctrl-C (temp files removed)."""
+
+
+def raise_terminated(signum, frame):
+    raise Terminated()
+
+
+def os_error_line(e: OSError) -> str:
+    """One line for an OSError that escaped the library (disk full, permissions, I/O errors)."""
+    where = e.filename or ""
+    if e.errno == errno.ENOSPC:
+        return f"no space left on device ({where or 'while writing'})"
+    what = e.strerror or str(e) or type(e).__name__
+    return f"{where}: {what}" if where else what
+
+
 def handles_input_errors(fn):
-    """Turn InputError (and Ctrl-C) into one clean line on stderr and an exit status (2, 130)."""
+    """One clean line on stderr and an exit status for everything a user can cause.
+
+    InputError → its message with the command's flags, exit 2; Ctrl-C → 130, SIGTERM → 143
+    (after the library's cleanup ran); and, as a last resort, MemoryError and OSError
+    (disk full, I/O errors) → one line, exit 2, never a traceback.
+    """
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -75,9 +98,16 @@ def handles_input_errors(fn):
             if e.quiet:  # another process already reported it (distributed runs)
                 raise typer.Exit(2)
             fail(say_with_flags(str(e)))
+        except Terminated:
+            err.print("terminated")
+            raise typer.Exit(143)
         except KeyboardInterrupt:
             err.print("interrupted")
             raise typer.Exit(130)
+        except MemoryError:
+            fail("out of memory (try a smaller --batch-size or fewer images)")
+        except OSError as e:
+            fail(os_error_line(e))
 
     return wrapper
 
@@ -93,17 +123,21 @@ class ProgressBar:
     """The CLI's one progress bar: renders the library's ProgressEvents on stderr.
 
     One bar per run of a task (a new bar on `started` events or when the task changes);
-    `message` events are printed above the bar; `result` events are handed to
-    `on_result` (e.g. the probe prints one line per finished layer). Use as a context
-    manager and pass the instance as `on_progress`; `ProgressBar.maybe(quiet)` is None
-    when quiet, so the library skips all reporting.
+    `message` events are printed as whole lines (never wrapped, so JSON log lines stay
+    parseable); `result` events are handed to `on_result` (e.g. the probe prints one line
+    per finished layer). Bars are drawn only when stderr is a terminal: in logs and pipes
+    only the lines appear. Use as a context manager and pass the instance as `on_progress`;
+    `ProgressBar.maybe(quiet)` is None when quiet, so the library skips all reporting.
     """
 
-    def __init__(self, on_result=None):
+    def __init__(self, on_result=None, console: Console = err):
         self.on_result = on_result
-        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), _Rate(),
-                                 TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-                                 TextColumn("{task.fields[info]}"), console=err, transient=False)
+        self.console = console
+        self.progress: Progress | None = None
+        if console.is_terminal:
+            self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), _Rate(),
+                                     TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+                                     TextColumn("{task.fields[info]}"), console=console, transient=False)
         self.task: TaskID | None = None
         self.task_name: str | None = None
 
@@ -112,25 +146,28 @@ class ProgressBar:
         return None if quiet else cls(on_result)
 
     def __enter__(self):
-        self.progress.start()
         return self
 
     def __exit__(self, exc_type, exc, tb):
-        if exc_type is not None:  # a failed stage leaves no half bar above its one-line error
-            for task in list(self.progress.task_ids):
-                self.progress.remove_task(task)
-        self.progress.stop()
+        if self.progress is not None and self.task is not None:
+            if exc_type is not None:  # a failed stage leaves no half bar above its one-line error
+                for task in list(self.progress.task_ids):
+                    self.progress.remove_task(task)
+            self.progress.stop()
         return False
 
     def __call__(self, ev: ProgressEvent) -> None:
+        out = self.progress.console if self.progress is not None else self.console
         if ev.message:
-            self.progress.console.print(ev.message, highlight=False, markup=False)
+            out.print(say_with_flags(ev.message), highlight=False, markup=False, soft_wrap=True)
         if ev.result is not None and self.on_result is not None:
-            self.on_result(ev.result, self.progress.console)
-        if ev.total is None and ev.done == 0 and not ev.started:
-            return  # a pure log event of a task without a bar
+            self.on_result(ev.result, out)
+        if self.progress is None or (ev.total is None and ev.done == 0 and not ev.started):
+            return  # no terminal, or a pure log event of a task without a bar
         if ev.started or self.task is None or ev.task != self.task_name:
-            if self.task is not None:
+            if self.task is None:
+                self.progress.start()
+            else:
                 self.progress.stop_task(self.task)
             self.task = self.progress.add_task(ev.task, total=ev.total, completed=ev.done, info=ev.info,
                                                unit=ev.unit)
@@ -149,7 +186,7 @@ def maybe_bar(bar: ProgressBar | None):
 # --- tables --------------------------------------------------------------------------------
 def probe_layer_line(r, console: Console) -> None:
     console.print(f"layer {r.layer}: val {r.val_acc:.2%} (C={r.c:.3g}) test {r.test_acc:.2%} "
-                  f"[{r.seconds:.1f} s]", highlight=False)
+                  f"[{r.seconds:.1f} s]", highlight=False, soft_wrap=True)
 
 
 def render_probe_table(report: dict, console: Console = err) -> None:

@@ -11,17 +11,21 @@ here and its name in `igpt_cli.choices.DatasetFormat`):
 - ``cifar`` (`cifar.py`): the CIFAR-10 / CIFAR-100 "python version", archive or folder.
 - ``npz`` / ``npy`` (`arrays.py`): uint8 image arrays, with labels and splits in a ``.npz``.
 
-Image conversion (`base.py`) follows Hugging Face's ImageGPT processor.
+Image conversion (`base.py`) follows Hugging Face's ImageGPT processor; its limits
+(`MAX_SIZE`, `DEFAULT_MAX_PIXELS` against decompression bombs) and the selection
+parameters (``limit``, ``limit_per_class``, ``shuffle``/``seed``) are documented there.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 from ..choices import FORMATS, RESIZE_MODES, SPLIT_CHOICES, SPLIT_NAMES
-from ..errors import check_choice, check_positive
+from ..errors import ParameterError, check_choice, check_positive
 from .arrays import ArrayDataset
-from .base import (IMAGE_EXTS, TAR_SUFFIXES, BadImageError, Batch, DataError, Dataset, EmptyDatasetError, SplitError,
-                   UnknownFormatError, decode_image)
+from .base import (DEFAULT_MAX_PIXELS, IMAGE_EXTS, MAX_SIZE, TAR_SUFFIXES, BadImageError, Batch, DataError, Dataset,
+                   EmptyDatasetError, SplitError, TruncatedArchiveError, UnknownFormatError, decode_image)
 from .cifar import CifarPython
 from .imagefolder import ImageFolder
 
@@ -34,8 +38,9 @@ READERS: dict[str, type[Dataset]] = {  # keys: FORMATS, in order
 
 __all__ = [
     "open_dataset", "detect_format", "READERS", "FORMATS", "RESIZE_MODES", "SPLIT_CHOICES", "SPLIT_NAMES",
-    "IMAGE_EXTS", "TAR_SUFFIXES", "Dataset", "Batch", "decode_image", "DataError", "UnknownFormatError",
-    "SplitError", "EmptyDatasetError", "BadImageError",
+    "IMAGE_EXTS", "TAR_SUFFIXES", "MAX_SIZE", "DEFAULT_MAX_PIXELS", "Dataset", "Batch", "decode_image", "DataError",
+    "UnknownFormatError", "SplitError", "EmptyDatasetError", "BadImageError", "TruncatedArchiveError",
+    "check_dataset_parameters",
 ]
 
 
@@ -53,17 +58,38 @@ def detect_format(path: str | Path) -> str:
                              f"CIFAR python archive or folder, .npz or .npy; or pass fmt=<one of {', '.join(FORMATS)}>)")
 
 
+def check_dataset_parameters(*, size: int = 32, limit: int | None = None, limit_per_class: int | None = None,
+                             seed: int = 0, max_pixels: int | None = None) -> None:
+    """ParameterError for a bad value of one of `open_dataset`'s numeric parameters (before any work)."""
+    check_positive("size", size, allow_none=False)
+    if size > MAX_SIZE:
+        raise ParameterError("size", size, f"must be at most {MAX_SIZE} (images become size×size tokens)")
+    check_positive("limit", limit)
+    check_positive("limit_per_class", limit_per_class)
+    check_positive("max_pixels", max_pixels)
+    if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
+        raise ParameterError("seed", seed, "must be a non-negative integer")
+
+
 def open_dataset(src: str | Path, split: str = "all", size: int = 32, resize: str = "bilinear",
-                 fmt: str | None = None, limit: int | None = None, skip_bad: bool = False) -> Dataset:
+                 fmt: str | None = None, limit: int | None = None, skip_bad: bool = False, *,
+                 limit_per_class: int | None = None, shuffle: bool = False, seed: int = 0,
+                 max_pixels: int | None = None) -> Dataset:
     """Open any supported dataset for streaming (see module docstring).
 
-    `split`: one of SPLIT_CHOICES; `size`: images become size×size; `resize`: one of
-    RESIZE_MODES; `fmt`: one of FORMATS (None: detect); `limit`: at most this many images;
-    `skip_bad`: skip unreadable images (counted in `Dataset.skipped`) instead of raising.
+    `split`: one of SPLIT_CHOICES; `size`: images become size×size (at most MAX_SIZE);
+    `resize`: one of RESIZE_MODES; `fmt`: one of FORMATS (None: detect); `limit`: at most
+    this many images; `limit_per_class`: at most this many images of each class;
+    `shuffle`: take the images in a random order fixed by `seed` (before the limits, so a
+    limit takes a random sample rather than the first images in storage order);
+    `skip_bad`: skip unreadable images (counted in `Dataset.skipped`) instead of raising;
+    `max_pixels`: refuse (as unreadable) images declaring more pixels (None:
+    DEFAULT_MAX_PIXELS, PIL's own bound). Warnings (a limit leaving classes empty, unsafe
+    archive member names skipped) are in `Dataset.warnings`.
     """
     resize = check_choice("resize", resize, RESIZE_MODES)
-    check_positive("size", size, allow_none=False)
-    check_positive("limit", limit)
+    check_dataset_parameters(size=size, limit=limit, limit_per_class=limit_per_class, seed=seed,
+                             max_pixels=max_pixels)
     split = check_choice("split", split, SPLIT_CHOICES)
     if fmt is not None:
         fmt = check_choice("fmt", fmt, FORMATS)
@@ -72,4 +98,5 @@ def open_dataset(src: str | Path, split: str = "all", size: int = 32, resize: st
         fmt = detect_format(p)
     elif not p.exists():
         raise DataError(f"{p}: no such file or directory")
-    return READERS[fmt](p, split, size, resize, limit, skip_bad)
+    return READERS[fmt](p, split, size, resize, limit, skip_bad, limit_per_class=limit_per_class,
+                        shuffle=shuffle, seed=int(seed), max_pixels=max_pixels)

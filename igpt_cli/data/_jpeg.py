@@ -11,10 +11,10 @@ from PIL import Image
 _SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}  # start-of-frame markers
 
 
-def decode_plain_jpeg(data: bytes) -> Image.Image | None:
+def decode_plain_jpeg(data: bytes, max_pixels: int) -> Image.Image | None:
     """A 3-component JPEG as an RGB image, or None for anything else (not a JPEG,
-    grayscale, CMYK, Adobe APP14, truncated, corrupt): the caller then goes through
-    `Image.open`, which also produces the error message."""
+    grayscale, CMYK, Adobe APP14, truncated, corrupt, over `max_pixels` pixels): the
+    caller then goes through `Image.open`, which also produces the error message."""
     if data[:2] != b"\xff\xd8":
         return None
     i, n = 2, len(data)
@@ -34,7 +34,7 @@ def decode_plain_jpeg(data: bytes) -> Image.Image | None:
             if i + 10 > n or data[i + 9] != 3:
                 return None
             h, w = (data[i + 5] << 8) | data[i + 6], (data[i + 7] << 8) | data[i + 8]
-            if not (0 < w <= 4096 and 0 < h <= 4096):
+            if not (0 < w <= 4096 and 0 < h <= 4096) or w * h > max_pixels:
                 return None
             im = Image.new("RGB", (w, h))
             dec = Image.core.jpeg_decoder("RGB", "RGB", "")

@@ -7,9 +7,17 @@ never runs ahead of the data and a killed run leaves a file that says how far it
 `open_partial` reopens such a file when the settings match (else it names the
 difference), `stored_batch_size` reads the batch size it was started with: resuming on
 the same batch boundaries makes the finished file the same as an uninterrupted run's.
+
+Disk space: partial files are opened without HDF5's chunk cache (rows go to their
+preallocated chunks when written, not at a later flush), and their whole length is
+allocated on disk when created or resumed (`outputs.reserve_space`), so a full file
+system is found before any row is computed; where it still strikes mid-run (a file
+system without fallocate), the write fails cleanly, the file keeps its last flushed
+state and `DiskFullError` says so: free space and rerun to resume.
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +26,7 @@ from typing import Callable, Iterator
 import h5py
 import numpy as np
 
-from .. import formats
+from .. import formats, outputs
 from ..errors import InputError
 from ..progress import Reporter
 
@@ -40,7 +48,8 @@ def batches(source: Source, tokens, start: int, stop: int, batch_size: int) -> I
     """(i, j, features of tokens rows [i, j)) for the batches [start, start + B), … up to `stop`."""
     for i in range(start, stop, batch_size):
         j = min(i + batch_size, stop)
-        yield i, j, source(tokens[i:j])
+        rows = formats.read_dataset(tokens, slice(i, j)) if isinstance(tokens, h5py.Dataset) else tokens[i:j]
+        yield i, j, source(rows)
 
 
 def fill_rows(source: Source, tokens: h5py.Dataset, out: h5py.File, start: int, stop: int, batch_size: int,
@@ -54,17 +63,36 @@ def fill_rows(source: Source, tokens: h5py.Dataset, out: h5py.File, start: int, 
     """
     dsets = {int(k): v for k, v in out["features"].items()}
     t0 = time.perf_counter()
-    for i, j, feats in batches(source, tokens, start, stop, batch_size):
-        for layer, ds in dsets.items():
-            ds[i - out_offset:j - out_offset] = feats[layer].astype(ds.dtype, copy=False)
-        out.flush()  # data first …
-        out.attrs["n_done"] = j - out_offset
-        out.flush()  # … then the counter: n_done never runs ahead of the rows
-        reporter.advance(j - i, info=info)
-    seconds = time.perf_counter() - t0
-    out.attrs["complete"] = True
-    out.flush()
+    try:
+        for i, j, feats in batches(source, tokens, start, stop, batch_size):
+            for layer, ds in dsets.items():
+                ds[i - out_offset:j - out_offset] = feats[layer].astype(ds.dtype, copy=False)
+            out.flush()  # data first …
+            out.attrs["n_done"] = j - out_offset
+            out.flush()  # … then the counter: n_done never runs ahead of the rows
+            reporter.advance(j - i, info=info)
+        seconds = time.perf_counter() - t0
+        out.attrs["complete"] = True
+        out.flush()
+    except Exception as e:
+        if isinstance(e, InputError) or not outputs.is_disk_full(e):
+            raise
+        raise outputs.disk_full(out.filename, hint=RESUME_HINT.format(path=out.filename)) from None
     return seconds
+
+
+RESUME_HINT = "; the partial file {path} is kept: free some space and run the same command again to resume"
+
+
+def close_quietly(f: h5py.File) -> None:
+    """Close an HDF5 file after a failure (a second error from closing would hide the first)."""
+    with contextlib.suppress(Exception):
+        f.close()
+
+
+def features_bytes(n: int, dims: dict[int, int], store_dtype: str) -> int:
+    """Bytes a features file of n rows needs on disk: the features, labels, and room for sources/metadata."""
+    return n * sum(dims.values()) * np.dtype(store_dtype).itemsize + n * (8 + 48) + (1 << 16)
 
 
 def labels_and_sources(tf: h5py.File, n: int, tokens_path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -79,13 +107,21 @@ def create_partial(path: Path, **create_kw) -> h5py.File:
     """Start a fresh partial features file at `path` (see `formats.create_features_file` for the
     keywords); nothing is left behind if that fails."""
     path.unlink(missing_ok=True)
-    of = h5py.File(path, "w")
+    try:
+        of = h5py.File(path, "w", rdcc_nbytes=0)
+    except OSError as e:
+        if outputs.is_disk_full(e):
+            raise outputs.disk_full(path) from None
+        raise
     try:
         formats.create_features_file(of, **create_kw)
         of.flush()
-    except BaseException:
-        of.close()
+        outputs.reserve_space(path)
+    except BaseException as e:
+        close_quietly(of)
         path.unlink(missing_ok=True)
+        if isinstance(e, Exception) and not isinstance(e, InputError) and outputs.is_disk_full(e):
+            raise outputs.disk_full(path) from None
         raise
     return of
 
@@ -100,7 +136,7 @@ def open_partial(path: Path, mismatch: Callable[[h5py.File], str | None]) -> h5p
     if not path.exists():
         return None
     try:
-        f = h5py.File(path, "r+")
+        f = h5py.File(path, "r+", rdcc_nbytes=0)
     except OSError:
         return None  # killed before its first flush: nothing to keep
     try:
@@ -116,8 +152,13 @@ def open_partial(path: Path, mismatch: Callable[[h5py.File], str | None]) -> h5p
         f.close()
         raise InputError(f"{path}: a partial run with different settings is in the way: {why}. "
                          "Run the original command again to resume it, or pass restart=True to discard it")
-    if attrs.get("format_version") != formats.FEATURES_VERSION:
-        f.attrs.update(format_version=formats.FEATURES_VERSION, pool=attrs["pool"])
+    try:
+        outputs.reserve_space(path, hint=RESUME_HINT.format(path=path))  # rows still to come cannot fail for space
+        if attrs.get("format_version") != formats.FEATURES_VERSION:
+            f.attrs.update(format_version=formats.FEATURES_VERSION, pool=attrs["pool"])
+    except BaseException:
+        close_quietly(f)
+        raise
     return f
 
 

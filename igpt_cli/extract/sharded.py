@@ -18,12 +18,19 @@ How it works:
 - When every rank is done (a gloo barrier), rank 0 checks that every part is there,
   complete and from the same run, copies them by row index into the output through the
   same temp-then-rename path as a one-process run (same attrs), and removes the parts.
+- Locks: every rank holds the output lock of its own part file, and rank 0 that of the
+  output, for the whole run (`outputs.output_lock`), so two jobs (or a job and a
+  one-process run) on the same output never share parts: the second fails at once.
 - Ranks use `cuda:LOCAL_RANK` when CUDA is used (NCCL process group), else the CPU
   (gloo). Control messages always go through a gloo group with a long timeout, so a
   rank that finishes early can wait for slower ones.
+
+This module is long (about 420 lines) because the process context, the shard grid, the
+part files, their merge and one rank's run are one protocol, best read in one place.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import os
 import time
@@ -38,7 +45,8 @@ import torch
 from .. import formats, outputs
 from ..errors import InputError
 from ..progress import OnProgress, Reporter
-from .rows import RowsRun, create_partial, fill_rows, labels_and_sources, open_partial, stored_batch_size
+from .rows import (RowsRun, close_quietly, create_partial, features_bytes, fill_rows, labels_and_sources,
+                   open_partial, stored_batch_size)
 
 COPY_ROWS = 8192  # rows per block when merging parts
 
@@ -233,14 +241,24 @@ def part_mismatch(f: h5py.File, identity: dict, start: int, stop: int) -> str | 
 
 def merge_parts(out: str | Path, identity: dict, file_attrs: dict, labels: np.ndarray, sources: np.ndarray,
                 dims: dict[int, int], store_dtype: str, world_size: int, *, wait_s: float = 0.0,
-                remove_parts: bool = True) -> list[Path]:
+                remove_parts: bool = True, lock: bool = True) -> list[Path]:
     """Check the K part files of `out` and copy them by row index into `out` (atomic rename).
 
     Raises InputError naming missing parts (waiting up to `wait_s` for them to appear,
-    e.g. on NFS) or a part that is incomplete or from different settings.
+    e.g. on NFS) or a part that is incomplete or from different settings, and
+    DiskFullError when the file system cannot hold the merged file (parts kept).
+    `lock=False`: the caller already holds the output lock of `out`.
     Returns the part files that were merged.
     """
     out = Path(out)
+    with outputs.output_lock(out) if lock else contextlib.nullcontext():
+        return _merge_parts(out, identity, file_attrs, labels, sources, dims, store_dtype, world_size, wait_s,
+                            remove_parts)
+
+
+def _merge_parts(out: Path, identity: dict, file_attrs: dict, labels: np.ndarray, sources: np.ndarray,
+                 dims: dict[int, int], store_dtype: str, world_size: int, wait_s: float,
+                 remove_parts: bool) -> list[Path]:
     n = int(identity["n_total"])
     bs = int(identity["batch_size"])
     shards = [(r, *shard_rows(n, world_size, r, bs)) for r in range(world_size)]
@@ -273,6 +291,8 @@ def merge_parts(out: str | Path, identity: dict, file_attrs: dict, labels: np.nd
                 raise InputError(f"{p}: part file is incomplete ({done} of {b - a} rows done)")
         tmp = outputs.temp_path_for(out)
         tmp.unlink(missing_ok=True)
+        outputs.check_free_space(out, features_bytes(n, dims, store_dtype),
+                                 hint="; the part files are kept: free some space and run the same command again")
         try:
             with h5py.File(tmp, "w") as of:
                 formats.create_features_file(of, dims=dims, labels=labels, sources=sources,
@@ -286,8 +306,11 @@ def merge_parts(out: str | Path, identity: dict, file_attrs: dict, labels: np.nd
                 of.attrs["n_done"] = n
                 of.attrs["complete"] = True
             os.replace(tmp, out)
-        except BaseException:
+        except BaseException as e:
             tmp.unlink(missing_ok=True)
+            if isinstance(e, Exception) and not isinstance(e, InputError) and outputs.is_disk_full(e):
+                raise outputs.disk_full(out, hint="; the part files are kept: free some space and run the same "
+                                                  "command again") from None
             raise
     finally:
         for f in parts.values():
@@ -316,14 +339,33 @@ def agree_batch_size(ctx: DistContext, out: Path, candidate: int, n_total: int, 
 
 
 def run_shard(ctx: DistContext, source, tf: h5py.File, tok: h5py.Dataset, tokens_path: Path, out: Path,
-              identity: dict, extra_attrs: dict, *, store_dtype: str, restart: bool,
+              identity: dict, extra_attrs: dict, *, store_dtype: str, restart: bool, overwrite: bool = False,
               on_progress: OnProgress | None = None) -> RowsRun:
     """Extract this rank's shard into its part file; rank 0 then merges all parts into `out`.
 
-    Every rank reports its own shard's progress to `on_progress` (the CLI passes None
-    on ranks other than 0). Returns the run summed over ranks, with this rank's shard.
+    Every rank holds its part file's lock, rank 0 also the output's, until the merge is
+    done. Every rank reports its own shard's progress to `on_progress` (the CLI passes
+    None on ranks other than 0). Returns the run summed over ranks, with this rank's shard.
     """
     ctx.init(source.device)
+    mine = part_path(out, ctx.rank, ctx.world_size)
+    with contextlib.ExitStack() as locks:
+        error = None
+        try:
+            locks.enter_context(outputs.output_lock(mine))
+            if ctx.is_main:
+                locks.enter_context(outputs.output_lock(out))
+                outputs.check_output_path(out, overwrite)  # again under the lock: a run that just finished
+        except InputError as e:
+            error = str(e)
+        ctx.check(error)  # any rank's lock is taken: every rank stops before touching a part
+        return _run_locked_shard(ctx, source, tf, tok, tokens_path, out, identity, extra_attrs,
+                                 store_dtype=store_dtype, restart=restart, on_progress=on_progress)
+
+
+def _run_locked_shard(ctx: DistContext, source, tf: h5py.File, tok: h5py.Dataset, tokens_path: Path, out: Path,
+                      identity: dict, extra_attrs: dict, *, store_dtype: str, restart: bool,
+                      on_progress: OnProgress | None) -> RowsRun:
     n_total = int(identity["n_total"])
     reporter = Reporter(on_progress, "extract", unit="image")
     mine = part_path(out, ctx.rank, ctx.world_size)
@@ -339,6 +381,7 @@ def run_shard(ctx: DistContext, source, tf: h5py.File, tok: h5py.Dataset, tokens
     of, error, resumed = None, None, 0
     if stop > start:
         try:
+            outputs.check_free_space(mine, features_bytes(stop - start, source.dims, store_dtype), partial=mine)
             of = open_partial(mine, lambda f: part_mismatch(f, identity, start, stop))
             if of is None:
                 of = create_partial(mine, dims=source.dims, labels=labels[start:stop], sources=sources[start:stop],
@@ -356,10 +399,14 @@ def run_shard(ctx: DistContext, source, tf: h5py.File, tok: h5py.Dataset, tokens
 
     loop_s = 0.0
     if of is not None:
-        with of:
+        try:
             info = f"rank {ctx.rank} of {ctx.world_size}"
             reporter.start(total=stop - start, done=resumed)
             loop_s = fill_rows(source, tok, of, start + resumed, stop, bs, reporter, out_offset=start, info=info)
+        except BaseException:
+            close_quietly(of)
+            raise
+        of.close()
     stats = ctx.gather(((stop - start) - resumed, resumed, loop_s))
     ctx.barrier()  # every part is complete and closed
 
@@ -367,7 +414,7 @@ def run_shard(ctx: DistContext, source, tf: h5py.File, tok: h5py.Dataset, tokens
     if ctx.is_main:
         try:
             merge_parts(out, identity, file_attrs, labels, sources, source.dims, store_dtype, ctx.world_size,
-                        wait_s=ctx.part_wait_s)
+                        wait_s=ctx.part_wait_s, lock=False)  # run_shard holds the output lock
         except InputError as e:
             error = str(e)
     ctx.check(error)

@@ -8,7 +8,6 @@ loading a model onto a device, the automatic batch size, and file hashing.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -17,7 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..model import IGPT, config_to_hf, load_pretrained, sos_shift
+from ..errors import InputError
+from ..model import IGPT, IGPTConfig, config_to_hf, load_pretrained, sos_shift
 
 PIXELS = "pixels"
 
@@ -26,12 +26,17 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def sha256_file(path: str | Path, bufsize: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(bufsize):
-            h.update(chunk)
-    return h.hexdigest()
+def check_model_fits(cfg: IGPTConfig, height: int, width: int, palette_size: int, tokens_path: Path) -> None:
+    """Refuse tokens whose image size or palette the model cannot take (InputError naming the file)."""
+    if height * width != cfg.n_positions:
+        side = cfg.side
+        want = f"{side}x{side} images" if side else f"{cfg.n_positions} positions"
+        raise InputError(f"{tokens_path}: images are {height}x{width} ({height * width} positions) "
+                         f"but the model wants {want} (n_positions={cfg.n_positions}); "
+                         f"quantize at that resolution")
+    if palette_size > cfg.vocab_size - 1:
+        raise InputError(f"{tokens_path}: palette has {palette_size} colours but the model knows "
+                         f"{cfg.vocab_size - 1} (vocab_size={cfg.vocab_size} incl. SOS)")
 
 
 def load_model(model_dir: str | Path, device: torch.device, dtype: torch.dtype) -> IGPT:

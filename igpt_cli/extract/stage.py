@@ -5,13 +5,16 @@ work starts (tokens file, model directory, resolution, palette, token range, out
 path), then fills a partial features file next to `out` with the shared row loop
 (`rows.py`) and renames it into place when complete. Called again with the same
 arguments after an interruption it resumes from that partial file (`restart=True`
-discards it). Under torchrun every rank fills a part file of its shard and rank 0
-merges them (`sharded.py`).
+discards it). The output is locked for the whole run (`outputs.output_lock`: a second
+run on the same output fails at once, naming the first), and the file system must have
+room for the whole file before it starts. Under torchrun every rank fills a part file
+of its shard and rank 0 merges them (`sharded.py`).
 
 The same computation on arrays, without files, is in `memory.py`.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -20,20 +23,20 @@ from pathlib import Path
 from typing import Sequence
 
 import h5py
-import numpy as np
 
 from .. import formats, outputs
 from ..choices import POOLS, SITES, STORE_DTYPES
 from ..errors import InputError, check_choice, check_positive
 from ..layers import parse_layers
-from ..model import IGPTConfig, find_weights, read_config, resolve_model_dir
+from ..model import find_weights, read_config, resolve_model_dir
 from ..progress import OnProgress, Reporter
 from ..results import Result
 from ..runtime import resolve_device, resolve_dtype
-from .rows import RowsRun, create_partial, fill_rows, labels_and_sources, open_partial, stored_batch_size
+from .rows import (RowsRun, close_quietly, create_partial, features_bytes, fill_rows, labels_and_sources, open_partial,
+                   stored_batch_size)
 from .sharded import DistContext, run_shard
-from .sources import (PIXELS, ModelSource, PixelSource, auto_batch_size, dtype_name, load_model,
-                      sha256_file)
+from .sources import (PIXELS, ModelSource, PixelSource, auto_batch_size, check_model_fits, dtype_name,
+                      load_model)
 
 
 @dataclass
@@ -52,7 +55,7 @@ class ExtractResult(Result):
     compute_dtype: str
     batch_size: int
     store_dtype: str
-    images_per_s: float | None
+    images_per_s: float | None  # rows computed / row-loop seconds; pixels: / the whole stage's seconds
     seconds: float
     world_size: int | None = None  # these three only for a sharded (torchrun) run
     rank: int | None = None
@@ -64,36 +67,6 @@ class ExtractResult(Result):
 # ---------------------------------------------------------------------------
 # Checks
 # ---------------------------------------------------------------------------
-def _scan_tokens(tokens: h5py.Dataset, n: int, palette_size: int, path: Path) -> None:
-    step = max(1, (1 << 24) // max(1, tokens.shape[1]))
-    for i in range(0, n, step):
-        block = tokens[i:min(i + step, n)]
-        hi = int(block.max()) if block.size else 0
-        if hi >= palette_size:
-            row = i + int(np.argwhere(block >= palette_size)[0][0])
-            raise InputError(f"{path}: token value {hi} at row {row} is not below the palette size {palette_size}")
-
-
-def _check_model_fits(cfg: IGPTConfig, height: int, width: int, palette_size: int, tokens_path: Path) -> None:
-    if height * width != cfg.n_positions:
-        side = cfg.side
-        want = f"{side}x{side} images" if side else f"{cfg.n_positions} positions"
-        raise InputError(f"{tokens_path}: images are {height}x{width} ({height * width} positions) "
-                         f"but the model wants {want} (n_positions={cfg.n_positions}); "
-                         f"quantize at that resolution")
-    if palette_size > cfg.vocab_size - 1:
-        raise InputError(f"{tokens_path}: palette has {palette_size} colours but the model knows "
-                         f"{cfg.vocab_size - 1} (vocab_size={cfg.vocab_size} incl. SOS)")
-
-
-def _tokens_contents(tf: h5py.File, path: Path) -> tuple[h5py.Dataset, int, int, np.ndarray]:
-    """tokens [N, H*W], height, width, palette [K, 3] of an open tokens file."""
-    missing = [k for k in ("tokens", "palette") if k not in tf] + [a for a in ("height", "width") if a not in tf.attrs]
-    if missing:
-        raise InputError(f"{path}: tokens file lacks {', '.join(missing)}")
-    return tf["tokens"], int(tf.attrs["height"]), int(tf.attrs["width"]), np.asarray(tf["palette"], dtype=np.float32)
-
-
 # ---------------------------------------------------------------------------
 # The file stage
 # ---------------------------------------------------------------------------
@@ -134,69 +107,94 @@ def extract_features(
     outputs.check_output_path(out, overwrite)
     if out.resolve() == tokens_path.resolve():
         raise InputError(f"{out}: output would overwrite the tokens file")
-
-    with formats.open_igpt(tokens_path, formats.TOKENS_FORMAT) as tf:
-        tok, height, width, palette = _tokens_contents(tf, tokens_path)
-        n_total = min(tok.shape[0], limit) if limit else tok.shape[0]
-        if n_total == 0:
-            raise InputError(f"{tokens_path}: the tokens file holds no images")
-
-        # --- the feature source: every check before the weights load ---------------
-        source: ModelSource | PixelSource
-        if str(model) == PIXELS:
-            layers = parse_layers(layers, [0], where="the pixels baseline")
-            source, weights, model_name = PixelSource(palette, height, width), None, PIXELS
-        else:
-            model_dir = resolve_model_dir(model)
-            dev = resolve_device(device)
-            if dist is not None:
-                dev = dist.device_for(dev)  # cuda -> cuda:LOCAL_RANK
-            cdt = resolve_dtype(dtype, dev)
-            weights, cfg = find_weights(model_dir), read_config(model_dir)
-            layers = parse_layers(layers, range(cfg.n_layer + 1))
-            _check_model_fits(cfg, height, width, len(palette), tokens_path)
-            model_name = str(model_dir)
-            source = ModelSource(None, dev, cdt, layers, site, bool(sos), model_name,  # type: ignore[arg-type]
-                                 pool=pool)  # the model loads below, once everything is checked
-        _scan_tokens(tok, n_total, len(palette), tokens_path)
-        if weights is not None:
-            source.model = load_model(model_dir, source.device, source.dtype)
-            source.sha256 = sha256_file(weights)
-
-        bs = batch_size or (auto_batch_size(source.model, source.device, source.dtype)
-                            if isinstance(source, ModelSource) else 256)
-        identity = dict(
-            layers=layers, site=source.site, sos=source.sos, pool=source.pool,
-            compute_dtype=dtype_name(source.dtype), store_dtype=store_dtype, device_type=source.device.type,
-            batch_size=min(bs, n_total), model_sha256=source.sha256, model_config=source.config_json,
-            tokens_sha256=sha256_file(tokens_path), n_total=n_total,
-        )
-        extra_attrs = dict(model=model_name, tokens_file=str(tokens_path),
-                           class_names=json.dumps(formats.class_names(tf)), height=height, width=width)
-        sharded = dist is not None and dist.active
-        if sharded:
-            run = run_shard(dist, source, tf, tok, tokens_path, out, identity, extra_attrs,
-                            store_dtype=store_dtype, restart=restart, on_progress=on_progress)
-        else:
-            run = _run_one_process(source, tf, tok, tokens_path, out, identity, extra_attrs,
-                                   store_dtype=store_dtype, restart=restart,
-                                   batch_size_given=batch_size is not None, on_progress=on_progress)
-
+    sharded = dist is not None and dist.active
+    # one process: the output is locked for the whole run, resume and rename included (under
+    # torchrun every rank locks its part file and rank 0 the output, in `run_shard`)
+    with contextlib.nullcontext() if sharded else outputs.output_lock(out):
+        if not sharded:
+            outputs.check_output_path(out, overwrite)  # again under the lock: a run that just finished
+        with formats.open_igpt(tokens_path, formats.TOKENS_FORMAT) as tf:
+            source, run, n = _extract_open(tf, tokens_path, model, layers, out, batch_size=batch_size,
+                                           device=device, dtype=dtype, sos=sos, site=site, pool=pool, limit=limit,
+                                           store_dtype=store_dtype, overwrite=overwrite, restart=restart,
+                                           on_progress=on_progress, dist=dist if sharded else None)
+    seconds = time.perf_counter() - t_start
+    # images_per_s: the model's rate in the row loop; for the pixel baseline, whose loop is a
+    # table lookup, the rate of the whole stage (reading, hashing, writing), which is what it costs
+    rate_s = seconds if isinstance(source, PixelSource) else run.loop_seconds
     return ExtractResult(
-        out=str(out), model=model_name, layers=layers, site=source.site, sos=source.sos, n=n_total,
+        out=str(out), model=source.name, layers=source.layers, site=source.site, sos=source.sos, n=n,
         computed=run.computed, resumed_from=run.resumed_from, device=str(source.device),
         compute_dtype=dtype_name(source.dtype), batch_size=run.batch_size, store_dtype=store_dtype,
-        images_per_s=round(run.computed / run.loop_seconds, 3) if run.loop_seconds > 0 and run.computed else None,
-        seconds=round(time.perf_counter() - t_start, 3),
+        images_per_s=round(run.computed / rate_s, 3) if rate_s > 0 and run.computed else None,
+        seconds=round(seconds, 3),
         world_size=dist.world_size if sharded else None, rank=dist.rank if sharded else None,
         shard=list(run.shard) if sharded else None,
     )
 
 
+def _extract_open(tf: h5py.File, tokens_path: Path, model, layers, out: Path, *, batch_size, device, dtype, sos,
+                  site, pool, limit, store_dtype, overwrite, restart, on_progress, dist):
+    """`extract_features` on the open tokens file `tf`: checks, the source, then the run.
+
+    Returns (the feature source, the RowsRun, rows in the features file)."""
+    tok, height, width, palette = formats.tokens_layout(tf, tokens_path)
+    names = formats.class_names(tf, tokens_path)
+    n_total = min(tok.shape[0], limit) if limit else tok.shape[0]
+    if n_total == 0:
+        raise InputError(f"{tokens_path}: the tokens file holds no images")
+
+    # --- the feature source: every check before the weights load ---------------
+    source: ModelSource | PixelSource
+    if str(model) == PIXELS:
+        layers = parse_layers(layers, [0], where="the pixels baseline")
+        source, weights = PixelSource(palette, height, width), None
+        dims = source.dims
+    else:
+        model_dir = resolve_model_dir(model)
+        dev = resolve_device(device)
+        if dist is not None:
+            dev = dist.device_for(dev)  # cuda -> cuda:LOCAL_RANK
+        cdt = resolve_dtype(dtype, dev)
+        weights, cfg = find_weights(model_dir), read_config(model_dir)
+        layers = parse_layers(layers, range(cfg.n_layer + 1))
+        check_model_fits(cfg, height, width, len(palette), tokens_path)
+        source = ModelSource(None, dev, cdt, layers, site, bool(sos), str(model_dir),  # type: ignore[arg-type]
+                             pool=pool)  # the model loads below, once everything is checked
+        dims = {layer: cfg.n_embd for layer in layers}
+    if dist is None:  # a sharded run checks each part's space and the merge's on its own
+        outputs.check_free_space(out, features_bytes(n_total, dims, store_dtype), partial=outputs.temp_path_for(out))
+    formats.check_token_values(tok, len(palette), tokens_path, n_total)
+    if weights is not None:
+        source.model = load_model(model_dir, source.device, source.dtype)
+        source.sha256 = formats.sha256_file(weights)
+
+    bs = batch_size or (auto_batch_size(source.model, source.device, source.dtype)
+                        if isinstance(source, ModelSource) else 256)
+    identity = dict(
+        layers=layers, site=source.site, sos=source.sos, pool=source.pool,
+        compute_dtype=dtype_name(source.dtype), store_dtype=store_dtype, device_type=source.device.type,
+        batch_size=min(bs, n_total), model_sha256=source.sha256, model_config=source.config_json,
+        tokens_sha256=formats.sha256_file(tokens_path), n_total=n_total,
+    )
+    extra_attrs = dict(model=source.name, tokens_file=str(tokens_path), class_names=json.dumps(names),
+                       height=height, width=width)
+    if dist is not None:
+        run = run_shard(dist, source, tf, tok, tokens_path, out, identity, extra_attrs,
+                        store_dtype=store_dtype, restart=restart, overwrite=overwrite, on_progress=on_progress)
+    else:
+        run = _run_one_process(source, tf, tok, tokens_path, out, identity, extra_attrs,
+                               store_dtype=store_dtype, restart=restart,
+                               batch_size_given=batch_size is not None, on_progress=on_progress)
+    return source, run, n_total
+
+
 def _run_one_process(source, tf: h5py.File, tok: h5py.Dataset, tokens_path: Path, out: Path, identity: dict,
                      extra_attrs: dict, *, store_dtype: str, restart: bool, batch_size_given: bool,
                      on_progress: OnProgress | None) -> RowsRun:
-    """Fill (or resume) the partial file `outputs.temp_path_for(out)`, then rename it onto `out`."""
+    """Fill (or resume) the partial file `outputs.temp_path_for(out)`, then rename it onto `out`.
+
+    The caller holds the output lock of `out`."""
     n_total, bs = int(identity["n_total"]), int(identity["batch_size"])
     reporter = Reporter(on_progress, "extract", n_total, "image")
     tmp = outputs.temp_path_for(out)
@@ -219,8 +217,12 @@ def _run_one_process(source, tf: h5py.File, tok: h5py.Dataset, tokens_path: Path
         resumed = int(of.attrs["n_done"])
         if resumed:
             reporter.log(f"resuming {tmp} at row {resumed} of {n_total}")
-    with of:
+    try:
         reporter.start(done=resumed)
         loop_seconds = fill_rows(source, tok, of, resumed, n_total, bs, reporter)
+    except BaseException:
+        close_quietly(of)
+        raise
+    of.close()  # complete and closed before it takes the final name
     os.replace(tmp, out)
     return RowsRun(computed=n_total - resumed, resumed_from=resumed, loop_seconds=loop_seconds, batch_size=bs)

@@ -5,9 +5,9 @@ from __future__ import annotations
 from ..choices import POOLS, SITES
 from .checkpoint import (CheckpointError, config_from_hf, config_to_hf, find_weights, load_pretrained,
                          read_config, resolve_model_dir, save_pretrained, weight_map)
-from .igpt import IGPT, IGPTConfig, sos_shift
+from .igpt import IGPT, IGPTConfig, KVCache, sos_shift
 from .pooling import pool_tokens
 
-__all__ = ["IGPT", "IGPTConfig", "CheckpointError", "SITES", "POOLS", "pool_tokens", "sos_shift",
+__all__ = ["IGPT", "IGPTConfig", "KVCache", "CheckpointError", "SITES", "POOLS", "pool_tokens", "sos_shift",
            "load_pretrained", "save_pretrained", "read_config", "find_weights", "resolve_model_dir",
            "config_from_hf", "config_to_hf", "weight_map"]

@@ -8,11 +8,20 @@ executes code from the directory: safetensors, or `torch.load(weights_only=True)
 Weight names are translated by an explicit table (`weight_map`): our name -> the
 Hugging Face name, and whether Hugging Face stores that weight transposed (GPT-2's
 Conv1D layers keep [in, out]; ours are nn.Linear, [out, in]).
+
+config.json is checked before anything is built (`CONFIG_LIMITS`: integer sizes in sane
+ranges, `n_head` dividing `n_embd`), and the weights' shapes are compared with the ones
+the config implies on a model built without memory (the meta device), so a bad or
+absurd config is one CheckpointError naming config.json and the key, never an
+allocation of hundreds of gigabytes.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
+import pickle
+import re
 from dataclasses import asdict, fields
 from pathlib import Path
 
@@ -31,13 +40,48 @@ class CheckpointError(InputError):
 # ---------------------------------------------------------------------------
 # config.json
 # ---------------------------------------------------------------------------
+# integer keys -> (smallest, largest) accepted; iGPT-XL is 48 x 3072 at 64x64 = 4096 positions
+CONFIG_LIMITS = {
+    "vocab_size": (2, 65537),  # palette colours (uint16 tokens) + SOS
+    "n_positions": (1, 65536),  # up to 256 x 256 images
+    "n_embd": (1, 16384),
+    "n_layer": (1, 1024),
+    "n_head": (1, 16384),
+    "n_inner": (1, 65536),
+}
+
+
+def _check_config(kwargs: dict) -> None:
+    """Types and ranges of config values (CheckpointError `key=value: problem`)."""
+    for key, (lo, hi) in CONFIG_LIMITS.items():
+        if key not in kwargs:
+            continue
+        v = kwargs[key]
+        if not isinstance(v, int) or isinstance(v, bool):
+            raise CheckpointError(f"{key}={v!r}: must be an integer")
+        if not lo <= v <= hi:
+            raise CheckpointError(f"{key}={v}: must be between {lo} and {hi}")
+    eps = kwargs.get("layer_norm_epsilon")
+    if eps is not None and (not isinstance(eps, (int, float)) or isinstance(eps, bool)
+                            or not math.isfinite(eps) or not 0 < eps < 1):
+        raise CheckpointError(f"layer_norm_epsilon={eps!r}: must be a number between 0 and 1")
+    cfg = IGPTConfig(**kwargs)
+    if cfg.n_embd % cfg.n_head:
+        raise CheckpointError(f"n_head={cfg.n_head}: must divide n_embd={cfg.n_embd}")
+
+
 def config_from_hf(d: dict) -> IGPTConfig:
-    """An IGPTConfig from a Hugging Face ImageGPT config dict (unknown keys ignored)."""
+    """An IGPTConfig from a Hugging Face ImageGPT config dict (unknown keys ignored).
+
+    CheckpointError `key=value: problem` for a value of the wrong type or out of range."""
+    if not isinstance(d, dict):
+        raise CheckpointError(f"expected a JSON object, not {type(d).__name__}")
     names = {f.name for f in fields(IGPTConfig)}
     kwargs = {k: d[k] for k in names if k in d and d[k] is not None}
     act = d.get("activation_function", "quick_gelu")
     if act != "quick_gelu":
-        raise CheckpointError(f"activation_function {act!r} is not iGPT's quick_gelu")
+        raise CheckpointError(f"activation_function={act!r}: not iGPT's quick_gelu")
+    _check_config(kwargs)
     return IGPTConfig(**kwargs)
 
 
@@ -65,11 +109,13 @@ def read_config(model_dir: str | Path) -> IGPTConfig:
     path = Path(model_dir) / "config.json"
     try:
         d = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{path}: unreadable config ({e})") from None
     try:
         return config_from_hf(d)
-    except TypeError as e:
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    except (TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: bad config ({e})") from None
 
 
@@ -118,15 +164,39 @@ def find_weights(model_dir: str | Path) -> Path:
     raise CheckpointError(f"{d}: no weights (expected {' or '.join(WEIGHT_FILES)})")
 
 
+def safe_torch_load(path: str | Path, **kw):
+    """`torch.load` that never executes code (weights_only) and stays quiet: torch's warnings about
+    what it refused would be a second stderr line next to the caller's one-line error."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.load(path, map_location="cpu", weights_only=True, **kw)
+
+
+def why_unreadable(e: BaseException) -> str:
+    """One line saying why `safe_torch_load` refused a file (torch's own messages run over many lines)."""
+    text = str(e)
+    if isinstance(e, pickle.UnpicklingError) or "Weights only load failed" in text:
+        m = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text) or re.search(r"Unsupported operand \d+", text)
+        what = f" ({m.group(1) if m.groups() else m.group(0)})" if m else ""
+        return f"it holds Python objects other than tensors{what}; refused, nothing in it was run"
+    first = next((line.strip() for line in text.splitlines() if line.strip()), type(e).__name__)
+    return f"unreadable: truncated or not a torch file ({first[:160]})"
+
+
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
 
             return load_file(str(path))
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return safe_torch_load(path)
     except Exception as e:  # corrupt file, pickle with code in it, …
-        raise CheckpointError(f"{path}: cannot read weights ({type(e).__name__}: {e})") from None
+        if path.suffix == ".safetensors":
+            first = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+            raise CheckpointError(f"{path}: cannot read weights ({type(e).__name__}: {first[:160]})") from None
+        raise CheckpointError(f"{path}: cannot read weights: {why_unreadable(e)}") from None
 
 
 def load_pretrained(model_dir: str | Path) -> IGPT:
@@ -139,18 +209,18 @@ def load_pretrained(model_dir: str | Path) -> IGPT:
     cfg = read_config(model_dir)
     weights = find_weights(model_dir)
     stored = _read_state_dict(weights)
-    model = IGPT(cfg)
-    expected = model.state_dict()
+    if not isinstance(stored, dict) or not all(isinstance(v, torch.Tensor) for v in stored.values()):
+        raise CheckpointError(f"{weights}: not a state dict of tensors")
+    with torch.device("meta"):  # the shapes config.json implies, without allocating the model
+        expected = IGPT(cfg).state_dict()
     sd, missing = {}, []
     for ours, (hf, transposed) in weight_map(cfg.n_layer).items():
         v = stored.get(hf, stored.get(hf.removeprefix(HF_PREFIX)))
         if v is None:
-            if ours == "lm_head.weight":
-                v = expected[ours]
-            else:
+            if ours != "lm_head.weight":  # no head (ImageGPTModel): the fresh one is kept below
                 missing.append(ours)
-                continue
-        elif transposed:
+            continue
+        if transposed:
             v = v.t()
         if v.shape != expected[ours].shape:
             raise CheckpointError(f"{weights}: {ours} has shape {tuple(v.shape)}, "
@@ -158,6 +228,8 @@ def load_pretrained(model_dir: str | Path) -> IGPT:
         sd[ours] = v.float()
     if missing:
         raise CheckpointError(f"{weights}: missing weights {missing[:3]}{'…' if len(missing) > 3 else ''}")
+    model = IGPT(cfg)
+    sd.setdefault("lm_head.weight", model.state_dict()["lm_head.weight"])
     model.load_state_dict(sd, strict=True)
     return model.eval()
 

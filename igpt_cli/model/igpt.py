@@ -10,6 +10,12 @@ Features: `forward_intermediates` returns the token maps (or their pooled vector
 the requested layers, running only the blocks it needs. Loading and saving Hugging
 Face checkpoint directories lives in `checkpoint.py`.
 
+Generation: `forward(idx, cache=KVCache(...))` runs the same blocks incrementally. The
+cache is preallocated for `n_positions` (keys and values of every layer, written in
+place, never grown by concatenation); each call appends the keys and values of its
+tokens at `cache.pos` and attends to everything before them. Without a cache (extract,
+train) nothing changes.
+
 Shapes: B images, T = n_positions tokens, C = n_embd channels, H heads.
 """
 from __future__ import annotations
@@ -65,6 +71,37 @@ class LayerNorm(nn.Module):
         return xf.to(x.dtype) * self.weight
 
 
+class KVCache:
+    """Keys and values of every layer for a batch, preallocated for `max_len` positions.
+
+    `k`, `v`: [n_layer, B, H, max_len, C/H]; positions `0 .. pos-1` are filled. A forward
+    with the cache writes its T tokens at `pos .. pos+T-1` (in place) and advances `pos`.
+    """
+
+    def __init__(self, cfg: IGPTConfig, batch: int, *, device=None, dtype: torch.dtype = torch.float32,
+                 max_len: int | None = None):
+        max_len = cfg.n_positions if max_len is None else max_len
+        if not 1 <= max_len <= cfg.n_positions:
+            raise ParameterError("max_len", max_len, f"must lie in 1..{cfg.n_positions} (n_positions)")
+        shape = (cfg.n_layer, batch, cfg.n_head, max_len, cfg.n_embd // cfg.n_head)
+        self.k = torch.empty(shape, device=device, dtype=dtype)
+        self.v = torch.empty(shape, device=device, dtype=dtype)
+        self.max_len, self.pos = max_len, 0
+
+    @staticmethod
+    def bytes_for(cfg: IGPTConfig, batch: int, dtype: torch.dtype, max_len: int | None = None) -> int:
+        """Memory of a cache for `batch` sequences (keys and values of all layers)."""
+        per_pos = 2 * cfg.n_layer * cfg.n_embd * (torch.finfo(dtype).bits // 8)
+        return batch * (cfg.n_positions if max_len is None else max_len) * per_pos
+
+    @property
+    def nbytes(self) -> int:
+        return 2 * self.k.numel() * self.k.element_size()
+
+    def reset(self) -> None:
+        self.pos = 0
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: IGPTConfig):
         super().__init__()
@@ -72,11 +109,25 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd)
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+                pos: int = 0) -> torch.Tensor:
+        """`kv`: this layer's (keys, values) cache buffers [B, H, max_len, C/H]; x holds positions pos.. ."""
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)  # 3 x [B, T, C]
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # [B, H, T, C/H]
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # [B, H, T, C/H]
+        if kv is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # [B, H, T, C/H]
+        else:
+            kbuf, vbuf = kv
+            kbuf[:, :, pos:pos + T] = k  # in place: the cache never grows
+            vbuf[:, :, pos:pos + T] = v
+            k, v = kbuf[:, :, :pos + T], vbuf[:, :, :pos + T]  # [B, H, pos+T, C/H]
+            if T == 1 or pos == 0:  # one new token sees everything; a first chunk is plain causal
+                y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)
+            else:  # a later chunk: query i (position pos+i) sees keys 0..pos+i
+                keys = torch.arange(pos + T, device=x.device)
+                mask = keys[None, :] <= (pos + torch.arange(T, device=x.device))[:, None]  # [T, pos+T]
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, C))  # [B, T, C]
 
 
@@ -99,9 +150,11 @@ class Block(nn.Module):
         self.ln_2 = LayerNorm(cfg.n_embd, cfg.layer_norm_epsilon)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, ln_1x: torch.Tensor | None = None) -> torch.Tensor:
-        """`ln_1x`: ln_1(x) when the caller already has it (a feature tap), so it is not recomputed."""
-        x = x + self.attn(self.ln_1(x) if ln_1x is None else ln_1x)
+    def forward(self, x: torch.Tensor, ln_1x: torch.Tensor | None = None,
+                kv: tuple[torch.Tensor, torch.Tensor] | None = None, pos: int = 0) -> torch.Tensor:
+        """`ln_1x`: ln_1(x) when the caller already has it (a feature tap), so it is not recomputed.
+        `kv`, `pos`: this block's KV-cache buffers and the position of x's first token (generation)."""
+        x = x + self.attn(self.ln_1(x) if ln_1x is None else ln_1x, kv, pos)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -126,17 +179,34 @@ class IGPT(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
-    def embed(self, idx: torch.Tensor) -> torch.Tensor:
-        """Token + position embeddings: tokens [B, T] -> [B, T, C]."""
-        pos = torch.arange(idx.shape[1], device=idx.device)
+    def embed(self, idx: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """Token + position embeddings: tokens [B, T] at positions start.. -> [B, T, C]."""
+        pos = torch.arange(start, start + idx.shape[1], device=idx.device)
         return self.wte(idx) + self.wpe(pos)
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        """Next-token logits `[B, T, vocab_size - 1]` for input tokens `[B, T]`."""
-        x = self.embed(idx)  # [B, T, C]
-        for block in self.h:
-            x = block(x)
-        return self.lm_head(self.ln_f(x))  # [B, T, vocab_size - 1]
+    def forward(self, idx: torch.Tensor, cache: KVCache | None = None, *, last_only: bool = False) -> torch.Tensor:
+        """Next-token logits `[B, T, vocab_size - 1]` for input tokens `[B, T]`.
+
+        With `cache` the tokens sit at positions `cache.pos ..` after those already in the
+        cache (whose keys and values are reused), and the cache advances by T.
+        `last_only`: logits of the last position only, `[B, vocab_size - 1]`.
+        """
+        pos = 0 if cache is None else cache.pos
+        T = idx.shape[1]
+        if cache is not None:
+            if idx.shape[0] != cache.k.shape[1]:
+                raise ParameterError("idx", tuple(idx.shape), f"batch does not match the cache's {cache.k.shape[1]}")
+            if pos + T > cache.max_len:
+                raise ParameterError("idx", tuple(idx.shape), f"{T} more tokens overflow the cache "
+                                                              f"({pos} of {cache.max_len} positions used)")
+        x = self.embed(idx, pos)  # [B, T, C]
+        for i, block in enumerate(self.h):
+            x = block(x, kv=None if cache is None else (cache.k[i], cache.v[i]), pos=pos)
+        if cache is not None:
+            cache.pos = pos + T
+        if last_only:
+            x = x[:, -1]  # [B, C]
+        return self.lm_head(self.ln_f(x))  # [B, T, vocab_size - 1] (or [B, vocab_size - 1])
 
     def forward_intermediates(self, idx: torch.Tensor, layers, site: str = "ln",
                               pool: str | None = "mean") -> dict[int, torch.Tensor]:

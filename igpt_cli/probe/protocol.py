@@ -43,15 +43,23 @@ def standardize(X_fit: np.ndarray, *others: np.ndarray) -> list[np.ndarray]:
     return [((np.asarray(a, dtype=np.float32) - m) / s).astype(np.float32, copy=False) for a in (X_fit, *others)]
 
 
-def check_labels(y: np.ndarray, what: str = "training split") -> None:
-    """Refuse labels a stratified probe cannot use: one class only, or a class with a single row."""
+def class_label(cls: int, class_names: Sequence[str] | None = None) -> str:
+    """How errors name class `cls`: its name in quotes with the index (`'cat' (2)`), else the index."""
+    names = list(class_names or [])
+    return f"{names[cls]!r} ({cls})" if 0 <= cls < len(names) else str(cls)
+
+
+def check_labels(y: np.ndarray, what: str = "training split", class_names: Sequence[str] | None = None) -> None:
+    """Refuse labels a stratified probe cannot use: one class only, or a class with a single row.
+    Classes are named by `class_names` where given."""
     classes, counts = np.unique(y, return_counts=True)
     if len(classes) < 2:
-        raise InputError(f"{what} has a single class ({classes[0] if len(classes) else 'none'}); "
-                         "a probe needs at least 2 classes")
+        only = class_label(int(classes[0]), class_names) if len(classes) else "none"
+        raise InputError(f"{what} has a single class ({only}); a probe needs at least 2 classes")
     few = classes[counts < 2]
     if len(few):
-        raise InputError(f"{what}: class {few[0]} has fewer than 2 samples "
+        more = f" (and {len(few) - 1} more)" if len(few) > 1 else ""
+        raise InputError(f"{what}: class {class_label(int(few[0]), class_names)}{more} has fewer than 2 samples "
                          "(a stratified validation split needs at least 2 per class)")
 
 
@@ -175,7 +183,7 @@ def probe_layer(X_train: np.ndarray, y_train: np.ndarray, X_test: np.ndarray, y_
     estimator = _default_estimator(estimator, tol, max_iter)
     y_train = np.asarray(y_train, dtype=np.int64)
     y_test = np.asarray(y_test, dtype=np.int64)
-    check_labels(y_train)
+    check_labels(y_train, class_names=class_names)
     classes = np.unique(y_train)
 
     # --- choose C on a stratified 10 % of the training set -------------------

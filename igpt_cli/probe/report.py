@@ -9,7 +9,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from ..outputs import atomic_output
+from ..outputs import atomic_output, check_output_path
 from ..results import Result
 from .runner import ProbeReport
 
@@ -18,8 +18,13 @@ def _as_dict(report: ProbeReport | dict) -> dict:
     return report.to_dict() if isinstance(report, Result) else report
 
 
-def write_csv(report: ProbeReport | dict, path: str | Path) -> None:
-    """One row per layer: C, accuracies, sizes, provenance, per-class accuracy (`acc_<class>`)."""
+def write_csv(report: ProbeReport | dict, path: str | Path, *, overwrite: bool = False) -> None:
+    """One row per layer: C, accuracies, sizes, provenance, per-class accuracy (`acc_<class>`).
+
+    An existing file is replaced only with `overwrite=True` (OutputError otherwise, before
+    anything is written); callers that probe first should check the path before the fits
+    (`outputs.check_output_path(path, overwrite)`)."""
+    check_output_path(path, overwrite)
     report = _as_dict(report)
     names = list(report["layers"][0]["per_class_acc"]) if report["layers"] else []
     cols = ["layer", "c", "val_acc", "test_acc", "n_train", "n_val", "n_test", "dim", "seconds",

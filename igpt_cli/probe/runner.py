@@ -7,7 +7,6 @@ in parallel threads) and reports each finished layer as a progress event.
 """
 from __future__ import annotations
 
-import json
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -18,7 +17,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..errors import InputError, ParameterError, check_positive
-from ..formats import FEATURES_FORMAT, FormatError, check_complete_features, feature_layers, open_igpt
+from .. import formats
+from ..formats import FEATURES_FORMAT, check_complete_features, feature_layers, open_igpt
 from ..layers import format_layers, parse_layers
 from ..progress import OnProgress, Reporter
 from ..results import Result
@@ -45,28 +45,20 @@ def inspect_features(path: str | Path) -> FeatureSource:
     """Open a features file, check it is complete and labelled; read labels and metadata."""
     p = Path(path)
     with open_igpt(p, FEATURES_FORMAT) as f:
-        attrs = check_complete_features(f, p)
+        attrs = check_complete_features(f, p)  # also: 2-D features with as many rows as labels
         layers = feature_layers(f)
-        dims = {}
-        for l in layers:
-            ds = f["features"][str(l)]
-            if ds.ndim != 2:
-                raise FormatError(f"{p}: features/{l} is not a 2-D array")
-            dims[l] = int(ds.shape[1])
-        labels = np.asarray(f["labels"][:], dtype=np.int64)
-        if any(f["features"][str(l)].shape[0] != len(labels) for l in layers):
-            raise FormatError(f"{p}: features and labels have different row counts")
-        try:
-            names = json.loads(attrs.get("class_names") or "[]")
-        except (TypeError, ValueError):
-            names = []
+        dims = {l: int(f["features"][str(l)].shape[1]) for l in layers}
+        labels = np.asarray(formats.read_dataset(f["labels"], path=p), dtype=np.int64)
+        names = formats.class_names(f, p)
+        # JSON-text attrs as objects in the report (the same representation as `igpt info --json`)
+        attrs = dict(attrs, model_config=formats.json_attr(f, "model_config", p, kind=dict))
     n_unl = int((labels < 0).sum())
     if n_unl:
         raise InputError(f"{p}: {n_unl} of {len(labels)} rows are unlabelled (label -1); "
                          "probing needs labelled rows")
     if len(labels) == 0:
         raise InputError(f"{p}: no rows")
-    return FeatureSource(p, attrs, layers, dims, labels, [str(n) for n in names])
+    return FeatureSource(p, attrs, layers, dims, labels, names)
 
 
 def check_compatible(train: FeatureSource, test: FeatureSource) -> None:
@@ -93,7 +85,7 @@ def check_compatible(train: FeatureSource, test: FeatureSource) -> None:
 
 def _read_layer(src: FeatureSource, layer: int) -> np.ndarray:
     with open_igpt(src.path, FEATURES_FORMAT) as f:
-        X = np.asarray(f["features"][str(layer)][:], dtype=np.float32)   # [N, D]
+        X = np.asarray(formats.read_dataset(f["features"][str(layer)], path=src.path), dtype=np.float32)  # [N, D]
     if not np.isfinite(X).all():
         bad = int((~np.isfinite(X)).any(axis=1).sum())
         raise InputError(f"{src.path}: layer {layer} has NaN/inf features in {bad} rows")
@@ -179,14 +171,14 @@ def probe_files(train: str | Path, test: str | Path | None = None, layers: Seque
     sel = parse_layers(layers, tr.layers, where=str(tr.path))
 
     if te is None:
-        check_labels(tr.labels, f"{tr.path}")
+        check_labels(tr.labels, f"{tr.path}", tr.class_names)
         tr_idx, te_idx = stratified_split(tr.labels, test_fraction, seed, min_rest_per_class=2,
                                           what=str(tr.path), split="test")
         y_train, y_test = tr.labels[tr_idx], tr.labels[te_idx]
     else:
         tr_idx = te_idx = None
         y_train, y_test = tr.labels, te.labels
-    check_labels(y_train, f"{tr.path}: training split" if te is None else f"{tr.path}")
+    check_labels(y_train, f"{tr.path}: training split" if te is None else f"{tr.path}", tr.class_names)
 
     progress = Reporter(on_progress, "probe", total=len(sel), unit="layer")
     progress_lock = threading.Lock()  # layers finish on worker threads when jobs > 1

@@ -1,0 +1,167 @@
+"""The generative commands: `igpt sample`, `igpt complete`, `igpt score`.
+
+Thin typer commands over `igpt_cli.generate` with the conventions of `app.py`: options
+named like the library's parameters (so a library error about `top_p=` is said as
+`--top-p`), choices from `igpt_cli.choices`, one progress bar on stderr, JSON on stdout.
+`register(app)` adds them to the `igpt` app.
+"""
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from ..choices import ComputeDtype
+from .options import Device, Dtype, Overwrite, Quiet, Restart
+from .ui import ProgressBar, err, handles_input_errors, maybe_bar, print_json
+
+BatchSize = Annotated[Optional[int], typer.Option("--batch-size", "-b",
+                                                  help="Sequences per batch (default: chosen from memory).")]
+Model = Annotated[str, typer.Option("--model", "-m", help="Checkpoint directory with an LM head "
+                                                          "(ImageGPTForCausalImageModeling, or igpt train output).")]
+Png = Annotated[Optional[Path], typer.Option("--png", metavar="GRID.png", help="Also write a PNG figure.")]
+Temperature = Annotated[float, typer.Option("--temperature", "-t", help="Softmax temperature; 0 = greedy (argmax).")]
+TopK = Annotated[Optional[int], typer.Option("--top-k", help="Sample among the k most likely colours only.")]
+TopP = Annotated[float, typer.Option("--top-p", help="Nucleus sampling: the smallest set of colours with this "
+                                                     "much probability (1 = all).")]
+Seed = Annotated[int, typer.Option("--seed", help="Random seed: same seed, device and dtype → same images.")]
+Limit = Annotated[Optional[int], typer.Option("--limit", help="Only the first N images of the tokens file.")]
+
+
+def command_line() -> str:
+    return shlex.join(["igpt", *sys.argv[1:]])
+
+
+@handles_input_errors
+def sample_command(
+    model: Annotated[str, typer.Argument(help="Checkpoint directory with an LM head (or a hub name in the local cache).")],
+    n: Annotated[int, typer.Option("--n", "-n", help="Number of images to sample.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Tokens file to write (HDF5).")],
+    png: Png = None,
+    temperature: Temperature = 1.0,
+    top_k: TopK = None,
+    top_p: TopP = 1.0,
+    seed: Seed = 0,
+    batch_size: BatchSize = None,
+    device: Device = "auto",
+    dtype: Dtype = ComputeDtype.auto,
+    overwrite: Overwrite = False,
+    restart: Restart = False,
+    quiet: Quiet = False,
+) -> None:
+    """Sample N images from an iGPT (resumable): a tokens file, optionally a PNG grid.
+
+    Example: igpt sample imagegpt-small/ -n 16 -o samples.h5 --png samples.png --temperature 0.9
+    """
+    from ..generate import sample_file
+
+    bar = ProgressBar.maybe(quiet)
+    with maybe_bar(bar):
+        result = sample_file(model, n, out, png=png, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                             batch_size=batch_size, device=device, dtype=dtype.value, overwrite=overwrite,
+                             restart=restart, command=command_line(), on_progress=bar)
+    print_json(result)
+
+
+@handles_input_errors
+def complete_command(
+    tokens: Annotated[Path, typer.Argument(help="Tokens file (igpt quantize output) whose images to complete.")],
+    model: Model,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Tokens file of the completions to write.")],
+    keep_rows: Annotated[Optional[int], typer.Option("--keep-rows", help="Pixel rows kept from the top "
+                                                                          "(0..height).")] = None,
+    keep_fraction: Annotated[Optional[float], typer.Option("--keep-fraction", help="Fraction of the rows kept "
+                                                                                   "(default 0.5).")] = None,
+    n: Annotated[int, typer.Option("--n", "-n", help="Completions per image.")] = 1,
+    png: Png = None,
+    png_images: Annotated[int, typer.Option("--png-images", help="Images (rows) in the PNG figure.")] = 8,
+    limit: Limit = None,
+    temperature: Temperature = 1.0,
+    top_k: TopK = None,
+    top_p: TopP = 1.0,
+    seed: Seed = 0,
+    batch_size: BatchSize = None,
+    device: Device = "auto",
+    dtype: Dtype = ComputeDtype.auto,
+    overwrite: Overwrite = False,
+    restart: Restart = False,
+    quiet: Quiet = False,
+) -> None:
+    """Keep the top rows of each image and let the model paint the rest, n times (resumable).
+
+    The output is a tokens file (with source_index and sample_index per row, labels copied),
+    so igpt show and igpt extract work on it; --png writes the completion figure: per image
+    the kept part, the completions and the original.
+
+    Example: igpt complete test.h5 -m imagegpt-small/ --keep-rows 16 -n 4 -o completions.h5 --png completions.png
+    """
+    from ..generate import complete_file
+
+    bar = ProgressBar.maybe(quiet)
+    with maybe_bar(bar):
+        result = complete_file(tokens, model, out, keep_rows=keep_rows, keep_fraction=keep_fraction, n=n, png=png,
+                               png_images=png_images, limit=limit, temperature=temperature, top_k=top_k,
+                               top_p=top_p, seed=seed, batch_size=batch_size, device=device, dtype=dtype.value,
+                               overwrite=overwrite, restart=restart, command=command_line(), on_progress=bar)
+    print_json(result)
+
+
+@handles_input_errors
+def score_command(
+    tokens: Annotated[Path, typer.Argument(help="Tokens file (igpt quantize output) to score.")],
+    model: Model,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Scores file to write (per-image nats and "
+                                                                    "bits per token; resumable).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON on stdout.")] = False,
+    limit: Limit = None,
+    batch_size: BatchSize = None,
+    device: Device = "auto",
+    dtype: Dtype = ComputeDtype.auto,
+    overwrite: Overwrite = False,
+    restart: Restart = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Nothing on stderr but errors.")] = False,
+) -> None:
+    """Negative log-likelihood of each image under the model (the paper's generative loss).
+
+    Mean cross-entropy per token with the SOS-shifted input, in nats and bits; the summary
+    (mean, standard error, per class) goes to stderr, or to stdout as JSON with --json.
+
+    Example: igpt score test.h5 -m imagegpt-small/ -o test-scores.h5 --json
+    """
+    from ..generate import score_file
+
+    bar = ProgressBar.maybe(quiet)
+    with maybe_bar(bar):
+        result = score_file(tokens, model, out, limit=limit, batch_size=batch_size, device=device,
+                            dtype=dtype.value, overwrite=overwrite, restart=restart, on_progress=bar)
+    if not quiet:
+        render_scores(result.to_dict())
+    if as_json:
+        print_json(result)
+
+
+def render_scores(d: dict) -> None:
+    from rich.table import Table
+
+    def se(v):
+        return f" ± {v:.4f}" if v is not None else ""
+
+    t = Table(title=f"score · {Path(d['model']).name} on {Path(d['tokens_file']).name}", title_justify="left")
+    for col in ("class", "images", "nats/token", "bits/token"):
+        t.add_column(col, justify="left" if col == "class" else "right")
+    for name, c in d["per_class"].items():
+        t.add_row(name, str(c["n"]), f"{c['nats_per_token']:.4f}", f"{c['bits_per_token']:.4f}")
+    t.add_row("all", str(d["n"]), f"{d['nats_per_token']:.4f}{se(d['nats_per_token_se'])}",
+              f"{d['bits_per_token']:.4f}{se(d['bits_per_token_se'])}", style="bold")
+    err.print(t)
+
+
+def register(app: typer.Typer) -> None:
+    """Add `sample`, `complete` and `score` to the `igpt` app (once: calling it again changes nothing)."""
+    have = {c.name for c in app.registered_commands}
+    for name, fn in (("sample", sample_command), ("complete", complete_command), ("score", score_command)):
+        if name not in have:
+            app.command(name)(fn)

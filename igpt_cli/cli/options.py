@@ -1,0 +1,29 @@
+"""Options shared by several commands (one definition each, so every command says the same)."""
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from ..choices import ComputeDtype, DatasetFormat, Resize, Split
+
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or progress lines.")]
+Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace an existing output file.")]
+LayerSpec = Annotated[Optional[list[str]], typer.Option(
+    "--layer", "-l", help="Layer(s): 12, 8-16, -1, 0,4,8 or all (repeatable). Default: all.")]
+Device = Annotated[str, typer.Option("--device", help="auto|cpu|cuda|cuda:N|mps (auto: cuda, then mps, then cpu).")]
+SplitOpt = Annotated[Split, typer.Option("--split", help="Which split to read.")]
+SizeOpt = Annotated[int, typer.Option("--size", help="Images are resized to size×size.")]
+LimitOpt = Annotated[Optional[int], typer.Option("--limit", help="At most N images.")]
+ResizeOpt = Annotated[Resize, typer.Option("--resize", help="bilinear: whole image (like Hugging Face); "
+                                                            "center-crop: central square first (the paper's ImageNet protocol).")]
+FormatOpt = Annotated[Optional[DatasetFormat], typer.Option("--format", help="Override format detection.")]
+SkipBad = Annotated[bool, typer.Option("--skip-bad", help="Skip unreadable images and count them.")]
+LimitPerClass = Annotated[Optional[int], typer.Option("--limit-per-class", help="At most N images of each class.")]
+Shuffle = Annotated[bool, typer.Option("--shuffle", help="Take --limit/--limit-per-class images in a seeded random "
+                                                         "order instead of the sorted one.")]
+MaxPixels = Annotated[Optional[int], typer.Option("--max-pixels", help=(
+    "Refuse (or with --skip-bad skip) images larger than this many pixels, before decoding them "
+    "(default: 89,478,485, PIL's decompression-bomb limit)."))]
+Restart = Annotated[bool, typer.Option("--restart", help="Discard a partial run instead of resuming it.")]
+Dtype = Annotated[ComputeDtype, typer.Option("--dtype", help="Compute dtype (auto: bfloat16 where fast).")]

@@ -1,0 +1,31 @@
+"""Generative pretraining of an iGPT on a tokens file (next-token prediction).
+
+The model is `igpt_cli.model.IGPT`, the same code path `igpt extract` runs. The
+input is SOS-shifted like the original model: `[SOS, t_0 … t_{n-2}]` predicts
+`t_0 … t_{n-1}`. The output directory is a Hugging Face ImageGPT checkpoint
+(`config.json`, `model.safetensors`, `preprocessor_config.json`) that both
+`igpt extract` and `transformers.ImageGPTModel.from_pretrained` load.
+
+Resumability: the run state (`train_state.pt`: optimizer moments, step, schedule,
+seed, the tokens files' SHA-256) is written every `checkpoint_every` steps and on
+Ctrl-C. The data order and the flip augmentation are pure functions of (seed, step),
+so `resume=True` continues with exactly the batches an uninterrupted run would have
+seen; it refuses other settings (a larger `steps` extends the run) and other tokens.
+
+Safety: every setting and the tokens are checked before work starts (`config.py`,
+`data.py`); the output directory is locked for the whole run (`outputs.output_lock`:
+a second run on it fails at once, naming the holder); every file is written under a
+temporary name and renamed, and a failed write (a full disk) is one line, with the
+temporary files removed and the last checkpoint intact (`state.py`).
+
+Modules: `config` (settings, schedule, memory), `data` (tokens, batches), `state`
+(the run state on disk), `loop` (`pretrain`).
+"""
+from .config import TrainConfig, check_config, lr_at, total_steps
+from .data import TokenData, batch_indices, flip_mask, load_tokens, make_batch
+from .loop import TrainResult, evaluate, loss_on, make_optimizer, pretrain, write_preprocessor_config
+from .state import STATE_FILE, TRAIN_META
+
+__all__ = ["TrainConfig", "TrainResult", "TokenData", "pretrain", "load_tokens", "lr_at", "batch_indices",
+           "make_batch", "flip_mask", "total_steps", "check_config", "evaluate", "loss_on", "make_optimizer",
+           "write_preprocessor_config", "STATE_FILE", "TRAIN_META"]
