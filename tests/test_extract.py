@@ -323,7 +323,7 @@ def test_bad_input(bad_inputs, case):
     elif case == "not-hdf5":
         tok, needle = t / "m" / "config.json", "not an HDF5 file"
     elif case == "token-range":
-        tok, needle = t / "big.h5", "not below the palette size 16"
+        tok, needle = t / "big.h5", "is not in 0..15 (the palette has 16 colours)"
     elif case == "resolution":
         tok, needle = t / "t8.h5", "model wants 4x4 images"
     elif case == "layer":
