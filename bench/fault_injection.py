@@ -380,6 +380,18 @@ def cases(p: dict[str, Path]) -> list[Case]:
              setup=lambda out: ((out / "m").mkdir(), (out / "m" / "train_state.pt").write_bytes(b"PK\x03\x04trunc"))),
         Case("train: disk full", ["train", p["tokens"], "-o", f"{O}/m", "--steps", "4", "--depth", "2", "--width",
              "64", "--heads", "2", "--checkpoint-every", "1"], needs_mount=True, allowed=("m",)),
+        # sample / complete / score
+        Case("sample: n 0", ["sample", MODEL, "-n", "0", "-o", f"{O}/s.h5"]),
+        Case("sample: negative temperature", ["sample", MODEL, "-n", "2", "-t", "-1", "-o", f"{O}/s.h5"]),
+        Case("sample: top-p 1.5", ["sample", MODEL, "-n", "2", "--top-p", "1.5", "-o", f"{O}/s.h5"]),
+        Case("sample: output exists", ["sample", MODEL, "-n", "2", "-o", f"{O}/s.h5"], setup=exists("s.h5"),
+             allowed=("s.h5",)),
+        Case("sample: SIGTERM mid-run (partial kept)", ["sample", MODEL, "-n", "4000", "-b", "8", "-o", f"{O}/s.h5"],
+             expect=143, allowed=(".s.h5.tmp",), run=lambda case, out: run_with_sigterm(case.args, out, ".s.h5.tmp", 1.0)),
+        Case("complete: keep rows 99", ["complete", p["tokens"], "-m", MODEL, "--keep-rows", "99", "-o", f"{O}/c.h5"]),
+        Case("complete: image size mismatch", ["complete", p["tokens4"], "-m", MODEL, "-o", f"{O}/c.h5"]),
+        Case("score: tokens beyond palette", ["score", p["tokens_high"], "-m", MODEL, "-o", f"{O}/sc.h5"]),
+        Case("score: hostile pickle weights", ["score", p["tokens"], "-m", p["model_evil"], "-o", f"{O}/sc.h5"]),
         # info / show
         Case("info: missing", ["info", p["txt"].with_name("nope.h5")]),
         Case("info: not HDF5", ["info", p["not_h5"]]),
