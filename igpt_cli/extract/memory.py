@@ -20,7 +20,7 @@ from ..model import IGPT, resolve_model_dir
 from ..progress import OnProgress, Reporter
 from ..runtime import resolve_device, resolve_dtype
 from .rows import batches
-from .sources import ModelSource, auto_batch_size, load_model
+from .sources import ModelSource, auto_batch_size, check_tokens_array, load_model
 
 Layers = str | int | Sequence[str | int] | None
 
@@ -67,15 +67,7 @@ def features_from_tokens(
     check_positive("batch_size", batch_size)
     net, dev, cdt = _ready_model(model, device, dtype)
     cfg = net.config
-    tokens = np.asarray(tokens)
-    if tokens.ndim != 2 or tokens.shape[1] != cfg.n_positions:
-        raise ParameterError("tokens", tokens.shape, f"expected [N, {cfg.n_positions}] palette indices "
-                                                     f"(the model's n_positions)")
-    if not np.issubdtype(tokens.dtype, np.integer):
-        raise ParameterError("tokens", str(tokens.dtype), "expected integer palette indices")
-    if tokens.size and (int(tokens.min()) < 0 or int(tokens.max()) >= cfg.vocab_size - 1):
-        raise ParameterError("tokens", (int(tokens.min()), int(tokens.max())),
-                             f"values must lie in 0..{cfg.vocab_size - 2} (the model's palette)")
+    tokens = check_tokens_array(tokens, cfg)
     layers = parse_layers(layers, range(cfg.n_layer + 1))
     source = ModelSource(net, dev, cdt, layers, site, bool(sos), pool=pool)
     n = len(tokens)

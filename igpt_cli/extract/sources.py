@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import InputError
+from ..errors import InputError, ParameterError
 from ..model import IGPT, IGPTConfig, config_to_hf, load_pretrained, sos_shift
 
 PIXELS = "pixels"
@@ -37,6 +37,20 @@ def check_model_fits(cfg: IGPTConfig, height: int, width: int, palette_size: int
     if palette_size > cfg.vocab_size - 1:
         raise InputError(f"{tokens_path}: palette has {palette_size} colours but the model knows "
                          f"{cfg.vocab_size - 1} (vocab_size={cfg.vocab_size} incl. SOS)")
+
+
+def check_tokens_array(tokens, cfg: IGPTConfig) -> np.ndarray:
+    """Palette-token images as an integer array [N, n_positions] with values the model knows (else ParameterError)."""
+    tokens = np.asarray(tokens)
+    if tokens.ndim != 2 or tokens.shape[1] != cfg.n_positions:
+        raise ParameterError("tokens", tokens.shape, f"expected [N, {cfg.n_positions}] palette indices "
+                                                     f"(the model's n_positions)")
+    if not np.issubdtype(tokens.dtype, np.integer):
+        raise ParameterError("tokens", str(tokens.dtype), "expected integer palette indices")
+    if tokens.size and (int(tokens.min()) < 0 or int(tokens.max()) >= cfg.vocab_size - 1):
+        raise ParameterError("tokens", (int(tokens.min()), int(tokens.max())),
+                             f"values must lie in 0..{cfg.vocab_size - 2} (the model's palette)")
+    return tokens
 
 
 def load_model(model_dir: str | Path, device: torch.device, dtype: torch.dtype) -> IGPT:

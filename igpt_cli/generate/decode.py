@@ -24,9 +24,9 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import InputError, ParameterError, check_positive
-from ..model import IGPT, CheckpointError, find_weights, resolve_model_dir, sos_shift
+from ..extract.sources import check_tokens_array
+from ..model import IGPT, CheckpointError, IGPTConfig, KVCache, find_weights, resolve_model_dir, sos_shift
 from ..model.checkpoint import safe_torch_load
-from ..model import IGPTConfig, KVCache
 from ..progress import OnProgress, Reporter
 from ..runtime import resolve_device, resolve_dtype
 from .sampling import Sampling, check_seed, pick_tokens, row_uniforms
@@ -217,17 +217,6 @@ def keep_tokens_for(height: int, width: int, keep_rows: int | None, keep_fractio
     return int(keep_rows), int(keep_rows) * width
 
 
-def check_tokens_array(tokens, cfg: IGPTConfig) -> np.ndarray:
-    tokens = np.asarray(tokens)
-    if tokens.ndim != 2 or tokens.shape[1] != cfg.n_positions:
-        raise ParameterError("tokens", tokens.shape, f"expected [N, {cfg.n_positions}] palette indices "
-                                                     f"(the model's n_positions)")
-    if not np.issubdtype(tokens.dtype, np.integer):
-        raise ParameterError("tokens", str(tokens.dtype), "expected integer palette indices")
-    if tokens.size and (int(tokens.min()) < 0 or int(tokens.max()) >= cfg.vocab_size - 1):
-        raise ParameterError("tokens", (int(tokens.min()), int(tokens.max())),
-                             f"values must lie in 0..{cfg.vocab_size - 2} (the model's palette)")
-    return tokens
 
 
 def square_side(cfg: IGPTConfig) -> int:
