@@ -11,33 +11,18 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-import torch
 
 from ..choices import POOLS, RESIZE_MODES, SITES
 from ..errors import ParameterError, check_choice, check_positive
 from ..layers import parse_layers
 from ..model import IGPT, resolve_model_dir
 from ..progress import OnProgress, Reporter
-from ..runtime import resolve_device, resolve_dtype
 from .rows import batches
-from .sources import ModelSource, auto_batch_size, check_tokens_array, load_model
+from .sources import ModelSource, auto_batch_size, check_tokens_array, ready_model
 
 Layers = str | int | Sequence[str | int] | None
 
 
-def _ready_model(model: IGPT | str | Path, device: str, dtype: str) -> tuple[IGPT, torch.device, torch.dtype]:
-    """The model to run, its device and compute dtype: an IGPT as it is unless told otherwise, or a
-    directory loaded onto the resolved device and dtype."""
-    if isinstance(model, IGPT):
-        p = next(model.parameters())
-        dev = p.device if device == "auto" else resolve_device(device)
-        cdt = p.dtype if dtype == "auto" else resolve_dtype(dtype, dev)
-        if (dev, cdt) != (p.device, p.dtype):
-            model.to(device=dev, dtype=cdt)
-        return model, dev, cdt
-    dev = resolve_device(device)
-    cdt = resolve_dtype(dtype, dev)
-    return load_model(resolve_model_dir(model), dev, cdt), dev, cdt
 
 
 def features_from_tokens(
@@ -65,7 +50,7 @@ def features_from_tokens(
     site = check_choice("site", site, SITES)
     pool = None if pool is None else check_choice("pool", pool, POOLS)
     check_positive("batch_size", batch_size)
-    net, dev, cdt = _ready_model(model, device, dtype)
+    net, dev, cdt = ready_model(model, device, dtype)
     cfg = net.config
     tokens = check_tokens_array(tokens, cfg)
     layers = parse_layers(layers, range(cfg.n_layer + 1))
@@ -113,7 +98,7 @@ def features_from_images(
     channels = images.shape[-1] if images.ndim == 4 else 1
     if images.dtype != np.uint8 or images.ndim not in (3, 4) or channels not in (1, 3, 4):
         raise ParameterError("images", f"{images.dtype} {images.shape}", "expected uint8 RGB images [N, H, W, 3]")
-    net, dev, cdt = _ready_model(model, device, dtype)
+    net, dev, cdt = ready_model(model, device, dtype)
     side = net.config.side
     if side is None:
         raise ParameterError("model", str(model), f"n_positions={net.config.n_positions} is not a square image")

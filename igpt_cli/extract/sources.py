@@ -17,7 +17,8 @@ import numpy as np
 import torch
 
 from ..errors import InputError, ParameterError
-from ..model import IGPT, IGPTConfig, config_to_hf, load_pretrained, sos_shift
+from ..model import IGPT, IGPTConfig, config_to_hf, load_pretrained, resolve_model_dir, sos_shift
+from ..runtime import resolve_device, resolve_dtype
 
 PIXELS = "pixels"
 
@@ -51,6 +52,22 @@ def check_tokens_array(tokens, cfg: IGPTConfig) -> np.ndarray:
         raise ParameterError("tokens", (int(tokens.min()), int(tokens.max())),
                              f"values must lie in 0..{cfg.vocab_size - 2} (the model's palette)")
     return tokens
+
+
+def ready_model(model: IGPT | str | Path, device: str = "auto", dtype: str = "auto"
+                ) -> tuple[IGPT, torch.device, torch.dtype]:
+    """The model to run, its device and compute dtype: an IGPT as it is unless told otherwise
+    (other values move and cast it in place), or a directory loaded onto the resolved device and dtype."""
+    if isinstance(model, IGPT):
+        p = next(model.parameters())
+        dev = p.device if device == "auto" else resolve_device(device)
+        cdt = p.dtype if dtype == "auto" else resolve_dtype(dtype, dev)
+        if (dev, cdt) != (p.device, p.dtype):
+            model.to(device=dev, dtype=cdt)
+        return model.eval(), dev, cdt
+    dev = resolve_device(device)
+    cdt = resolve_dtype(dtype, dev)
+    return load_model(resolve_model_dir(model), dev, cdt), dev, cdt
 
 
 def load_model(model_dir: str | Path, device: torch.device, dtype: torch.dtype) -> IGPT:

@@ -25,10 +25,10 @@ import torch.nn.functional as F
 
 from ..errors import InputError, ParameterError, check_positive
 from ..extract.sources import check_tokens_array
+from ..extract.sources import ready_model as ready_feature_model
 from ..model import IGPT, CheckpointError, IGPTConfig, KVCache, find_weights, resolve_model_dir, sos_shift
 from ..model.checkpoint import safe_torch_load
 from ..progress import OnProgress, Reporter
-from ..runtime import resolve_device, resolve_dtype
 from .sampling import Sampling, check_seed, pick_tokens, row_uniforms
 
 LN2 = math.log(2.0)
@@ -62,22 +62,10 @@ def check_generative(model_dir: Path) -> Path:
 
 def ready_model(model: IGPT | str | Path, device: str = "auto", dtype: str = "auto"
                 ) -> tuple[IGPT, torch.device, torch.dtype]:
-    """The model to run, on its device and compute dtype: an IGPT as it is unless told otherwise,
-    or a checkpoint directory (with an LM head) loaded onto the resolved device and dtype."""
-    from ..extract.sources import load_model
-
-    if isinstance(model, IGPT):
-        p = next(model.parameters())
-        dev = p.device if device == "auto" else resolve_device(device)
-        cdt = p.dtype if dtype == "auto" else resolve_dtype(dtype, dev)
-        if (dev, cdt) != (p.device, p.dtype):
-            model.to(device=dev, dtype=cdt)
-        return model.eval(), dev, cdt
-    model_dir = resolve_model_dir(model)
-    dev = resolve_device(device)
-    cdt = resolve_dtype(dtype, dev)
-    check_generative(model_dir)
-    return load_model(model_dir, dev, cdt), dev, cdt
+    """As `extract.sources.ready_model`, refusing a checkpoint directory without an LM head."""
+    if not isinstance(model, IGPT):
+        check_generative(resolve_model_dir(model))
+    return ready_feature_model(model, device, dtype)
 
 
 def _available_memory(device: torch.device) -> float:
