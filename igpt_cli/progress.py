@@ -25,6 +25,30 @@ class ProgressEvent:
 
 OnProgress = Callable[[ProgressEvent], None]
 
+# A stop asked for by a signal handler (Ctrl-C, SIGTERM). The handler raises at once, but an
+# exception raised inside a signal handler can land in a place that swallows it (a weakref
+# callback, a __del__): the request stays set, and the next progress event raises it, so a
+# run never finishes as if nothing had happened.
+_stop_requested: Optional[type] = None
+
+
+def request_stop(exc_type: type = KeyboardInterrupt) -> None:
+    global _stop_requested
+    _stop_requested = exc_type
+
+
+def clear_stop() -> None:
+    global _stop_requested
+    _stop_requested = None
+
+
+def check_stop() -> None:
+    """Raise (once) the stop a signal handler asked for, if any: called at every progress event."""
+    global _stop_requested
+    if _stop_requested is not None:
+        exc, _stop_requested = _stop_requested, None
+        raise exc()
+
 
 class Reporter:
     """A stage's helper for emitting events: `rep = Reporter(on_progress, "extract", total, "image")`,
@@ -35,6 +59,7 @@ class Reporter:
         self.on_progress, self.task, self.total, self.unit, self.done = on_progress, task, total, unit, done
 
     def emit(self, *, info: str = "", message: str = "", result: Any = None, started: bool = False) -> None:
+        check_stop()
         if self.on_progress is not None:
             self.on_progress(ProgressEvent(self.task, self.done, self.total, self.unit, info, message, result,
                                            started))

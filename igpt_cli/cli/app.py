@@ -22,7 +22,7 @@ from .generation import register as register_generation_commands
 from .options import (Device, Dtype, FormatOpt, LayerSpec, LimitOpt, LimitPerClass, MaxPixels, Overwrite, Quiet,
                       ResizeOpt, Restart, Shuffle, SizeOpt, SkipBad, SplitOpt)
 from .ui import (ProgressBar, click_errors, err, get_current_context, handles_input_errors, maybe_bar, print_json,
-                 probe_layer_line, raise_terminated, render_file_info, render_probe_table)
+                 probe_layer_line, raise_interrupted, raise_terminated, render_file_info, render_probe_table)
 
 
 class OneLineErrors(TyperGroup):
@@ -81,6 +81,7 @@ def main_callback(
 def main() -> None:
     """Console-script entry point (`igpt`): SIGTERM unwinds like Ctrl-C, so temp files are removed."""
     signal.signal(signal.SIGTERM, raise_terminated)
+    signal.signal(signal.SIGINT, raise_interrupted)
     app(prog_name="igpt")
 
 

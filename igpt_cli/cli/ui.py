@@ -17,6 +17,7 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColu
                            TimeElapsedColumn, TimeRemainingColumn)
 from rich.text import Text
 
+from .. import progress
 from ..errors import InputError
 from ..progress import ProgressEvent
 
@@ -70,7 +71,16 @@ class Terminated(KeyboardInterrupt):
 
 
 def raise_terminated(signum, frame):
+    """SIGTERM handler: raise now, and leave a request the library's next progress event honours
+    in case this exception is swallowed where it lands (see `igpt_cli.progress.request_stop`)."""
+    progress.request_stop(Terminated)
     raise Terminated()
+
+
+def raise_interrupted(signum, frame):
+    """SIGINT handler: Python's own, plus the same safety net as `raise_terminated`."""
+    progress.request_stop(KeyboardInterrupt)
+    raise KeyboardInterrupt()
 
 
 def os_error_line(e: OSError) -> str:
@@ -99,9 +109,11 @@ def handles_input_errors(fn):
                 raise typer.Exit(2)
             fail(say_with_flags(str(e)))
         except Terminated:
+            progress.clear_stop()
             err.print("terminated")
             raise typer.Exit(143)
         except KeyboardInterrupt:
+            progress.clear_stop()
             err.print("interrupted")
             raise typer.Exit(130)
         except MemoryError:
