@@ -42,6 +42,8 @@ ROOT = Path(__file__).resolve().parents[1]
 ASSETS = ROOT / "igpt_cli" / "assets"
 DEMO_TAR = ASSETS / "demo-cifar10.tar"
 MODEL = ASSETS / "igpt-cifar8"
+# a dataset large enough that a signal lands mid-run (the shared CIFAR-10 copy; the demo subset elsewhere)
+BIG_DATA = next((p for p in (ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar",) if p.is_file()), DEMO_TAR)
 ENV = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", COLUMNS="200")
 for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
     ENV.pop(k, None)
@@ -311,7 +313,7 @@ def cases(p: dict[str, Path]) -> list[Case]:
         Case("quantize: decompression bomb", ["quantize", p["bomb"], "-o", f"{O}/o.h5"]),
         Case("quantize: tar member ../ and /abs (skipped, warned)", ["quantize", p["tar_traversal"], "--size", "8",
              "-o", f"{O}/o.h5"], expect=0, allowed=("o.h5",)),
-        Case("quantize: SIGTERM mid-run", ["quantize", DEMO_TAR, "--size", "32", "-o", f"{O}/o.h5"], expect=143,
+        Case("quantize: SIGTERM mid-run", ["quantize", BIG_DATA, "--size", "32", "-o", f"{O}/o.h5"], expect=143,
              run=lambda case, out: run_with_sigterm(case.args, out, ".o.h5.tmp", 0.3)),
         Case("quantize: disk full", ["quantize", DEMO_TAR, "--size", "32", "-o", f"{O}/o.h5"], needs_mount=True),
         Case("quantize: bad --format choice", ["quantize", p["folder"], "--format", "bogus", "-o", f"{O}/o.h5"]),
