@@ -21,3 +21,12 @@ def cifar_tar() -> Path:
 def official_palette_path() -> Path:
     assert PALETTE_NPY.is_file(), f"shared data missing: {PALETTE_NPY}"
     return PALETTE_NPY
+
+
+@pytest.fixture
+def small_fs(tmp_path):
+    """A 1 MiB tmpfs for the disk-full cases (root only: skipped, saying why, where mounting is impossible)."""
+    from helpers import small_tmpfs
+
+    with small_tmpfs(tmp_path / "small-fs", "1m") as d:
+        yield d

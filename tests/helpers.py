@@ -230,3 +230,12 @@ def hf_causal_model(tmp: Path, n_layer=2, n_embd=64, n_head=4, n_positions=64, s
     d = tmp / f"hf-causal-{n_layer}x{n_embd}-{seed}"
     m.save_pretrained(d)
     return m, d
+
+
+def rows_done(path: Path) -> int:
+    """`n_done` of a features/partial file another process is writing (0 while it cannot be read)."""
+    try:
+        with h5py.File(path, "r", locking=False) as f:
+            return int(f.attrs.get("n_done", 0))
+    except Exception:
+        return 0

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from helpers import (ENV, PALETTE, assert_clean_failure, error_lines, hf_model, hf_reference, hold_output_lock, invoke,
-                     make_tokens, read_feats, run_igpt, small_tmpfs)
+                     make_tokens, read_feats, rows_done, run_igpt, small_tmpfs)
 from igpt_cli import formats, outputs
 from igpt_cli.errors import InputError, ParameterError
 from igpt_cli.extract import ExtractResult, ModelSource, extract_features
@@ -253,12 +253,7 @@ def test_kill_9_resume_identical(tmp_path):
                              env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.time() + 300
         while p.poll() is None and time.time() < deadline:
-            try:
-                with h5py.File(tmp, "r", locking=False) as f:
-                    n = int(f.attrs.get("n_done", 0))
-            except Exception:
-                n = 0
-            if n >= target:
+            if rows_done(tmp) >= target:
                 p.send_signal(signal.SIGKILL)
                 kills += 1
                 break
@@ -461,14 +456,6 @@ def long_run(tmp_path_factory):
     return dict(tmp=tmp, args=args, ref=ref)
 
 
-def _n_done(path: Path) -> int:
-    try:
-        with h5py.File(path, "r", locking=False) as f:
-            return int(f.attrs.get("n_done", 0))
-    except Exception:
-        return 0
-
-
 def _start(args, out: Path, *, prefix=()) -> subprocess.Popen:
     cmd = [sys.executable, *prefix] if prefix else [sys.executable, "-m", "igpt_cli"]
     return subprocess.Popen([*cmd, *map(str, args), "-o", str(out)], env=ENV, stdout=subprocess.PIPE,
@@ -477,7 +464,7 @@ def _start(args, out: Path, *, prefix=()) -> subprocess.Popen:
 
 def _wait_rows(p: subprocess.Popen, tmp: Path, rows: int) -> None:
     deadline = time.time() + 120
-    while _n_done(tmp) < rows:
+    while rows_done(tmp) < rows:
         assert p.poll() is None, p.communicate()
         assert time.time() < deadline
         time.sleep(0.01)
@@ -564,12 +551,12 @@ def test_disk_full_mid_run_keeps_a_resumable_partial(long_run, tmp_path):
         r = subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr)
         assert_clean_failure(r, "no space left on device", out)
         assert "is kept" in stderr and tmp.exists()
-        done = _n_done(tmp)
+        done = rows_done(tmp)
         assert 100 <= done < 6000
         # still full: refused again, the partial file untouched
         r = run_igpt(*long_run["args"], "-o", out)
         assert_clean_failure(r, "no space left on device", out)
-        assert _n_done(tmp) == done
+        assert rows_done(tmp) == done
         # space freed (here: the file system grown): the same command resumes
         filler.unlink()
         subprocess.run(["mount", "-o", "remount,size=6m", str(mnt)], check=True)

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import ENV, hold_output_lock, invoke, make_tokens
+from helpers import ENV, hold_output_lock, invoke, make_tokens, rows_done
 from igpt_cli import formats, outputs
 from igpt_cli.errors import InputError
 from igpt_cli.extract.sharded import DistContext, all_part_paths, merge_parts, part_path, shard_rows
@@ -231,19 +231,11 @@ def _worker(launcher_pid: int, rank: int) -> int | None:
     return None
 
 
-def _n_done(path: Path) -> int:
-    try:
-        with h5py.File(path, "r", locking=False) as f:
-            return int(f.attrs.get("n_done", 0))
-    except Exception:
-        return 0
-
-
 def _kill_rank_midway(cmd: list[str], part: Path, rank: int, at_rows: int) -> subprocess.Popen:
     p = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 600
     while p.poll() is None and time.time() < deadline:
-        if _n_done(part) >= at_rows:
+        if rows_done(part) >= at_rows:
             pid = _worker(p.pid, rank)
             if pid:
                 os.kill(pid, signal.SIGKILL)
@@ -283,7 +275,7 @@ def test_killed_rank_rerun_same_command(setup, long_run):
     p = _kill_rank_midway(cmd, part_path(out, 0, 2), 0, 200)
     p.communicate(timeout=900)
     assert p.returncode != 0 and not out.exists()
-    assert _n_done(part_path(out, 0, 2)) >= 200
+    assert rows_done(part_path(out, 0, 2)) >= 200
     r = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     assert json.loads([l for l in r.stdout.splitlines() if l.startswith("{")][-1])["resumed_from"] >= 200

@@ -17,7 +17,6 @@ from helpers import ENV, assert_clean_failure, hf_causal_model, hf_model, hold_o
 from igpt_cli import formats, outputs
 from igpt_cli.demo import DEMO_DATA, SHIPPED_MODEL
 from igpt_cli.generate import complete_file, complete_images, sample_file, sample_images, score_file, score_images
-from igpt_cli.model import load_pretrained
 
 # the commands, whether or not app.py registers them yet
 BOOT = ("import sys; from igpt_cli.cli import app; from igpt_cli.cli.generation import register; "
@@ -267,7 +266,7 @@ def test_bad_input_is_one_line_exit_2_and_no_output(case, demo_tokens, causal, t
     out = tmp_path / "o.h5"
     m = str(SHIPPED_MODEL)
     if case == "palette-too-big":
-        big = make_tokens(tmp_path / "big.h5", 2, 4, palette=np.zeros((600, 3), np.float32))
+        make_tokens(tmp_path / "big.h5", 2, 4, palette=np.zeros((600, 3), np.float32))
     args, needle = {
         "size": (["complete", causal["tokens"], "-m", m], "images are 4x4"),
         "palette-too-big": (["score", tmp_path / "big.h5", "-m", causal["dir"]], "palette has 600 colours"),

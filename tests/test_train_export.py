@@ -13,7 +13,6 @@ from igpt_cli.model import IGPT, IGPTConfig, load_pretrained, save_pretrained
 from igpt_cli.outputs import OutputError, output_lock
 
 from helpers import ENV, ROOT, assert_clean_failure
-from test_train_outputs import small_fs  # noqa: F401  (fixture: a 1 MiB tmpfs)
 
 
 @pytest.fixture
@@ -71,7 +70,7 @@ def test_half_written_or_locked_runs_are_one_line(tmp_path, run):
     assert sorted(os.listdir(tmp_path)) == ["run"]
 
 
-def test_export_on_a_full_disk_is_one_line_and_leaves_nothing(tmp_path, small_fs):  # noqa: F811
+def test_export_on_a_full_disk_is_one_line_and_leaves_nothing(tmp_path, small_fs):
     d = tmp_path / "big"  # 1.2 MB of float16 weights cannot fit in 1 MiB
     save_pretrained(IGPT(IGPTConfig(vocab_size=17, n_positions=16, n_embd=160, n_layer=2, n_head=2)), d)
     r = export_cli(d, small_fs / "ship")

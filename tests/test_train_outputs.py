@@ -64,21 +64,6 @@ def test_two_processes_never_interleave(tmp_path, tok):
 
 
 # --- a full disk ---------------------------------------------------------------------------------
-@pytest.fixture
-def small_fs(tmp_path):
-    """A 1 MiB tmpfs (root only); skipped where mounting is impossible."""
-    d = tmp_path / "fs"
-    d.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(d)], capture_output=True, text=True)
-    if r.returncode:
-        pytest.skip(f"cannot mount a small tmpfs here ({r.stderr.strip() or r.returncode}); "
-                    "the disk-full cases need one")
-    try:
-        yield d
-    finally:
-        subprocess.run(["umount", "-l", str(d)], capture_output=True)
-
-
 def fill(d):
     """Fill the filesystem of directory d (a file `filler`)."""
     fd = os.open(d / "filler", os.O_WRONLY | os.O_CREAT, 0o644)

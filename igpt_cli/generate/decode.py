@@ -27,7 +27,7 @@ from ..errors import InputError, ParameterError, check_positive
 from ..extract.sources import check_tokens_array
 from ..extract.sources import ready_model as ready_feature_model
 from ..model import IGPT, CheckpointError, IGPTConfig, KVCache, find_weights, resolve_model_dir, sos_shift
-from ..model.checkpoint import safe_torch_load
+from ..model.checkpoint import load_tensor_pickle
 from ..progress import OnProgress, Reporter
 from .sampling import Sampling, check_seed, pick_tokens, row_uniforms
 
@@ -46,7 +46,7 @@ def has_lm_head(weights: Path) -> bool:
 
             with safe_open(str(weights), "pt") as f:
                 return "lm_head.weight" in set(f.keys())
-        return "lm_head.weight" in safe_torch_load(weights, mmap=True)
+        return "lm_head.weight" in load_tensor_pickle(weights, mmap=True)
     except Exception:
         return True
 

@@ -164,7 +164,7 @@ def find_weights(model_dir: str | Path) -> Path:
     raise CheckpointError(f"{d}: no weights (expected {' or '.join(WEIGHT_FILES)})")
 
 
-def safe_torch_load(path: str | Path, **kw):
+def load_tensor_pickle(path: str | Path, **kw):
     """`torch.load` that never executes code (weights_only) and stays quiet: torch's warnings about
     what it refused would be a second stderr line next to the caller's one-line error."""
     import warnings
@@ -175,7 +175,7 @@ def safe_torch_load(path: str | Path, **kw):
 
 
 def why_unreadable(e: BaseException) -> str:
-    """One line saying why `safe_torch_load` refused a file (torch's own messages run over many lines)."""
+    """One line saying why `load_tensor_pickle` refused a file (torch's own messages run over many lines)."""
     text = str(e)
     if isinstance(e, pickle.UnpicklingError) or "Weights only load failed" in text:
         m = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text) or re.search(r"Unsupported operand \d+", text)
@@ -191,7 +191,7 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
             from safetensors.torch import load_file
 
             return load_file(str(path))
-        return safe_torch_load(path)
+        return load_tensor_pickle(path)
     except Exception as e:  # corrupt file, pickle with code in it, …
         if path.suffix == ".safetensors":
             first = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)

@@ -25,7 +25,7 @@ import torch
 
 from ..errors import InputError
 from ..model import IGPTConfig
-from ..model.checkpoint import safe_torch_load, why_unreadable
+from ..model.checkpoint import load_tensor_pickle, why_unreadable
 from ..outputs import OutputError
 from ..runtime import DTYPES
 from .config import TrainConfig, check_config
@@ -142,7 +142,7 @@ def read_state(path: Path) -> RunState:
         return InputError(f"{path}: {problem}; this is not a training state igpt can resume")
 
     try:
-        raw = safe_torch_load(path)
+        raw = load_tensor_pickle(path)
     except MemoryError:
         raise bad("too large to load") from None
     except Exception as e:
