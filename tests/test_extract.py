@@ -376,7 +376,8 @@ def test_hub_name_resolves_from_local_cache(tmp_path, monkeypatch, small):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
     assert resolve_model_dir("openai/imagegpt-small") == snap
     assert resolve_model_dir(small["dir"]) == small["dir"]
-    assert resolve_model_dir("openai/imagegpt-large") == Path("openai/imagegpt-large")  # not cached: as given
+    with pytest.raises(InputError, match="openai/imagegpt-large"):  # not cached: one line
+        resolve_model_dir("openai/imagegpt-large")
 
 
 @pytest.mark.parametrize("overwrite", [False, True])

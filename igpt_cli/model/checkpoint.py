@@ -1,4 +1,4 @@
-"""Hugging Face ImageGPT checkpoint directories: read, load, save, and find in the local cache.
+"""Hugging Face ImageGPT checkpoint directories: read, load and save (finding one by name: `resolve.py`).
 
 A directory holds `config.json` and `model.safetensors` (or an older
 `pytorch_model.bin`), as `transformers` writes for `ImageGPTForCausalImageModeling`
@@ -250,18 +250,3 @@ def save_pretrained(model: IGPT, model_dir: str | Path, dtype: torch.dtype = tor
     os.replace(d / ".model.safetensors.tmp", d / "model.safetensors")
     (d / ".config.json.tmp").write_text(json.dumps(config_to_hf(model.config), indent=2) + "\n")
     os.replace(d / ".config.json.tmp", d / "config.json")
-
-
-# ---------------------------------------------------------------------------
-# the local Hugging Face cache
-# ---------------------------------------------------------------------------
-def resolve_model_dir(model: str | Path) -> Path:
-    """A directory as given, or a Hugging Face hub name (`openai/imagegpt-small`) found in the local HF cache."""
-    p = Path(model)
-    if p.is_dir() or "/" not in str(model) or str(model).startswith((".", "/", "~")):
-        return p
-    hub = Path(os.environ.get("HF_HUB_CACHE")
-               or Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface")) / "hub")
-    snaps = sorted((hub / f"models--{str(model).replace('/', '--')}" / "snapshots").glob("*/config.json"),
-                   key=lambda c: c.stat().st_mtime)
-    return snaps[-1].parent if snaps else p

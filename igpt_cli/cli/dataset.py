@@ -1,0 +1,90 @@
+"""`igpt quantize` and `igpt palette fit`: datasets in, tokens files and palettes out."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from ..choices import Resize, Split
+from .options import (
+    FormatOpt, LimitOpt, LimitPerClass, MaxPixels, Overwrite, Quiet, ResizeOpt, Shuffle, SizeOpt, SkipBad, SplitOpt
+)
+from .ui import ProgressBar, handles_input_errors, maybe_bar, print_json
+
+
+@handles_input_errors
+def quantize_command(
+    src: Annotated[Path, typer.Argument(help="Image folder, .tar/.zip of one, CIFAR python archive/folder, .npz or .npy.")],
+    out: Annotated[Path, typer.Option("-o", "--out", help="Tokens file to write (HDF5).")],
+    split: SplitOpt = Split.all,
+    size: SizeOpt = 32,
+    palette: Annotated[Optional[str], typer.Option(
+        help="Palette: .npy, preprocessor_config.json or a model dir (default: the official iGPT 512-colour palette).")] = None,
+    limit: LimitOpt = None,
+    limit_per_class: LimitPerClass = None,
+    shuffle: Shuffle = False,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of --shuffle.")] = 0,
+    resize: ResizeOpt = Resize.bilinear,
+    fmt: FormatOpt = None,
+    skip_bad: SkipBad = False,
+    max_pixels: MaxPixels = None,
+    overwrite: Overwrite = False,
+    quiet: Quiet = False,
+) -> None:
+    """Quantize a dataset to palette tokens (an igpt-tokens HDF5 file).
+
+    Example: igpt quantize cifar10-jpeg.tar --split train -o train.h5
+    """
+    from ..quantize import quantize_dataset
+
+    bar = ProgressBar.maybe(quiet)
+    with maybe_bar(bar):
+        result = quantize_dataset(src, out, split=split.value, size=size, palette=palette, limit=limit,
+                                  limit_per_class=limit_per_class, shuffle=shuffle, seed=seed,
+                                  resize=resize.value, fmt=fmt.value if fmt else None, skip_bad=skip_bad,
+                                  max_pixels=max_pixels, overwrite=overwrite, on_progress=bar)
+    print_json(result)
+
+
+@handles_input_errors
+def palette_fit_command(
+    src: Annotated[Path, typer.Argument(help="Any dataset `igpt quantize` reads.")],
+    out: Annotated[Path, typer.Option("-o", "--out", help="Palette .npy to write (float32 K×3 in [-1, 1]).")],
+    k: Annotated[int, typer.Option("-k", help="Number of colours.")] = 512,
+    sample_pixels: Annotated[int, typer.Option("--sample-pixels", help="Pixels sampled for k-means.")] = 1_000_000,
+    split: SplitOpt = Split.all,
+    size: SizeOpt = 32,
+    limit: LimitOpt = None,
+    limit_per_class: LimitPerClass = None,
+    shuffle: Shuffle = False,
+    resize: ResizeOpt = Resize.bilinear,
+    fmt: FormatOpt = None,
+    skip_bad: SkipBad = False,
+    max_pixels: MaxPixels = None,
+    overwrite: Overwrite = False,
+    seed: Annotated[int, typer.Option("--seed", help="Seed for --shuffle, pixel sampling and k-means.")] = 0,
+    quiet: Quiet = False,
+) -> None:
+    """Fit a new palette with MiniBatchKMeans (for pretraining on your own domain).
+
+    Example: igpt palette fit my-photos/ -k 512 -o palette.npy
+    """
+    from ..quantize import fit_palette_file
+
+    bar = ProgressBar.maybe(quiet)
+    with maybe_bar(bar):
+        result = fit_palette_file(src, out, k=k, sample_pixels=sample_pixels, split=split.value, size=size,
+                                  limit=limit, limit_per_class=limit_per_class, shuffle=shuffle,
+                                  resize=resize.value, fmt=fmt.value if fmt else None, skip_bad=skip_bad,
+                                  max_pixels=max_pixels, overwrite=overwrite, seed=seed, on_progress=bar)
+    print_json(result)
+
+
+def register(app: typer.Typer) -> None:
+    """Add `quantize`, `fit` to the `igpt` app."""
+    palette_app = typer.Typer(cls=app.info.cls, help="Colour palettes: fit a new one for your own domain.",
+                              no_args_is_help=True, context_settings={"help_option_names": ["-h", "--help"]})
+    palette_app.command("fit")(palette_fit_command)
+    app.add_typer(palette_app, name="palette")
+    app.command("quantize")(quantize_command)

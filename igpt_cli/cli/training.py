@@ -1,0 +1,116 @@
+"""`igpt train` and `igpt demo`."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from ..choices import ComputeDtype
+from ..errors import InputError
+from .options import Device, Quiet
+from .ui import ProgressBar, err, get_current_context, handles_input_errors, maybe_bar, print_json, render_probe_table
+
+
+@handles_input_errors
+def train_command(
+    train_tokens: Annotated[Path, typer.Argument(help="Tokens file (igpt quantize) to pretrain on.")],
+    out: Annotated[Path, typer.Option("-o", "--out", help="Model directory to write (Hugging Face ImageGPT layout).")],
+    val_tokens: Annotated[Optional[Path], typer.Option("--val", help="Tokens file for validation loss (bits/dim).")] = None,
+    n_layer: Annotated[int, typer.Option("--depth", min=1, help="Transformer blocks.")] = 8,
+    n_embd: Annotated[int, typer.Option("--width", min=8, help="Embedding width.")] = 256,
+    n_head: Annotated[int, typer.Option("--heads", min=1, help="Attention heads.")] = 8,
+    steps: Annotated[Optional[int], typer.Option("--steps", min=1, help="Optimizer steps (or use --epochs).")] = None,
+    epochs: Annotated[Optional[float], typer.Option("--epochs", min=0.0, help="Passes over the training tokens.")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per step.")] = 64,
+    lr: Annotated[float, typer.Option("--lr", help="Peak learning rate (linear warm-up, cosine decay).")] = 3e-3,
+    warmup_steps: Annotated[int, typer.Option("--warmup", min=0, help="Warm-up steps.")] = 100,
+    no_flip: Annotated[bool, typer.Option("--no-flip", help="Disable random horizontal flips.")] = False,
+    checkpoint_every: Annotated[int, typer.Option("--checkpoint-every", min=1, help="Steps between checkpoints.")] = 200,
+    eval_every: Annotated[int, typer.Option("--eval-every", min=1, help="Steps between validation losses.")] = 200,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the initialisation, data order and flips.")] = 0,
+    device: Device = "auto",
+    dtype: Annotated[ComputeDtype, typer.Option("--dtype", help="Autocast dtype (auto: bfloat16 where fast).")] = ComputeDtype.auto,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run saved in --out.")] = False,
+    quiet: Quiet = False,
+) -> None:
+    """Pretrain an iGPT on palette tokens (next-token prediction with the SOS shift).
+
+    Example: igpt train train.h5 --val test.h5 -o my-igpt --depth 8 --width 192 --heads 6 --steps 2400
+    """
+    from ..train import pretrain
+
+    if not resume and steps is None and epochs is None:
+        raise InputError("give --steps or --epochs")
+    settings = dict(n_layer=n_layer, n_embd=n_embd, n_head=n_head, steps=steps, epochs=epochs,
+                    batch_size=batch_size, lr=lr, warmup_steps=warmup_steps, flip=not no_flip,
+                    checkpoint_every=checkpoint_every, eval_every=eval_every, seed=seed)
+    # Only the flags the user typed: a new run takes the defaults for the rest; a resumed run
+    # compares them with its own settings, and continues with its own when none is given.
+    ctx = get_current_context()
+    param = {"flip": "no_flip"}
+    cfg = {k: v for k, v in settings.items()
+           if getattr(ctx.get_parameter_source(param.get(k, k)), "name", "DEFAULT") not in ("DEFAULT", "DEFAULT_MAP")}
+    bar = ProgressBar.maybe(quiet)
+    with maybe_bar(bar):
+        result = pretrain(train_tokens, out, cfg, val_tokens=val_tokens, device=device, dtype=dtype.value,
+                          resume=resume, on_progress=bar)
+    print_json(result)
+
+
+@handles_input_errors
+def demo_command(
+    out: Annotated[Optional[Path], typer.Option("--out", help="Keep every intermediate file in this directory.")] = None,
+    model: Annotated[Optional[Path], typer.Option("--model", help="Model directory (default: the shipped iGPT).")] = None,
+    plot: Annotated[Optional[Path], typer.Option("--plot", help=(
+        "Where to write the probe curve PNG (default: OUT/probe.png, or ./igpt-demo.png without --out)."))] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the probe reports as JSON on stdout.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the files of an earlier demo.")] = False,
+    quiet: Quiet = False,
+) -> None:
+    """Run quantize → extract → probe offline on the shipped CIFAR-10 subset and model.
+
+    Without --out only the probe curve (./igpt-demo.png) and a completion figure
+    (./igpt-demo-completions.png) are kept.
+
+    Example: igpt demo --out demo-out
+    """
+    from .. import outputs
+    from ..demo import run_demo
+    from .plots import check_plot_path, write_probe_plot
+
+    plot_path = plot or (out / "probe.png" if out else Path("igpt-demo.png"))
+    completions = None if out else Path("igpt-demo-completions.png")
+    if out is not None:
+        if out.exists() and not out.is_dir():
+            raise InputError(f"{out}: exists and is not a directory")
+        if not overwrite and out.is_dir() and any(out.iterdir()):
+            raise InputError(f"{out}: holds files already (pass overwrite=True to replace the demo's files)")
+        out.mkdir(parents=True, exist_ok=True)
+    check_plot_path(plot_path, overwrite)
+    if completions is not None:
+        outputs.check_output_path(completions, overwrite)
+    bar = ProgressBar.maybe(quiet)
+    with maybe_bar(bar):
+        result = run_demo(out, model=model, completions=completions, on_progress=bar)
+    rep, pix = result.model.to_dict(), result.pixels.to_dict()
+    files = dict(result.files, plot=str(write_probe_plot(rep, plot_path)))
+    if not quiet:
+        render_probe_table(rep)
+        best = next(r for r in rep["layers"] if r["layer"] == rep["best_layer"])
+        base = pix["layers"][0]["test_acc"]
+        err.print(f"best layer {best['layer']}: test accuracy {best['test_acc']:.1%} vs raw pixels {base:.1%} "
+                  f"({100 * (best['test_acc'] - base):+.1f} points) — {result.seconds:.0f} s", highlight=False)
+        err.print(f"curve: {files['plot']}", highlight=False)
+        if result.kept:
+            err.print("\nThe same pipeline by hand:", highlight=False)
+            for cmd in result.commands:
+                err.print(f"  {cmd}", highlight=False, soft_wrap=True)
+    if as_json:
+        print_json({"model": rep, "pixels": pix, "files": files, "seconds": result.seconds})
+
+
+def register(app: typer.Typer) -> None:
+    """Add `train`, `demo` to the `igpt` app."""
+    app.command("train")(train_command)
+    app.command("demo")(demo_command)
