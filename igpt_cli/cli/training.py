@@ -28,6 +28,10 @@ def train_command(
     no_flip: Annotated[bool, typer.Option("--no-flip", help="Disable random horizontal flips.")] = False,
     checkpoint_every: Annotated[int, typer.Option("--checkpoint-every", min=1, help="Steps between checkpoints.")] = 200,
     eval_every: Annotated[int, typer.Option("--eval-every", min=1, help="Steps between validation losses.")] = 200,
+    save_every: Annotated[Optional[int], typer.Option("--save-every", min=1, help=(
+        "Keep the model every K steps as its own directory OUT/step-NNNNNN (a series for igpt sweep)."))] = None,
+    save_at: Annotated[Optional[str], typer.Option("--save-at", metavar="STEPS", help=(
+        "Keep the model at these steps too, e.g. 50,100,200,400,800,1600,2400."))] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the initialisation, data order and flips.")] = 0,
     device: Device = "auto",
     dtype: Annotated[ComputeDtype, typer.Option("--dtype", help="Autocast dtype (auto: bfloat16 where fast).")] = ComputeDtype.auto,
@@ -44,7 +48,8 @@ def train_command(
         raise InputError("give --steps or --epochs")
     settings = dict(n_layer=n_layer, n_embd=n_embd, n_head=n_head, steps=steps, epochs=epochs,
                     batch_size=batch_size, lr=lr, warmup_steps=warmup_steps, flip=not no_flip,
-                    checkpoint_every=checkpoint_every, eval_every=eval_every, seed=seed)
+                    checkpoint_every=checkpoint_every, eval_every=eval_every, seed=seed, save_every=save_every,
+                    save_at=_steps_list(save_at))
     # Only the flags the user typed: a new run takes the defaults for the rest; a resumed run
     # compares them with its own settings, and continues with its own when none is given.
     ctx = get_current_context()
@@ -108,6 +113,15 @@ def demo_command(
                 err.print(f"  {cmd}", highlight=False, soft_wrap=True)
     if as_json:
         print_json({"model": rep, "pixels": pix, "files": files, "seconds": result.seconds})
+
+
+def _steps_list(text: str | None) -> tuple[int, ...]:
+    if text is None:
+        return ()
+    try:
+        return tuple(int(v) for v in text.replace(" ", "").split(",") if v)
+    except ValueError:
+        raise InputError(f"--save-at {text}: expected step numbers separated by commas (50,100,200)") from None
 
 
 def register(app: typer.Typer) -> None:

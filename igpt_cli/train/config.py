@@ -40,6 +40,11 @@ class TrainConfig:
     checkpoint_every: int = 200
     eval_every: int = 200
     eval_rows: int = 2000
+    save_every: int | None = None  # keep a model directory OUT/step-NNNNNN every this many steps …
+    save_at: tuple[int, ...] = ()  # … and at these steps (a checkpoint series for `igpt sweep`)
+
+# Settings that say what is kept, not how the model trains: a resumed run may change them.
+KEEPING = ("save_every", "save_at")
 
 
 FIELDS = tuple(f.name for f in fields(TrainConfig))
@@ -90,7 +95,21 @@ def check_config(cfg: TrainConfig) -> TrainConfig:
         raise ParameterError("flip", cfg.flip, "must be True or False")
     if cfg.n_embd % cfg.n_head:
         raise ParameterError("n_embd", cfg.n_embd, f"not divisible by n_head={cfg.n_head}")
-    return cfg
+    if cfg.save_every is not None and (not _is_int(cfg.save_every) or cfg.save_every < 1):
+        raise ParameterError("save_every", cfg.save_every, "must be an integer of at least 1")
+    try:
+        save_at = tuple(sorted({int(v) for v in cfg.save_at if _is_int(v) and v >= 1}))
+        bad = len(save_at) != len(set(cfg.save_at))
+    except TypeError:
+        bad = True
+    if bad:
+        raise ParameterError("save_at", cfg.save_at, "must be distinct step numbers of at least 1")
+    return replace(cfg, save_at=save_at)
+
+
+def kept_at(cfg: TrainConfig, step: int) -> bool:
+    """Whether the model of `step` is kept as its own directory (`save_every`, `save_at`)."""
+    return bool(cfg.save_every and step % cfg.save_every == 0) or step in cfg.save_at
 
 
 def config_from(given) -> TrainConfig:
@@ -213,7 +232,7 @@ def resumed_config(run: TrainConfig, given, n_rows: int, where) -> TrainConfig:
         items = dict(given)
     merged = check_config(replace(run, **items))
     diffs = [f"{k}={v!r} (the run's: {getattr(run, k)!r})" for k, v in items.items()
-             if k not in ("steps", "epochs") and v != getattr(run, k)]
+             if k not in ("steps", "epochs", *KEEPING) and v != getattr(run, k)]
     old, new = total_steps(run, n_rows), total_steps(merged, n_rows)
     if new < old:
         k = "steps" if items.get("steps") is not None or run.steps else "epochs"

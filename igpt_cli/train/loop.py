@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -18,7 +20,8 @@ from ..outputs import check_output_path, output_lock
 from ..progress import OnProgress, Reporter
 from ..results import Result
 from ..runtime import resolve_device, resolve_dtype
-from .config import TrainConfig, check_config, check_fits_memory, config_from, lr_at, resumed_config, total_steps
+from .config import (TrainConfig, check_config, check_fits_memory, config_from, kept_at, lr_at, resumed_config,
+                     total_steps)
 from ..formats import sha256_file
 from .data import TokenData, check_val, load_tokens, make_batch
 from .state import (RUN_FILES, STATE_FILE, TRAIN_META, RunState, load_optimizer, load_weights, read_state,
@@ -289,8 +292,11 @@ def _train(out: Path, data: TokenData, train_sha: str, start: _Start, dev: torch
                 rep.log(json.dumps(record))
             bpd = loss_ema / math.log(2)
             rep.advance(1, info=f"loss {loss_ema:.3f} nats ({bpd:.3f} bits/dim) lr {lr:.2e}")
-            if step % cfg.checkpoint_every == 0 or step == steps:
+            keep = kept_at(cfg, step)
+            if step % cfg.checkpoint_every == 0 or step == steps or keep:
                 checkpoint()
+            if keep:
+                keep_model(out / snapshot_name(step), model, data, step, history)
     except KeyboardInterrupt:
         _cleanup_on_failure(out, created, checkpoint if saved != step else None)
         raise
@@ -304,6 +310,26 @@ def _train(out: Path, data: TokenData, train_sha: str, start: _Start, dev: torch
                        resumed_from=state.step if state is not None else None)
 
 
+def snapshot_name(step: int) -> str:
+    """The directory (inside the run's) that keeps the model of `step`: `step-000200`."""
+    return f"step-{step:06d}"
+
+
+def keep_model(final: Path, model: IGPT, data: TokenData, step: int, history: list) -> None:
+    """Write the model of `step` as its own Hugging Face directory, atomically (a temp
+    directory renamed when complete); one that exists already (a resumed run) is kept."""
+    if final.is_dir():
+        return
+    tmp = final.with_name(f".{final.name}.tmp")
+    with write_errors(final, f"keeping the model of step {step}"):
+        shutil.rmtree(tmp, ignore_errors=True)
+        save_pretrained(model, tmp)
+        write_preprocessor_config(tmp, data.palette, data.height, data.width)
+        meta = {"igpt_version": __version__, "step": step, "history": [h for h in history if h["step"] <= step]}
+        write_text(tmp / TRAIN_META, json.dumps(meta, indent=1) + "\n")
+        os.replace(tmp, final)
+
+
 def _cleanup_on_failure(out: Path, created: bool, save=None) -> None:
     """Save (Ctrl-C) or not; remove temp files, and the directory if this run made it and left it empty."""
     try:
@@ -311,6 +337,8 @@ def _cleanup_on_failure(out: Path, created: bool, save=None) -> None:
             save()
     finally:
         remove_temp_files(out)
+        for tmp in out.glob(".step-*.tmp"):
+            shutil.rmtree(tmp, ignore_errors=True)
         if created and out.is_dir() and not any(out.iterdir()):
             out.rmdir()
 
