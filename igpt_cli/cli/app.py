@@ -76,7 +76,7 @@ def main() -> None:
 
 # Commands live in one module per theme, each adding its own with `register(app)`; the order
 # here is the order of `igpt --help`.
-from . import dataset, features, files, generation, probing, training  # noqa: E402
+from . import convert, dataset, features, files, generation, probing, sweep, training  # noqa: E402
 
-for _module in (dataset, files, features, probing, generation, training):
+for _module in (dataset, files, features, convert, probing, generation, training, sweep):
     _module.register(app)
