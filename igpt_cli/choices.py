@@ -29,6 +29,10 @@ class DatasetFormat(str, Enum):
     cifar = "cifar"
     npz = "npz"
     npy = "npy"
+    files = "files"
+    hf = "hf"
+    webdataset = "webdataset"
+    openai_tokens = "openai-tokens"
 
 
 class Site(str, Enum):

@@ -24,8 +24,8 @@ from typing import Iterator, Optional
 import h5py
 import numpy as np
 
-from .data import EmptyDatasetError, check_dataset_parameters, open_dataset
-from .errors import check_positive
+from .data import EmptyDatasetError, check_dataset_parameters, describe_sources, open_dataset
+from .errors import ParameterError, check_positive
 from .formats import append_rows, create_tokens_file
 from .outputs import atomic_output, check_free_space, check_output_path, disk_full, is_disk_full
 from .palette import Palette, check_fit_parameters, fit_palette
@@ -126,11 +126,11 @@ def _hdf5_output(tmp: Path, out: Path) -> Iterator[h5py.File]:
 
 
 def quantize_dataset(
-    src: str | Path,
+    src: "str | Path | list[str | Path]",
     out: str | Path,
     *,
     split: str = "all",
-    size: int = 32,
+    size: int | None = None,
     palette: "Palette | str | Path | None" = None,
     limit: int | None = None,
     limit_per_class: int | None = None,
@@ -140,13 +140,20 @@ def quantize_dataset(
     fmt: str | None = None,
     skip_bad: bool = False,
     max_pixels: int | None = None,
+    image_column: str | None = None,
+    label_column: str | None = None,
     overwrite: bool = False,
     batch_size: int = 256,
     on_progress: OnProgress | None = None,
 ) -> QuantizeResult:
     """Quantize the dataset at `src` (see `igpt_cli.data.open_dataset` for the dataset
     parameters: split, size, limit, limit_per_class, shuffle, seed, resize, fmt, skip_bad,
-    max_pixels) into the tokens file `out`, with `palette` (None: the official iGPT one).
+    max_pixels, image_column, label_column) into the tokens file `out`, with `palette`
+    (None: the official iGPT one). `size` None: 32, or the side of pre-quantized tokens.
+
+    OpenAI's pre-quantized datasets (``cifar10_trX.npy`` …, `igpt_cli.data.tokens`) are
+    copied as they are, not re-quantized, with the official palette (a different
+    `palette` or `size` is refused).
 
     Memory is bounded (one batch of images plus the palette's 32 MiB colour lookup
     table); `out` only appears when complete. Raises `InputError` subclasses on bad input
@@ -155,13 +162,20 @@ def quantize_dataset(
     """
     t0 = time.perf_counter()
     check_positive("batch_size", batch_size, allow_none=False)
-    check_dataset_parameters(size=size, limit=limit, limit_per_class=limit_per_class, seed=seed,
+    check_dataset_parameters(size=size or 32, limit=limit, limit_per_class=limit_per_class, seed=seed,
                              max_pixels=max_pixels)
     out = check_output_path(out, overwrite)
     pal = _palette(palette)
-    ds = open_dataset(src, split=split, size=size, resize=resize, fmt=fmt, limit=limit, skip_bad=skip_bad,
-                      limit_per_class=limit_per_class, shuffle=shuffle, seed=seed, max_pixels=max_pixels)
+    ds = open_dataset(src, split=split, size=size or 32, resize=resize, fmt=fmt, limit=limit, skip_bad=skip_bad,
+                      limit_per_class=limit_per_class, shuffle=shuffle, seed=seed, max_pixels=max_pixels,
+                      image_column=image_column, label_column=label_column)
     split, resize = ds.split, ds.resize  # plain strings (Enum members accepted)
+    tokens_in = getattr(ds, "token_batches", None)  # pre-quantized: copied, not re-quantized
+    if tokens_in is not None:
+        size = _check_pre_quantized(ds, size, palette)
+        pal = Palette(ds.palette, source="igpt512")
+        split = ds.splits[0] if split == "all" and ds.splits else split  # the file's own split
+    size = size or 32
     if ds.n is not None and not skip_bad:  # the rows alone (tokens, labels) must fit: refuse before writing
         check_free_space(out, ds.n * (size * size * 2 + 8))
     batch_size = min(batch_size, max(1, BATCH_BYTES // (size * size * 3)))
@@ -171,14 +185,14 @@ def quantize_dataset(
     n = 0
     with atomic_output(out) as tmp, _hdf5_output(tmp, out) as f:
         create_tokens_file(f, height=size, width=size, palette=pal.centers, class_names=ds.class_names,
-                           split=split, source=os.path.abspath(src), resize=resize)
+                           split=split, source=describe_sources(src), resize=resize)
         rows = {name: f[name] for name in ("tokens", "labels", "sources")}  # kept open: no flush on every close
-        with contextlib.closing(ds.batches(batch_size)) as batches:  # closing ends the decode pool at once
-            for imgs, labels, sources in batches:
-                n = append_rows(rows, tokens=pal.quantize(imgs), labels=labels,  # [B, S, S, 3] -> [B, S*S]
-                                sources=np.asarray(sources, dtype=object))
+        batches = tokens_in(batch_size) if tokens_in else _quantized(ds.batches(batch_size), pal)
+        with contextlib.closing(batches):  # closing ends the decode pool at once
+            for tokens, labels, sources in batches:
+                n = append_rows(rows, tokens=tokens, labels=labels, sources=np.asarray(sources, dtype=object))
                 f.flush()
-                progress.advance(len(imgs))
+                progress.advance(len(tokens))
         logged = _report_warnings(ds, progress, logged)
         if n == 0:
             extra = f" ({ds.skipped} unreadable images skipped)" if ds.skipped else ""
@@ -187,6 +201,24 @@ def quantize_dataset(
     return QuantizeResult(path=str(out), n=n, height=size, width=size, classes=len(ds.class_names),
                           seconds=round(time.perf_counter() - t0, 3), skipped=ds.skipped, unlabeled=unlabeled,
                           format=ds.kind, split=split, warnings=list(ds.warnings))
+
+
+def _quantized(batches: Iterator, pal: Palette) -> Iterator:
+    """(tokens [B, S*S], labels, sources) from (images [B, S, S, 3], labels, sources)."""
+    with contextlib.closing(batches):
+        for imgs, labels, sources in batches:
+            yield pal.quantize(imgs), labels, sources
+
+
+def _check_pre_quantized(ds, size: int | None, palette) -> int:
+    """The side of pre-quantized tokens; a `size` or `palette` other than theirs is an error."""
+    if size is not None and size != ds.side:
+        raise ParameterError("size", size, f"{ds.path.name} holds pre-quantized {ds.side}×{ds.side} tokens; "
+                                           "they are copied, not resized (leave size out)")
+    if palette is not None and not np.array_equal(_palette(palette).centers, ds.palette):
+        raise ParameterError("palette", str(palette), f"{ds.path.name} holds tokens of the official iGPT palette; "
+                                                      "they are copied, not re-quantized (leave palette out)")
+    return ds.side
 
 
 def fit_palette_file(

@@ -17,7 +17,7 @@ from helpers import FOLDER_CLASSES, encode_image, make_image_folder, random_imag
 from igpt_cli.choices import FORMATS
 from igpt_cli.data import (READERS, BadImageError, DataError, EmptyDatasetError, SplitError, TruncatedArchiveError,
                            UnknownFormatError, decode_image, detect_format, open_dataset)
-from igpt_cli.data import imagefolder
+from igpt_cli.data import encoded
 from igpt_cli.errors import InputError, ParameterError
 from igpt_cli.palette import Palette
 from igpt_cli.quantize import quantize_dataset
@@ -113,9 +113,9 @@ def test_image_modes_and_sizes(tmp_path):
 
 
 def test_decode_pool_gives_the_same_batches_as_decoding_in_process(cifar_tar, monkeypatch):
-    # 4096 images: large enough for the process pool (imagefolder.POOL_MIN_IMAGES)
-    n = imagefolder.POOL_MIN_IMAGES
-    assert imagefolder.decode_workers(n) == min(2, os.cpu_count() or 1) and imagefolder.decode_workers(n - 1) == 0
+    # 4096 images: large enough for the process pool (encoded.POOL_MIN_IMAGES)
+    n = encoded.POOL_MIN_IMAGES
+    assert encoded.decode_workers(n) == min(2, os.cpu_count() or 1) and encoded.decode_workers(n - 1) == 0
 
     def read_all():
         batches = list(open_dataset(cifar_tar, split="test", limit=n).batches(500))
@@ -123,7 +123,7 @@ def test_decode_pool_gives_the_same_batches_as_decoding_in_process(cifar_tar, mo
                 [s for b in batches for s in b[2]])
 
     pooled = read_all()
-    monkeypatch.setattr(imagefolder, "decode_workers", lambda n_images: 0)
+    monkeypatch.setattr(encoded, "decode_workers", lambda n_images: 0)
     in_process = read_all()
     assert len(pooled[0]) == n and pooled[2] == in_process[2]
     np.testing.assert_array_equal(pooled[0], in_process[0])
@@ -247,7 +247,7 @@ def test_bad_parameters_name_the_parameter(tmp_path):
                            ({"resize": "nearest"}, "resize='nearest': expected one of bilinear, center-crop"),
                            ({"size": 0}, "size=0: must be at least 1"),
                            ({"limit": 0}, "limit=0: must be at least 1"),
-                           ({"fmt": "bogus"}, "fmt='bogus': expected one of imagefolder, cifar, npz, npy")):
+                           ({"fmt": "bogus"}, "fmt='bogus': expected one of " + ", ".join(FORMATS))):
         with pytest.raises(ParameterError) as e:
             open_dataset(src, **kwargs)
         assert str(e.value) == needle and e.value.param == next(iter(kwargs))

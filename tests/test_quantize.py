@@ -75,7 +75,7 @@ def check_hf_parity(cifar_tar, official_palette_path, stride: int, expect: int):
     from transformers.models.imagegpt.image_processing_pil_imagegpt import ImageGPTImageProcessorPil
 
     ds = open_dataset(cifar_tar, split="test")
-    members = [(n, b) for i, (n, b) in enumerate(ds._members()) if i % stride == 0]
+    members = [(n, b) for i, (n, b, _) in enumerate(ds._members()) if i % stride == 0]
     assert len(members) == expect
     ours_px = np.stack([decode_image(b, 32, "bilinear", n) for n, b in members])
     pal = Palette.load(official_palette_path)

@@ -8,17 +8,27 @@ import typer
 
 from ..choices import Resize, Split
 from .options import (
-    FormatOpt, LimitOpt, LimitPerClass, MaxPixels, Overwrite, Quiet, ResizeOpt, Shuffle, SizeOpt, SkipBad, SplitOpt
+    FormatOpt, ImageColumn, LabelColumn, LimitOpt, LimitPerClass, MaxPixels, Overwrite, Quiet, ResizeOpt, Shuffle,
+    SizeOpt, SkipBad, SplitOpt
 )
 from .ui import ProgressBar, handles_input_errors, maybe_bar, print_json
 
 
+def sources_arg(src: list[str]) -> "str | list[str]":
+    """One SRC as itself (its messages name it), several as a list read as one dataset."""
+    return src[0] if len(src) == 1 else src
+
+
 @handles_input_errors
 def quantize_command(
-    src: Annotated[Path, typer.Argument(help="Image folder, .tar/.zip of one, CIFAR python archive/folder, .npz or .npy.")],
+    src: Annotated[list[str], typer.Argument(help=(
+        "Image folder, .tar/.zip of one, CIFAR python archive/folder, .npz/.npy, image file(s), @list.txt, "
+        "'glob/*.jpg', Hugging Face dataset (save_to_disk folder, Parquet), WebDataset shard(s) "
+        "('shard-{000..009}.tar'), or OpenAI's pre-quantized cifar10_trX.npy."))],
     out: Annotated[Path, typer.Option("-o", "--out", help="Tokens file to write (HDF5).")],
     split: SplitOpt = Split.all,
-    size: SizeOpt = 32,
+    size: Annotated[Optional[int], typer.Option("--size", help=(
+        "Images are resized to size×size (default 32; pre-quantized tokens keep theirs)."))] = None,
     palette: Annotated[Optional[str], typer.Option(
         help="Palette: .npy, preprocessor_config.json or a model dir (default: the official iGPT 512-colour palette).")] = None,
     limit: LimitOpt = None,
@@ -29,6 +39,8 @@ def quantize_command(
     fmt: FormatOpt = None,
     skip_bad: SkipBad = False,
     max_pixels: MaxPixels = None,
+    image_column: ImageColumn = None,
+    label_column: LabelColumn = None,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
 ) -> None:
@@ -40,16 +52,17 @@ def quantize_command(
 
     bar = ProgressBar.maybe(quiet)
     with maybe_bar(bar):
-        result = quantize_dataset(src, out, split=split.value, size=size, palette=palette, limit=limit,
+        result = quantize_dataset(sources_arg(src), out, split=split.value, size=size, palette=palette, limit=limit,
                                   limit_per_class=limit_per_class, shuffle=shuffle, seed=seed,
                                   resize=resize.value, fmt=fmt.value if fmt else None, skip_bad=skip_bad,
-                                  max_pixels=max_pixels, overwrite=overwrite, on_progress=bar)
+                                  max_pixels=max_pixels, image_column=image_column, label_column=label_column,
+                                  overwrite=overwrite, on_progress=bar)
     print_json(result)
 
 
 @handles_input_errors
 def palette_fit_command(
-    src: Annotated[Path, typer.Argument(help="Any dataset `igpt quantize` reads.")],
+    src: Annotated[list[str], typer.Argument(help="Any dataset `igpt quantize` reads (one or several paths).")],
     out: Annotated[Path, typer.Option("-o", "--out", help="Palette .npy to write (float32 K×3 in [-1, 1]).")],
     k: Annotated[int, typer.Option("-k", help="Number of colours.")] = 512,
     sample_pixels: Annotated[int, typer.Option("--sample-pixels", help="Pixels sampled for k-means.")] = 1_000_000,
@@ -74,7 +87,7 @@ def palette_fit_command(
 
     bar = ProgressBar.maybe(quiet)
     with maybe_bar(bar):
-        result = fit_palette_file(src, out, k=k, sample_pixels=sample_pixels, split=split.value, size=size,
+        result = fit_palette_file(sources_arg(src), out, k=k, sample_pixels=sample_pixels, split=split.value, size=size,
                                   limit=limit, limit_per_class=limit_per_class, shuffle=shuffle,
                                   resize=resize.value, fmt=fmt.value if fmt else None, skip_bad=skip_bad,
                                   max_pixels=max_pixels, overwrite=overwrite, seed=seed, on_progress=bar)

@@ -27,3 +27,8 @@ MaxPixels = Annotated[Optional[int], typer.Option("--max-pixels", help=(
     "(default: 89,478,485, PIL's decompression-bomb limit)."))]
 Restart = Annotated[bool, typer.Option("--restart", help="Discard a partial run instead of resuming it.")]
 Dtype = Annotated[ComputeDtype, typer.Option("--dtype", help="Compute dtype (auto: bfloat16 where fast).")]
+ImageColumn = Annotated[Optional[str], typer.Option("--image-column", help=(
+    "Column holding the images (Hugging Face datasets) or their extension (WebDataset: jpg, png…). Default: detect."))]
+LabelColumn = Annotated[Optional[str], typer.Option("--label-column", help=(
+    "Column holding the labels (Hugging Face datasets) or the label sidecar (WebDataset: cls, json field, txt). "
+    "Default: detect."))]

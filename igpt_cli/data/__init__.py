@@ -27,21 +27,32 @@ from .arrays import ArrayDataset
 from .base import (DEFAULT_MAX_PIXELS, IMAGE_EXTS, MAX_SIZE, TAR_SUFFIXES, BadImageError, Batch, DataError, Dataset,
                    EmptyDatasetError, SplitError, TruncatedArchiveError, UnknownFormatError, decode_image)
 from .cifar import CifarPython
-from .imagefolder import ImageFolder
+from .hf import HFDataset
+from .imagefolder import ImageFiles, ImageFolder
+from .sources import describe_sources, expand_sources
+from .tokens import TokenArrays
+from .webdataset import WebDataset
 
 READERS: dict[str, type[Dataset]] = {  # keys: FORMATS, in order
     "imagefolder": ImageFolder,
     "cifar": CifarPython,
     "npz": ArrayDataset,
     "npy": ArrayDataset,
+    "files": ImageFiles,
+    "hf": HFDataset,
+    "webdataset": WebDataset,
+    "openai-tokens": TokenArrays,
 }
 
 __all__ = [
     "open_dataset", "detect_format", "READERS", "FORMATS", "RESIZE_MODES", "SPLIT_CHOICES", "SPLIT_NAMES",
     "IMAGE_EXTS", "TAR_SUFFIXES", "MAX_SIZE", "DEFAULT_MAX_PIXELS", "Dataset", "Batch", "decode_image", "DataError",
     "UnknownFormatError", "SplitError", "EmptyDatasetError", "BadImageError", "TruncatedArchiveError",
-    "check_dataset_parameters",
+    "check_dataset_parameters", "expand_sources", "describe_sources",
 ]
+
+
+COLUMN_FORMATS = tuple(name for name, r in READERS.items() if r.columns)
 
 
 def detect_format(path: str | Path) -> str:
@@ -71,10 +82,11 @@ def check_dataset_parameters(*, size: int = 32, limit: int | None = None, limit_
         raise ParameterError("seed", seed, "must be a non-negative integer")
 
 
-def open_dataset(src: str | Path, split: str = "all", size: int = 32, resize: str = "bilinear",
+def open_dataset(src: "str | Path | list[str | Path]", split: str = "all", size: int = 32, resize: str = "bilinear",
                  fmt: str | None = None, limit: int | None = None, skip_bad: bool = False, *,
                  limit_per_class: int | None = None, shuffle: bool = False, seed: int = 0,
-                 max_pixels: int | None = None) -> Dataset:
+                 max_pixels: int | None = None, image_column: str | None = None,
+                 label_column: str | None = None) -> Dataset:
     """Open any supported dataset for streaming (see module docstring).
 
     `split`: one of SPLIT_CHOICES; `size`: images become size×size (at most MAX_SIZE);
@@ -84,7 +96,9 @@ def open_dataset(src: str | Path, split: str = "all", size: int = 32, resize: st
     limit takes a random sample rather than the first images in storage order);
     `skip_bad`: skip unreadable images (counted in `Dataset.skipped`) instead of raising;
     `max_pixels`: refuse (as unreadable) images declaring more pixels (None:
-    DEFAULT_MAX_PIXELS, PIL's own bound). Warnings (a limit leaving classes empty, unsafe
+    DEFAULT_MAX_PIXELS, PIL's own bound); `image_column` / `label_column`: the column (Hugging
+    Face datasets) or sidecar extension (WebDataset) holding the images / labels (None:
+    detect). Warnings (a limit leaving classes empty, unsafe
     archive member names skipped) are in `Dataset.warnings`.
     """
     resize = check_choice("resize", resize, RESIZE_MODES)
@@ -93,10 +107,31 @@ def open_dataset(src: str | Path, split: str = "all", size: int = 32, resize: st
     split = check_choice("split", split, SPLIT_CHOICES)
     if fmt is not None:
         fmt = check_choice("fmt", fmt, FORMATS)
-    p = Path(src)
-    if fmt is None:
-        fmt = detect_format(p)
-    elif not p.exists():
-        raise DataError(f"{p}: no such file or directory")
-    return READERS[fmt](p, split, size, resize, limit, skip_bad, limit_per_class=limit_per_class,
-                        shuffle=shuffle, seed=int(seed), max_pixels=max_pixels)
+    paths = expand_sources(src)
+    if len(paths) == 1:
+        fmt = fmt or detect_format(paths[0])
+    for q in paths:
+        if not q.exists():
+            raise DataError(f"{q}: no such file or directory")
+    if len(paths) > 1:
+        fmt = fmt or _detect_several(paths)
+        if not READERS[fmt].several:
+            raise ParameterError("fmt", fmt, f"reads one path, not {len(paths)}")
+    reader = READERS[fmt]
+    for param, value in (("image_column", image_column), ("label_column", label_column)):
+        if value is not None and not reader.columns:
+            raise ParameterError(param, value, f"only for datasets with columns ({', '.join(COLUMN_FORMATS)}), "
+                                               f"not {fmt}")
+    return reader(paths[0], split, size, resize, limit, skip_bad, limit_per_class=limit_per_class,
+                  shuffle=shuffle, seed=int(seed), max_pixels=max_pixels, paths=paths,
+                  image_column=image_column, label_column=label_column)
+
+
+def _detect_several(paths: list[Path]) -> str:
+    """The format of several paths read as one dataset: one reader must claim them all."""
+    for name, reader in READERS.items():
+        if reader.several and all(reader.claims(q, name) for q in paths):
+            return name
+    kinds = ", ".join(name for name, r in READERS.items() if r.several)
+    raise UnknownFormatError(f"{paths[0]} and {len(paths) - 1} more: several paths must all be one kind of "
+                             f"dataset file read as one ({kinds}); got a mix, or a kind read one at a time")

@@ -17,6 +17,7 @@ import numpy as np
 
 from ..choices import SPLIT_NAMES
 from .base import Batch, DataError, Dataset, EmptyDatasetError, UnknownFormatError, array_to_rgb, resize_batch
+from .tokens import TokenArrays
 
 IMAGE_KEYS = ("x", "X", "images", "image", "imgs", "data", "arr_0")
 LABEL_KEYS = ("y", "Y", "labels", "label", "targets", "target", "arr_1")
@@ -33,7 +34,8 @@ class ArrayDataset(Dataset):
 
     @classmethod
     def claims(cls, path: Path, fmt: str) -> bool:
-        return path.is_file() and path.name.lower().endswith(f".{fmt}")
+        # a 2-D integer .npy is pre-quantized tokens (`tokens.TokenArrays`), not images
+        return path.is_file() and path.name.lower().endswith(f".{fmt}") and not TokenArrays.claims(path, fmt)
 
     def __init__(self, path, split, size, resize, limit, skip_bad, **options):
         super().__init__(path, split, size, resize, limit, skip_bad, **options)

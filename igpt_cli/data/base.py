@@ -201,11 +201,16 @@ class Dataset:
 
     kind = "?"
     catch_all = False  # claims any directory or archive: detection prefers any other claimant
+    columns = False  # takes image_column / label_column
+    several = False  # reads several files as one dataset (`paths`)
 
     def __init__(self, path: Path, split: str, size: int, resize: str, limit: int | None, skip_bad: bool, *,
                  limit_per_class: int | None = None, shuffle: bool = False, seed: int = 0,
-                 max_pixels: int | None = None):
+                 max_pixels: int | None = None, paths: list[Path] | None = None, image_column: str | None = None,
+                 label_column: str | None = None):
         self.path = Path(path)
+        self.paths = [Path(q) for q in paths] if paths else [self.path]  # several files read as one dataset
+        self.image_column, self.label_column = image_column, label_column
         self.split = split
         self.size = size
         self.resize = resize

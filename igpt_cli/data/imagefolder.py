@@ -14,10 +14,7 @@ Archives are never extracted. Member names that point outside the tree (``../x.j
 from __future__ import annotations
 
 import os
-import re
-import signal
 import struct
-import sys
 import zipfile
 from pathlib import Path
 from typing import Iterator
@@ -26,21 +23,11 @@ import numpy as np
 
 from ..choices import SPLIT_NAMES
 from ._tar import FastTarUnsupported, is_plain_tar, scan_plain_tar, walk_tar
-from .base import (IMAGE_EXTS, TAR_SUFFIXES, BadImageError, Batch, DataError, Dataset, EmptyDatasetError,
-                   TruncatedArchiveError, decode_image, is_image_name, is_unsafe_name)
+from .base import (IMAGE_EXTS, TAR_SUFFIXES, DataError, EmptyDatasetError, TruncatedArchiveError, is_image_name,
+                   is_unsafe_name)
+from .encoded import EncodedImages, Member
 
-POOL_MIN_IMAGES = 4096  # below this many images a decode pool costs more than it saves
-
-# (member name, encoded bytes, or the text of the error that kept them from being read)
-Chunk = list[tuple[str, "bytes | str"]]
-
-
-def decode_workers(n_images: int | None) -> int:
-    """Decode processes for a dataset of `n_images`: 0 (decode in this process) for small ones."""
-    return min(2, os.cpu_count() or 1) if (n_images or 0) >= POOL_MIN_IMAGES else 0
-
-
-class ImageFolder(Dataset):
+class ImageFolder(EncodedImages):
     kind = "imagefolder"
     catch_all = True
 
@@ -50,8 +37,18 @@ class ImageFolder(Dataset):
 
     def __init__(self, path, split, size, resize, limit, skip_bad, **options):
         super().__init__(path, split, size, resize, limit, skip_bad, **options)
-        p = self.path
         self._offsets: dict[str, tuple[int, int]] | None = None  # plain tar: member -> (offset, size)
+        names = self._list()
+        unsafe = [n for n in names if is_unsafe_name(n)]
+        if unsafe:
+            self.warnings.append(f"{self.path}: skipped {len(unsafe)} member{'s' if len(unsafe) > 1 else ''} whose "
+                                 f"names point outside the archive (absolute or with '..'), e.g. {unsafe[0]!r}")
+            names = [n for n in names if not is_unsafe_name(n)]
+        self._layout(names)
+
+    def _list(self) -> list[str]:
+        """The image names in the directory or archive (sets `container`)."""
+        p = self.path
         if p.is_dir():
             self.container = "dir"
             names = []
@@ -61,23 +58,17 @@ class ImageFolder(Dataset):
                 for f in sorted(files):
                     if is_image_name(f):
                         names.append(f if rel == "." else f"{rel}/{f}".replace(os.sep, "/"))
-        elif p.name.lower().endswith(".zip"):
+            return names
+        if p.name.lower().endswith(".zip"):
             self.container = "zip"
             try:
                 with zipfile.ZipFile(p) as z:
-                    names = sorted(n for n in z.namelist() if not n.endswith("/") and is_image_name(n))
+                    return sorted(n for n in z.namelist() if not n.endswith("/") and is_image_name(n))
             except (zipfile.BadZipFile, OSError) as e:
                 _raise_if_truncated_zip(p)
                 raise DataError(f"{p}: not a readable zip archive ({e})") from None
-        else:
-            self.container = "tar"
-            names = self._list_tar()
-        unsafe = [n for n in names if is_unsafe_name(n)]
-        if unsafe:
-            self.warnings.append(f"{p}: skipped {len(unsafe)} member{'s' if len(unsafe) > 1 else ''} whose names "
-                                 f"point outside the archive (absolute or with '..'), e.g. {unsafe[0]!r}")
-            names = [n for n in names if not is_unsafe_name(n)]
-        self._layout(names)
+        self.container = "tar"
+        return self._list_tar()
 
     def _list_tar(self) -> list[str]:
         """The image members of the tar archive (recording their offsets when it is plain)."""
@@ -147,7 +138,12 @@ class ImageFolder(Dataset):
         """A tar archive read front to back with `tarfile` (compressed, or unusual features)."""
         return self.container == "tar" and self._offsets is None
 
-    def _members(self) -> Iterator[tuple[str, bytes | Exception]]:
+    def _members(self) -> Iterator[Member]:
+        entries = self._entries
+        for name, data in self._read():
+            yield name, data, entries[name]
+
+    def _read(self) -> Iterator[tuple[str, bytes | Exception]]:
         """(member name, encoded bytes or the error reading them) of the selected images, in
         order. A member larger than any image within `max_pixels` can be is not read (a zip
         or tar.gz member of a few KB can inflate to gigabytes)."""
@@ -178,98 +174,11 @@ class ImageFolder(Dataset):
                 if m.name in entries:
                     yield m.name, too_big(m.size) or (data if data is not None else OSError("not a regular file"))
 
-    def _too_big(self, nbytes: int) -> ValueError | None:
-        cap = self.max_pixels * 8 + (1 << 20)  # 16-bit RGBA without compression, plus headers
-        if nbytes <= cap:
-            return None
-        return ValueError(f"{nbytes:,} bytes, more than an image within max_pixels={self.max_pixels} can need"
-                          ": a possible decompression bomb; a larger max_pixels=N reads it")
-
     def _source(self, member: str) -> str:
         return member if self.container == "dir" else f"{self.path.name}:{member}"
 
     def _where(self, member: str) -> str:
         return str(self.path / member) if self.container == "dir" else f"{self.path}:{member}"
-
-    def _chunks(self, batch_size: int) -> Iterator[Chunk]:
-        chunk = []
-        for name, data in self._members():
-            if isinstance(data, Exception):
-                data = str(data) or type(data).__name__
-            chunk.append((name, data))
-            if len(chunk) == batch_size:
-                yield chunk
-                chunk = []
-        if chunk:
-            yield chunk
-
-    def _decoded(self, batch_size: int) -> Iterator[tuple[Chunk, tuple]]:
-        """(chunk, `_decode_chunk` result) pairs in order; decoding runs in a small process
-        pool for large datasets (`decode_workers`)."""
-        args = (self.size, self.resize, self.max_pixels)
-        workers = decode_workers(self.n)
-        if workers <= 1:
-            for chunk in self._chunks(batch_size):
-                yield chunk, _decode_chunk(chunk, *args)
-            return
-        import multiprocessing as mp
-        from collections import deque
-
-        # fork: no re-import of __main__ (works from scripts without a main guard); the
-        # workers only run _decode_chunk. Progress callbacks run in this process. Leaving
-        # the block for any reason (an error, Ctrl-C, SIGTERM, the consumer stopping)
-        # terminates the workers, which end silently (`_quiet_worker`).
-        with mp.get_context("fork").Pool(workers, initializer=_quiet_worker) as pool:
-            pending: deque = deque()
-            for chunk in self._chunks(batch_size):
-                pending.append((chunk, pool.apply_async(_decode_chunk, (chunk, *args))))
-                if len(pending) > 2 * workers:
-                    c, r = pending.popleft()
-                    yield c, r.get()
-            while pending:
-                c, r = pending.popleft()
-                yield c, r.get()
-
-    def _batches(self, batch_size: int) -> Iterator[Batch]:
-        for chunk, (imgs, errors) in self._decoded(batch_size):
-            if errors:
-                if not self.skip_bad:
-                    i, msg = errors[0]
-                    raise BadImageError(f"{self._where(chunk[i][0])}: cannot read image ({msg}); "
-                                        "skip_bad=True skips such files")
-                self.skipped += len(errors)
-                bad = {i for i, _ in errors}
-                chunk = [c for i, c in enumerate(chunk) if i not in bad]
-            if chunk:
-                yield (imgs, np.asarray([self._entries[n] for n, _ in chunk], dtype=np.int64),
-                       [self._source(n) for n, _ in chunk])
-
-
-def _quiet_worker() -> None:
-    """Decode workers never speak: Ctrl-C reaches the whole process group but only the
-    parent acts on it; SIGTERM (how the parent's pool ends them) kills them without a
-    handler the parent may have installed; and a worker whose parent died (a broken pipe)
-    prints no traceback. Their results and errors travel back through the pool."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    sys.stderr = open(os.devnull, "w")  # noqa: SIM115 - for the life of the worker
-
-
-def _decode_chunk(chunk: Chunk, size: int, resize: str, max_pixels: int | None = None
-                  ) -> tuple[np.ndarray, list[tuple[int, str]]]:
-    """Decode a chunk: (uint8 [k, S, S, 3] of the good ones, [(index, message)] of the bad ones)."""
-    out = np.empty((len(chunk), size, size, 3), dtype=np.uint8)
-    errors, k = [], 0
-    for i, (name, data) in enumerate(chunk):
-        try:
-            if isinstance(data, str):
-                raise OSError(data)
-            out[k] = decode_image(data, size, resize, name, max_pixels)
-            k += 1
-        except Exception as e:  # noqa: BLE001 - any decoder failure is a bad image
-            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-            errors.append((i, re.sub(r" ?<[\w.]+ object at 0x[0-9a-fA-F]+>", "", msg)))  # never Python internals
-    return out[:k], errors
 
 
 def _raise_if_truncated_zip(path: Path) -> None:
@@ -301,3 +210,27 @@ def _raise_if_truncated_zip(path: Path) -> None:
                 index += 1
     except OSError:
         return
+
+
+class ImageFiles(ImageFolder):
+    """Image files named one by one (a single file, a ``@list.txt``, a glob, several paths):
+    read like an image folder rooted at their deepest common folder, so files in class
+    folders (``photos/cat/1.jpg photos/dog/2.jpg``) are labelled by them and files side by
+    side (``photos/*.jpg``, a single file) are unlabelled (-1)."""
+
+    kind = "files"
+    catch_all = False
+    several = True
+
+    @classmethod
+    def claims(cls, path: Path, fmt: str) -> bool:
+        return path.is_file() and is_image_name(path.name)
+
+    def _list(self) -> list[str]:
+        self.container = "dir"
+        files = [os.path.abspath(q) for q in self.paths]
+        for q in files:
+            if not is_image_name(q):
+                raise DataError(f"{q}: not an image file (expected one of {', '.join(sorted(IMAGE_EXTS))})")
+        self.path = Path(os.path.commonpath([os.path.dirname(q) for q in files]))
+        return [Path(os.path.relpath(q, self.path)).as_posix() for q in files]
