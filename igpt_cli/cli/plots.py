@@ -43,6 +43,46 @@ def write_probe_plot(report: dict, path: str | Path) -> Path:
     ax.set_ylabel("accuracy (%)")
     ax.grid(alpha=0.3)
     ax.legend()
+    return _save(fig, path)
+
+
+def write_confusion_plot(report: dict, path: str | Path, layer: int | None = None) -> Path:
+    """The test confusion matrix (rows: true class, columns: predicted; row-normalised colours, counts
+    written) of `layer`, default the best layer by validation accuracy."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    want = report["best_layer"] if layer is None else layer
+    row = next(r for r in report["layers"] if r["layer"] == want)
+    cm = np.asarray(row["confusion"])                                # [true, predicted]
+    names = list(report.get("class_names") or [])
+    names = [names[i] if i < len(names) else str(i) for i in range(len(cm))]
+    frac = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
+    side = max(4.0, 0.45 * len(cm) + 2)
+    fig, ax = plt.subplots(figsize=(side + 1, side), dpi=120)
+    im = ax.imshow(frac, cmap="Blues", vmin=0, vmax=1)
+    if len(cm) <= 30:
+        for i in range(len(cm)):
+            for j in range(len(cm)):
+                ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=7,
+                        color="white" if frac[i, j] > 0.5 else "black")
+        ax.set_xticks(range(len(cm)), names, rotation=90)
+        ax.set_yticks(range(len(cm)), names)
+    lo, hi = row.get("test_acc_ci") or [float("nan")] * 2
+    ax.set_title(f"layer {want}: test {100 * row['test_acc']:.1f} % (95 % CI {100 * lo:.1f}–{100 * hi:.1f})")
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    return _save(fig, path)
+
+
+def _save(fig, path: str | Path) -> Path:
+    """Write the figure atomically in the format the extension names, then close it."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     fmt = Path(path).suffix.lower().lstrip(".") or "png"
     with atomic_output(path) as tmp:

@@ -1,4 +1,4 @@
-"""`igpt probe`: features in, per-layer linear-probe accuracy out."""
+"""`igpt probe`: features in, per-layer linear-probe accuracy out; `igpt predict`: saved probes applied."""
 from __future__ import annotations
 
 import json
@@ -26,6 +26,19 @@ def probe_command(
     jobs: Annotated[int, typer.Option("--jobs", "-j", help="Layers probed in parallel (each holds its layer in memory).")] = 1,
     overwrite: Overwrite = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Nothing on stderr but errors (no progress lines, no table).")] = False,
+    solver: Annotated[str, typer.Option("--solver", help=(
+        "torch: every C of the search in one pass over the data (CPU or CUDA); scipy: one C after the other "
+        "(numpy); sklearn: scikit-learn's own LogisticRegression (the reference); auto: torch on a GPU or "
+        "for streamed layers, else scipy (fastest on a CPU)."))] = "auto",
+    device: Annotated[str, typer.Option("--device", help="auto|cpu|cuda|cuda:N for the torch solver "
+                                                         "(auto: cuda when there is one).")] = "auto",
+    max_memory: Annotated[Optional[str], typer.Option("--max-memory", metavar="BYTES", help=(
+        "Cap on what the probe holds (e.g. 512M, 2G): a layer that does not fit is streamed from the file "
+        "in row chunks (same result, one file read per pass)."))] = None,
+    save_probes: Annotated[Optional[Path], typer.Option("--save-probes", metavar="PROBES.h5", help=(
+        "Save each layer's chosen classifier (standardisation, weights, C, classes) for `igpt predict`."))] = None,
+    plot_confusion: Annotated[Optional[Path], typer.Option("--plot-confusion", metavar="OUT.png", help=(
+        "Picture of the test confusion matrix of the best layer (or of the one --layer names)."))] = None,
 ) -> None:
     """Linear-probe accuracy per layer: features in, per-layer accuracy out.
 
@@ -35,10 +48,12 @@ def probe_command(
 
     from .. import outputs
     from ..probe import probe_files, write_csv
-    from .plots import check_plot_path, write_probe_plot
+    from .plots import check_plot_path, write_confusion_plot, write_probe_plot
 
     if plot_out is not None:
         check_plot_path(plot_out, overwrite, param="plot_out")
+    if plot_confusion is not None:
+        check_plot_path(plot_confusion, overwrite, param="plot_confusion")
     if csv_out is not None:
         outputs.check_output_path(csv_out, overwrite)
     bar = ProgressBar.maybe(quiet, on_result=probe_layer_line)
@@ -46,7 +61,8 @@ def probe_command(
         warnings.simplefilter("ignore")  # counted in the report instead (not_converged_fits)
         with maybe_bar(bar):
             report = probe_files(train, test, layers, test_fraction=test_fraction, seed=seed, jobs=jobs,
-                                 on_progress=bar)
+                                 on_progress=bar, solver=solver, device=device, max_memory=max_memory,
+                                 save_probes=save_probes, overwrite=overwrite)
     d = report.to_dict()
     if not quiet:
         render_probe_table(d)
@@ -54,10 +70,42 @@ def probe_command(
         write_csv(report, csv_out, overwrite=overwrite)
     if plot_out:
         write_probe_plot(d, plot_out)
+    if plot_confusion:
+        write_confusion_plot(d, plot_confusion)
     if as_json:
         typer.echo(json.dumps(d, indent=2, default=str))
 
 
+@handles_input_errors
+def predict_command(
+    features: Annotated[Path, typer.Argument(metavar="FEATS.h5", help="Features file to classify.")],
+    probes: Annotated[Path, typer.Option("--probes", metavar="PROBES.h5", help="Probes saved by `igpt probe --save-probes`.")],
+    layer: Annotated[Optional[int], typer.Option("--layer", "-l", help="Which layer's probe (default: the best layer).")] = None,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", metavar="OUT.h5", help=(
+        "Write predictions (class index, class name, probabilities) to this HDF5 file."))] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report with every row's prediction as JSON.")] = False,
+    overwrite: Overwrite = False,
+) -> None:
+    """Apply saved probes to features: predicted class and probabilities per row, accuracy where labelled.
+
+    Example: igpt predict test-feats.h5 --probes probes.h5 -o predictions.h5
+    """
+    from ..errors import InputError
+    from ..probe import predict_file
+    from .ui import err, print_json
+
+    if output is None and not as_json:
+        raise InputError("nothing to do: give --output OUT.h5 and/or --json")
+    report = predict_file(features, probes, layer, output, overwrite=overwrite, as_list=as_json)
+    acc = "n/a" if report.accuracy is None else f"{report.accuracy:.2%}"
+    err.print(f"layer {report.layer}: {report.n} rows, accuracy {acc} on {report.n_known} labelled rows"
+              + (f"; {report.n_unseen} rows of classes the probes never saw ({', '.join(report.unseen_classes)})"
+                 if report.n_unseen else ""), highlight=False)
+    if as_json:
+        print_json(report)
+
+
 def register(app: typer.Typer) -> None:
-    """Add `probe` to the `igpt` app."""
+    """Add `probe` and `predict` to the `igpt` app."""
     app.command("probe")(probe_command)
+    app.command("predict")(predict_command)

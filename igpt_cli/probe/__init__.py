@@ -7,7 +7,9 @@ Layers of this package, each importing only the ones before it:
 - `protocol`: standardisation, stratified splits, the C search and `probe_layer`, the
   whole protocol on one layer's arrays;
 - `runner`: `probe_files`, the stage on features files, returning a `ProbeReport`;
-- `report`: the report as CSV (JSON is `ProbeReport.to_json`).
+- `report`: the report as CSV (JSON is `ProbeReport.to_json`);
+- `torch_solver` (every C at once, CPU/CUDA), `stream` (layers read from HDF5 in chunks),
+  `store` (saved probes, `predict_file`).
 """
 from __future__ import annotations
 
@@ -16,11 +18,12 @@ from .protocol import (COARSE_GRID, REFINE_STEPS, VAL_FRACTION, CSearch, LayerRe
                        standardize, stratified_split)
 from .report import write_csv
 from .runner import FeatureSource, ProbeReport, check_compatible, inspect_features, probe_files
+from .store import PredictionReport, load_probes, predict_file, save_probes
 
 __all__ = [
     "LinearProbe", "TOL", "MAX_ITER",
     "probe_layer", "LayerResult", "standardize", "stratified_split", "search_c", "CSearch",
     "COARSE_GRID", "REFINE_STEPS", "VAL_FRACTION",
     "probe_files", "ProbeReport", "FeatureSource", "inspect_features", "check_compatible",
-    "write_csv",
+    "write_csv", "save_probes", "load_probes", "predict_file", "PredictionReport",
 ]

@@ -14,6 +14,11 @@ fitted as a 2-row multinomial model too (`coef_` is always [K, D]).
 
 Work the protocol can share between the fits of one layer (the preconditioner) comes
 from `fit_context(X)`: a dict of keyword arguments for every `fit` on that layer.
+
+Three solvers of the same objective (`solver=`): "torch" (`torch_solver.py`: every C of
+`fit_path` in one pass over X per iteration, CPU or CUDA, rows may be streamed from
+HDF5), "scipy" (the numpy/scipy L-BFGS below, one C after the other) and "sklearn"
+(scikit-learn's own `LogisticRegression(solver="lbfgs")`, the reference).
 """
 from __future__ import annotations
 
@@ -23,14 +28,16 @@ import threading
 
 import numpy as np
 from scipy.optimize import minimize
-from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.base import BaseEstimator, ClassifierMixin, clone
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_array, check_is_fitted, check_X_y
 
-from ..errors import ParameterError
+from ..errors import ParameterError, check_choice
 
 TOL = 1e-4
 MAX_ITER = 1000
+SOLVERS = ("torch", "scipy", "sklearn")
+DEFAULT_SOLVER = "scipy"   # fastest on a CPU (measured); `probe_files(solver="auto")` picks torch on a GPU
 
 
 def one_blas_thread():
@@ -46,12 +53,38 @@ def one_blas_thread():
     return contextlib.nullcontext()
 
 
-def covariance_eig(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Eigen-decomposition of X'X/n (the preconditioner of `LinearProbe.fit`; compute once per layer)."""
+def covariance_eig(X: np.ndarray, device=None) -> tuple[np.ndarray, np.ndarray]:
+    """Eigen-decomposition of X'X/n (the preconditioner of `LinearProbe.fit`; compute once per layer).
+    X may be a row source (`torch_solver.ArrayRows`, `stream.H5Rows`): accumulated on `device`."""
+    if is_rows(X):
+        from .torch_solver import gram
+
+        S = gram(X, device)
+    else:
+        with one_blas_thread():
+            S = (X.T @ X).astype(np.float64) / len(X)   # [D, D]
     with one_blas_thread():
-        S = (X.T @ X).astype(np.float64) / len(X)   # [D, D]
         evals, V = np.linalg.eigh(S)
     return np.clip(evals, 0.0, None), V
+
+
+def is_rows(X) -> bool:
+    """True for a row source (features read chunk by chunk) rather than an array."""
+    return hasattr(X, "chunks")
+
+
+def resolve_probe_device(device):
+    """A torch device for the probe: auto = cuda when there is one, else cpu (ParameterError for a missing GPU)."""
+    from ..runtime import resolve_device
+
+    name = str(getattr(device, "value", device) or "auto").lower()
+    if name == "auto":
+        import torch
+
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("mps"):
+        raise ParameterError("device", name, "the probe runs on cpu or cuda")
+    return resolve_device(name)
 
 
 class LinearProbe(ClassifierMixin, BaseEstimator):
@@ -66,44 +99,101 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
     over the data), `converged_` (False when L-BFGS stopped at `max_iter` or failed).
     """
 
-    def __init__(self, C: float = 1.0, *, tol: float = TOL, max_iter: int = MAX_ITER, precondition: bool = True):
+    def __init__(self, C: float = 1.0, *, tol: float = TOL, max_iter: int = MAX_ITER, precondition: bool = True,
+                 solver: str = DEFAULT_SOLVER, device: str = "auto"):
         self.C = C
         self.tol = tol
         self.max_iter = max_iter
         self.precondition = precondition
+        self.solver = solver
+        self.device = device
 
     def fit_context(self, X) -> dict:
         """Keyword arguments for `fit` that every fit on (a standardisation of) these rows can share."""
-        if not self.precondition:
+        if not self.precondition or self.solver == "sklearn":
             return {}
-        return {"covariance_eig": covariance_eig(np.ascontiguousarray(X, dtype=np.float32))}
+        dev = resolve_probe_device(self.device) if self.solver == "torch" else None
+        X = X if is_rows(X) else np.ascontiguousarray(X, dtype=np.float32)
+        return {"covariance_eig": covariance_eig(X, dev)}
 
     def fit(self, X, y, *, coef_init: np.ndarray | None = None, intercept_init: np.ndarray | None = None,
             covariance_eig: tuple[np.ndarray, np.ndarray] | None = None) -> LinearProbe:
-        """Fit on X [N, D], labels y [N]; warm start from `coef_init` [K, D] / `intercept_init` [K];
-        `covariance_eig` is the preconditioner from `fit_context` (computed from X when None)."""
-        if not self.C > 0:
-            raise ParameterError("C", self.C, "must be positive")
-        X, y = check_X_y(X, y, dtype=np.float32, order="C")   # [N, D] float32, C-contiguous
-        check_classification_targets(y)
-        self.n_features_in_ = X.shape[1]
-        self.classes_, y_index = np.unique(y, return_inverse=True)
-        k, d = len(self.classes_), X.shape[1]
-        if k < 2:
-            raise ValueError(f"LinearProbe needs at least 2 classes in y, got {k}")
-        if coef_init is not None and np.shape(coef_init) != (k, d):
-            raise ParameterError("coef_init", np.shape(coef_init), f"expected shape ({k}, {d})")
-        if intercept_init is not None and np.shape(intercept_init) != (k,):
-            raise ParameterError("intercept_init", np.shape(intercept_init), f"expected shape ({k},)")
-        self.coef_, self.intercept_, n_eval, self.converged_ = _fit_logreg(
-            X, y_index, k, float(self.C), coef_init=coef_init, intercept_init=intercept_init, tol=self.tol,
-            max_iter=self.max_iter, precondition=self.precondition, eig=covariance_eig)
-        self.n_iter_ = np.array([n_eval], dtype=np.int32)
+        """Fit on X [N, D] (or a row source, torch solver only), labels y [N]; warm start from
+        `coef_init` [K, D] / `intercept_init` [K]; `covariance_eig` is the preconditioner from
+        `fit_context` (computed from X when None)."""
+        fitted = self.fit_path([self.C], X, y, coef_init=[coef_init], intercept_init=[intercept_init],
+                               covariance_eig=covariance_eig)[0]
+        self.__dict__.update({k: v for k, v in fitted.__dict__.items() if k.endswith("_")})
         return self
 
+    def fit_path(self, Cs, X, y, *, coef_init=None, intercept_init=None,
+                 covariance_eig: tuple[np.ndarray, np.ndarray] | None = None) -> list[LinearProbe]:
+        """Fitted copies of this probe, one per C of `Cs` (in that order).
+
+        `coef_init` / `intercept_init`: per C a warm start or None. The torch solver fits
+        every C at once (one pass over X per iteration for all of them); the others fit
+        them one after the other, a C without a warm start starting from the previous C's
+        solution (today's warm start along the grid)."""
+        check_choice("solver", self.solver, SOLVERS)
+        for c in Cs:
+            if not c > 0:
+                raise ParameterError("C", c, "must be positive")
+        rows = is_rows(X)
+        if rows:
+            if self.solver != "torch":
+                raise ParameterError("solver", self.solver, "streamed features need solver 'torch'")
+            y = np.asarray(y)
+            d = X.d
+        else:
+            X, y = check_X_y(X, y, dtype=np.float32, order="C")   # [N, D] float32, C-contiguous
+            d = X.shape[1]
+        check_classification_targets(y)
+        classes, y_index = np.unique(y, return_inverse=True)
+        k = len(classes)
+        if k < 2:
+            raise ValueError(f"LinearProbe needs at least 2 classes in y, got {k}")
+        W0 = list(coef_init) if coef_init is not None else [None] * len(Cs)
+        b0 = list(intercept_init) if intercept_init is not None else [None] * len(Cs)
+        for w, b in zip(W0, b0):
+            if w is not None and np.shape(w) != (k, d):
+                raise ParameterError("coef_init", np.shape(w), f"expected shape ({k}, {d})")
+            if b is not None and np.shape(b) != (k,):
+                raise ParameterError("intercept_init", np.shape(b), f"expected shape ({k},)")
+        if self.solver == "torch":
+            from .torch_solver import as_rows, fit_many
+
+            dev = resolve_probe_device(self.device)
+            src = as_rows(X)
+            eig = covariance_eig if covariance_eig is not None else _covariance_eig(X, dev)
+            if not self.precondition:
+                eig = (np.ones(d), np.eye(d))
+            solved = fit_many(src, y_index, k, Cs, tol=self.tol, max_iter=self.max_iter, eig=eig, device=dev,
+                              coef_init=W0, intercept_init=b0)
+        else:
+            solved, prev = [], None
+            for c, w, b in zip(Cs, W0, b0):
+                if w is None and b is None and prev is not None:
+                    w, b = prev[0], prev[1]
+                fit = _fit_sklearn if self.solver == "sklearn" else _fit_logreg
+                prev = fit(X, y_index, k, float(c), coef_init=w, intercept_init=b, tol=self.tol,
+                           max_iter=self.max_iter, precondition=self.precondition, eig=covariance_eig)
+                solved.append(prev)
+        out = []
+        for c, (W, b, n_eval, conv) in zip(Cs, solved):
+            est = clone(self).set_params(C=c)
+            est.n_features_in_, est.classes_ = d, classes
+            est.coef_, est.intercept_ = np.asarray(W, dtype=np.float64), np.asarray(b, dtype=np.float64)
+            est.converged_, est.n_iter_ = bool(conv), np.array([n_eval], dtype=np.int32)
+            out.append(est)
+        return out
+
     def decision_function(self, X) -> np.ndarray:
-        """Class scores [N, K], computed in X's float dtype (float32 stays float32)."""
+        """Class scores [N, K], computed in X's float dtype (float32 stays float32); X may be a row source."""
         check_is_fitted(self)
+        if is_rows(X):
+            from .torch_solver import decision
+
+            return decision(X, self.coef_, self.intercept_, resolve_probe_device(self.device))
         X = check_array(X, dtype=[np.float64, np.float32])
         if X.shape[1] != self.n_features_in_:
             raise ValueError(f"X has {X.shape[1]} features, LinearProbe was fitted on {self.n_features_in_}")
@@ -122,9 +212,35 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
         return np.log(self.predict_proba(X))
 
 
+_covariance_eig = covariance_eig   # fit_path's parameter of that name shadows it
+
+
 # ---------------------------------------------------------------------------
-# The solver
+# The solvers
 # ---------------------------------------------------------------------------
+
+def _fit_sklearn(X: np.ndarray, y: np.ndarray, n_classes: int, C: float, *, coef_init, intercept_init, tol: float,
+                 max_iter: int, **_) -> tuple[np.ndarray, np.ndarray, int, bool]:
+    """scikit-learn's own `LogisticRegression(solver="lbfgs")` (the reference), warm-started where
+    it can be (3+ classes). Two classes: scikit-learn's binary model, returned as 2 rows (-w/2, w/2)."""
+    import warnings
+
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegression
+
+    lr = LogisticRegression(C=C, tol=tol, max_iter=max_iter, solver="lbfgs", warm_start=True)
+    if coef_init is not None and n_classes > 2:
+        lr.coef_ = np.array(coef_init, dtype=np.float64)
+        lr.intercept_ = np.zeros(n_classes) if intercept_init is None else np.array(intercept_init, dtype=np.float64)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ConvergenceWarning)
+        lr.fit(X, y)
+    converged = not any(issubclass(w.category, ConvergenceWarning) for w in caught)
+    W, b = lr.coef_, lr.intercept_
+    if n_classes == 2:
+        W, b = np.vstack([-W / 2, W / 2]), np.concatenate([-b / 2, b / 2])
+    return W, b, int(np.max(lr.n_iter_)), converged
+
 
 class _Converged(Exception):
     def __init__(self, w):

@@ -34,13 +34,45 @@ REFINE_STEPS = (-0.5, 0.5)  # decades around the best coarse C
 VAL_FRACTION = 0.1
 
 
+def moments(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-feature mean and std [D] (float32; constant features -> std 1). X may be a row source
+    (`stream.H5Rows`), whose statistics come from a streaming pass."""
+    if hasattr(X, "chunks"):
+        mean, std = X.moments()
+    else:
+        mean = X.mean(axis=0, dtype=np.float64)
+        std = X.std(axis=0, dtype=np.float64)
+    std = np.where(std == 0, 1.0, std)
+    return mean.astype(np.float32), std.astype(np.float32)
+
+
+def apply_standardization(X, mean: np.ndarray, scale: np.ndarray):
+    """(X - mean) / scale in float32 (a row source gets the scaling applied as it streams)."""
+    if hasattr(X, "chunks"):
+        return X.standardized(mean, scale)
+    return ((np.asarray(X, dtype=np.float32) - mean) / scale).astype(np.float32, copy=False)
+
+
 def standardize(X_fit: np.ndarray, *others: np.ndarray) -> list[np.ndarray]:
     """Scale all arrays with mean/std of `X_fit` (float32 out; constant features -> std 1)."""
-    mean = X_fit.mean(axis=0, dtype=np.float64)
-    std = X_fit.std(axis=0, dtype=np.float64)
-    std[std == 0] = 1.0
-    m, s = mean.astype(np.float32), std.astype(np.float32)
-    return [((np.asarray(a, dtype=np.float32) - m) / s).astype(np.float32, copy=False) for a in (X_fit, *others)]
+    m, s = moments(X_fit)
+    return [apply_standardization(a, m, s) for a in (X_fit, *others)]
+
+
+def take(X, idx: np.ndarray):
+    """Rows `idx` of an array or a row source."""
+    return X.take(idx) if hasattr(X, "chunks") else X[idx]   # (ndarray.take would flatten)
+
+
+def wilson_interval(k: int, n: int, z: float = 1.959963984540054) -> list[float]:
+    """95 % Wilson score interval [lo, hi] for k successes out of n."""
+    if n == 0:
+        return [float("nan"), float("nan")]
+    p = k / n
+    den = 1 + z * z / n
+    center = (p + z * z / (2 * n)) / den
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
+    return [max(0.0, center - half), min(1.0, center + half)]
 
 
 def class_label(cls: int, class_names: Sequence[str] | None = None) -> str:
@@ -93,6 +125,7 @@ class CSearch:
     entries: list[dict]     # {"c", "val_acc", "stage": "coarse" | "refine"}, in fitting order
     fits: dict[float, Any]  # C -> fitted estimator (warm start for a refit at that C)
     not_converged: int      # fits that stopped before converging
+    passes: int = 0         # passes over the fitting rows (one batched call: its longest fit)
 
     @property
     def best(self) -> dict:
@@ -102,11 +135,28 @@ class CSearch:
 
 def _fit_at(estimator, C: float, X: np.ndarray, y: np.ndarray, *, warm=None, context: dict | None = None):
     """A fitted clone of `estimator` at this C, warm-started from the fitted `warm` where it can be."""
-    est = clone(estimator).set_params(C=C)
+    return _fit_many(estimator, [C], X, y, [warm], context)[0]
+
+
+def _fit_many(estimator, Cs: Sequence[float], X, y: np.ndarray, warms: list, context: dict | None = None) -> list:
+    """Fitted clones of `estimator`, one per C, each warm-started from its fitted `warms[i]` (or None).
+
+    Estimators with `fit_path` (`LinearProbe`) get all Cs in one call (the torch solver fits them
+    at once); others are fitted one after the other, a C without a warm start taking the previous
+    C's fit (the warm start along the grid)."""
     kw = dict(context or {})
-    if warm is not None and "coef_init" in inspect.signature(est.fit).parameters:
-        kw.update(coef_init=warm.coef_, intercept_init=warm.intercept_)
-    return est.fit(X, y, **kw)
+    if hasattr(estimator, "fit_path"):
+        return estimator.fit_path(list(Cs), X, y, coef_init=[w.coef_ if w is not None else None for w in warms],
+                                  intercept_init=[w.intercept_ if w is not None else None for w in warms], **kw)
+    takes_warm = "coef_init" in inspect.signature(estimator.fit).parameters
+    fits, prev = [], None
+    for c, warm in zip(Cs, warms):
+        warm = warm if warm is not None else prev
+        est = clone(estimator).set_params(C=c)
+        extra = dict(coef_init=warm.coef_, intercept_init=warm.intercept_) if takes_warm and warm is not None else {}
+        prev = est.fit(X, y, **kw, **extra)
+        fits.append(prev)
+    return fits
 
 
 def _converged(est) -> bool:
@@ -127,23 +177,27 @@ def search_c(estimator, X_fit: np.ndarray, y_fit: np.ndarray, X_val: np.ndarray,
         context = estimator.fit_context(X_fit) if hasattr(estimator, "fit_context") else {}
     search = CSearch(entries=[], fits={}, not_converged=0)
 
-    def run(c: float, warm, stage: str):
-        est = _fit_at(estimator, c, X_fit, y_fit, warm=warm, context=context)
-        search.fits[c] = est
-        search.not_converged += not _converged(est)
-        search.entries.append({"c": c, "val_acc": float(np.mean(est.predict(X_val) == y_val)), "stage": stage})
-        return est
+    def run(cs: list[float], warms: list, stage: str) -> None:
+        fits = _fit_many(estimator, cs, X_fit, y_fit, warms, context)
+        batched = hasattr(estimator, "fit_path") and getattr(estimator, "solver", None) == "torch"
+        search.passes += max(map(_n_iter, fits)) if batched else sum(map(_n_iter, fits))
+        for c, est in zip(cs, fits):
+            search.fits[c] = est
+            search.not_converged += not _converged(est)
+            search.entries.append({"c": c, "val_acc": float(np.mean(est.predict(X_val) == y_val)), "stage": stage})
 
-    prev = None
-    for c in sorted(grid):
-        prev = run(c, prev, "coarse")
+    coarse = sorted(grid)
+    run(coarse, [None] * len(coarse), "coarse")
     c_best = search.best["c"]
+    refine_cs = []
     for step in sorted(refine):
         c = float(c_best * 10.0 ** step)
-        if any(math.isclose(c, r["c"], rel_tol=1e-9) for r in search.entries):
-            continue
-        below = [cc for cc in search.fits if cc < c]
-        run(c, search.fits[max(below)] if below else None, "refine")  # warm start from the next smaller C
+        if not any(math.isclose(c, r["c"], rel_tol=1e-9) for r in search.entries + [{"c": x} for x in refine_cs]):
+            refine_cs.append(c)
+    # each refinement warm-starts from the next smaller C fitted so far
+    warms = [search.fits[max(below)] if (below := [cc for cc in search.fits if cc < c]) else None for c in refine_cs]
+    if refine_cs:
+        run(refine_cs, warms, "refine")
     return search
 
 
@@ -168,6 +222,13 @@ class LayerResult(Result):
     not_converged_fits: int
     evals: int = 0   # objective/gradient evaluations over all fits of this layer (passes over the data)
     c_search: list[dict] = field(default_factory=list)
+    n_passes: int = 0          # passes over the training rows (all fits; a batched pass serving several C counts once)
+    test_acc_ci: list[float] = field(default_factory=list)   # 95 % interval of test_acc
+    ci_method: str = "wilson"
+    confusion: list[list[int]] = field(default_factory=list)  # [true class][predicted class] counts on test
+
+    # set by `probe_layer`, not part of the report: the chosen classifier (`classifier_arrays`)
+    classifier = None
 
 
 def probe_layer(X_train: np.ndarray, y_train: np.ndarray, X_test: np.ndarray, y_test: np.ndarray,
@@ -188,23 +249,28 @@ def probe_layer(X_train: np.ndarray, y_train: np.ndarray, X_test: np.ndarray, y_
 
     # --- choose C on a stratified 10 % of the training set -------------------
     fit_idx, v_idx = stratified_split(y_train, VAL_FRACTION, seed)
-    Xf, Xv = standardize(X_train[fit_idx], X_train[v_idx])
+    Xf, Xv = standardize(take(X_train, fit_idx), take(X_train, v_idx))
     context = estimator.fit_context(Xf) if hasattr(estimator, "fit_context") else {}  # shared by every fit
     search = search_c(estimator, Xf, y_train[fit_idx], Xv, y_train[v_idx], grid, refine, context=context)
     best = search.best
     del Xf, Xv
 
     # --- refit on the whole training set with the chosen C ------------------
-    Xtr, Xte = standardize(X_train, X_test)
+    mean, scale = moments(X_train)
+    Xtr, Xte = apply_standardization(X_train, mean, scale), apply_standardization(X_test, mean, scale)
     final = _fit_at(estimator, best["c"], Xtr, y_train, warm=search.fits[best["c"]], context=context)
-    correct = final.predict(Xte) == y_test
+    pred = np.asarray(final.predict(Xte))
+    correct = pred == y_test
     names = list(class_names) if class_names else []
     per_class: dict[str, float | None] = {}
     for cls in sorted(set(np.unique(y_test).tolist()) | set(classes.tolist())):
         m = y_test == cls
         key = names[cls] if 0 <= cls < len(names) else str(cls)
         per_class[key] = float(correct[m].mean()) if m.any() else None
-    return LayerResult(
+    n_cls = int(max(len(names), int(y_test.max(initial=-1)) + 1, int(classes.max()) + 1))
+    confusion = np.zeros((n_cls, n_cls), dtype=np.int64)
+    np.add.at(confusion, (y_test, pred.astype(np.int64)), 1)
+    result = LayerResult(
         layer=int(layer), c=float(best["c"]), val_acc=float(best["val_acc"]),
         test_acc=float(correct.mean()) if len(correct) else float("nan"),
         per_class_acc=per_class, n_train=int(len(y_train)), n_val=int(len(v_idx)),
@@ -213,7 +279,12 @@ def probe_layer(X_train: np.ndarray, y_train: np.ndarray, X_test: np.ndarray, y_
         not_converged_fits=search.not_converged + (not _converged(final)),
         evals=sum(_n_iter(f) for f in search.fits.values()) + _n_iter(final),
         c_search=sorted(search.entries, key=lambda r: r["c"]),
+        n_passes=search.passes + _n_iter(final),
+        test_acc_ci=wilson_interval(int(correct.sum()), len(correct)), confusion=confusion.tolist(),
     )
+    result.classifier = dict(mean=mean, scale=scale, coef=np.asarray(final.coef_), intercept=np.asarray(final.intercept_),
+                             classes=np.asarray(final.classes_), c=float(best["c"]))
+    return result
 
 
 def _default_estimator(estimator, tol: float | None, max_iter: int | None):

@@ -16,15 +16,16 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..errors import InputError, ParameterError, check_positive
+from ..errors import InputError, ParameterError, check_choice, check_positive
 from .. import formats
 from ..formats import FEATURES_FORMAT, check_complete_features, feature_layers, open_igpt
 from ..layers import format_layers, parse_layers
 from ..progress import OnProgress, Reporter
 from ..results import Result
-from .estimator import TOL, LinearProbe
+from .estimator import DEFAULT_SOLVER, MAX_ITER, SOLVERS, TOL, LinearProbe, resolve_probe_device
 from .protocol import COARSE_GRID, REFINE_STEPS, VAL_FRACTION, LayerResult, check_labels, probe_layer, \
     stratified_split
+from .stream import H5Rows, parse_bytes, plan_memory
 
 # attrs that must agree between the train and test features files (`read_attrs` gives a
 # version-1 file, which has no "pool", the pooling it implies)
@@ -136,7 +137,11 @@ def _protocol(estimator, probe_kw: dict) -> dict:
         tol = estimator.tol if estimator is not None else TOL if probe_kw.get("tol") is None else probe_kw["tol"]
     else:
         classifier, tol = repr(estimator), estimator.get_params().get("tol")
+    params = estimator.get_params() if estimator is not None else {}
     return {
+        "solver": params.get("solver"),
+        "device": str(resolve_probe_device(params["device"])) if "device" in params else None,
+        "ci_method": "wilson (95 %)",
         "standardize": "train statistics only",
         "classifier": classifier,
         "c_grid": list(probe_kw.get("grid", COARSE_GRID)),
@@ -153,15 +158,37 @@ def _protocol(estimator, probe_kw: dict) -> dict:
 
 def probe_files(train: str | Path, test: str | Path | None = None, layers: Sequence[str] | None = None, *,
                 test_fraction: float = 0.2, seed: int = 0, jobs: int = 1, estimator=None,
-                on_progress: OnProgress | None = None, **probe_kw) -> ProbeReport:
+                on_progress: OnProgress | None = None, solver: str = "auto", device: str = "auto",
+                max_memory: int | str | None = None, save_probes: str | Path | None = None,
+                overwrite: bool = False, **probe_kw) -> ProbeReport:
     """Probe every requested layer of a features file.
 
     Without `test`, a stratified `test_fraction` of `train` is held out as the test set.
     Reads one layer at a time (`jobs` layers at a time when jobs > 1). `estimator` and
-    `probe_kw` (grid, refine, tol, max_iter) go to `probe_layer`. Progress: one "probe"
-    event per finished layer, its `LayerResult` as the event's `result`.
+    `probe_kw` (grid, refine, tol, max_iter) go to `probe_layer`; without `estimator`, a
+    `LinearProbe` with `solver` ("torch" | "scipy" | "sklearn"; "auto": torch on a GPU or for
+    streamed layers, else scipy, the fastest on a CPU) on `device` (auto | cpu | cuda).
+    `max_memory` (bytes, or "512M", "2G"): a layer that does not fit is streamed from the
+    file in row chunks (torch solver). `save_probes`: write each layer's chosen classifier
+    there (`store.save_probes`). Progress: one "probe" event per finished layer, its
+    `LayerResult` as the event's `result`.
     """
     check_positive("jobs", jobs, allow_none=False)
+    max_memory = parse_bytes(max_memory)
+    if estimator is None:
+        solver = check_choice("solver", solver, ("auto", *SOLVERS))
+        on_gpu = resolve_probe_device(device).type == "cuda"       # a missing GPU is refused before any work
+        tol, max_iter = probe_kw.pop("tol", None), probe_kw.pop("max_iter", None)
+        estimator = LinearProbe(tol=TOL if tol is None else tol, max_iter=MAX_ITER if max_iter is None else max_iter,
+                                solver="torch" if solver == "auto" and on_gpu else
+                                DEFAULT_SOLVER if solver == "auto" else solver, device=str(device))
+        auto = solver == "auto"
+    else:
+        auto = False
+    if save_probes is not None:
+        from ..outputs import check_output_path
+
+        check_output_path(save_probes, overwrite)
     if test is None and not 0 < test_fraction < 1:
         raise ParameterError("test_fraction", test_fraction, "must be between 0 and 1")
     tr = inspect_features(train)
@@ -180,18 +207,34 @@ def probe_files(train: str | Path, test: str | Path | None = None, layers: Seque
         y_train, y_test = tr.labels, te.labels
     check_labels(y_train, f"{tr.path}: training split" if te is None else f"{tr.path}", tr.class_names)
 
+    # layers that do not fit in max_memory are streamed (decided, and a too small cap refused, before any fit)
+    n_c = len(probe_kw.get("grid", COARSE_GRID))
+    n_rows = len(y_train) + len(y_test)
+    chunks = {l: plan_memory(max_memory, n_rows, tr.dims[l], len(np.unique(y_train)), n_c, l) for l in sel}
+    if any(c is not None for c in chunks.values()) and auto:
+        estimator.set_params(solver="torch")
+    if any(c is not None for c in chunks.values()) and getattr(estimator, "solver", None) != "torch":
+        raise ParameterError("max_memory", max_memory, "streaming layers from the file needs solver 'torch'")
+
     progress = Reporter(on_progress, "probe", total=len(sel), unit="layer")
     progress_lock = threading.Lock()  # layers finish on worker threads when jobs > 1
 
     def run_layer(l: int) -> LayerResult:
+        if chunks[l] is not None:       # out of core: the rows stay in the file
+            X = H5Rows(tr.path, l, chunks[l])
+            X, Xte = (X.take(tr_idx), X.take(te_idx)) if te is None else (X, H5Rows(te.path, l, chunks[l]))
+            return finish(probe_layer(X, y_train, Xte, y_test, seed, estimator=estimator, layer=l,
+                                      class_names=tr.class_names, **probe_kw))
         X = _read_layer(tr, l)
         if te is None:
             Xtr, Xte = X[tr_idx], X[te_idx]
             del X
         else:
             Xtr, Xte = X, _read_layer(te, l)
-        r = probe_layer(Xtr, y_train, Xte, y_test, seed, estimator=estimator, layer=l,
-                        class_names=tr.class_names, **probe_kw)
+        return finish(probe_layer(Xtr, y_train, Xte, y_test, seed, estimator=estimator, layer=l,
+                                  class_names=tr.class_names, **probe_kw))
+
+    def finish(r: LayerResult) -> LayerResult:
         with progress_lock:
             progress.advance(1, info=f"layer {r.layer}: test {r.test_acc:.1%}", result=r)
         return r
@@ -209,7 +252,7 @@ def probe_files(train: str | Path, test: str | Path | None = None, layers: Seque
 
     best = max(results, key=lambda r: (r.val_acc, r.test_acc, -r.layer)) if results else None
     best_test = max(results, key=lambda r: (r.test_acc, -r.layer)) if results else None
-    return ProbeReport(
+    report = ProbeReport(
         train=str(tr.path),
         test=str(te.path) if te is not None else None,
         test_mode="file" if te is not None else "held_out",
@@ -225,3 +268,8 @@ def probe_files(train: str | Path, test: str | Path | None = None, layers: Seque
         seconds=round(wall, 3),
         layers=results,
     )
+    if save_probes is not None:
+        from .store import save_probes as write_probes
+
+        write_probes(report, save_probes, overwrite=overwrite, device=getattr(estimator, "device", None))
+    return report
