@@ -283,3 +283,91 @@ def test_checkpoint_without_lm_head_keeps_a_fresh_head(small):
     m = load_pretrained(small["dir"])  # a transformers ImageGPTModel: no lm_head in the file
     assert m.lm_head.weight.shape == (512, 128) and m.lm_head.weight.device.type == "cpu"
     assert torch.isfinite(m.lm_head.weight).all()
+
+
+# ---------------------------------------------------------------------------
+# BERT-objective models (OpenAI's igpt-*-bert; parity with TensorFlow: test_convert.py)
+# ---------------------------------------------------------------------------
+def tiny(objective: str, seed: int = 0) -> IGPT:
+    torch.manual_seed(seed)
+    return IGPT(IGPTConfig(n_positions=16, n_embd=32, n_layer=2, n_head=2, objective=objective)).eval()
+
+
+def test_bert_attends_both_ways_and_autoregressive_only_back():
+    idx = torch.randint(0, 512, (2, 16))
+    later = idx.clone()
+    later[:, -1] = (later[:, -1] + 1) % 512  # only the last token changes
+    for objective, first_changes in (("autoregressive", False), ("bert", True)):
+        m = tiny(objective)
+        with torch.inference_mode():
+            a, b = (m.forward_intermediates(x, [2], site="resid", pool=None, bert_mask=0.0 if objective == "bert"
+                                            else None)[2] for x in (idx, later))
+        assert (not torch.allclose(a[:, 0], b[:, 0])) == first_changes
+
+
+def test_bert_masked_positions_see_no_token_embedding():
+    m = tiny("bert")
+    idx = torch.randint(0, 512, (2, 16))
+    other = torch.randint(0, 512, (2, 16))
+    keep = torch.rand(2, 16) > 0.5
+    mixed = torch.where(keep, idx, other)  # the masked positions hold different tokens
+    with torch.inference_mode():
+        a = m(idx, keep=keep)
+        b = m(mixed, keep=keep)
+        c = m(idx)
+    torch.testing.assert_close(a, b)  # masked tokens do not matter
+    assert not torch.allclose(a, c)  # the mask does
+
+
+def test_bert_default_mask_is_the_papers_and_reproducible():
+    from igpt_cli.model.igpt import BERT_MASK_PROB, bert_keep_mask
+
+    idx = torch.randint(0, 512, (64, 16))
+    keep = bert_keep_mask(idx)
+    assert keep.dtype == torch.bool and keep.shape == idx.shape
+    assert abs((~keep).float().mean().item() - BERT_MASK_PROB) < 0.05
+    torch.testing.assert_close(bert_keep_mask(idx[5:9]), keep[5:9])  # an image's mask, whatever its batch
+    m = tiny("bert")
+    with torch.inference_mode():
+        default = m.forward_intermediates(idx[:4], [1])[1]
+        explicit = m.forward_intermediates(idx[:4], [1], bert_mask=keep[:4])[1]
+        unmasked = m.forward_intermediates(idx[:4], [1], bert_mask=0.0)[1]
+        all_kept = m.forward_intermediates(idx[:4], [1], bert_mask=torch.ones(4, 16, dtype=torch.bool))[1]
+    torch.testing.assert_close(default, explicit)
+    torch.testing.assert_close(unmasked, all_kept)
+    assert not torch.allclose(default, unmasked)
+
+
+def test_bert_mask_errors_name_the_parameter():
+    from igpt_cli.model import KVCache
+
+    idx = torch.randint(0, 512, (2, 16))
+    with pytest.raises(ParameterError, match="bert_mask"):
+        tiny("autoregressive").forward_intermediates(idx, [1], bert_mask=0.15)
+    with pytest.raises(ParameterError, match="bert_mask"):
+        tiny("bert").forward_intermediates(idx, [1], bert_mask=1.0)
+    with pytest.raises(ParameterError, match="bert_mask"):
+        tiny("bert").forward_intermediates(idx, [1], bert_mask=torch.ones(2, 8, dtype=torch.bool))
+    m = tiny("bert")
+    with pytest.raises(ParameterError, match="not autoregressive"):
+        m(idx[:, :1], KVCache(m.config, 2))
+
+
+def test_objective_round_trips_through_config_json(tmp_path):
+    import json
+
+    m = tiny("bert")
+    save_pretrained(m, tmp_path / "b")
+    d = json.loads((tmp_path / "b" / "config.json").read_text())
+    assert d["igpt_objective"] == "bert" and d["model_type"] == "imagegpt_bert"
+    back = load_pretrained(tmp_path / "b")
+    assert back.config.objective == "bert"
+    idx = torch.randint(0, 512, (2, 16))
+    with torch.inference_mode():
+        torch.testing.assert_close(back.forward_intermediates(idx, [2]), m.forward_intermediates(idx, [2]))
+    save_pretrained(tiny("autoregressive"), tmp_path / "a")
+    assert "igpt_objective" not in json.loads((tmp_path / "a" / "config.json").read_text())
+    d["igpt_objective"] = "masked"
+    (tmp_path / "b" / "config.json").write_text(json.dumps(d))
+    with pytest.raises(Exception, match="igpt_objective='masked'"):
+        load_pretrained(tmp_path / "b")

@@ -9,7 +9,9 @@ same `Decoder` and `nll_rows` batch by batch into resumable files.
 Models: an `IGPT` instance (used as it is, unless `device`/`dtype` say otherwise) or a
 checkpoint directory. A checkpoint without an LM head (a Hugging Face `ImageGPTModel`) is
 refused: `load_pretrained` would fill the head with random numbers, fine for features but
-meaningless for generation and likelihood.
+meaningless for generation and likelihood. So is a BERT-objective model (OpenAI's
+`igpt-*-bert`): it predicts masked tokens from both sides, not the next one, so it is refused
+as "not autoregressive" (it still gives features: `igpt extract`).
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ import torch.nn.functional as F
 from ..errors import InputError, ParameterError, check_positive
 from ..extract.sources import check_tokens_array
 from ..extract.sources import ready_model as ready_feature_model
-from ..model import IGPT, CheckpointError, IGPTConfig, KVCache, find_weights, resolve_model_dir, sos_shift
+from ..model import IGPT, CheckpointError, IGPTConfig, KVCache, find_weights, read_config, resolve_model_dir, sos_shift
 from ..model.checkpoint import load_tensor_pickle
 from ..progress import OnProgress, Reporter
 from .sampling import Sampling, check_seed, pick_tokens, row_uniforms
@@ -51,9 +53,17 @@ def has_lm_head(weights: Path) -> bool:
         return True
 
 
+def check_autoregressive(cfg: IGPTConfig, where: str | Path) -> None:
+    """CheckpointError for a BERT-objective model: it cannot sample, complete or score left to right."""
+    if not cfg.autoregressive:
+        raise CheckpointError(f"{where}: a BERT-objective model is not autoregressive, so it cannot sample, "
+                              "complete or score images left to right (use it for features: igpt extract)")
+
+
 def check_generative(model_dir: Path) -> Path:
-    """The weights file of a checkpoint that can generate (has an LM head), else CheckpointError."""
+    """The weights file of a checkpoint that can generate (autoregressive, has an LM head), else CheckpointError."""
     weights = find_weights(model_dir)
+    check_autoregressive(read_config(model_dir), model_dir)
     if not has_lm_head(weights):
         raise CheckpointError(f"{model_dir}: the checkpoint has no LM head (a transformers ImageGPTModel, not "
                               f"ImageGPTForCausalImageModeling), so it cannot generate or score images")
@@ -62,8 +72,11 @@ def check_generative(model_dir: Path) -> Path:
 
 def ready_model(model: IGPT | str | Path, device: str = "auto", dtype: str = "auto"
                 ) -> tuple[IGPT, torch.device, torch.dtype]:
-    """As `extract.sources.ready_model`, refusing a checkpoint directory without an LM head."""
-    if not isinstance(model, IGPT):
+    """As `extract.sources.ready_model`, refusing a checkpoint directory without an LM head and a
+    BERT-objective model."""
+    if isinstance(model, IGPT):
+        check_autoregressive(model.config, "model")
+    else:
         check_generative(resolve_model_dir(model))
     return ready_feature_model(model, device, dtype)
 

@@ -28,9 +28,11 @@ from pathlib import Path
 import torch
 
 from ..errors import InputError
-from .igpt import IGPT, IGPTConfig
+from .igpt import IGPT, OBJECTIVES, IGPTConfig
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+OBJECTIVE_KEY = "igpt_objective"  # config.json key of IGPTConfig.objective (transformers ignores it)
+BERT_MODEL_TYPE = "imagegpt_bert"  # transformers has no BERT iGPT: its AutoModel refuses such a directory
 
 
 class CheckpointError(InputError):
@@ -65,6 +67,8 @@ def _check_config(kwargs: dict) -> None:
     if eps is not None and (not isinstance(eps, (int, float)) or isinstance(eps, bool)
                             or not math.isfinite(eps) or not 0 < eps < 1):
         raise CheckpointError(f"layer_norm_epsilon={eps!r}: must be a number between 0 and 1")
+    if kwargs.get("objective", OBJECTIVES[0]) not in OBJECTIVES:
+        raise CheckpointError(f"{OBJECTIVE_KEY}={kwargs['objective']!r}: expected one of {', '.join(OBJECTIVES)}")
     cfg = IGPTConfig(**kwargs)
     if cfg.n_embd % cfg.n_head:
         raise CheckpointError(f"n_head={cfg.n_head}: must divide n_embd={cfg.n_embd}")
@@ -76,8 +80,10 @@ def config_from_hf(d: dict) -> IGPTConfig:
     CheckpointError `key=value: problem` for a value of the wrong type or out of range."""
     if not isinstance(d, dict):
         raise CheckpointError(f"expected a JSON object, not {type(d).__name__}")
-    names = {f.name for f in fields(IGPTConfig)}
+    names = {f.name for f in fields(IGPTConfig)} - {"objective"}
     kwargs = {k: d[k] for k in names if k in d and d[k] is not None}
+    if d.get(OBJECTIVE_KEY) is not None:
+        kwargs["objective"] = d[OBJECTIVE_KEY]
     act = d.get("activation_function", "quick_gelu")
     if act != "quick_gelu":
         raise CheckpointError(f"activation_function={act!r}: not iGPT's quick_gelu")
@@ -86,8 +92,10 @@ def config_from_hf(d: dict) -> IGPTConfig:
 
 
 def config_to_hf(cfg: IGPTConfig) -> dict:
-    """The config.json dict `transformers.ImageGPTConfig` reads for this model."""
+    """The config.json dict `transformers.ImageGPTConfig` reads for this model (a BERT-objective
+    model gets its own model_type and `igpt_objective`: transformers cannot run it)."""
     d = asdict(cfg)
+    objective = d.pop("objective")
     d.update(
         model_type="imagegpt",
         architectures=["ImageGPTForCausalImageModeling"],
@@ -102,6 +110,8 @@ def config_to_hf(cfg: IGPTConfig) -> dict:
         tie_word_embeddings=False,
         use_cache=False,
     )
+    if objective != "autoregressive":
+        d.update({"model_type": BERT_MODEL_TYPE, "architectures": ["IGPTBertModel"], OBJECTIVE_KEY: objective})
     return d
 
 

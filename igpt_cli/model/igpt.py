@@ -10,6 +10,12 @@ Features: `forward_intermediates` returns the token maps (or their pooled vector
 the requested layers, running only the blocks it needs. Loading and saving Hugging
 Face checkpoint directories lives in `checkpoint.py`.
 
+BERT-objective models (OpenAI's `igpt-{s,m,l}-bert` release, `objective="bert"`): the same
+weights, but attention is bidirectional, there is no SOS shift (the input is the image's own
+tokens) and the token embeddings of masked positions are zeroed (the original multiplies them
+by the keep mask). `keep` [B, T] (True = visible) is that mask; `forward_intermediates` draws
+it by default as OpenAI's evaluation did (`bert_keep_mask`, see there).
+
 Generation: `forward(idx, cache=KVCache(...))` runs the same blocks incrementally. The
 cache is preallocated for `n_positions` (keys and values of every layer, written in
 place, never grown by concatenation); each call appends the keys and values of its
@@ -25,11 +31,18 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+import numpy as np
 import torch.nn.functional as F
 
 from ..choices import POOLS, SITES
 from ..errors import ParameterError, check_choice
 from .pooling import pool_tokens
+
+
+OBJECTIVES = ("autoregressive", "bert")
+# OpenAI's BERT models were trained, and evaluated (run.py --eval builds the same graph), with each
+# token masked with probability 0.15: `M = uniform([B, T]) > bert_mask_prob`.
+BERT_MASK_PROB = 0.15
 
 
 @dataclass
@@ -41,10 +54,16 @@ class IGPTConfig:
     n_head: int = 8
     n_inner: int | None = None  # MLP width, 4 * n_embd when None
     layer_norm_epsilon: float = 1e-5
+    objective: str = "autoregressive"  # or "bert" (OBJECTIVES)
 
     @property
-    def sos_token(self) -> int:
-        return self.vocab_size - 1
+    def autoregressive(self) -> bool:
+        return self.objective == "autoregressive"
+
+    @property
+    def sos_token(self) -> int | None:
+        """The SOS token (the last of the vocabulary); None for a BERT model, which has no SOS shift."""
+        return self.vocab_size - 1 if self.autoregressive else None
 
     @property
     def mlp_width(self) -> int:
@@ -106,6 +125,7 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: IGPTConfig):
         super().__init__()
         self.n_head = cfg.n_head
+        self.causal = cfg.autoregressive  # BERT models attend both ways
         self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd)
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd)
 
@@ -116,7 +136,7 @@ class CausalSelfAttention(nn.Module):
         q, k, v = self.c_attn(x).split(C, dim=2)  # 3 x [B, T, C]
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # [B, H, T, C/H]
         if kv is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # [B, H, T, C/H]
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)  # [B, H, T, C/H]
         else:
             kbuf, vbuf = kv
             kbuf[:, :, pos:pos + T] = k  # in place: the cache never grows
@@ -179,17 +199,23 @@ class IGPT(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
-    def embed(self, idx: torch.Tensor, start: int = 0) -> torch.Tensor:
-        """Token + position embeddings: tokens [B, T] at positions start.. -> [B, T, C]."""
+    def embed(self, idx: torch.Tensor, start: int = 0, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """Token + position embeddings: tokens [B, T] at positions start.. -> [B, T, C].
+        `keep` [B, T]: token embeddings where it is False (masked, BERT) are zeroed."""
         pos = torch.arange(start, start + idx.shape[1], device=idx.device)
-        return self.wte(idx) + self.wpe(pos)
+        tok = self.wte(idx)  # [B, T, C]
+        if keep is not None:
+            tok = tok * keep.to(device=tok.device, dtype=tok.dtype)[..., None]
+        return tok + self.wpe(pos)
 
-    def forward(self, idx: torch.Tensor, cache: KVCache | None = None, *, last_only: bool = False) -> torch.Tensor:
+    def forward(self, idx: torch.Tensor, cache: KVCache | None = None, *, last_only: bool = False,
+                keep: torch.Tensor | None = None) -> torch.Tensor:
         """Next-token logits `[B, T, vocab_size - 1]` for input tokens `[B, T]`.
 
         With `cache` the tokens sit at positions `cache.pos ..` after those already in the
         cache (whose keys and values are reused), and the cache advances by T.
         `last_only`: logits of the last position only, `[B, vocab_size - 1]`.
+        `keep` [B, T] (BERT models): visible positions; None = all visible.
         """
         pos = 0 if cache is None else cache.pos
         T = idx.shape[1]
@@ -199,7 +225,9 @@ class IGPT(nn.Module):
             if pos + T > cache.max_len:
                 raise ParameterError("idx", tuple(idx.shape), f"{T} more tokens overflow the cache "
                                                               f"({pos} of {cache.max_len} positions used)")
-        x = self.embed(idx, pos)  # [B, T, C]
+        if cache is not None and not self.config.autoregressive:
+            raise ParameterError("cache", "KVCache", "a BERT-objective model is not autoregressive")
+        x = self.embed(idx, pos, keep)  # [B, T, C]
         for i, block in enumerate(self.h):
             x = block(x, kv=None if cache is None else (cache.k[i], cache.v[i]), pos=pos)
         if cache is not None:
@@ -208,8 +236,8 @@ class IGPT(nn.Module):
             x = x[:, -1]  # [B, C]
         return self.lm_head(self.ln_f(x))  # [B, T, vocab_size - 1] (or [B, vocab_size - 1])
 
-    def forward_intermediates(self, idx: torch.Tensor, layers, site: str = "ln",
-                              pool: str | None = "mean") -> dict[int, torch.Tensor]:
+    def forward_intermediates(self, idx: torch.Tensor, layers, site: str = "ln", pool: str | None = "mean",
+                              bert_mask: float | torch.Tensor | None = None) -> dict[int, torch.Tensor]:
         """Features of `layers` (in 0..n_layer) for input tokens `[B, T]`.
 
         site="ln": layer l < L is ln_1 of block l applied to h_l, the paper's f_l;
@@ -218,6 +246,9 @@ class IGPT(nn.Module):
         pool=None: token maps `{layer: [B, T, C]}` in the compute dtype;
         pool="mean": the paper's average over positions, `{layer: [B, C]}` float32.
         Only the blocks up to the deepest requested layer run.
+        `bert_mask` (BERT models only; `idx` is then the image's tokens, not SOS-shifted):
+        None = OpenAI's evaluation, a random BERT_MASK_PROB mask (`bert_keep_mask`); a
+        probability (0 = nothing masked); or the keep mask itself, a bool tensor [B, T].
         """
         site = check_choice("site", site, SITES)
         pool = None if pool is None else check_choice("pool", pool, POOLS)
@@ -227,7 +258,7 @@ class IGPT(nn.Module):
             raise ParameterError("layers", wanted, f"must lie in 0..{L}")
         deepest = wanted[-1]
         out: dict[int, torch.Tensor] = {}
-        x = self.embed(idx)  # [B, T, C]
+        x = self.embed(idx, keep=self.keep_for(idx, bert_mask))  # [B, T, C]
         for i in range(deepest + 1):
             tap = None
             if i in wanted:
@@ -240,11 +271,43 @@ class IGPT(nn.Module):
                 x = self.h[i](x, tap if site == "ln" else None)  # reuse ln_1(x) when tapped
         return out
 
+    def keep_for(self, idx: torch.Tensor, bert_mask: float | torch.Tensor | None) -> torch.Tensor | None:
+        """The keep mask [B, T] that `bert_mask` means for tokens `idx` (None: nothing masked)."""
+        if self.config.autoregressive:
+            if bert_mask is not None:
+                raise ParameterError("bert_mask", bert_mask, "only BERT-objective models mask their input")
+            return None
+        if isinstance(bert_mask, torch.Tensor):
+            if tuple(bert_mask.shape) != tuple(idx.shape):
+                raise ParameterError("bert_mask", tuple(bert_mask.shape), f"must have the tokens' shape "
+                                                                          f"{tuple(idx.shape)}")
+            return bert_mask
+        prob = BERT_MASK_PROB if bert_mask is None else float(bert_mask)
+        if not 0.0 <= prob < 1.0:
+            raise ParameterError("bert_mask", bert_mask, "a masking probability must lie in [0, 1)")
+        return None if prob == 0.0 else bert_keep_mask(idx, prob).to(idx.device)
+
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
 
-def sos_shift(tokens: torch.Tensor, sos_token: int) -> torch.Tensor:
-    """[t_0 … t_{n-1}] -> [SOS, t_0 … t_{n-2}], the input the original iGPT sees: [B, T] -> [B, T]."""
+def sos_shift(tokens: torch.Tensor, sos_token: int | None) -> torch.Tensor:
+    """[t_0 … t_{n-1}] -> [SOS, t_0 … t_{n-2}], the input the original iGPT sees: [B, T] -> [B, T].
+    `sos_token` None (a BERT model's `config.sos_token`): the tokens themselves, unshifted."""
+    if sos_token is None:
+        return tokens
     sos = torch.full_like(tokens[:, :1], sos_token)
     return torch.cat([sos, tokens[:, :-1]], dim=1)
+
+
+def bert_keep_mask(tokens: torch.Tensor, prob: float = BERT_MASK_PROB, seed: int = 0) -> torch.Tensor:
+    """OpenAI's BERT input mask, reproducibly: bool [B, T], False (masked) with probability `prob`.
+
+    The original draws `uniform > prob` afresh on every run; here each row's uniforms come
+    from a generator seeded with (`seed`, the row's tokens), so an image gets the same mask
+    whatever its batch, position in the file or device.
+    """
+    rows = tokens.detach().to("cpu", torch.int64).numpy()  # [B, T]
+    u = np.stack([np.random.default_rng([seed, *row.tolist()]).random(rows.shape[1]) for row in rows]) \
+        if len(rows) else np.zeros(rows.shape)
+    return torch.from_numpy(u > prob)  # [B, T]
