@@ -21,16 +21,17 @@ __version__ = "0.1.0"
 _EXPORTS = {
     # stages (files in, files out; typed results with .to_dict())
     "quantize_dataset": "quantize", "fit_palette_file": "quantize",
-    "extract_features": "extract", "probe_files": "probe", "pretrain": "train", "TrainConfig": "train",
-    "run_demo": "demo", "file_info": "fileinfo", "show_tokens": "fileinfo",
+    "extract_features": "extract", "extract_image_features": "extract", "probe_files": "probe", "pretrain": "train", "TrainConfig": "train",
+    "run_demo": "demo", "sweep": "sweep", "run_sweep": "sweep", "file_info": "fileinfo", "show_tokens": "fileinfo",
     # in memory (numpy in, numpy out)
     "features_from_tokens": "extract", "features_from_images": "extract", "load_features": "formats",
     "open_dataset": "data", "Palette": "palette", "LinearProbe": "probe", "probe_layer": "probe",
+    "predict_file": "probe", "load_probes": "probe",
     # generation and likelihood
     "sample_images": "generate", "complete_images": "generate", "score_images": "generate",
     "sample_file": "generate", "complete_file": "generate", "score_file": "generate",
     # the model
-    "IGPT": "model", "IGPTConfig": "model", "load_pretrained": "model", "save_pretrained": "model",
+    "IGPT": "model", "IGPTConfig": "model", "resolve_model_dir": "model", "list_models": "model", "load_pretrained": "model", "save_pretrained": "model",
     # errors, progress, choices
     "InputError": "errors", "ParameterError": "errors", "ProgressEvent": "progress",
     "Split": "choices", "Resize": "choices", "Site": "choices", "Pool": "choices",

@@ -9,11 +9,15 @@ destination and renamed into place only when complete, under a lock
 Versions: tokens files are at version 1. Features files are at version 2, which added
 the `pool` attr; version-1 features files are still read, as if they said
 `pool="mean"` (`"flatten"` for the pixel baseline; `read_attrs` fills it in).
+
+The module is long (about 450 lines) on purpose: it is the one place every file kind's
+layout, attrs and checks are written down, side by side.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import sys
 from pathlib import Path
 
 import h5py
@@ -21,6 +25,7 @@ import numpy as np
 
 from . import __version__, outputs
 from .errors import InputError, ParameterError
+from .provenance import provenance
 
 TOKENS_FORMAT = "igpt-tokens"
 FEATURES_FORMAT = "igpt-features"
@@ -40,6 +45,26 @@ def chunk_rows(row_bytes: int) -> int:
 
 class FormatError(InputError):
     """A file that is not the igpt file it should be."""
+
+
+MAX_COMMAND = 4000  # characters of the command line kept in a file (a shell glob can expand to megabytes)
+
+
+def stamp_provenance(f: h5py.File, device: str | None = None) -> None:
+    """Write `igpt_cli.provenance` attrs (command line, versions, device name, created_utc) into `f`.
+
+    `device` None: the GPU this process has initialised, if any, else the CPU."""
+    attrs = {k: str(v) for k, v in provenance(device=device or _device_in_use()).items()}  # TorchVersion: a str
+    if len(attrs["command"]) > MAX_COMMAND:
+        attrs["command"] = attrs["command"][:MAX_COMMAND] + f" … ({len(attrs['command'])} characters)"
+    f.attrs.update(attrs)
+
+
+def _device_in_use() -> str | None:
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_initialized():
+        return f"cuda:{torch.cuda.current_device()}"
+    return None
 
 
 def _attr(v):
@@ -158,7 +183,7 @@ def json_attr(f: h5py.File, key: str, path: str | Path | None = None, *, kind: t
 # palette  float32 [K, 3]   RGB centres in [-1, 1]
 # sources  utf-8 [N]        file name, "archive:member" or "name[index]"
 # attrs: format, format_version, height, width, class_names (JSON), split,
-#        source, resize, igpt_version
+#        source, resize, igpt_version, and provenance (`provenance.PROVENANCE_KEYS`)
 
 
 def create_tokens_file(
@@ -171,8 +196,10 @@ def create_tokens_file(
     split: str,
     source: str,
     resize: str,
+    device: str | None = None,
 ) -> None:
-    """Lay out an empty tokens file; rows are added with `append_rows`."""
+    """Lay out an empty tokens file; rows are added with `append_rows`. Provenance attrs are
+    written too (`stamp_provenance`, `device`: the compute device that made the tokens)."""
     n_pos = height * width
     f.create_dataset("tokens", shape=(0, n_pos), maxshape=(None, n_pos), dtype="uint16",
                      chunks=(chunk_rows(2 * n_pos), n_pos))
@@ -190,6 +217,7 @@ def create_tokens_file(
         resize=resize,
         igpt_version=__version__,
     )
+    stamp_provenance(f, device)
 
 
 def append_rows(f: h5py.File, **columns: np.ndarray) -> int:
@@ -248,7 +276,7 @@ def tokens_layout(f: h5py.File, path: str | Path) -> tuple[h5py.Dataset, int, in
 # attrs: format, format_version, layers (JSON list), site, sos, pool, compute_dtype,
 #        store_dtype, device_type, batch_size, model, model_config (JSON), model_sha256,
 #        tokens_file, tokens_sha256, class_names (JSON), height, width, n_total, n_done,
-#        complete, igpt_version
+#        complete, igpt_version, and provenance (`provenance.PROVENANCE_KEYS`)
 # pool: "mean" (iGPT features averaged over positions), or "flatten" for the raw-pixel
 # baseline (site "pixels"), whose features are the whole image; version 1 had no pool.
 
@@ -269,8 +297,11 @@ def implied_pool(site: str | None) -> str:
 
 # Attributes that pin down what a features file holds: a partial file is resumed
 # only when all of them match the new run (anything else would mix two results).
+# A features file made from images (`igpt features`) has the dataset's keys (`source` … `selection`)
+# where one made from a tokens file has `tokens_sha256`; absent keys match absent keys.
 FEATURES_IDENTITY = ("layers", "site", "sos", "pool", "compute_dtype", "store_dtype", "device_type",
-                     "batch_size", "model_sha256", "model_config", "tokens_sha256", "n_total")
+                     "batch_size", "model_sha256", "model_config", "tokens_sha256", "n_total",
+                     "source", "split", "size", "resize", "palette_sha256", "selection")
 
 
 def _chunked_preallocated(group: h5py.Group, name: str, shape: tuple[int, int], dtype, chunk_rows: int):
@@ -298,8 +329,10 @@ def create_features_file(
     sources: np.ndarray,
     store_dtype: str,
     attrs: dict,
+    device: str | None = None,
 ) -> None:
-    """Lay out an empty features file of `len(labels)` rows; `attrs` must hold the identity keys."""
+    """Lay out an empty features file of `len(labels)` rows; `attrs` must hold the identity keys.
+    Provenance attrs are written too (`stamp_provenance`)."""
     n = len(labels)
     g = f.create_group("features")
     for layer, d in sorted(dims.items()):
@@ -309,6 +342,7 @@ def create_features_file(
     f.attrs.update(format=FEATURES_FORMAT, format_version=FEATURES_VERSION, igpt_version=__version__)
     f.attrs.update({k: (json.dumps(v) if isinstance(v, (list, dict)) else v) for k, v in attrs.items()})
     f.attrs.update(n_total=n, n_done=0, complete=False)
+    stamp_provenance(f, device)
 
 
 def features_mismatch(f: h5py.File, expected: dict) -> str | None:
@@ -396,17 +430,18 @@ def load_features(path: str | Path, layer: int) -> tuple[np.ndarray, np.ndarray]
 # labels int64 [N], sources utf-8 [N]   copied from the tokens file
 # attrs: format, format_version, model, model_sha256, model_config (JSON), tokens_file,
 #        tokens_sha256, class_names (JSON), height, width, compute_dtype, device_type,
-#        batch_size, n_total, n_done, complete, igpt_version
+#        batch_size, n_total, n_done, complete, igpt_version, and provenance
 SCORES_FORMAT = "igpt-scores"
 SCORES_VERSION = 1
 FORMAT_VERSIONS[SCORES_FORMAT] = SCORES_VERSION
 
 
-def create_scores_file(f: h5py.File, *, labels: np.ndarray, sources: np.ndarray) -> None:
-    """Lay out a scores file of `len(labels)` rows (scores NaN until computed)."""
+def create_scores_file(f: h5py.File, *, labels: np.ndarray, sources: np.ndarray, device: str | None = None) -> None:
+    """Lay out a scores file of `len(labels)` rows (scores NaN until computed), with provenance attrs."""
     n = len(labels)
     for name in ("nats_per_token", "bits_per_token"):
         f.create_dataset(name, data=np.full(n, np.nan))
     f.create_dataset("labels", data=np.asarray(labels, dtype=np.int64))
     f.create_dataset("sources", data=np.asarray(sources, dtype=object), dtype=STR_DTYPE)
     f.attrs.update(format=SCORES_FORMAT, format_version=SCORES_VERSION, igpt_version=__version__)
+    stamp_provenance(f, device)

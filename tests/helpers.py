@@ -239,3 +239,11 @@ def rows_done(path: Path) -> int:
             return int(f.attrs.get("n_done", 0))
     except Exception:
         return 0
+
+
+def attrs_without_provenance(f: h5py.File) -> dict:
+    """A file's attrs (`formats.read_attrs`) less its provenance (creation time and command line
+    differ between two runs that write the same data)."""
+    from igpt_cli.provenance import PROVENANCE_KEYS
+
+    return {k: v for k, v in formats.read_attrs(f).items() if k not in PROVENANCE_KEYS}

@@ -64,3 +64,21 @@ def test_fit_palette_example(tmp_path):
 
 def test_slurm_script_is_valid_bash():
     subprocess.run(["bash", "-n", str(EXAMPLES / "slurm_extract.sbatch")], check=True)
+
+
+def test_your_own_images_example(tmp_path):
+    r = run(EXAMPLES / "your_own_images.sh", DEMO_DATA, tmp_path / "own", 20, cwd=tmp_path)
+    report = json.loads((tmp_path / "own" / "probe.json").read_text())
+    assert [l["layer"] for l in report["layers"]] == [4, 6]
+    assert f"best layer {report['best_layer']}" in r.stdout
+    assert "command: igpt features" in r.stdout and "source:" in r.stdout
+    with h5py.File(tmp_path / "own" / "feats.h5") as f:
+        assert f["features"]["4"].shape == (60, 192) and sorted(set(f["labels"][:])) == [0, 1, 2]
+
+
+def test_sweep_example(tmp_path):
+    r = run(EXAMPLES / "sweep.sh", DEMO_DATA, tmp_path / "sw", 10, cwd=tmp_path, env={"PER_CLASS": "12"})
+    d = json.loads((tmp_path / "sw" / "sweep.json").read_text())
+    assert [c["step"] for c in d["checkpoints"]] == [2, 4, 6, 8, 10]
+    assert d["correlations"][0]["n"] == 5 and "Spearman rho" in r.stdout
+    assert (tmp_path / "sw" / "sweep" / "sweep-accuracy-vs-loss.png").is_file()

@@ -1,4 +1,5 @@
-"""`igpt extract`: tokens in, per-layer features out."""
+"""`igpt extract` (tokens in, per-layer features out), `igpt features` (images in, features out)
+and `igpt models` (the models igpt can name)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,27 +7,36 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..choices import ComputeDtype, Pool, Site, StoreDtype
-from .options import Device, Dtype, LayerSpec, LimitOpt, Overwrite, Quiet, Restart
-from .ui import ProgressBar, handles_input_errors, maybe_bar, print_json
+from ..choices import ComputeDtype, Pool, Resize, Site, Split, StoreDtype
+from .options import (Device, Dtype, FormatOpt, ImageColumn, LabelColumn, LayerSpec, LimitOpt, LimitPerClass, MaxPixels,
+                      Overwrite, Quiet, Restart, Shuffle, SkipBad, SplitOpt)
+from .ui import ProgressBar, handles_input_errors, maybe_bar, print_json, render_models
+
+ModelOpt = Annotated[str, typer.Option("--model", "-m", help=(
+    "Model: a directory, a bundled name (igpt-cifar8), an OpenAI TF checkpoint prefix or a Hugging Face hub "
+    "id (openai/imagegpt-small)."))]
+Revision = Annotated[Optional[str], typer.Option("--revision", help="Hub revision: branch, tag or commit hash.")]
+BatchSize = Annotated[Optional[int], typer.Option("--batch-size", "-b", help="Images per batch (default: auto).")]
+NoSos = Annotated[bool, typer.Option("--no-sos", help="Feed tokens unshifted (Hugging Face's behaviour).")]
+SiteOpt = Annotated[Site, typer.Option("--site", help="ln: mean of ln_1(h_l) (the paper's); resid: mean of h_l.")]
+PoolOpt = Annotated[Pool, typer.Option("--pool", help="How token maps become one vector per image.")]
+StoreDtypeOpt = Annotated[StoreDtype, typer.Option("--store-dtype", help="Feature dtype on disk.")]
 
 
 @handles_input_errors
 def extract_command(
     tokens: Annotated[Path, typer.Argument(help="Tokens file (igpt quantize output).")],
-    model: Annotated[str, typer.Option("--model", "-m", help="Hugging Face ImageGPT directory (or hub name in "
-                                                             "the local cache), or 'pixels'.")],
+    model: ModelOpt,
     out: Annotated[Path, typer.Option("--out", "-o", help="Features file to write.")],
     layers: LayerSpec = None,
-    batch_size: Annotated[Optional[int], typer.Option("--batch-size", "-b",
-                                                      help="Images per batch (default: auto).")] = None,
+    batch_size: BatchSize = None,
     device: Device = "auto",
     dtype: Dtype = ComputeDtype.auto,
-    no_sos: Annotated[bool, typer.Option("--no-sos", help="Feed tokens unshifted (Hugging Face's behaviour).")] = False,
-    site: Annotated[Site, typer.Option("--site", help="ln: mean of ln_1(h_l) (the paper's); resid: mean of h_l.")] = Site.ln,
-    pool: Annotated[Pool, typer.Option("--pool", help="How token maps become one vector per image.")] = Pool.mean,
+    no_sos: NoSos = False,
+    site: SiteOpt = Site.ln,
+    pool: PoolOpt = Pool.mean,
     limit: LimitOpt = None,
-    store_dtype: Annotated[StoreDtype, typer.Option("--store-dtype", help="Feature dtype on disk.")] = StoreDtype.float32,
+    store_dtype: StoreDtypeOpt = StoreDtype.float32,
     overwrite: Overwrite = False,
     restart: Restart = False,
     quiet: Quiet = False,
@@ -54,6 +64,81 @@ def extract_command(
         print_json(result)
 
 
+@handles_input_errors
+def features_command(
+    src: Annotated[list[str], typer.Argument(help=(
+        "Images: a folder, .tar/.zip, image file(s), @list.txt, a glob, a Hugging Face dataset, WebDataset "
+        "shards, CIFAR, .npz/.npy."))],
+    model: ModelOpt,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Features file to write.")],
+    layers: LayerSpec = None,
+    revision: Revision = None,
+    size: Annotated[Optional[int], typer.Option("--size", help="Image side (default: the model's).")] = None,
+    palette: Annotated[Optional[str], typer.Option("--palette", help=(
+        "Palette .npy, preprocessor_config.json or model dir (default: the model's).")) ] = None,
+    resize: Annotated[Optional[Resize], typer.Option("--resize", help="bilinear (default, like Hugging Face) or "
+                                                                      "center-crop.")] = None,
+    keep_tokens: Annotated[Optional[Path], typer.Option("--keep-tokens", help=(
+        "Also write the tokens file (as igpt quantize would) here.")) ] = None,
+    split: SplitOpt = Split.all,
+    limit: LimitOpt = None,
+    limit_per_class: LimitPerClass = None,
+    shuffle: Shuffle = False,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of --shuffle.")] = 0,
+    fmt: FormatOpt = None,
+    image_column: ImageColumn = None,
+    label_column: LabelColumn = None,
+    skip_bad: SkipBad = False,
+    max_pixels: MaxPixels = None,
+    batch_size: BatchSize = None,
+    device: Device = "auto",
+    dtype: Dtype = ComputeDtype.auto,
+    no_sos: NoSos = False,
+    site: SiteOpt = Site.ln,
+    pool: PoolOpt = Pool.mean,
+    store_dtype: StoreDtypeOpt = StoreDtype.float32,
+    overwrite: Overwrite = False,
+    restart: Restart = False,
+    quiet: Quiet = False,
+) -> None:
+    """Images straight to features: quantize with the model's palette and size, then extract (resumable).
+
+    Example: igpt features photos/ -m igpt-cifar8 --layer 4 -o feats.h5
+    """
+    from ..extract import extract_image_features
+
+    bar = ProgressBar.maybe(quiet)
+    with maybe_bar(bar):
+        result = extract_image_features(
+            src if len(src) > 1 else src[0], model, layers or None, out, revision=revision, size=size,
+            palette=palette, resize=resize.value if resize else None, keep_tokens=keep_tokens, split=split.value,
+            limit=limit, limit_per_class=limit_per_class, shuffle=shuffle, seed=seed,
+            fmt=fmt.value if fmt else None, image_column=image_column, label_column=label_column,
+            skip_bad=skip_bad, max_pixels=max_pixels, batch_size=batch_size, device=device, dtype=dtype.value,
+            sos=not no_sos, site=site.value, pool=pool.value, store_dtype=store_dtype.value,
+            overwrite=overwrite, restart=restart, on_progress=bar)
+    print_json(result)
+
+
+@handles_input_errors
+def models_command(
+    as_json: Annotated[bool, typer.Option("--json", help="Print the list as JSON on stdout.")] = False,
+) -> None:
+    """List the bundled models and the ImageGPT models in the Hugging Face cache, with their shapes.
+
+    Example: igpt models --json
+    """
+    from ..model import list_models
+
+    rows = list_models()
+    if as_json:
+        print_json({"models": rows})
+    else:
+        render_models(rows)
+
+
 def register(app: typer.Typer) -> None:
-    """Add `extract` to the `igpt` app."""
+    """Add `extract`, `features`, `models` to the `igpt` app."""
     app.command("extract")(extract_command)
+    app.command("features")(features_command)
+    app.command("models")(models_command)

@@ -201,6 +201,10 @@ def probe_layer_line(r, console: Console) -> None:
                   f"[{r.seconds:.1f} s]", highlight=False, soft_wrap=True)
 
 
+def _ci_text(ci) -> str:
+    return f"{ci[0]:.1%}–{ci[1]:.1%}" if ci else ""
+
+
 def render_probe_table(report: dict, console: Console = err) -> None:
     """The probe report as a table with an inline bar per layer (best layer starred)."""
     from rich.table import Table
@@ -219,6 +223,8 @@ def render_probe_table(report: dict, console: Console = err) -> None:
     t.add_column("val acc", justify="right")
     t.add_column("C", justify="right")
     t.add_column("test acc", justify="right")
+    t.add_column("95 % CI", justify="right")
+    t.add_column("passes", justify="right")
     t.add_column("fit s", justify="right")
     t.add_column(f"test acc {lo:.1%} → {hi:.1%}", no_wrap=True)
     for r in rows:
@@ -228,7 +234,8 @@ def render_probe_table(report: dict, console: Console = err) -> None:
         style = "bold green" if is_best else None
         bar = Text("█" * n, style="green" if is_best else "cyan")
         t.add_row(str(r["layer"]) + (" ★" if is_best else ""), f"{r['val_acc']:.2%}", f"{r['c']:.3g}",
-                  f"{r['test_acc']:.2%}", f"{r['seconds']:.1f}", bar, style=style)
+                  f"{r['test_acc']:.2%}", _ci_text(r.get("test_acc_ci")), str(r.get("n_passes", "")),
+                  f"{r['seconds']:.1f}", bar, style=style)
     console.print(t)
     notes = [f"best layer (by validation accuracy): {report['best_layer']}", f"{report['seconds']:.1f} s"]
     if report["test_mode"] == "held_out":
@@ -248,3 +255,22 @@ def render_file_info(d: dict) -> None:
         typer.echo("  classes: " + ", ".join(f"{c} {n}" for c, n in d["class_counts"].items()))
     for k, v in d["attrs"].items():
         typer.echo(f"  {k}: {v if not isinstance(v, (list, dict)) else json.dumps(v)}")
+
+
+def render_models(rows: list[dict], console: Console = err) -> None:
+    """`igpt models` as a table on stderr (`--json` gives the rows on stdout)."""
+    from rich.table import Table
+
+    t = Table(title="iGPT models (bundled, and in the Hugging Face cache)", title_justify="left")
+    for col in ("name", "source", "layers × width", "heads", "resolution", "params", "size", "revision"):
+        t.add_column(col, justify="right" if col in ("heads", "params", "size") else "left")
+    for r in rows:
+        res = f"{r['resolution']}×{r['resolution']}" if r["resolution"] else f"{r['positions']} pos"
+        params = f"{r['parameters'] / 1e6:.1f} M" if r["parameters"] else "?"
+        t.add_row(r["name"], r["source"], f"{r['layers']} × {r['width']}", str(r["heads"]), res, params,
+                  f"{r['size_bytes'] / 2**20:.1f} MiB", r["revision"] or "")
+    console.print(t)
+    if not any(r["source"] == "hub" for r in rows):
+        console.print("no ImageGPT models in the Hugging Face cache; fetch one with: "
+                      "hf download openai/imagegpt-small config.json model.safetensors preprocessor_config.json",
+                      highlight=False, soft_wrap=True)

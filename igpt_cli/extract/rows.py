@@ -42,24 +42,33 @@ class RowsRun:
     loop_seconds: float  # time in the row loop (the slowest rank's)
     batch_size: int  # the batch size used (a partial file's, when resuming)
     shard: tuple[int, int] | None = None  # this rank's rows [start, stop) in a sharded run
+    n: int | None = None  # rows in the finished file (one-process runs)
 
 
 def batches(source: Source, tokens, start: int, stop: int, batch_size: int) -> Iterator[tuple[int, int, dict]]:
-    """(i, j, features of tokens rows [i, j)) for the batches [start, start + B), … up to `stop`."""
+    """(i, j, features of tokens rows [i, j)) for the batches [start, start + B), … up to `stop`.
+
+    `tokens` is an h5py dataset, an array, or any object sliced as consecutive [i, j)
+    (`images.StreamedTokens`); a stream that ends early gives a short last batch and stops."""
     for i in range(start, stop, batch_size):
         j = min(i + batch_size, stop)
         rows = formats.read_dataset(tokens, slice(i, j)) if isinstance(tokens, h5py.Dataset) else tokens[i:j]
-        yield i, j, source(rows)
+        if not len(rows):
+            return
+        yield i, i + len(rows), source(rows)
 
 
 def fill_rows(source: Source, tokens: h5py.Dataset, out: h5py.File, start: int, stop: int, batch_size: int,
-              reporter: Reporter, *, out_offset: int = 0, info: str = "") -> float:
+              reporter: Reporter, *, out_offset: int = 0, info: str = "",
+              columns: Callable[[int, int], dict[str, np.ndarray]] | None = None) -> float:
     """Fill features rows [start, stop) of the open file `out`, then mark it complete.
 
     Tokens row r lands in features row r - out_offset (a part file of a sharded run
-    sets out_offset = its first row). After each batch the rows are flushed, then
-    `attrs["n_done"]` (rows of `out` done, counted from its row 0), and `reporter`
-    advances. Returns the seconds spent in the loop.
+    sets out_offset = its first row). `columns(i, j)`, when given, are more row datasets
+    of `out` to write for the same rows (a streamed dataset's labels and sources). After
+    each batch the rows are flushed, then `attrs["n_done"]` (rows of `out` done, counted
+    from its row 0), and `reporter` advances. A stream that ends before `stop` leaves
+    `n_done` short (see `shrink_partial`). Returns the seconds spent in the loop.
     """
     dsets = {int(k): v for k, v in out["features"].items()}
     t0 = time.perf_counter()
@@ -67,6 +76,8 @@ def fill_rows(source: Source, tokens: h5py.Dataset, out: h5py.File, start: int, 
         for i, j, feats in batches(source, tokens, start, stop, batch_size):
             for layer, ds in dsets.items():
                 ds[i - out_offset:j - out_offset] = feats[layer].astype(ds.dtype, copy=False)
+            for name, block in (columns(i, j) if columns is not None else {}).items():
+                out[name][i - out_offset:j - out_offset] = block
             out.flush()  # data first …
             out.attrs["n_done"] = j - out_offset
             out.flush()  # … then the counter: n_done never runs ahead of the rows
@@ -160,6 +171,31 @@ def open_partial(path: Path, mismatch: Callable[[h5py.File], str | None]) -> h5p
         close_quietly(f)
         raise
     return f
+
+
+def shrink_partial(f: h5py.File, path: Path, n: int, block: int = 4096) -> h5py.File:
+    """The complete partial file `f` at `path` cut to its first `n` rows (a stream that held fewer
+    images than announced: `skip_bad`), rewritten under `path` and reopened read-write."""
+    attrs = {k: v for k, v in f.attrs.items() if k not in ("n_total", "n_done", "complete")}
+    small = path.with_name(path.name + ".shrink")
+    dims = {int(k): ds.shape[1] for k, ds in f["features"].items()}
+    dtype = next(iter(f["features"].values())).dtype
+    of = create_partial(small, dims=dims, labels=f["labels"][:n], sources=f["sources"].asstr()[:n],
+                        store_dtype=str(dtype), attrs={})
+    try:
+        of.attrs.update(attrs)
+        for layer, ds in of["features"].items():
+            for i in range(0, n, block):
+                ds[i:i + block] = f["features"][layer][i:min(i + block, n)]
+        of.attrs.update(n_total=n, n_done=n, complete=True)
+        of.close()
+    except BaseException:
+        close_quietly(of)
+        small.unlink(missing_ok=True)
+        raise
+    f.close()
+    small.replace(path)
+    return h5py.File(path, "r+")
 
 
 def stored_batch_size(path: Path) -> int | None:

@@ -385,7 +385,7 @@ def _run_locked_shard(ctx: DistContext, source, tf: h5py.File, tok: h5py.Dataset
             of = open_partial(mine, lambda f: part_mismatch(f, identity, start, stop))
             if of is None:
                 of = create_partial(mine, dims=source.dims, labels=labels[start:stop], sources=sources[start:stop],
-                                    store_dtype=store_dtype,
+                                    store_dtype=store_dtype, device=str(source.device),
                                     attrs=dict(file_attrs, shard_start=start, shard_stop=stop, rows_total=n_total,
                                                rank=ctx.rank, world_size=ctx.world_size))
             else:

@@ -20,9 +20,10 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import h5py
+import numpy as np
 
 from .. import formats, outputs
 from ..choices import POOLS, SITES, STORE_DTYPES
@@ -33,7 +34,7 @@ from ..progress import OnProgress, Reporter
 from ..results import Result
 from ..runtime import resolve_device, resolve_dtype
 from .rows import (RowsRun, close_quietly, create_partial, features_bytes, fill_rows, labels_and_sources, open_partial,
-                   stored_batch_size)
+                   shrink_partial, stored_batch_size)
 from .sharded import DistContext, run_shard
 from .sources import (PIXELS, ModelSource, PixelSource, auto_batch_size, check_model_fits, dtype_name,
                       load_model)
@@ -192,9 +193,24 @@ def _extract_open(tf: h5py.File, tokens_path: Path, model, layers, out: Path, *,
 def _run_one_process(source, tf: h5py.File, tok: h5py.Dataset, tokens_path: Path, out: Path, identity: dict,
                      extra_attrs: dict, *, store_dtype: str, restart: bool, batch_size_given: bool,
                      on_progress: OnProgress | None) -> RowsRun:
-    """Fill (or resume) the partial file `outputs.temp_path_for(out)`, then rename it onto `out`.
+    """`run_rows` over the rows of an open tokens file."""
+    return run_rows(source, tok, out, identity, extra_attrs,
+                    labels_sources=lambda: labels_and_sources(tf, int(identity["n_total"]), tokens_path),
+                    store_dtype=store_dtype, restart=restart, batch_size_given=batch_size_given,
+                    on_progress=on_progress)
 
-    The caller holds the output lock of `out`."""
+
+def run_rows(source, rows, out: Path, identity: dict, extra_attrs: dict, *,
+             labels_sources: Callable[[], tuple[np.ndarray, np.ndarray]],
+             columns: Callable[[int, int], dict[str, np.ndarray]] | None = None, store_dtype: str, restart: bool,
+             batch_size_given: bool, on_progress: OnProgress | None) -> RowsRun:
+    """Fill (or resume) the partial file `outputs.temp_path_for(out)` with the features of the
+    token rows `rows` (see `rows.fill_rows`), then rename it onto `out`.
+
+    `labels_sources()` gives the labels and sources a fresh file starts with (`columns`
+    fills them as rows stream by when they are not known up front); a stream that ends
+    before `n_total` rows leaves a file of the rows it had. The caller holds the output
+    lock of `out`."""
     n_total, bs = int(identity["n_total"]), int(identity["batch_size"])
     reporter = Reporter(on_progress, "extract", n_total, "image")
     tmp = outputs.temp_path_for(out)
@@ -210,19 +226,22 @@ def _run_one_process(source, tf: h5py.File, tok: h5py.Dataset, tokens_path: Path
     of = open_partial(tmp, lambda f: formats.features_mismatch(f, identity))
     resumed = 0
     if of is None:
-        labels, sources = labels_and_sources(tf, n_total, tokens_path)
+        labels, sources = labels_sources()
         of = create_partial(tmp, dims=source.dims, labels=labels, sources=sources, store_dtype=store_dtype,
-                            attrs=dict(identity, **extra_attrs))
+                            attrs=dict(identity, **extra_attrs), device=str(source.device))
     else:
         resumed = int(of.attrs["n_done"])
         if resumed:
             reporter.log(f"resuming {tmp} at row {resumed} of {n_total}")
     try:
         reporter.start(done=resumed)
-        loop_seconds = fill_rows(source, tok, of, resumed, n_total, bs, reporter)
+        loop_seconds = fill_rows(source, rows, of, resumed, n_total, bs, reporter, columns=columns)
+        n = int(of.attrs["n_done"])
+        if n < n_total:
+            of = shrink_partial(of, tmp, n)
     except BaseException:
         close_quietly(of)
         raise
     of.close()  # complete and closed before it takes the final name
     os.replace(tmp, out)
-    return RowsRun(computed=n_total - resumed, resumed_from=resumed, loop_seconds=loop_seconds, batch_size=bs)
+    return RowsRun(computed=n - resumed, resumed_from=resumed, loop_seconds=loop_seconds, batch_size=bs, n=n)

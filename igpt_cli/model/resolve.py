@@ -14,10 +14,10 @@ Anything else is one CheckpointError naming what was looked for.
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from .checkpoint import CheckpointError
+from .hub import cached_models, hub_snapshot, is_hub_id, model_summary
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 BUNDLED: dict[str, Path] = {  # short name -> directory shipped in the package
@@ -25,8 +25,11 @@ BUNDLED: dict[str, Path] = {  # short name -> directory shipped in the package
 }
 
 
-def resolve_model_dir(model: str | Path, *, revision: str | None = None, on_progress=None) -> Path:
-    """The Hugging Face ImageGPT directory that `model` names (see the module docstring)."""
+def resolve_model_dir(model: str | Path, *, revision: str | None = None, local_files_only: bool = False,
+                      quiet: bool = False, on_progress=None) -> Path:
+    """The Hugging Face ImageGPT directory that `model` names (see the module docstring).
+
+    `revision`, `local_files_only` and `quiet` (no download progress bars) apply to hub ids."""
     p = Path(model)
     if p.is_dir():
         return p
@@ -36,17 +39,16 @@ def resolve_model_dir(model: str | Path, *, revision: str | None = None, on_prog
         from .convert import converted_model_dir
 
         return converted_model_dir(p, on_progress=on_progress)
-    if "/" in str(model) and not str(model).startswith((".", "/", "~")):
-        return _hub_snapshot(str(model), revision)
-    raise CheckpointError(f"{model}: model directory not found")
+    if is_hub_id(str(model)) and not p.exists():
+        return hub_snapshot(str(model), revision=revision, local_files_only=local_files_only, quiet=quiet)
+    names = ", ".join(BUNDLED)
+    raise CheckpointError(f"{model}: model not found (expected a model directory, a bundled name ({names}), "
+                          "a TensorFlow checkpoint prefix or a Hugging Face hub id like openai/imagegpt-small)")
 
 
-def _hub_snapshot(repo_id: str, revision: str | None) -> Path:
-    # placeholder until hub.py: the newest snapshot in the local cache
-    hub = Path(os.environ.get("HF_HUB_CACHE")
-               or Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface")) / "hub")
-    snaps = sorted((hub / f"models--{repo_id.replace('/', '--')}" / "snapshots").glob("*/config.json"),
-                   key=lambda c: c.stat().st_mtime)
-    if not snaps:
-        raise CheckpointError(f"{repo_id}: model directory not found")
-    return snaps[-1].parent
+def list_models() -> list[dict]:
+    """The bundled models and every ImageGPT snapshot in the Hugging Face cache, one dict each
+    (name, source, layers, width, heads, positions, resolution, palette, parameters, size_bytes,
+    revision, path): what `igpt models` shows."""
+    bundled = [model_summary(name, d, source="bundled") for name, d in BUNDLED.items()]
+    return [r for r in bundled if r is not None] + cached_models()

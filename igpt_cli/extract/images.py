@@ -1,0 +1,267 @@
+"""`igpt features`: images of any supported kind in, per-layer iGPT features out, in one stream.
+
+`extract_image_features(src, model, layers, out, ...)` opens the dataset (`data.open_dataset`:
+folders, archives, single files, lists, globs, Hugging Face datasets, WebDataset shards),
+quantizes each batch with the model's own palette at the model's own resolution
+(`model_image_settings`: ``preprocessor_config.json``, else ``config.json``; `size`,
+`palette` and `resize` override) and feeds the tokens to the same row loop as `igpt extract`
+(`stage.run_rows`, `rows.fill_rows`) through `StreamedTokens`. No tokens file is written
+unless `keep_tokens` names one (then it is the very file `igpt quantize` would write).
+
+The features file is the one `igpt extract` writes, except that it records the dataset
+(`source`, `split`, `size`, `resize`, `palette_sha256`, `selection`) where that records a
+tokens file; an interrupted run resumes from its partial file: the dataset's order is
+fixed, so the rows already done are read again and skipped, not recomputed.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import h5py
+import numpy as np
+
+from .. import formats, outputs
+from ..choices import POOLS, RESIZE_MODES, SITES, STORE_DTYPES
+from ..data import open_dataset
+from ..errors import InputError, ParameterError, check_choice, check_positive
+from ..layers import parse_layers
+from ..model import find_weights, read_config, resolve_model_dir
+from ..palette import Palette
+from ..progress import OnProgress
+from .rows import features_bytes
+from .sources import PIXELS, ModelSource, PixelSource, auto_batch_size, check_model_fits, dtype_name, load_model
+from .stage import ExtractResult, run_rows
+
+READ_BYTES = 64 << 20  # decoded images per read batch at most (as `igpt quantize`)
+
+
+def model_image_settings(model_dir: Path) -> tuple[int | None, Palette | None]:
+    """(size, palette) a model was trained with: its ``preprocessor_config.json`` (size, clusters),
+    else ``config.json`` (size = sqrt(n_positions)) and the official iGPT palette when the model
+    has 512 colours; None where neither says."""
+    cfg = read_config(model_dir)
+    pre = model_dir / "preprocessor_config.json"
+    size, palette = cfg.side, None
+    if pre.is_file():
+        try:
+            d = json.loads(pre.read_text())
+        except (OSError, ValueError) as e:
+            raise InputError(f"{pre}: unreadable ({e})") from None
+        s = d.get("size") if isinstance(d, dict) else None
+        h, w = (s.get("height"), s.get("width")) if isinstance(s, dict) else (s, s)
+        if isinstance(h, int) and h == w:
+            size = h
+        if isinstance(d, dict) and d.get("clusters") is not None:
+            palette = Palette.load(pre)
+    if palette is None and cfg.vocab_size - 1 == 512:
+        palette = Palette.default()
+    return size, palette
+
+
+class StreamedTokens:
+    """A dataset's images as token rows, quantized as they stream by and read as consecutive
+    slices `[i, j)` (`rows.fill_rows` reads it like a tokens dataset).
+
+    A slice may start past the last one (resuming): the rows between are read and dropped.
+    `columns(i, j)` are the labels and sources of the rows of the last slice. `keep`, an open
+    tokens file, receives every row read (dropped ones too)."""
+
+    def __init__(self, batches: Iterator, palette: Palette, keep: h5py.File | None = None):
+        self._batches, self._palette, self._keep = batches, palette, keep
+        self._pos = 0  # dataset row of the first buffered row
+        self._tok, self._lab, self._src = [], [], []  # buffered blocks
+        self._last: dict[str, np.ndarray] = {}
+        self.read = 0  # rows read from the dataset so far
+
+    def _buffered(self) -> int:
+        return sum(len(t) for t in self._tok)
+
+    def _next(self) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        """The next batch as (tokens [B, S*S], labels [B], sources [B]), also appended to `keep`."""
+        batch = next(self._batches, None)
+        if batch is None:
+            return None
+        imgs, labels, sources = batch
+        tok = self._palette.quantize(imgs)  # [B, S, S, 3] -> [B, S*S]
+        lab, src = np.asarray(labels, dtype=np.int64), np.asarray(sources, dtype=object)
+        if self._keep is not None:
+            formats.append_rows(self._keep, tokens=tok, labels=lab, sources=src)
+        self.read += len(tok)
+        return tok, lab, src
+
+    def _read_to(self, j: int) -> None:
+        while self._pos + self._buffered() < j:
+            block = self._next()
+            if block is None:
+                return
+            for buf, b in zip((self._tok, self._lab, self._src), block):
+                buf.append(b)
+
+    def __getitem__(self, sl: slice) -> np.ndarray:
+        i, j = sl.start, sl.stop
+        if i < self._pos:
+            raise ValueError(f"rows {i}:{j} were already streamed past (at row {self._pos})")
+        self._read_to(j)
+        tok, lab, src = (np.concatenate(b) if b else np.empty(0) for b in (self._tok, self._lab, self._src))
+        a, b = min(i - self._pos, len(tok)), min(j - self._pos, len(tok))
+        self._last = {"labels": lab[a:b], "sources": src[a:b]}
+        self._tok, self._lab, self._src = [tok[b:]], [lab[b:]], [src[b:]]
+        self._pos += b
+        return tok[a:b] if len(tok) else np.empty((0, 0), np.uint16)
+
+    def columns(self, i: int, j: int) -> dict[str, np.ndarray]:
+        return self._last
+
+    def drain(self) -> None:
+        """Read the rest of the dataset (into `keep`), buffering nothing."""
+        while self._next() is not None:
+            pass
+
+
+def extract_image_features(
+    src,
+    model: str | Path,
+    layers: str | int | Sequence[str | int] | None = None,
+    out: str | Path = "features.h5",
+    *,
+    split: str = "all",
+    size: int | None = None,
+    palette=None,
+    resize: str | None = None,
+    fmt: str | None = None,
+    limit: int | None = None,
+    limit_per_class: int | None = None,
+    shuffle: bool = False,
+    seed: int = 0,
+    skip_bad: bool = False,
+    max_pixels: int | None = None,
+    image_column: str | None = None,
+    label_column: str | None = None,
+    keep_tokens: str | Path | None = None,
+    batch_size: int | None = None,
+    device: str = "auto",
+    dtype: str = "auto",
+    sos: bool = True,
+    site: str = "ln",
+    pool: str = "mean",
+    store_dtype: str = "float32",
+    revision: str | None = None,
+    local_files_only: bool = False,
+    overwrite: bool = False,
+    restart: bool = False,
+    on_progress: OnProgress | None = None,
+) -> ExtractResult:
+    """Features of the images at `src` (anything `open_dataset` reads, with its selection
+    parameters) under `model` (a directory, bundled name, hub id; or "pixels" with `size`)
+    in the features file `out`; see the module docstring. `size`, `palette`, `resize`
+    default to the model's (`model_image_settings`); `keep_tokens`: also write the tokens
+    file. Raises InputError on bad input, before any work starts. Progress: "extract" events."""
+    t_start = time.perf_counter()
+    out = Path(out)
+    site = check_choice("site", site, SITES)
+    pool = check_choice("pool", pool, POOLS)
+    store_dtype = check_choice("store_dtype", store_dtype, STORE_DTYPES)
+    if resize is not None:
+        resize = check_choice("resize", resize, RESIZE_MODES)
+    check_positive("batch_size", batch_size)
+    outputs.check_output_path(out, overwrite)
+    if keep_tokens is not None:
+        keep_tokens = outputs.check_output_path(keep_tokens, overwrite)
+        if Path(keep_tokens).resolve() == out.resolve():
+            raise ParameterError("keep_tokens", str(keep_tokens), "must differ from the features file")
+
+    # --- the model and its image settings ----------------------------------------
+    if str(model) == PIXELS:
+        model_dir, cfg = None, None
+        size, pal, resize = size or 32, Palette.load(palette), resize or "bilinear"
+    else:
+        model_dir = resolve_model_dir(model, revision=revision, local_files_only=local_files_only,
+                                      quiet=on_progress is None)
+        cfg = read_config(model_dir)
+        m_size, m_pal = model_image_settings(model_dir)
+        size, resize = size or m_size, resize or "bilinear"
+        pal = m_pal if palette is None else (palette if isinstance(palette, Palette) else Palette.load(palette))
+        if size is None:
+            raise ParameterError("size", None, f"{model_dir}: n_positions={cfg.n_positions} is not a square "
+                                               "image; give the image side")
+        if pal is None:
+            raise ParameterError("palette", None, f"{model_dir} has no preprocessor_config.json with its "
+                                                  f"{cfg.vocab_size - 1}-colour palette; give one")
+
+    ds = open_dataset(src, split=split, size=size, resize=resize, fmt=fmt, limit=limit, skip_bad=skip_bad,
+                      limit_per_class=limit_per_class, shuffle=shuffle, seed=seed, max_pixels=max_pixels,
+                      image_column=image_column, label_column=label_column)
+    n_total = ds.n
+    if n_total is None:
+        raise InputError(f"{src}: the number of images is not known up front; pass limit=N (an upper bound), "
+                         "or quantize it first with igpt quantize and run igpt extract")
+    if n_total == 0:
+        raise InputError(f"{src}: no images")
+    where = Path(str(src if not isinstance(src, (list, tuple)) else src[0]))
+
+    if cfg is None:
+        layers = parse_layers(layers, [0], where="the pixels baseline")
+        source, weights = PixelSource(pal.centers, size, size), None
+    else:
+        from ..runtime import resolve_device, resolve_dtype
+
+        layers = parse_layers(layers, range(cfg.n_layer + 1))
+        check_model_fits(cfg, size, size, len(pal), where)
+        weights = find_weights(model_dir)
+        dev = resolve_device(device)
+        source = ModelSource(None, dev, resolve_dtype(dtype, dev), layers, site, bool(sos),  # type: ignore[arg-type]
+                             str(model_dir), pool=pool)
+    dims = source.dims if cfg is None else {layer: cfg.n_embd for layer in layers}
+    outputs.check_free_space(out, features_bytes(n_total, dims, store_dtype),
+                             partial=outputs.temp_path_for(out))
+    if weights is not None:
+        source.model = load_model(model_dir, source.device, source.dtype)
+        source.sha256 = formats.sha256_file(weights)
+    bs = min(batch_size or (auto_batch_size(source.model, source.device, source.dtype)
+                            if isinstance(source, ModelSource) else 256), n_total)
+    selection = dict(fmt=ds.kind, limit=limit, limit_per_class=limit_per_class, shuffle=bool(shuffle), seed=seed,
+                     skip_bad=bool(skip_bad), max_pixels=max_pixels, image_column=image_column,
+                     label_column=label_column)
+    srcs = [os.path.abspath(s) for s in src] if isinstance(src, (list, tuple)) else os.path.abspath(src)
+    identity = dict(
+        layers=layers, site=source.site, sos=source.sos, pool=source.pool, compute_dtype=dtype_name(source.dtype),
+        store_dtype=store_dtype, device_type=source.device.type, batch_size=bs, model_sha256=source.sha256,
+        model_config=source.config_json, n_total=n_total, source=json.dumps(srcs) if isinstance(srcs, list) else srcs,
+        split=ds.split, size=size, resize=ds.resize, palette_sha256=pal.sha256, selection=json.dumps(selection),
+    )
+    extra_attrs = dict(model=source.name, class_names=json.dumps(ds.class_names), height=size, width=size)
+    if keep_tokens is not None:
+        extra_attrs["tokens_file"] = os.path.abspath(keep_tokens)
+
+    read_bs = max(1, min(256, READ_BYTES // (size * size * 3)))
+    with outputs.output_lock(out):
+        outputs.check_output_path(out, overwrite)
+        with contextlib.ExitStack() as stack:
+            keep = None
+            if keep_tokens is not None:
+                tmp_tokens = stack.enter_context(outputs.atomic_output(keep_tokens))
+                keep = stack.enter_context(h5py.File(tmp_tokens, "w"))
+                formats.create_tokens_file(keep, height=size, width=size, palette=pal.centers,
+                                           class_names=ds.class_names, split=ds.split, source=srcs if isinstance(
+                                               srcs, str) else json.dumps(srcs), resize=ds.resize)
+            batches = stack.enter_context(contextlib.closing(ds.batches(read_bs)))
+            rows = StreamedTokens(batches, pal, keep)
+            run = run_rows(source, rows, out, identity, extra_attrs,
+                           labels_sources=lambda: (np.full(n_total, -1), np.full(n_total, "", dtype=object)),
+                           columns=rows.columns, store_dtype=store_dtype, restart=restart,
+                           batch_size_given=batch_size is not None, on_progress=on_progress)
+            if keep is not None:
+                rows.drain()
+    seconds = time.perf_counter() - t_start
+    rate_s = seconds if isinstance(source, PixelSource) else run.loop_seconds
+    return ExtractResult(
+        out=str(out), model=source.name, layers=source.layers, site=source.site, sos=source.sos, n=int(run.n),
+        computed=run.computed, resumed_from=run.resumed_from, device=str(source.device),
+        compute_dtype=dtype_name(source.dtype), batch_size=run.batch_size, store_dtype=store_dtype,
+        images_per_s=round(run.computed / rate_s, 3) if rate_s > 0 and run.computed else None,
+        seconds=round(seconds, 3))

@@ -1,0 +1,157 @@
+"""Models by Hugging Face hub id (``openai/imagegpt-small``), through `huggingface_hub`.
+
+`hub_snapshot(repo_id, revision=..., local_files_only=...)` is the snapshot directory of
+the files igpt needs (config.json, the weights, preprocessor_config.json) in the hub
+cache, downloaded when the network allows. `huggingface_hub` owns the cache: its layout
+(``models--org--name/{refs,snapshots,blobs}``), ``HF_HOME`` / ``HF_HUB_CACHE`` and
+``HF_HUB_OFFLINE``. Weights: safetensors when the repo has them, else
+``pytorch_model.bin`` (loaded weights-only). Downloads draw huggingface_hub's own progress
+bars on stderr unless `quiet`.
+
+Offline (or local_files_only) and not cached: one `CheckpointError` that says so and
+shows the command that fetches the files (`fetch_command`). `cached_models()` lists the
+iGPT models in the cache for `igpt models`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+from .checkpoint import CheckpointError
+
+CONFIG_FILES = ["config.json", "preprocessor_config.json"]
+SAFETENSORS = "*.safetensors"
+PYTORCH_BIN = "pytorch_model.bin"
+HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def is_hub_id(name: str) -> bool:
+    """Whether `name` reads as ``org/name`` (not a path: no leading ``.``, ``/`` or ``~``, one slash)."""
+    return bool(HUB_ID.match(str(name)))
+
+
+def offline() -> bool:
+    """Whether ``HF_HUB_OFFLINE`` is set now (read at call time, not at import)."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def fetch_command(repo_id: str, revision: str | None = None) -> str:
+    """The shell command that puts a model's files into the hub cache (huggingface_hub's `hf` CLI)."""
+    rev = f" --revision {revision}" if revision else ""
+    return f"hf download {repo_id}{rev} config.json model.safetensors preprocessor_config.json"
+
+
+def hub_snapshot(repo_id: str, *, revision: str | None = None, local_files_only: bool = False,
+                 quiet: bool = False) -> Path:
+    """The cached snapshot directory of `repo_id` at `revision` (None: main) holding config.json,
+    the weights and (when the repo has one) preprocessor_config.json; downloads what is missing
+    unless `local_files_only` or ``HF_HUB_OFFLINE``. CheckpointError (one line) otherwise."""
+    import huggingface_hub
+    from huggingface_hub import utils as hf_utils
+
+    local = local_files_only or offline()
+    was_disabled = hf_utils.are_progress_bars_disabled()
+    if quiet:
+        hf_utils.disable_progress_bars()
+    try:
+        snap = _download(huggingface_hub, repo_id, revision, local, [*CONFIG_FILES, SAFETENSORS])
+        if not any(snap.glob(SAFETENSORS)) and not (snap / PYTORCH_BIN).is_file():
+            snap = _download(huggingface_hub, repo_id, revision, local, [*CONFIG_FILES, PYTORCH_BIN])
+    finally:
+        if quiet and not was_disabled:
+            hf_utils.enable_progress_bars()
+    if not (snap / "config.json").is_file():
+        raise CheckpointError(f"{repo_id}: the cached snapshot {snap} has no config.json; "
+                              f"fetch it with: {fetch_command(repo_id, revision)}")
+    return snap
+
+
+def _download(hf, repo_id: str, revision: str | None, local: bool, patterns: list[str]) -> Path:
+    """`snapshot_download` of `patterns`, its errors as one CheckpointError."""
+    from huggingface_hub import errors
+
+    at = f"@{revision}" if revision else ""
+    try:
+        return Path(hf.snapshot_download(repo_id, revision=revision, allow_patterns=patterns,
+                                         local_files_only=local))
+    except errors.LocalEntryNotFoundError:
+        why = "offline" if local else "no network"
+        raise CheckpointError(f"{repo_id}{at}: not in the Hugging Face cache ({why}); fetch it where there is a "
+                              f"network with: {fetch_command(repo_id, revision)}") from None
+    except errors.RevisionNotFoundError:
+        raise CheckpointError(f"{repo_id}: no revision {revision!r} on the Hugging Face hub") from None
+    except errors.RepositoryNotFoundError:
+        raise CheckpointError(f"{repo_id}: no such model on the Hugging Face hub (or it is private: "
+                              "log in with `hf auth login`)") from None
+    except (errors.HfHubHTTPError, OSError, ValueError) as e:
+        first = " ".join(str(e).split())[:200]
+        raise CheckpointError(f"{repo_id}{at}: Hugging Face hub error: {first}") from None
+
+
+# ---------------------------------------------------------------------------
+# What is in the cache (`igpt models`)
+# ---------------------------------------------------------------------------
+def model_summary(name: str, model_dir: Path, *, source: str, revision: str | None = None,
+                  size_bytes: int | None = None) -> dict | None:
+    """One row of `igpt models` for an ImageGPT directory (None when its config is not an ImageGPT one)."""
+    from .checkpoint import find_weights, read_config
+
+    try:
+        raw = json.loads((model_dir / "config.json").read_text())
+        if raw.get("model_type", "imagegpt") != "imagegpt":
+            return None
+        cfg = read_config(model_dir)
+        weights = find_weights(model_dir)
+    except (OSError, ValueError, AttributeError):
+        return None
+    if size_bytes is None:
+        size_bytes = sum(p.stat().st_size for p in model_dir.iterdir() if p.is_file())
+    return dict(name=name, source=source, layers=cfg.n_layer, width=cfg.n_embd, heads=cfg.n_head,
+                positions=cfg.n_positions, resolution=cfg.side, palette=cfg.vocab_size - 1,
+                parameters=_parameters(weights), size_bytes=int(size_bytes), revision=revision,
+                path=str(model_dir))
+
+
+def _parameters(weights: Path) -> int | None:
+    """Number of weights in a safetensors file, from its header (None for other files)."""
+    if weights.suffix != ".safetensors":
+        return None
+    try:
+        with open(weights, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            header = json.loads(fh.read(n))
+    except (OSError, ValueError):
+        return None
+    total = 0
+    for k, v in header.items():
+        if k != "__metadata__":
+            size = 1
+            for s in v.get("shape", []):
+                size *= int(s)
+            total += size
+    return total
+
+
+def cached_models() -> list[dict]:
+    """Every ImageGPT snapshot in the hub cache (`scan_cache_dir`), one row per revision."""
+    from huggingface_hub import scan_cache_dir
+    from huggingface_hub.errors import CacheNotFound
+
+    try:
+        info = scan_cache_dir()
+    except CacheNotFound:
+        return []
+    rows = []
+    for repo in sorted(info.repos, key=lambda r: r.repo_id):
+        if repo.repo_type != "model":
+            continue
+        for rev in sorted(repo.revisions, key=lambda r: r.last_modified, reverse=True):
+            refs = ",".join(sorted(rev.refs)) or None
+            label = f"{rev.commit_hash[:12]}" + (f" ({refs})" if refs else "")
+            row = model_summary(repo.repo_id, Path(rev.snapshot_path), source="hub", revision=label,
+                                size_bytes=rev.size_on_disk)
+            if row is not None:
+                rows.append(row)
+    return rows

@@ -1,0 +1,107 @@
+"""`--model` names: bundled short names and Hugging Face hub ids resolved from a cache laid out
+exactly as huggingface_hub lays it out (refs/, snapshots/<commit>/ symlinks into blobs/), offline."""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from pathlib import Path
+
+import huggingface_hub.constants
+import pytest
+from helpers import assert_clean_failure, hf_model, run_igpt
+
+from igpt_cli import formats
+from igpt_cli.model import BUNDLED, CheckpointError, list_models, resolve_model_dir
+from igpt_cli.model.hub import fetch_command
+
+COMMIT_A = "a" * 40
+COMMIT_B = "b" * 40
+
+
+def add_snapshot(cache: Path, repo_id: str, commit: str, model_dir: Path, ref: str | None = "main") -> Path:
+    """Put `model_dir`'s files into `cache` as huggingface_hub does: content-addressed blobs, a
+    snapshot folder of relative symlinks, and `refs/<ref>` holding the commit hash."""
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    snap = repo / "snapshots" / commit
+    (repo / "blobs").mkdir(parents=True, exist_ok=True)
+    snap.mkdir(parents=True)
+    for f in model_dir.iterdir():
+        sha = hashlib.sha256(f.read_bytes()).hexdigest()
+        blob = repo / "blobs" / sha
+        if not blob.exists():
+            shutil.copyfile(f, blob)
+        (snap / f.name).symlink_to(os.path.relpath(blob, snap))
+    if ref:
+        (repo / "refs").mkdir(exist_ok=True)
+        (repo / "refs" / ref).write_text(commit)
+    return snap
+
+
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch):
+    """An offline hub cache holding org/tiny-igpt at two commits (main -> A, branch v2 -> B)."""
+    cache = tmp_path / "hub"
+    _, a = hf_model(tmp_path / "a", n_layer=2, n_embd=32, n_head=2, seed=0)
+    _, b = hf_model(tmp_path / "b", n_layer=2, n_embd=32, n_head=2, seed=1)
+    snaps = {COMMIT_A: add_snapshot(cache, "org/tiny-igpt", COMMIT_A, a),
+             COMMIT_B: add_snapshot(cache, "org/tiny-igpt", COMMIT_B, b, ref="v2")}
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return cache, snaps, {COMMIT_A: a, COMMIT_B: b}
+
+
+def weights_sha(d: Path) -> str:
+    return formats.sha256_file(d / "model.safetensors")
+
+
+def test_hub_id_resolves_from_the_cache_offline(hub_cache):
+    cache, snaps, dirs = hub_cache
+    got = resolve_model_dir("org/tiny-igpt")
+    assert got == snaps[COMMIT_A] and weights_sha(got) == weights_sha(dirs[COMMIT_A])
+    assert (got / "config.json").is_symlink()  # the cache's own snapshot, not a copy
+
+
+@pytest.mark.parametrize("revision", ["v2", COMMIT_B, COMMIT_A])
+def test_revision_picks_its_snapshot(hub_cache, revision):
+    _, snaps, dirs = hub_cache
+    commit = COMMIT_B if revision == "v2" else revision
+    got = resolve_model_dir("org/tiny-igpt", revision=revision)
+    assert got == snaps[commit] and weights_sha(got) == weights_sha(dirs[commit])
+
+
+def test_not_cached_offline_is_one_line_with_the_fetch_command(hub_cache):
+    with pytest.raises(CheckpointError, match="not in the Hugging Face cache") as e:
+        resolve_model_dir("org/other-igpt")
+    assert fetch_command("org/other-igpt") in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(CheckpointError, match="not in the Hugging Face cache"):
+        resolve_model_dir("org/tiny-igpt", revision="c" * 40)
+
+
+def test_cli_not_cached_exits_2_with_hint(tmp_path):
+    env = {"HF_HUB_CACHE": str(tmp_path / "empty"), "HF_HUB_OFFLINE": "1"}
+    tok = tmp_path / "t.h5"
+    r = run_igpt("features", tmp_path, "-m", "openai/imagegpt-small", "-o", tok, "-q", env=env)
+    assert_clean_failure(r, "hf download openai/imagegpt-small config.json model.safetensors", out=tok)
+
+
+def test_bundled_short_name_and_unknown_name():
+    assert resolve_model_dir("igpt-cifar8") == BUNDLED["igpt-cifar8"]
+    assert (BUNDLED["igpt-cifar8"] / "config.json").is_file()
+    with pytest.raises(CheckpointError, match="igpt-cifar9: model not found"):
+        resolve_model_dir("igpt-cifar9")
+
+
+def test_models_lists_bundled_and_cached(hub_cache):
+    rows = list_models()
+    names = [(r["name"], r["source"]) for r in rows]
+    assert ("igpt-cifar8", "bundled") in names
+    hub = [r for r in rows if r["source"] == "hub"]
+    assert len(hub) == 2 and {r["name"] for r in hub} == {"org/tiny-igpt"}
+    r = hub[0]
+    assert (r["layers"], r["width"], r["heads"], r["positions"], r["resolution"]) == (2, 32, 2, 64, 8)
+    from transformers import ImageGPTModel
+
+    assert r["parameters"] == sum(p.numel() for p in ImageGPTModel.from_pretrained(r["path"]).parameters())
+    assert any("v2" in (x["revision"] or "") for x in hub)
