@@ -1,14 +1,11 @@
-"""Looking inside igpt files: `file_info` summarizes any tokens or features file
-(kind, dataset shapes, class counts, attrs); `show_tokens` decodes the first rows of a
-tokens file through its own palette into an image grid, to see what the model sees.
+"""Looking inside igpt files: `file_info` summarizes any igpt file (tokens, features, scores,
+probes, predictions): kind, dataset shapes, class counts, attrs (provenance included) and, for
+probes, predictions and scores files, a `summary` of what they hold (`_SUMMARIES`).
 
-`show_tokens` writes the format the output's extension names (`IMAGE_FORMATS`: .png,
-.jpg, .webp, .bmp, .tif, .gif, .ppm) and refuses others, and a grid larger than
-`MAX_SIDE` pixels a side or `MAX_PIXELS` in all, before any work.
+The picture side (`show_tokens`, `igpt show`) lives in `igpt_cli.show`; it is re-exported here.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -17,50 +14,37 @@ import h5py
 import numpy as np
 
 from . import formats
-from .errors import ParameterError, check_positive
-from .formats import FormatError, open_igpt
-from .outputs import atomic_output, check_output_path
-from .palette import Palette
+from .formats import open_igpt
 from .results import Result
+from .show import ShowResult, show_tokens
+
+__all__ = ["FileInfo", "file_info", "ShowResult", "show_tokens"]  # show_*: re-exported
 
 _JSON_ATTRS = ("class_names", "layers", "model_config")  # attrs stored as JSON text, shown decoded
 _LABEL_CHUNK = 1 << 20  # labels counted this many at a time (bounded memory for huge files)
-# output extension -> PIL format of `show_tokens`
-IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".bmp": "BMP", ".tif": "TIFF",
-                 ".tiff": "TIFF", ".gif": "GIF", ".ppm": "PPM"}
-MAX_SIDE = 16383      # pixels a side of a `show` grid (WEBP's limit; JPEG's is 65535)
-MAX_PIXELS = 100_000_000  # pixels of a `show` grid (300 MB of RGB in memory)
 
 
 @dataclass
 class FileInfo(Result):
     path: str
-    kind: Optional[str]                # "igpt-tokens" or "igpt-features"
+    kind: Optional[str]                # the `format` attr: "igpt-tokens", "igpt-features", "igpt-probes", …
     format_version: Optional[int]
     datasets: dict                     # HDF5 dataset name ("features/12" in groups) -> {"shape", "dtype"}
     n: Optional[int]                   # rows (None without a labels dataset)
     class_counts: Optional[dict]       # class name -> rows, plus "(unlabeled)" when any; left out when n is None
     classes: list                      # class names
     attrs: dict                        # the other file attributes (provenance, model config, …)
+    summary: Optional[dict] = None     # probes, predictions, scores: what they hold (see `_SUMMARIES`)
 
-    _omit_if_none = ("class_counts",)
-
-
-@dataclass
-class ShowResult(Result):
-    path: str      # the PNG written
-    n: int         # images shown
-    rows: int
-    cols: int
-    width: int     # PNG size in pixels
-    height: int
+    _omit_if_none = ("class_counts", "summary")
 
 
 def file_info(path: str | Path) -> FileInfo:
-    """Summary of an igpt tokens or features file (any format_version this igpt reads).
+    """Summary of any igpt file (any format_version this igpt reads).
 
     FormatError (one line) for a file that is not one, or whose `class_names`, `layers` or
     `model_config` attr is not the JSON it should be."""
+    _register_probe_formats(path)
     with open_igpt(path) as f:
         attrs = formats.read_attrs(f)
         names = formats.class_names(f, path)
@@ -76,10 +60,13 @@ def file_info(path: str | Path) -> FileInfo:
         labelled = isinstance(lab, h5py.Dataset) and lab.ndim == 1 and lab.dtype.kind in "ui"
         n = int(lab.shape[0]) if labelled else None
         counts = _class_counts(lab, n, names) if labelled else None
+        summarize = _SUMMARIES.get(attrs.get("format"))
+        summary = summarize(f, path, names) if summarize else None
     other = {k: v for k, v in attrs.items() if k not in ("format", "format_version")}
     other.update(decoded)
     return FileInfo(path=str(path), kind=attrs.get("format"), format_version=attrs.get("format_version"),
-                    datasets=datasets, n=n, class_counts=counts, classes=names, attrs=other)
+                    datasets=datasets, n=n, class_counts=counts, classes=names, attrs=other,
+                    summary=summary)
 
 
 def _class_counts(labels: h5py.Dataset, n: int, names: list[str]) -> dict[str, int]:
@@ -95,68 +82,64 @@ def _class_counts(labels: h5py.Dataset, n: int, names: list[str]) -> dict[str, i
     return counts
 
 
-def image_format(out: str | Path) -> str:
-    """The PIL format an output's extension names (ParameterError `out` for any other extension)."""
-    fmt = IMAGE_FORMATS.get(Path(out).suffix.lower())
-    if fmt is None:
-        exts = ", ".join(sorted(IMAGE_FORMATS))
-        raise ParameterError("out", str(out), f"unknown image extension {Path(out).suffix or '(none)'!r}; "
-                                              f"use one of {exts}")
-    return fmt
+_PROBE_FORMATS = ("igpt-probes", "igpt-predictions")  # registered by `igpt_cli.probe.store` (it imports scikit-learn)
 
 
-def grid_shape(m: int, h: int, w: int, cols: int | None) -> tuple[int, int, int, int]:
-    """(rows, cols, grid height, grid width) of m cells of h x w pixels with 2-pixel gaps."""
-    cols = cols or math.ceil(math.sqrt(m))
-    rows = math.ceil(m / cols)
-    return rows, cols, rows * (h + _GAP) + _GAP, cols * (w + _GAP) + _GAP
-
-
-_GAP = 2
-
-
-def _check_grid_size(height: int, width: int, param: str, value) -> None:
-    if max(height, width) > MAX_SIDE or height * width > MAX_PIXELS:
-        raise ParameterError(param, value, f"the grid would be {width}x{height} pixels; at most {MAX_SIDE} a side "
-                                           f"and {MAX_PIXELS // 1_000_000} Mpx in all")
-
-
-def show_tokens(path: str | Path, out: str | Path, *, n: int = 64, cols: int | None = None, scale: int = 2,
-                overwrite: bool = False) -> ShowResult:
-    """Decode the first `n` rows of a tokens file through its palette into an image grid
-    (`cols` columns, default about square; 2-pixel white gaps; `scale`× nearest upscaling),
-    written in the format `out`'s extension names (`IMAGE_FORMATS`)."""
-    from PIL import Image
-
-    check_positive("n", n, allow_none=False)
-    check_positive("scale", scale, allow_none=False)
-    check_positive("cols", cols)
-    fmt = image_format(out)
-    out = check_output_path(out, overwrite)
-    with open_igpt(path, expected=formats.TOKENS_FORMAT) as f:
-        tok, h, w, palette = formats.tokens_layout(f, path)
-        total = tok.shape[0]
-        if total == 0:
-            raise FormatError(f"{path}: tokens file has no rows")
-        m = min(n, total)
-        given_cols = cols
-        rows, cols, gh, gw = grid_shape(m, h, w, cols)
-        _check_grid_size(gh, gw, *(("cols", given_cols) if given_cols else ("n", n)))
-        _check_grid_size(gh * scale, gw * scale, "scale", scale)
-        tokens = tok[:m]
-        pal = Palette(palette, source=f"{path}:palette")
+def _register_probe_formats(path: str | Path) -> None:
+    """Import `igpt_cli.probe.store`, which registers the probes and predictions formats, only for
+    a file that names one of them (`igpt info` on other files stays quick); `open_igpt` then checks
+    the file as usual (and says what is wrong with one that cannot be read here)."""
+    if all(k in formats.FORMAT_VERSIONS for k in _PROBE_FORMATS):
+        return
     try:
-        imgs = pal.decode(tokens, h, w)  # [m, H*W] -> [m, H, W, 3]
-    except ValueError as e:
-        raise FormatError(f"{path}: {e}") from None
-    grid = np.full((gh, gw, 3), 255, dtype=np.uint8)
-    for i, im in enumerate(imgs):
-        r, c = divmod(i, cols)
-        y, x = _GAP + r * (h + _GAP), _GAP + c * (w + _GAP)
-        grid[y:y + h, x:x + w] = im
-    img = Image.fromarray(grid)
-    if scale > 1:
-        img = img.resize((img.width * scale, img.height * scale), resample=Image.NEAREST)
-    with atomic_output(out) as tmp:
-        img.save(tmp, format=fmt, **({"quality": 95} if fmt in ("JPEG", "WEBP") else {}))
-    return ShowResult(path=str(out), n=m, rows=rows, cols=cols, width=img.width, height=img.height)
+        with h5py.File(path, "r") as f:
+            kind = f.attrs.get("format")
+    except (OSError, ValueError):
+        return
+    if isinstance(kind, bytes):
+        kind = kind.decode(errors="replace")
+    if isinstance(kind, str) and kind in _PROBE_FORMATS:
+        from .probe.store import PROBES_FORMAT  # importing it registers both formats
+
+        assert PROBES_FORMAT in formats.FORMAT_VERSIONS
+
+
+def _probes_summary(f: h5py.File, path, names: list[str]) -> dict:
+    """Each layer's probe (C, accuracies, dims, classes) and the features they were fitted on."""
+    layers = []
+    probes = f.get("probes")
+    for name in sorted(probes, key=int) if isinstance(probes, h5py.Group) else []:
+        g = probes[name]
+        coef = g.get("coef")
+        row = {"layer": int(name), **{k: formats.read_attrs(g).get(k) for k in ("c", "val_acc", "test_acc")}}
+        if isinstance(coef, h5py.Dataset) and coef.ndim == 2:
+            row.update(classes=int(coef.shape[0]), dims=int(coef.shape[1]))
+        layers.append(row)
+    attrs = formats.read_attrs(f)
+    features = {k: attrs[k] for k in ("model", "model_sha256", "site", "pool", "sos", "train") if k in attrs}
+    return {"layers": layers, "best_layer": attrs.get("best_layer"), "features": features}
+
+
+def _predictions_summary(f: h5py.File, path, names: list[str]) -> dict:
+    """Rows predicted per class, and the accuracy on the labelled rows of classes the probe knows."""
+    pred = np.asarray(formats.read_dataset(f["pred"], path=path), dtype=np.int64)           # [N]
+    labels = np.asarray(formats.read_dataset(f["labels"], path=path), dtype=np.int64) \
+        if "labels" in f else np.full(len(pred), -1)                                       # [N]
+    classes = np.asarray(formats.read_dataset(f["classes"], path=path)) if "classes" in f else np.unique(pred)
+    ids, counts = np.unique(pred, return_counts=True)
+    known = (labels >= 0) & np.isin(labels, classes)
+    return {"layer": formats.read_attrs(f).get("layer"), "n": len(pred),
+            "predicted_counts": {(names[i] if 0 <= i < len(names) else str(i)): int(c) for i, c in zip(ids, counts)},
+            "n_labelled": int((labels >= 0).sum()), "n_known": int(known.sum()),
+            "accuracy": float((pred[known] == labels[known]).mean()) if known.any() else None}
+
+
+def _scores_summary(f: h5py.File, path, names: list[str]) -> dict:
+    """Rows scored so far and their mean bits per token."""
+    bits = np.asarray(formats.read_dataset(f["bits_per_token"], path=path), dtype=np.float64)
+    done = np.isfinite(bits)
+    return {"n_scored": int(done.sum()), "mean_bits_per_token": float(bits[done].mean()) if done.any() else None}
+
+
+_SUMMARIES = {"igpt-probes": _probes_summary, "igpt-predictions": _predictions_summary,
+              formats.SCORES_FORMAT: _scores_summary}  # format -> (open file, path, class names) -> summary dict

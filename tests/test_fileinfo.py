@@ -1,15 +1,18 @@
-"""igpt_cli.fileinfo: `file_info` / `igpt info` on tokens and features files, and
-`show_tokens` / `igpt show` (the PNG grid of decoded tokens)."""
+"""igpt_cli.fileinfo: `file_info` / `igpt info` on every igpt file kind, and igpt_cli.show:
+`show_tokens` / `igpt show` (the grid picture of decoded tokens: first rows, a seeded sample,
+labelled rows per class; the images a features file came from)."""
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
 from PIL import Image
 
-from helpers import assert_bad_input, invoke, make_image_folder, make_tokens, read_tokens
+from helpers import assert_bad_input, invoke, make_image_folder, make_tokens, read_tokens, run_igpt
 from igpt_cli import formats
 from igpt_cli.errors import ParameterError
 from igpt_cli.fileinfo import file_info, show_tokens
@@ -70,7 +73,8 @@ def test_file_info_leaves_out_class_counts_without_labels(tmp_path):
 def test_show_tokens_grid(tmp_path, tokens_file):
     r = show_tokens(tokens_file, tmp_path / "g.png", n=5, cols=3, scale=1)
     assert r.to_dict() == {"path": str(tmp_path / "g.png"), "n": 5, "rows": 2, "cols": 3,
-                           "width": 3 * 34 + 2, "height": 2 * 34 + 2}
+                           "width": 3 * 34 + 2, "height": 2 * 34 + 2, "scale": 1, "indices": [[0, 1, 2], [3, 4]],
+                           "label_width": 0, "warnings": []}
     g = np.asarray(Image.open(tmp_path / "g.png"))
     tok, _, _, _ = read_tokens(tokens_file)
     imgs = Palette.default().decode(tok[:5])
@@ -205,3 +209,194 @@ def test_info_on_malformed_and_foreign_files(tmp_path):
         f.attrs.update(format="igpt-tokens", format_version="one")
     assert "attr format_version 'one' is not an integer" in invoke("info", fake).stderr
     assert "is a directory" in invoke("info", tmp_path).stderr
+
+
+# --- igpt show: which rows, labels, scale -------------------------------------------------------
+def tile_at(img: np.ndarray, res: dict, r: int, c: int, h: int = 8, w: int = 8) -> np.ndarray:
+    """The tile at grid (row r, column c) of a `show` picture, sampled back to h x w pixels."""
+    s, x0 = res["scale"], res["label_width"]
+    y, x = (2 + r * (h + 2)) * s, x0 + (2 + c * (w + 2)) * s
+    return img[y:y + h * s:s, x:x + w * s:s]
+
+
+def assert_tiles_are_rows(picture: Path, res: dict, tokens: np.ndarray, palette: np.ndarray, h=8, w=8) -> None:
+    """Every tile of a `show` picture is its row of `tokens` decoded through `palette`."""
+    img = np.asarray(Image.open(picture).convert("RGB"))
+    want = Palette(palette).decode(tokens, h, w)
+    for r, row in enumerate(res["indices"]):
+        for c, i in enumerate(row):
+            np.testing.assert_array_equal(tile_at(img, res, r, c, h, w), want[i])
+
+
+@pytest.fixture
+def labelled_tokens(tmp_path):
+    """30 random 8x8 images, classes a, b, c, with rows 0 and 7 unlabelled (-1)."""
+    path = make_tokens(tmp_path / "t.h5", 30, 8)
+    with h5py.File(path, "r+") as f:
+        f["labels"][[0, 7]] = -1
+    return path
+
+
+def test_show_shuffle_is_a_seeded_sample(tmp_path, labelled_tokens):
+    tok, _, _, attrs = read_tokens(labelled_tokens)
+    with h5py.File(labelled_tokens) as f:
+        palette = f["palette"][:]
+    a = show_tokens(labelled_tokens, tmp_path / "a.png", n=9, shuffle=True, seed=1).to_dict()
+    b = show_tokens(labelled_tokens, tmp_path / "b.png", n=9, shuffle=True, seed=1).to_dict()
+    c = show_tokens(labelled_tokens, tmp_path / "c.png", n=9, shuffle=True, seed=2).to_dict()
+    first = show_tokens(labelled_tokens, tmp_path / "f.png", n=9).to_dict()
+    flat = sum(a["indices"], [])
+    assert a["indices"] == b["indices"] and (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()
+    assert len(set(flat)) == 9 and all(0 <= i < 30 for i in flat)
+    assert flat != sum(c["indices"], []) and first["indices"] == [[0, 1, 2], [3, 4, 5], [6, 7, 8]]
+    assert flat != list(range(9))
+    assert_tiles_are_rows(tmp_path / "a.png", a, tok, palette)
+    r = invoke("show", labelled_tokens, "-o", tmp_path / "cli.png", "--n", 9, "--shuffle", "--seed", 1)
+    assert r.exit_code == 0, r.stderr
+    assert json.loads(r.stdout)["indices"] == a["indices"]
+
+
+def test_show_per_class_rows_are_labelled(tmp_path, labelled_tokens):
+    tok, labels, _, _ = read_tokens(labelled_tokens)
+    with h5py.File(labelled_tokens) as f:
+        palette = f["palette"][:]
+    out = tmp_path / "pc.png"
+    res = show_tokens(labelled_tokens, out, per_class=4).to_dict()
+    assert res["row_labels"] == ["a", "b", "c", "unlabelled"] and res["rows"] == 4 and res["cols"] == 4
+    for name, row in zip(res["row_labels"], res["indices"]):  # the first rows of each class, in file order
+        want = np.flatnonzero(labels == -1 if name == "unlabelled" else labels == "abc".index(name))
+        assert row == want[:4].tolist()
+    assert res["scale"] == 8 and res["label_width"] > 0
+    img = Image.open(out)
+    assert img.size == (res["label_width"] + (4 * 10 + 2) * 8, (4 * 10 + 2) * 8)
+    assert_tiles_are_rows(out, res, tok, palette)
+    strip = np.asarray(img.convert("L"))[:, :res["label_width"]]
+    for r in range(4):  # each row's label is drawn beside it, in dark ink on white
+        band = strip[(2 + r * 10) * 8:(2 + r * 10 + 8) * 8]
+        assert band.min() < 100 and np.median(band) == 255
+    shuffled = show_tokens(labelled_tokens, tmp_path / "s.png", per_class=2, shuffle=True, seed=3).to_dict()
+    for name, row in zip(shuffled["row_labels"], shuffled["indices"]):
+        assert len(row) == 2 and all(labels[i] == (-1 if name == "unlabelled" else "abc".index(name)) for i in row)
+    r = invoke("show", labelled_tokens, "-o", tmp_path / "cli.png", "--per-class", 4)
+    assert r.exit_code == 0 and json.loads(r.stdout)["indices"] == res["indices"]
+
+
+def test_show_per_class_without_class_names_uses_label_ids(tmp_path):
+    path = make_tokens(tmp_path / "t.h5", 12, 4)
+    with h5py.File(path, "r+") as f:
+        f.attrs["class_names"] = "[]"
+    res = show_tokens(path, tmp_path / "g.png", per_class=2)
+    assert res.row_labels == ["0", "1", "2"] and res.scale == 16  # 4x4 images: 64 px tiles
+
+
+def test_show_auto_scale(tmp_path, tokens_file):
+    small = make_tokens(tmp_path / "s.h5", 400, 8)
+    assert show_tokens(tokens_file, tmp_path / "a.png", n=4).scale == 2        # 32x32 -> 64 px
+    assert show_tokens(small, tmp_path / "b.png", n=4).scale == 8              # 8x8 -> 64 px
+    assert show_tokens(small, tmp_path / "c.png", n=4, scale=3).scale == 3     # given: kept
+    wide = show_tokens(small, tmp_path / "d.png", n=400, cols=400)             # 4002 px wide at 1x
+    assert wide.scale == 4 and wide.width == 4002 * 4                         # 8 would pass MAX_SIDE
+    with pytest.raises(ParameterError, match="^scale=8: the grid would be 32016x96 pixels"):
+        show_tokens(small, tmp_path / "e.png", n=400, cols=400, scale=8)
+
+
+# --- igpt show on a features file: the images it came from ---------------------------------------
+@pytest.fixture
+def extracted(tmp_path, labelled_tokens):
+    """A pixels-baseline features file of `labelled_tokens`, made with a relative tokens path."""
+    from igpt_cli.extract import extract_features
+
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        extract_features("t.h5", "pixels", out="feats.h5")
+    finally:
+        os.chdir(cwd)
+    return tmp_path / "feats.h5"
+
+
+def test_show_features_file_shows_its_tokens_file(tmp_path, extracted, labelled_tokens, monkeypatch):
+    with h5py.File(extracted) as f:
+        assert f.attrs["tokens_file"] == "t.h5"
+    monkeypatch.chdir(tmp_path / "..")        # the recorded path is relative: found beside the features file
+    res = show_tokens(extracted, tmp_path / "f.png", per_class=3)
+    ref = show_tokens(labelled_tokens, tmp_path / "t.png", per_class=3)
+    assert res.images_from == str(tmp_path / "t.h5") and res.warnings == []
+    assert res.indices == ref.indices and np.array_equal(np.asarray(Image.open(tmp_path / "f.png")),
+                                                         np.asarray(Image.open(tmp_path / "t.png")))
+    with h5py.File(labelled_tokens, "r+") as f:  # the tokens file changes after extraction: a warning
+        f["tokens"][0, 0] = (f["tokens"][0, 0] + 1) % 512
+    r = invoke("show", extracted, "-o", tmp_path / "g.png", "--n", 4)
+    assert r.exit_code == 0 and (tmp_path / "g.png").is_file()
+    assert "warning:" in r.stderr and "sha256 differs" in r.stderr and "t.h5" in r.stderr
+    assert json.loads(r.stdout)["warnings"][0].startswith(str(tmp_path / "t.h5"))
+    labelled_tokens.unlink()
+    out = tmp_path / "h.png"
+    assert_bad_input(invoke("show", extracted, "-o", out), out, "its tokens file t.h5 is not found",
+                     str(tmp_path.parent / "t.h5"), str(tmp_path / "t.h5"))
+
+
+def test_show_features_file_made_from_images(tmp_path):
+    from igpt_cli.extract.images import extract_image_features
+
+    folder = make_image_folder(tmp_path / "ds")
+    kept = tmp_path / "kept.h5"
+    extract_image_features(folder, "pixels", out=tmp_path / "f.h5", size=8, split="train", keep_tokens=kept)
+    ref = show_tokens(kept, tmp_path / "kept.png", per_class=2).to_dict()
+    via_kept = show_tokens(tmp_path / "f.h5", tmp_path / "a.png", per_class=2).to_dict()
+    assert via_kept["images_from"] == str(kept)
+    kept.unlink()                               # no tokens file: the dataset is read again
+    res = show_tokens(tmp_path / "f.h5", tmp_path / "b.png", per_class=2).to_dict()
+    assert res["images_from"] == str(folder) and res["warnings"] == []
+    assert res["row_labels"] == ["cat", "dog", "frog"] and res["indices"] == ref["indices"]
+    for name in ("a.png", "b.png"):
+        assert np.array_equal(np.asarray(Image.open(tmp_path / name)), np.asarray(Image.open(tmp_path / "kept.png")))
+    (folder / "train" / "cat" / "0000.png").unlink()     # the dataset changed: says so, still draws
+    assert any("now gives 5 images" in w for w in show_tokens(tmp_path / "f.h5", tmp_path / "c.png", n=2).warnings)
+    import shutil
+
+    shutil.rmtree(folder)
+    out = tmp_path / "d.png"
+    assert_bad_input(invoke("show", tmp_path / "f.h5", "-o", out), out, "came from the images at", str(folder))
+
+
+# --- igpt info on probes, predictions and scores files -------------------------------------------
+def test_info_on_probes_and_predictions(tmp_path):
+    from test_probe_runner import make_data, write_features
+
+    from igpt_cli.probe import predict_file, probe_files
+
+    tr = write_features(tmp_path / "train.h5", *make_data(90, d=6, seed=0))
+    te = write_features(tmp_path / "test.h5", *make_data(30, d=6, seed=1))
+    rep = probe_files(tr, te, device="cpu", solver="torch", save_probes=tmp_path / "probes.h5")
+    d = json.loads(invoke("info", tmp_path / "probes.h5", "--json").stdout)
+    assert d["kind"] == "igpt-probes" and d["classes"] == rep.class_names and "created_utc" in d["attrs"]
+    s = d["summary"]
+    assert [r["layer"] for r in s["layers"]] == [r.layer for r in rep.layers] == [0, 1, 2]
+    for row, lr in zip(s["layers"], rep.layers):
+        assert (row["c"], row["val_acc"], row["test_acc"]) == (lr.c, lr.val_acc, lr.test_acc)
+        assert row["dims"] == 6 and row["classes"] == 3
+    assert s["best_layer"] == rep.best_layer
+    assert s["features"] == {"model": "imagegpt-test", "model_sha256": "ab" * 32, "site": "resid", "pool": "mean",
+                             "sos": True, "train": str(tr)}
+    text = run_igpt("info", tmp_path / "probes.h5").stdout  # a fresh process: the probes format is known
+    assert "igpt-probes" in text and "best_layer: " in text and "test_acc" in text and "created_utc:" in text
+
+    p = predict_file(te, tmp_path / "probes.h5", 1, tmp_path / "pred.h5")
+    d = json.loads(invoke("info", tmp_path / "pred.h5", "--json").stdout)
+    with h5py.File(tmp_path / "pred.h5") as f:
+        pred = f["pred"][:]
+    s = d["summary"]
+    assert d["kind"] == "igpt-predictions" and d["n"] == 30 and s["n"] == 30 and s["layer"] == 1
+    assert s["predicted_counts"] == {rep.class_names[k]: int((pred == k).sum()) for k in range(3) if (pred == k).any()}
+    assert s["accuracy"] == p.accuracy and s["n_known"] == s["n_labelled"] == 30
+    assert "predicted_counts: " in invoke("info", tmp_path / "pred.h5").stdout
+
+
+def test_info_on_a_scores_file(tmp_path):
+    path = tmp_path / "s.h5"
+    with h5py.File(path, "w") as f:
+        formats.create_scores_file(f, labels=np.array([0, 1, 1]), sources=np.array(["a", "b", "c"], dtype=object))
+        f["bits_per_token"][:2] = [3.0, 4.0]
+    d = file_info(path).to_dict()
+    assert d["kind"] == "igpt-scores" and d["summary"] == {"n_scored": 2, "mean_bits_per_token": 3.5}

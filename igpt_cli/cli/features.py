@@ -9,13 +9,9 @@ import typer
 
 from ..choices import ComputeDtype, Pool, Resize, Site, Split, StoreDtype
 from .options import (Device, Dtype, FormatOpt, ImageColumn, LabelColumn, LayerSpec, LimitOpt, LimitPerClass, MaxPixels,
-                      Overwrite, Quiet, Restart, Shuffle, SkipBad, SplitOpt)
+                      ModelOpt, Overwrite, Quiet, Restart, Revision, Shuffle, SkipBad, SplitOpt)
 from .ui import ProgressBar, handles_input_errors, maybe_bar, print_json, render_models
 
-ModelOpt = Annotated[str, typer.Option("--model", "-m", help=(
-    "Model: a directory, a bundled name (igpt-cifar8), an OpenAI TF checkpoint prefix or a Hugging Face hub "
-    "id (openai/imagegpt-small)."))]
-Revision = Annotated[Optional[str], typer.Option("--revision", help="Hub revision: branch, tag or commit hash.")]
 BatchSize = Annotated[Optional[int], typer.Option("--batch-size", "-b", help="Images per batch (default: auto).")]
 NoSos = Annotated[bool, typer.Option("--no-sos", help="Feed tokens unshifted (Hugging Face's behaviour).")]
 SiteOpt = Annotated[Site, typer.Option("--site", help="ln: mean of ln_1(h_l) (the paper's); resid: mean of h_l.")]
@@ -29,6 +25,7 @@ def extract_command(
     model: ModelOpt,
     out: Annotated[Path, typer.Option("--out", "-o", help="Features file to write.")],
     layers: LayerSpec = None,
+    revision: Revision = None,
     batch_size: BatchSize = None,
     device: Device = "auto",
     dtype: Dtype = ComputeDtype.auto,
@@ -57,7 +54,7 @@ def extract_command(
             result = extract_features(tokens, model, layers or None, out, batch_size=batch_size, device=device,
                                       dtype=dtype.value, sos=not no_sos, site=site.value, pool=pool.value,
                                       limit=limit, store_dtype=store_dtype.value, overwrite=overwrite,
-                                      restart=restart, on_progress=bar, dist=dist)
+                                      restart=restart, on_progress=bar, dist=dist, revision=revision)
     finally:
         dist.close()
     if dist.is_main:

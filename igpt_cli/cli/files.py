@@ -2,21 +2,21 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 
 from .options import Overwrite, Quiet
-from .ui import handles_input_errors, print_json, render_file_info
+from .ui import err, handles_input_errors, print_json, render_file_info
 
 
 @handles_input_errors
 def info_command(
-    file: Annotated[Path, typer.Argument(help="Any igpt file (tokens or features).")],
+    file: Annotated[Path, typer.Argument(help="Any igpt file (tokens, features, scores, probes, predictions).")],
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
     quiet: Quiet = False,
 ) -> None:
-    """Summarize an igpt file: kind, shapes, classes and counts, attrs.
+    """Summarize an igpt file: kind, shapes, classes and counts, provenance and other attrs.
 
     Example: igpt info train.h5 --json
     """
@@ -31,20 +31,32 @@ def info_command(
 
 @handles_input_errors
 def show_command(
-    tokens: Annotated[Path, typer.Argument(help="A tokens file.")],
+    file: Annotated[Path, typer.Argument(help="A tokens file, or a features file (shows the images it came from).")],
     out: Annotated[Path, typer.Option("-o", "--out", help="Picture to write; its extension names the format (.png, .jpg, .webp, …).")],
     n: Annotated[int, typer.Option("--n", help="Number of images.")] = 64,
-    scale: Annotated[int, typer.Option("--scale", help="Integer upscaling of the grid.")] = 2,
+    cols: Annotated[Optional[int], typer.Option("--cols", help="Columns of the grid (default: about square).")] = None,
+    shuffle: Annotated[bool, typer.Option("--shuffle", help="A random sample of rows (fixed by --seed) instead of the first ones.")] = False,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of --shuffle.")] = 0,
+    per_class: Annotated[Optional[int], typer.Option("--per-class", help=(
+        "One labelled row of N images per class, in label order (unlabelled images last); replaces --n."))] = None,
+    scale: Annotated[Optional[int], typer.Option("--scale", help=(
+        "Integer upscaling of the grid (default: tiles at least 64 px a side, e.g. 8 for 8×8 images, 2 for 32×32)."))] = None,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
 ) -> None:
-    """Decode tokens through their palette into a PNG grid.
+    """Draw images of a tokens file (decoded through its palette) as a grid picture.
 
-    Example: igpt show train.h5 -o grid.png --n 64
+    A features file shows the images its rows came from (its tokens file, or its dataset opened again).
+
+    Example: igpt show train.h5 -o classes.png --per-class 8   (also: --shuffle --seed 1; a features file: feats.h5)
     """
-    from ..fileinfo import show_tokens
+    from ..show import show_tokens
 
-    print_json(show_tokens(tokens, out, n=n, scale=scale, overwrite=overwrite))
+    r = show_tokens(file, out, n=n, cols=cols, scale=scale, shuffle=shuffle, seed=seed, per_class=per_class,
+                    overwrite=overwrite)
+    for w in r.warnings:
+        err.print(f"warning: {w}", highlight=False, markup=False, soft_wrap=True)
+    print_json(r)
 
 
 def register(app: typer.Typer) -> None:

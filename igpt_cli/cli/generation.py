@@ -15,13 +15,14 @@ from typing import Annotated, Optional
 import typer
 
 from ..choices import ComputeDtype
-from .options import Device, Dtype, Overwrite, Quiet, Restart
+from .options import Device, Dtype, Overwrite, Quiet, Restart, Revision
 from .ui import ProgressBar, err, handles_input_errors, maybe_bar, print_json
 
 BatchSize = Annotated[Optional[int], typer.Option("--batch-size", "-b",
                                                   help="Sequences per batch (default: chosen from memory).")]
-Model = Annotated[str, typer.Option("--model", "-m", help="Checkpoint directory with an LM head "
-                                                          "(ImageGPTForCausalImageModeling, or igpt train output).")]
+Model = Annotated[str, typer.Option("--model", "-m", help=(
+    "Autoregressive model with an LM head: a directory (ImageGPTForCausalImageModeling, igpt train output), a "
+    "bundled name (igpt-cifar8), an OpenAI TF checkpoint prefix or a Hugging Face hub id."))]
 Png = Annotated[Optional[Path], typer.Option("--png", metavar="GRID.png", help="Also write a PNG figure.")]
 Temperature = Annotated[float, typer.Option("--temperature", "-t", help="Softmax temperature; 0 = greedy (argmax).")]
 TopK = Annotated[Optional[int], typer.Option("--top-k", help="Sample among the k most likely colours only.")]
@@ -37,9 +38,11 @@ def command_line() -> str:
 
 @handles_input_errors
 def sample_command(
-    model: Annotated[str, typer.Argument(help="Checkpoint directory with an LM head (or a hub name in the local cache).")],
+    model: Annotated[str, typer.Argument(help=(
+        "Autoregressive model with an LM head: a directory, bundled name, OpenAI TF prefix or hub id."))],
     n: Annotated[int, typer.Option("--n", "-n", help="Number of images to sample.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Tokens file to write (HDF5).")],
+    revision: Revision = None,
     png: Png = None,
     temperature: Temperature = 1.0,
     top_k: TopK = None,
@@ -62,7 +65,7 @@ def sample_command(
     with maybe_bar(bar):
         result = sample_file(model, n, out, png=png, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                              batch_size=batch_size, device=device, dtype=dtype.value, overwrite=overwrite,
-                             restart=restart, command=command_line(), on_progress=bar)
+                             restart=restart, command=command_line(), revision=revision, on_progress=bar)
     print_json(result)
 
 
@@ -71,6 +74,7 @@ def complete_command(
     tokens: Annotated[Path, typer.Argument(help="Tokens file (igpt quantize output) whose images to complete.")],
     model: Model,
     out: Annotated[Path, typer.Option("--out", "-o", help="Tokens file of the completions to write.")],
+    revision: Revision = None,
     keep_rows: Annotated[Optional[int], typer.Option("--keep-rows", help="Pixel rows kept from the top "
                                                                           "(0..height).")] = None,
     keep_fraction: Annotated[Optional[float], typer.Option("--keep-fraction", help="Fraction of the rows kept "
@@ -105,7 +109,8 @@ def complete_command(
         result = complete_file(tokens, model, out, keep_rows=keep_rows, keep_fraction=keep_fraction, n=n, png=png,
                                png_images=png_images, limit=limit, temperature=temperature, top_k=top_k,
                                top_p=top_p, seed=seed, batch_size=batch_size, device=device, dtype=dtype.value,
-                               overwrite=overwrite, restart=restart, command=command_line(), on_progress=bar)
+                               overwrite=overwrite, restart=restart, command=command_line(), revision=revision,
+                               on_progress=bar)
     print_json(result)
 
 
@@ -113,6 +118,7 @@ def complete_command(
 def score_command(
     tokens: Annotated[Path, typer.Argument(help="Tokens file (igpt quantize output) to score.")],
     model: Model,
+    revision: Revision = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Scores file to write (per-image nats and "
                                                                     "bits per token; resumable).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON on stdout.")] = False,
@@ -136,7 +142,8 @@ def score_command(
     bar = ProgressBar.maybe(quiet)
     with maybe_bar(bar):
         result = score_file(tokens, model, out, limit=limit, batch_size=batch_size, device=device,
-                            dtype=dtype.value, overwrite=overwrite, restart=restart, on_progress=bar)
+                            dtype=dtype.value, overwrite=overwrite, restart=restart, revision=revision,
+                            on_progress=bar)
     if not quiet:
         render_scores(result.to_dict())
     if as_json:

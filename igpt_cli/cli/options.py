@@ -32,3 +32,7 @@ ImageColumn = Annotated[Optional[str], typer.Option("--image-column", help=(
 LabelColumn = Annotated[Optional[str], typer.Option("--label-column", help=(
     "Column holding the labels (Hugging Face datasets) or the label sidecar (WebDataset: cls, json field, txt). "
     "Default: detect."))]
+Revision = Annotated[Optional[str], typer.Option("--revision", help="Hub revision of --model: branch, tag or commit hash.")]
+ModelOpt = Annotated[str, typer.Option("--model", "-m", help=(
+    "Model: a directory, a bundled name (igpt-cifar8), an OpenAI TF checkpoint prefix or a Hugging Face hub "
+    "id (openai/imagegpt-small)."))]

@@ -246,15 +246,42 @@ def render_probe_table(report: dict, console: Console = err) -> None:
     console.print("; ".join(notes), highlight=False)
 
 
+_MAX_DATASET_LINES = 12  # `igpt info` lists a file's datasets one a line up to this many (--json: all)
+
+
+def _info_value(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, dict):
+        return ", ".join(f"{k} {_info_value(x)}" for k, x in v.items())
+    return json.dumps(v) if isinstance(v, list) else str(v)
+
+
 def render_file_info(d: dict) -> None:
     """`igpt info` in words (stdout: it is the command's result)."""
-    typer.echo(f"{d['path']}: {d['kind']} (format_version {d['format_version']}), {d['n']} rows")
-    for name, s in d["datasets"].items():
-        typer.echo(f"  {name:<14} {s['dtype']:<8} {tuple(s['shape'])}")
+    rows = "" if d["n"] is None else f", {d['n']} rows"
+    typer.echo(f"{d['path']}: {d['kind']} (format_version {d['format_version']}){rows}")
+    if len(d["datasets"]) <= _MAX_DATASET_LINES:
+        for name, s in d["datasets"].items():
+            typer.echo(f"  {name:<14} {s['dtype']:<8} {tuple(s['shape'])}")
+    else:
+        typer.echo(f"  {len(d['datasets'])} datasets (--json lists them)")
     if d.get("class_counts"):
         typer.echo("  classes: " + ", ".join(f"{c} {n}" for c, n in d["class_counts"].items()))
+    summary = d.get("summary") or {}
+    shown = set(summary) | set(summary.get("features", {}))  # attrs the summary shows: not again below
+    for k, v in summary.items():
+        if isinstance(v, list) and v and all(isinstance(r, dict) for r in v):  # a table, e.g. a probe per layer
+            cols = list(dict.fromkeys(c for r in v for c in r))
+            typer.echo(f"  {k}:")
+            typer.echo("    " + "  ".join(f"{c:>9}" for c in cols))
+            for r in v:
+                typer.echo("    " + "  ".join(f"{_info_value(r.get(c, '')):>9}" for c in cols))
+        else:
+            typer.echo(f"  {k}: {_info_value(v)}")
     for k, v in d["attrs"].items():
-        typer.echo(f"  {k}: {v if not isinstance(v, (list, dict)) else json.dumps(v)}")
+        if k not in shown:
+            typer.echo(f"  {k}: {v if not isinstance(v, (list, dict)) else json.dumps(v)}")
 
 
 def render_models(rows: list[dict], console: Console = err) -> None:

@@ -89,10 +89,12 @@ def extract_features(
     restart: bool = False,
     on_progress: OnProgress | None = None,
     dist: DistContext | None = None,
+    revision: str | None = None,
 ) -> ExtractResult:
     """Run the extract stage. Raises InputError on bad input, before any work starts.
 
-    `model` is a Hugging Face ImageGPT directory (or a hub name in the local cache), or
+    `model` is anything `model.resolve_model_dir` takes (a Hugging Face ImageGPT directory,
+    a bundled name, an OpenAI TensorFlow checkpoint prefix, a hub id at `revision`), or
     "pixels" for the raw-pixel baseline. `layers`: specs as in `igpt_cli.layers`
     (default all). Progress and resume notices go to `on_progress` (task "extract",
     unit "image"). `dist` (a DistContext with world_size > 1): extract this rank's
@@ -108,6 +110,8 @@ def extract_features(
     outputs.check_output_path(out, overwrite)
     if out.resolve() == tokens_path.resolve():
         raise InputError(f"{out}: output would overwrite the tokens file")
+    if str(model) != PIXELS:  # a name (bundled, hub id at `revision`, TF prefix) becomes its directory, once
+        model = resolve_model_dir(model, revision=revision, quiet=on_progress is None)
     sharded = dist is not None and dist.active
     # one process: the output is locked for the whole run, resume and rename included (under
     # torchrun every rank locks its part file and rank 0 the output, in `run_shard`)

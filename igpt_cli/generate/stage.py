@@ -123,8 +123,8 @@ class _Checked:
         return load_model(self.dir, self.device, self.dtype), sha256_file(self.weights)
 
 
-def _check_model(model, device: str, dtype: str) -> _Checked:
-    model_dir = resolve_model_dir(model)
+def _check_model(model, device: str, dtype: str, revision: str | None = None, quiet: bool = False) -> _Checked:
+    model_dir = resolve_model_dir(model, revision=revision, quiet=quiet)
     weights = check_generative(model_dir)
     cfg = read_config(model_dir)
     dev = resolve_device(device)
@@ -218,7 +218,7 @@ def sample_file(model: str | Path, n: int, out: str | Path, *, png: str | Path |
                 temperature: float = 1.0, top_k: int | None = None, top_p: float = 1.0, seed: int = 0,
                 batch_size: int | None = None, device: str = "auto", dtype: str = "auto",
                 overwrite: bool = False, restart: bool = False, command: str | None = None,
-                on_progress: OnProgress | None = None) -> GenerateResult:
+                revision: str | None = None, on_progress: OnProgress | None = None) -> GenerateResult:
     """`n` unconditional samples of a checkpoint as a tokens file (labels -1, the model's palette),
     and optionally a PNG grid of the first 64. Resumable; progress: task "sample", unit "token"."""
     t_start = time.perf_counter()
@@ -226,7 +226,7 @@ def sample_file(model: str | Path, n: int, out: str | Path, *, png: str | Path |
     sampling = Sampling(temperature, top_k, top_p)
     check_positive("n", n, allow_none=False)
     seed = _check_common(out, png, overwrite, batch_size, seed)
-    m = _check_model(model, device, dtype)
+    m = _check_model(model, device, dtype, revision, quiet=on_progress is None)
     cfg = m.cfg
     palette = m.palette or (Palette.default() if cfg.vocab_size - 1 == 512 else None)
     if palette is None or len(palette) > cfg.vocab_size - 1:
@@ -277,7 +277,7 @@ def complete_file(tokens_path: str | Path, model: str | Path, out: str | Path, *
                   limit: int | None = None, temperature: float = 1.0, top_k: int | None = None,
                   top_p: float = 1.0, seed: int = 0, batch_size: int | None = None, device: str = "auto",
                   dtype: str = "auto", overwrite: bool = False, restart: bool = False, command: str | None = None,
-                  on_progress: OnProgress | None = None) -> GenerateResult:
+                  revision: str | None = None, on_progress: OnProgress | None = None) -> GenerateResult:
     """Keep the top `keep_rows` rows (or `keep_fraction` of the height; default half) of each
     image of a tokens file and sample the rest, `n` times per image, into a tokens file: row
     `i * n + j` is completion j of image i (`source_index`, `sample_index`), with its label
@@ -292,7 +292,7 @@ def complete_file(tokens_path: str | Path, model: str | Path, out: str | Path, *
     seed = _check_common(out, png, overwrite, batch_size, seed)
     if out.resolve() == tokens_path.resolve():
         raise InputError(f"{out}: output would overwrite the tokens file")
-    m = _check_model(model, device, dtype)
+    m = _check_model(model, device, dtype, revision, quiet=on_progress is None)
     tf, tok, height, width, palette, n_img = _open_tokens(tokens_path, m, limit)
     with tf:
         kept_rows, keep = keep_tokens_for(height, width, keep_rows, keep_fraction)
@@ -337,7 +337,8 @@ def complete_file(tokens_path: str | Path, model: str | Path, out: str | Path, *
 
 def score_file(tokens_path: str | Path, model: str | Path, out: str | Path | None = None, *,
                limit: int | None = None, batch_size: int | None = None, device: str = "auto", dtype: str = "auto",
-               overwrite: bool = False, restart: bool = False, on_progress: OnProgress | None = None) -> ScoreResult:
+               overwrite: bool = False, restart: bool = False, revision: str | None = None,
+               on_progress: OnProgress | None = None) -> ScoreResult:
     """Per-image negative log-likelihood of a tokens file under a checkpoint (SOS-shifted input):
     mean cross-entropy in nats and bits per token. With `out`, a resumable scores file.
     Progress: task "score", unit "image"."""
@@ -354,7 +355,7 @@ def score_file(tokens_path: str | Path, model: str | Path, out: str | Path | Non
         outputs.check_output_path(out, overwrite)
         if out.resolve() == tokens_path.resolve():
             raise InputError(f"{out}: output would overwrite the tokens file")
-    m = _check_model(model, device, dtype)
+    m = _check_model(model, device, dtype, revision, quiet=on_progress is None)
     tf, tok, height, width, _, n_img = _open_tokens(tokens_path, m, limit)
     with tf:
         labels, sources = labels_and_sources(tf, n_img, tokens_path)
