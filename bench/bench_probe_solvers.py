@@ -42,10 +42,11 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 2048, reps: i
 
 
 def layer_data(layer: int, n_layers: int, n: int, d: int, k: int, rng_seed: int = 0):
-    """Class means + noise; separability peaks in the middle layer."""
+    """Class means + noise; separability peaks in the middle layer (test accuracy about 30 % at the
+    ends to 80 % in the middle, like iGPT features on CIFAR-10, so the chosen C is not at the grid's edge)."""
     rng = np.random.default_rng(rng_seed + layer)
     means = np.random.default_rng(99).standard_normal((k, d)).astype(np.float32)
-    sep = 0.15 + 0.25 * (1 - abs(layer - n_layers // 2) / max(1, n_layers // 2))
+    sep = 0.05 + 0.07 * (1 - abs(layer - n_layers // 2) / max(1, n_layers // 2))
     y = rng.integers(0, k, n)
     X = sep * means[y] + rng.standard_normal((n, d), dtype=np.float32)
     return X.astype(np.float32), y

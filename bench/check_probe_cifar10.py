@@ -3,7 +3,7 @@ as today's (scipy) solver on the shipped model's CIFAR-10 features (and scikit-l
 
     python bench/check_probe_cifar10.py [--work /tmp/probe-check] [--device cpu]
 
-Quantizes CIFAR-10 at 8x8 from /work/shared/data/cifar10-jpeg.tar, extracts every layer with
+Quantizes CIFAR-10 at 8x8 from ../shared/data/cifar10-jpeg.tar, extracts every layer with
 igpt_cli/assets/igpt-cifar8, probes with --solver scipy, torch and sklearn, prints a per-layer
 comparison and exits 1 if chosen C or test accuracy differ.
 """
@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-TAR = Path("/work/shared/data/cifar10-jpeg.tar")
+TAR = ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar"  # ../shared/data beside the checkout
 
 
 def igpt(*args):

@@ -44,7 +44,6 @@ def file_info(path: str | Path) -> FileInfo:
 
     FormatError (one line) for a file that is not one, or whose `class_names`, `layers` or
     `model_config` attr is not the JSON it should be."""
-    _register_probe_formats(path)
     with open_igpt(path) as f:
         attrs = formats.read_attrs(f)
         names = formats.class_names(f, path)
@@ -80,28 +79,6 @@ def _class_counts(labels: h5py.Dataset, n: int, names: list[str]) -> dict[str, i
     if bc[0]:
         counts["(unlabeled)"] = int(bc[0])
     return counts
-
-
-_PROBE_FORMATS = ("igpt-probes", "igpt-predictions")  # registered by `igpt_cli.probe.store` (it imports scikit-learn)
-
-
-def _register_probe_formats(path: str | Path) -> None:
-    """Import `igpt_cli.probe.store`, which registers the probes and predictions formats, only for
-    a file that names one of them (`igpt info` on other files stays quick); `open_igpt` then checks
-    the file as usual (and says what is wrong with one that cannot be read here)."""
-    if all(k in formats.FORMAT_VERSIONS for k in _PROBE_FORMATS):
-        return
-    try:
-        with h5py.File(path, "r") as f:
-            kind = f.attrs.get("format")
-    except (OSError, ValueError):
-        return
-    if isinstance(kind, bytes):
-        kind = kind.decode(errors="replace")
-    if isinstance(kind, str) and kind in _PROBE_FORMATS:
-        from .probe.store import PROBES_FORMAT  # importing it registers both formats
-
-        assert PROBES_FORMAT in formats.FORMAT_VERSIONS
 
 
 def _probes_summary(f: h5py.File, path, names: list[str]) -> dict:

@@ -31,7 +31,11 @@ TOKENS_FORMAT = "igpt-tokens"
 FEATURES_FORMAT = "igpt-features"
 TOKENS_VERSION = 1
 FEATURES_VERSION = 2  # 2: the `pool` attr
-FORMAT_VERSIONS = {TOKENS_FORMAT: TOKENS_VERSION, FEATURES_FORMAT: FEATURES_VERSION}
+# written by `igpt_cli.probe.store` (the probe's classifiers and their predictions)
+PROBES_FORMAT, PROBES_VERSION = "igpt-probes", 1
+PREDICTIONS_FORMAT, PREDICTIONS_VERSION = "igpt-predictions", 1
+FORMAT_VERSIONS = {TOKENS_FORMAT: TOKENS_VERSION, FEATURES_FORMAT: FEATURES_VERSION, PROBES_FORMAT: PROBES_VERSION,
+                   PREDICTIONS_FORMAT: PREDICTIONS_VERSION}
 
 STR_DTYPE = h5py.string_dtype("utf-8")
 ROW_CHUNK = 256  # rows per HDF5 chunk for row-streamed datasets (fewer for very wide rows)

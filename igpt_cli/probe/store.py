@@ -22,17 +22,14 @@ import numpy as np
 
 from .. import formats
 from ..errors import InputError
-from ..formats import FEATURES_FORMAT, open_igpt
+from ..formats import (FEATURES_FORMAT, PREDICTIONS_FORMAT, PREDICTIONS_VERSION, PROBES_FORMAT, PROBES_VERSION,
+                       open_igpt)
 from ..outputs import atomic_output, check_output_path
 from ..results import Result
 from .estimator import LinearProbe
 from .protocol import apply_standardization
 
-PROBES_FORMAT, PROBES_VERSION = "igpt-probes", 1
-PREDICTIONS_FORMAT, PREDICTIONS_VERSION = "igpt-predictions", 1
 MATCH = ("model_sha256", "site", "pool", "sos")   # what features must share with the probes' training features
-formats.FORMAT_VERSIONS[PROBES_FORMAT] = PROBES_VERSION           # so `open_igpt` (and `igpt info`) read them
-formats.FORMAT_VERSIONS[PREDICTIONS_FORMAT] = PREDICTIONS_VERSION
 
 
 def save_probes(report, path: str | Path, *, overwrite: bool = False, device: str | None = None) -> Path:
