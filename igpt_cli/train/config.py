@@ -98,8 +98,9 @@ def check_config(cfg: TrainConfig) -> TrainConfig:
     if cfg.save_every is not None and (not _is_int(cfg.save_every) or cfg.save_every < 1):
         raise ParameterError("save_every", cfg.save_every, "must be an integer of at least 1")
     try:
-        save_at = tuple(sorted({int(v) for v in cfg.save_at if _is_int(v) and v >= 1}))
-        bad = len(save_at) != len(set(cfg.save_at))
+        given = tuple(cfg.save_at)
+        save_at = tuple(sorted({int(v) for v in given if _is_int(v) and v >= 1}))
+        bad = len(save_at) != len(given)  # a value out of range, not an integer, or repeated
     except TypeError:
         bad = True
     if bad:

@@ -40,7 +40,8 @@ class TrainResult(Result):
     val_loss: float | None = None
     val_bits_per_dim: float | None = None
     resumed_from: int | None = None  # the step a resumed run continued from
-    _omit_if_none = ("train_loss", "val_loss", "val_bits_per_dim", "resumed_from")
+    kept: list[str] | None = None  # the models kept by save_every / save_at (OUT/step-NNNNNN), all so far
+    _omit_if_none = ("train_loss", "val_loss", "val_bits_per_dim", "resumed_from", "kept")
 
 
 def loss_on(model: IGPT, tokens: torch.Tensor) -> torch.Tensor:
@@ -260,6 +261,14 @@ def _train(out: Path, data: TokenData, train_sha: str, start: _Start, dev: torch
                     "config": asdict(cfg), "compute_dtype": dtype_name}
             write_text(out / TRAIN_META, json.dumps(meta, indent=1) + "\n")
 
+    def save_step() -> None:
+        # The kept model first, then the state: a stop between the two leaves the state of an
+        # earlier step, so a resume redoes this step and keeps its model (never a state past a
+        # kept step whose directory is missing).
+        if kept_at(cfg, step):
+            keep_model(out / snapshot_name(step), model, data, step, history)
+        checkpoint()
+
     autocast = dict(device_type=dev.type, dtype=compute, enabled=compute != torch.float32)
     rep = Reporter(on_progress, "train", total=steps, unit="step", done=step)
     t0 = time.time()
@@ -292,13 +301,10 @@ def _train(out: Path, data: TokenData, train_sha: str, start: _Start, dev: torch
                 rep.log(json.dumps(record))
             bpd = loss_ema / math.log(2)
             rep.advance(1, info=f"loss {loss_ema:.3f} nats ({bpd:.3f} bits/dim) lr {lr:.2e}")
-            keep = kept_at(cfg, step)
-            if step % cfg.checkpoint_every == 0 or step == steps or keep:
-                checkpoint()
-            if keep:
-                keep_model(out / snapshot_name(step), model, data, step, history)
+            if step % cfg.checkpoint_every == 0 or step == steps or kept_at(cfg, step):
+                save_step()
     except KeyboardInterrupt:
-        _cleanup_on_failure(out, created, checkpoint if saved != step else None)
+        _cleanup_on_failure(out, created, save_step if saved != step else None)
         raise
     except BaseException:
         _cleanup_on_failure(out, created)
@@ -307,7 +313,8 @@ def _train(out: Path, data: TokenData, train_sha: str, start: _Start, dev: torch
     return TrainResult(model_dir=str(out), steps=steps, n_params=model.num_params(), height=data.height,
                        width=data.width, seconds=round(time.time() - t0, 1), train_loss=last.get("train_loss"),
                        val_loss=last.get("val_loss"), val_bits_per_dim=last.get("val_bits_per_dim"),
-                       resumed_from=state.step if state is not None else None)
+                       resumed_from=state.step if state is not None else None,
+                       kept=sorted(str(d) for d in out.glob("step-*") if d.is_dir()) or None)
 
 
 def snapshot_name(step: int) -> str:

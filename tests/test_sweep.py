@@ -1,0 +1,192 @@
+"""`igpt sweep` (issue 15): each checkpoint's loss is `igpt score`'s, each accuracy `igpt probe`'s on its
+features; an interrupted sweep resumes without recomputing finished checkpoints; bad input is one line."""
+import csv
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import igpt_cli
+from igpt_cli.errors import InputError
+from igpt_cli.extract import extract_features
+from igpt_cli.generate import score_file
+from igpt_cli.probe import probe_files
+from igpt_cli.sweep import correlate, expand_checkpoints, run_sweep
+from igpt_cli.train import TrainConfig, pretrain
+
+from helpers import assert_clean_failure, invoke, make_tokens
+
+TINY = TrainConfig(n_layer=2, n_embd=32, n_head=2, steps=6, batch_size=8, lr=1e-2, warmup_steps=1,
+                   checkpoint_every=2, eval_every=2, save_every=2)
+F32 = dict(dtype="float32", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def series(tmp_path_factory):
+    """A 2 × 32 model trained 6 steps on 4×4 tokens of 16 colours (learnable), keeping steps 2, 4, 6."""
+    d = tmp_path_factory.mktemp("series")
+    train = make_tokens(d / "train.h5", 60, 4, seed=1, high=16)
+    test = make_tokens(d / "test.h5", 30, 4, seed=2, high=16)
+    pretrain(train, d / "run", TINY, dtype="float32", device="cpu")
+    return d, train, test
+
+
+def comparable(d: dict) -> dict:
+    """A sweep's JSON without what differs between runs (timings, what was reused, where)."""
+    d = json.loads(json.dumps(d))
+    for k in ("seconds", "computed", "reused", "out", "files", "format", "format_version", "provenance"):
+        d.pop(k, None)
+    for c in d["checkpoints"]:
+        c.pop("seconds"), c.pop("reused")
+    return d
+
+
+def test_each_loss_is_igpt_score_and_each_accuracy_igpt_probe_on_its_features(series, tmp_path):
+    d, train, test = series
+    res = igpt_cli.sweep([d / "run"], train, test, tmp_path / "sw", **F32)
+    assert [(c.family, c.name, c.step) for c in res.checkpoints] == \
+        [("run", f"step-00000{s}", s) for s in (2, 4, 6)]
+    assert res.checkpoints[0].n_params == igpt_cli.load_pretrained(d / "run").num_params()
+    for c in res.checkpoints:
+        ck = d / "run" / c.name
+        assert c.loss_nats == pytest.approx(score_file(test, ck, **F32).nats_per_token, rel=1e-6)
+        assert c.loss_bits == pytest.approx(c.loss_nats / np.log(2))
+        by_hand = tmp_path / "hand" / c.name
+        by_hand.mkdir(parents=True)
+        for split, tokens in (("train", train), ("test", test)):
+            extract_features(tokens, ck, None, by_hand / f"{split}.h5", **F32)
+        rep = probe_files(by_hand / "train.h5", by_hand / "test.h5")
+        assert [(x.layer, x.val_acc, x.test_acc, x.c) for x in c.layers] == \
+            [(x.layer, x.val_acc, x.test_acc, x.c) for x in rep.layers] and len(c.layers) == 3
+        assert (c.best_layer, c.best_test_acc) == (rep.best_layer, next(
+            x.test_acc for x in rep.layers if x.layer == rep.best_layer))
+    losses = [c.loss_nats for c in res.checkpoints]
+    assert losses[0] > losses[-1]  # it trained: the series means something
+    (corr,) = res.correlations
+    assert corr.family == "run" and corr.n == 3
+
+
+def test_interrupted_sweep_resumes_without_recomputing_finished_checkpoints(series, tmp_path, monkeypatch):
+    d, train, test = series
+    ref = run_sweep([d / "run"], train, test, tmp_path / "ref", **F32)
+    calls = {"probe": 0, "extract": 0}
+    import igpt_cli.extract
+    import igpt_cli.probe
+
+    real_probe, real_extract = igpt_cli.probe.probe_files, igpt_cli.extract.extract_features
+
+    def probe_then_stop(*a, **kw):
+        calls["probe"] += 1
+        if calls["probe"] == 2:
+            raise KeyboardInterrupt  # in the 2nd checkpoint, after its features are complete
+        return real_probe(*a, **kw)
+
+    def counting_extract(*a, **kw):
+        calls["extract"] += 1
+        return real_extract(*a, **kw)
+
+    monkeypatch.setattr(igpt_cli.probe, "probe_files", probe_then_stop)
+    monkeypatch.setattr(igpt_cli.extract, "extract_features", counting_extract)
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep([d / "run"], train, test, tmp_path / "sw", **F32)
+    assert calls == {"probe": 2, "extract": 4}
+    assert (tmp_path / "sw/run/step-000002/result.json").is_file()
+    assert not (tmp_path / "sw/run/step-000004/result.json").exists() and not (tmp_path / "sw/sweep.json").exists()
+    res = run_sweep([d / "run"], train, test, tmp_path / "sw", **F32)
+    # the finished checkpoint is read back, the interrupted one keeps its features: only step 6 is extracted
+    assert calls == {"probe": 2 + 2, "extract": 4 + 2}
+    assert [c.reused for c in res.checkpoints] == [True, False, False] and (res.computed, res.reused) == (2, 1)
+    assert comparable(res.to_dict()) == comparable(ref.to_dict())
+    again = run_sweep([d / "run"], train, test, tmp_path / "sw", **F32)
+    assert again.computed == 0 and calls["probe"] == 4
+    saved = json.loads((tmp_path / "sw/sweep.json").read_text())
+    assert saved["format"] == "igpt-sweep" and "device_name" in saved["provenance"]
+    assert comparable(saved) == comparable(ref.to_dict())
+
+
+def test_other_inputs_are_refused_and_restart_recomputes(series, tmp_path):
+    d, train, test = series
+    run_sweep([d / "run/step-000002"], train, test, tmp_path / "sw", **F32)
+    with pytest.raises(InputError, match="train_sha256"):
+        run_sweep([d / "run/step-000002"], test, test, tmp_path / "sw", **F32)
+    res = run_sweep([d / "run/step-000002"], test, test, tmp_path / "sw", restart=True, **F32)
+    assert res.computed == 1 and res.checkpoints[0].family == "run"
+
+
+def test_checkpoint_arguments_globs_families_and_steps(series, tmp_path):
+    d, _, _ = series
+    run = d / "run"
+    by_dir = expand_checkpoints([run])
+    assert [(c.family, c.name, c.step) for c in by_dir] == [("run", f"step-00000{s}", s) for s in (2, 4, 6)]
+    named = expand_checkpoints([f"tiny={run}/step-*", str(run / "step-000002")])  # a repeat is dropped
+    assert [(c.family, c.step) for c in named] == [("tiny", 2), ("tiny", 4), ("tiny", 6)]
+    assert expand_checkpoints([str(run / "step-000004"), str(run / "step-000002")])[0].step == 2  # sorted
+    unfinished = tmp_path / "unfinished"  # the model of a run still training is not a point of its series
+    (unfinished / "step-000002").mkdir(parents=True)
+    (unfinished / "train_meta.json").write_text(json.dumps({"step": 3, "steps": 10}))
+    (unfinished / "config.json").write_text("{}")
+    assert [c.name for c in expand_checkpoints([unfinished])] == ["step-000002"]
+    (unfinished / "train_meta.json").write_text(json.dumps({"step": 10, "steps": 10}))
+    assert [(c.name, c.step) for c in expand_checkpoints([unfinished])] == [("step-000002", 2), ("step-000010", 10)]
+    with pytest.raises(InputError, match="no checkpoint matches"):
+        expand_checkpoints([str(run / "nothing-*")])
+    (tmp_path / "other/step-000002").mkdir(parents=True)
+    with pytest.raises(InputError, match="same family and name"):
+        expand_checkpoints([f"x={run}/step-000002", f"x={tmp_path}/other/step-000002"])
+
+
+def test_correlations_are_scipys_and_undefined_below_three_points():
+    from scipy import stats
+
+    loss, acc = [3.0, 2.5, 2.2, 2.1], [0.2, 0.3, 0.33, 0.32]
+    c = correlate("f", loss, acc)
+    assert c.pearson_r == pytest.approx(stats.pearsonr(loss, acc).statistic)
+    assert c.spearman_rho == pytest.approx(stats.spearmanr(loss, acc).statistic) and c.n == 4
+    assert correlate("f", loss[:2], acc[:2]).pearson_r is None
+    assert correlate("f", loss, [0.3] * 4).spearman_rho is None
+
+
+def test_cli_table_json_csv_and_two_pngs(series, tmp_path):
+    d, train, test = series
+    out = tmp_path / "sw"
+    r = invoke("sweep", f"a={d}/run/step-00000[24]", f"b={d}/run/step-000006", "--train", train, "--test", test,
+               "-o", out, "--dtype", "float32", "--device", "cpu", "--layer", "1-2")
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert [c["family"] for c in doc["checkpoints"]] == ["a", "a", "b"] and doc["layers"] == [1, 2]
+    assert [c["family"] for c in doc["correlations"]] == ["a", "b", "all"] and doc["correlations"][2]["n"] == 3
+    assert "Pearson r" in r.stderr and "step-000004" in r.stderr
+    with open(out / "sweep.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [(x["family"], x["step"]) for x in rows] == [("a", "2"), ("a", "4"), ("b", "6")]
+    assert float(rows[0]["test_acc_2"]) == pytest.approx(doc["checkpoints"][0]["layers"][1]["test_acc"], abs=1e-6)
+    for png in ("sweep-accuracy-vs-loss.png", "sweep-layers.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["{d}/nowhere"], "nowhere"),
+    (["{d}/run/step-9*"], "no checkpoint matches"),
+    (["{d}/run", "--layer", "7"], "layer"),
+    (["{d}/run", "--jobs", "0"], "--jobs"),
+    (["{d}/run", "--score-on", "{d}/none.h5"], "none.h5"),
+])
+def test_cli_bad_input_is_one_line_and_writes_nothing(series, tmp_path, args, needle):
+    d, train, test = series
+    out = tmp_path / "sw"
+    r = invoke("sweep", *[a.format(d=d) for a in args], "--train", train, "--test", test, "-o", out)
+    assert_clean_failure(r, needle, out=out)
+    r = invoke("sweep", str(d / "run"), "--train", d / "missing.h5", "--test", test, "-o", out)
+    assert_clean_failure(r, "missing.h5", out=out)
+
+
+def test_results_are_typed_and_the_package_is_callable(series, tmp_path):
+    d, train, test = series
+    import igpt_cli.sweep as pkg  # importing the package does not hide `igpt_cli.sweep(...)`
+
+    res = pkg([d / "run/step-000006"], train, test, tmp_path / "sw", **F32)
+    c = res.checkpoints[0]
+    assert replace(c, seconds=0).to_dict()["layers"][0].keys() == {"layer", "val_acc", "test_acc", "c"}
+    assert Path(res.files["csv"]).is_file() and res.correlations[0].pearson_r is None  # one point
