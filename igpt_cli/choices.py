@@ -58,6 +58,14 @@ class StoreDtype(str, Enum):
     float16 = "float16"
 
 
+class ProbeSolver(str, Enum):
+    """The probe's solver of scikit-learn's logistic-regression objective (`igpt_cli.probe.estimator`)."""
+    auto = "auto"
+    torch = "torch"
+    scipy = "scipy"
+    sklearn = "sklearn"
+
+
 def values(enum: type[Enum]) -> tuple[str, ...]:
     return tuple(m.value for m in enum)
 
@@ -70,4 +78,5 @@ SITES = values(Site)
 POOLS = values(Pool)
 DTYPE_CHOICES = values(ComputeDtype)
 STORE_DTYPES = values(StoreDtype)
+PROBE_SOLVERS = values(ProbeSolver)
 DEVICES = ("auto", "cpu", "cuda", "mps")  # plus "cuda:N": a string option, not an Enum

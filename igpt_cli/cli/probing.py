@@ -7,6 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from ..choices import ProbeSolver
 from .options import LayerSpec, Overwrite
 from .ui import ProgressBar, handles_input_errors, maybe_bar, probe_layer_line, render_probe_table
 
@@ -26,10 +27,9 @@ def probe_command(
     jobs: Annotated[int, typer.Option("--jobs", "-j", help="Layers probed in parallel (each holds its layer in memory).")] = 1,
     overwrite: Overwrite = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Nothing on stderr but errors (no progress lines, no table).")] = False,
-    solver: Annotated[str, typer.Option("--solver", help=(
+    solver: Annotated[ProbeSolver, typer.Option("--solver", help=(
         "torch: every C of the search in one pass over the data (CPU or CUDA); scipy: one C after the other "
-        "(numpy); sklearn: scikit-learn's own LogisticRegression (the reference); auto: torch on a GPU or "
-        "for streamed layers, else scipy (fastest on a CPU)."))] = "auto",
+        "(numpy); sklearn: scikit-learn's own LogisticRegression (the reference); auto: torch."))] = ProbeSolver.auto,
     device: Annotated[str, typer.Option("--device", help="auto|cpu|cuda|cuda:N for the torch solver "
                                                          "(auto: cuda when there is one).")] = "auto",
     max_memory: Annotated[Optional[str], typer.Option("--max-memory", metavar="BYTES", help=(
@@ -61,7 +61,7 @@ def probe_command(
         warnings.simplefilter("ignore")  # counted in the report instead (not_converged_fits)
         with maybe_bar(bar):
             report = probe_files(train, test, layers, test_fraction=test_fraction, seed=seed, jobs=jobs,
-                                 on_progress=bar, solver=solver, device=device, max_memory=max_memory,
+                                 on_progress=bar, solver=solver.value, device=device, max_memory=max_memory,
                                  save_probes=save_probes, overwrite=overwrite)
     d = report.to_dict()
     if not quiet:

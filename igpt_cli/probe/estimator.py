@@ -37,7 +37,9 @@ from ..errors import ParameterError, check_choice
 TOL = 1e-4
 MAX_ITER = 1000
 SOLVERS = ("torch", "scipy", "sklearn")
-DEFAULT_SOLVER = "scipy"   # fastest on a CPU (measured); `probe_files(solver="auto")` picks torch on a GPU
+# every C of the search in one pass: 3.4x scipy's speed on the shipped model's CIFAR-10 features (9 layers x 192,
+# 50k rows) on a CPU, test accuracy within 0.22 points of scipy's and of scikit-learn's (bench/check_probe_cifar10.py)
+DEFAULT_SOLVER = "torch"
 
 
 def one_blas_thread():

@@ -16,13 +16,14 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..errors import InputError, ParameterError, check_choice, check_positive
 from .. import formats
+from ..choices import PROBE_SOLVERS
+from ..errors import InputError, ParameterError, check_choice, check_positive
 from ..formats import FEATURES_FORMAT, check_complete_features, feature_layers, open_igpt
 from ..layers import format_layers, parse_layers
 from ..progress import OnProgress, Reporter
 from ..results import Result
-from .estimator import DEFAULT_SOLVER, MAX_ITER, SOLVERS, TOL, LinearProbe, resolve_probe_device
+from .estimator import DEFAULT_SOLVER, MAX_ITER, TOL, LinearProbe, resolve_probe_device
 from .protocol import COARSE_GRID, REFINE_STEPS, VAL_FRACTION, LayerResult, check_labels, probe_layer, \
     stratified_split
 from .stream import H5Rows, parse_bytes, plan_memory
@@ -166,8 +167,8 @@ def probe_files(train: str | Path, test: str | Path | None = None, layers: Seque
     Without `test`, a stratified `test_fraction` of `train` is held out as the test set.
     Reads one layer at a time (`jobs` layers at a time when jobs > 1). `estimator` and
     `probe_kw` (grid, refine, tol, max_iter) go to `probe_layer`; without `estimator`, a
-    `LinearProbe` with `solver` ("torch" | "scipy" | "sklearn"; "auto": torch on a GPU or for
-    streamed layers, else scipy, the fastest on a CPU) on `device` (auto | cpu | cuda).
+    `LinearProbe` with `solver` ("torch" | "scipy" | "sklearn"; "auto": torch, the fastest on
+    CPU and GPU and the one that streams) on `device` (auto | cpu | cuda).
     `max_memory` (bytes, or "512M", "2G"): a layer that does not fit is streamed from the
     file in row chunks (torch solver). `save_probes`: write each layer's chosen classifier
     there (`store.save_probes`). Progress: one "probe" event per finished layer, its
@@ -176,7 +177,7 @@ def probe_files(train: str | Path, test: str | Path | None = None, layers: Seque
     check_positive("jobs", jobs, allow_none=False)
     max_memory = parse_bytes(max_memory)
     if estimator is None:
-        solver = check_choice("solver", solver, ("auto", *SOLVERS))
+        solver = check_choice("solver", solver, PROBE_SOLVERS)
         on_gpu = resolve_probe_device(device).type == "cuda"       # a missing GPU is refused before any work
         tol, max_iter = probe_kw.pop("tol", None), probe_kw.pop("max_iter", None)
         estimator = LinearProbe(tol=TOL if tol is None else tol, max_iter=MAX_ITER if max_iter is None else max_iter,
