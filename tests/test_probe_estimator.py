@@ -43,7 +43,7 @@ def test_clone_preserves_params():
     est = LinearProbe(C=0.5, tol=1e-3, max_iter=77, precondition=False)
     twin = clone(est)
     assert twin is not est
-    assert twin.get_params() == {"C": 0.5, "tol": 1e-3, "max_iter": 77, "precondition": False, "solver": "scipy",
+    assert twin.get_params() == {"C": 0.5, "tol": 1e-3, "max_iter": 77, "precondition": False, "solver": "torch",
                                  "device": "auto"}
     assert clone(LinearProbe(C=0.5)).get_params()["C"] == 0.5
     assert not hasattr(twin, "coef_")
