@@ -9,6 +9,7 @@ import json
 import shutil
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 import torch
@@ -203,6 +204,8 @@ def test_extract_from_a_bert_prefix_uses_the_unshifted_tokens_and_the_papers_mas
     with torch.inference_mode():
         want = model.forward_intermediates(idx, [1], bert_mask=bert_keep_mask(idx))[1]
     np.testing.assert_allclose(read_feats(tmp_path / "f.h5")[1], want.numpy(), atol=1e-5)
+    with h5py.File(tmp_path / "f.h5") as f:
+        assert not f.attrs["sos"]  # the file says what the model read: its tokens, unshifted
 
 
 def test_library_refuses_a_bert_model_instance_for_generation():

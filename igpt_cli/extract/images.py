@@ -214,7 +214,8 @@ def extract_image_features(
         check_model_fits(cfg, size, size, len(pal), where)
         weights = find_weights(model_dir)
         dev = resolve_device(device)
-        source = ModelSource(None, dev, resolve_dtype(dtype, dev), layers, site, bool(sos),  # type: ignore[arg-type]
+        sos = bool(sos) and cfg.autoregressive  # a BERT model reads its tokens unshifted
+        source = ModelSource(None, dev, resolve_dtype(dtype, dev), layers, site, sos,  # type: ignore[arg-type]
                              str(model_dir), pool=pool)
     dims = source.dims if cfg is None else {layer: cfg.n_embd for layer in layers}
     outputs.check_free_space(out, features_bytes(n_total, dims, store_dtype),

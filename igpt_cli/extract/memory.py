@@ -54,7 +54,7 @@ def features_from_tokens(
     cfg = net.config
     tokens = check_tokens_array(tokens, cfg)
     layers = parse_layers(layers, range(cfg.n_layer + 1))
-    source = ModelSource(net, dev, cdt, layers, site, bool(sos), pool=pool)
+    source = ModelSource(net, dev, cdt, layers, site, bool(sos) and net.config.autoregressive, pool=pool)
     n = len(tokens)
     bs = min(batch_size or auto_batch_size(net, dev, cdt), max(1, n))
     row_shape = (cfg.n_embd,) if pool is not None else (cfg.n_positions, cfg.n_embd)

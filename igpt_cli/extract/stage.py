@@ -164,7 +164,7 @@ def _extract_open(tf: h5py.File, tokens_path: Path, model, layers, out: Path, *,
         weights, cfg = find_weights(model_dir), read_config(model_dir)
         layers = parse_layers(layers, range(cfg.n_layer + 1))
         check_model_fits(cfg, height, width, len(palette), tokens_path)
-        source = ModelSource(None, dev, cdt, layers, site, bool(sos), str(model_dir),  # type: ignore[arg-type]
+        source = ModelSource(None, dev, cdt, layers, site, bool(sos) and cfg.autoregressive, str(model_dir),  # type: ignore[arg-type]
                              pool=pool)  # the model loads below, once everything is checked
         dims = {layer: cfg.n_embd for layer in layers}
     if dist is None:  # a sharded run checks each part's space and the merge's on its own
