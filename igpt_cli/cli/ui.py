@@ -289,12 +289,13 @@ def render_models(rows: list[dict], console: Console = err) -> None:
     from rich.table import Table
 
     t = Table(title="iGPT models (bundled, and in the Hugging Face cache)", title_justify="left")
-    for col in ("name", "source", "layers × width", "heads", "resolution", "params", "size", "revision"):
-        t.add_column(col, justify="right" if col in ("heads", "params", "size") else "left")
+    for col in ("name", "source", "shape", "heads", "res", "params", "size", "revision"):
+        # a name is what a user copies: never cut short (the other columns give way)
+        t.add_column(col, justify="right" if col in ("heads", "params", "size") else "left", no_wrap=col == "name")
     for r in rows:
-        res = f"{r['resolution']}×{r['resolution']}" if r["resolution"] else f"{r['positions']} pos"
+        res = f"{r['resolution']}²" if r["resolution"] else f"{r['positions']} pos"
         params = f"{r['parameters'] / 1e6:.1f} M" if r["parameters"] else "?"
-        t.add_row(r["name"], r["source"], f"{r['layers']} × {r['width']}", str(r["heads"]), res, params,
+        t.add_row(r["name"], r["source"], f"{r['layers']}×{r['width']}", str(r["heads"]), res, params,
                   f"{r['size_bytes'] / 2**20:.1f} MiB", r["revision"] or "")
     console.print(t)
     if not any(r["source"] == "hub" for r in rows):
