@@ -214,7 +214,7 @@ def render_probe_table(report: dict, console: Console = err) -> None:
         return
     test_accs = [r["test_acc"] for r in rows]
     lo, hi = min(test_accs), max(test_accs)
-    width = 30
+    width = max(4, min(30, console.width - 86))  # the bar gives way on a narrow terminal, never the numbers
     held = "held-out {:.0%} of train".format(report["test_fraction"]) if report["test_mode"] == "held_out" \
         else Path(report["test"]).name
     title = f"linear probe · {report.get('model')} · site={report.get('site')} · test: {held}"
@@ -225,8 +225,8 @@ def render_probe_table(report: dict, console: Console = err) -> None:
     t.add_column("test acc", justify="right")
     t.add_column("95 % CI", justify="right")
     t.add_column("passes", justify="right")
-    t.add_column("fit s", justify="right")
-    t.add_column(f"test acc {lo:.1%} → {hi:.1%}", no_wrap=True)
+    t.add_column("s", justify="right")
+    t.add_column(f"{lo:.0%}→{hi:.0%}", no_wrap=True)
     for r in rows:
         frac = 1.0 if hi == lo else (r["test_acc"] - lo) / (hi - lo)
         n = 1 + int(round(frac * (width - 1)))
