@@ -33,6 +33,7 @@ from .progress import OnProgress, Reporter
 from .results import Result
 
 BATCH_BYTES = 64 << 20  # decoded images per batch at most (large --size: fewer images per batch)
+DEFAULT_SIZE = 32  # images become 32x32 unless told (the released models' resolution)
 
 
 class _Warnings(Result):
@@ -162,11 +163,12 @@ def quantize_dataset(
     """
     t0 = time.perf_counter()
     check_positive("batch_size", batch_size, allow_none=False)
-    check_dataset_parameters(size=size or 32, limit=limit, limit_per_class=limit_per_class, seed=seed,
+    image_size = DEFAULT_SIZE if size is None else size  # None: 32, or a pre-quantized file's own side
+    check_dataset_parameters(size=image_size, limit=limit, limit_per_class=limit_per_class, seed=seed,
                              max_pixels=max_pixels)
     out = check_output_path(out, overwrite)
     pal = _palette(palette)
-    ds = open_dataset(src, split=split, size=size or 32, resize=resize, fmt=fmt, limit=limit, skip_bad=skip_bad,
+    ds = open_dataset(src, split=split, size=image_size, resize=resize, fmt=fmt, limit=limit, skip_bad=skip_bad,
                       limit_per_class=limit_per_class, shuffle=shuffle, seed=seed, max_pixels=max_pixels,
                       image_column=image_column, label_column=label_column)
     split, resize = ds.split, ds.resize  # plain strings (Enum members accepted)
@@ -175,7 +177,7 @@ def quantize_dataset(
         size = _check_pre_quantized(ds, size, palette)
         pal = Palette(ds.palette, source="igpt512")
         split = ds.splits[0] if split == "all" and ds.splits else split  # the file's own split
-    size = size or 32
+    size = image_size if size is None else size
     if ds.n is not None and not skip_bad:  # the rows alone (tokens, labels) must fit: refuse before writing
         check_free_space(out, ds.n * (size * size * 2 + 8))
     batch_size = min(batch_size, max(1, BATCH_BYTES // (size * size * 3)))

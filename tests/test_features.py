@@ -97,3 +97,5 @@ def test_cli_features_and_bad_input(folder, reference, tmp_path):
     assert_clean_failure(invoke("features", folder, "-m", MODEL, "--size", "16", "-o", bad, "-q"),
                          "the model wants 8x8", out=bad)
     assert_clean_failure(invoke("features", tmp_path / "nope", "-m", MODEL, "-o", bad, "-q"), "nope", out=bad)
+    assert_clean_failure(invoke("features", folder, "-m", MODEL, "--size", "0", "-o", bad, "-q"),
+                         "--size 0: must be at least 1", out=bad)  # 0 is a size, not "the model's"

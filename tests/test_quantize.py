@@ -129,6 +129,11 @@ def test_selection_warnings_in_result_and_progress_and_size_cap(tmp_path, ds):
             fit_palette_file(ds, tmp_path / "s.npy", size=bad)
     assert_bad_input(invoke("quantize", ds, "-o", tmp_path / "s.h5", "--size", 100000), tmp_path / "s.h5",
                      "--size 100000: must be at most 1024")
+    # 0 is a size, not "the default": refused, nothing written
+    with pytest.raises(ParameterError, match=r"^size=0: must be at least 1"):
+        quantize_dataset(ds, tmp_path / "z.h5", size=0)
+    assert_bad_input(invoke("quantize", ds, "-o", tmp_path / "z.h5", "--size", 0), tmp_path / "z.h5",
+                     "--size 0: must be at least 1")
 
 
 def test_fit_palette_file_result_and_bad_parameters(tmp_path, ds):

@@ -178,13 +178,13 @@ def extract_image_features(
     # --- the model and its image settings ----------------------------------------
     if str(model) == PIXELS:
         model_dir, cfg = None, None
-        size, pal, resize = size or 32, Palette.load(palette), resize or "bilinear"
+        size, pal, resize = (32 if size is None else size), Palette.load(palette), resize or "bilinear"
     else:
         model_dir = resolve_model_dir(model, revision=revision, local_files_only=local_files_only,
                                       quiet=on_progress is None)
         cfg = read_config(model_dir)
         m_size, m_pal = model_image_settings(model_dir)
-        size, resize = size or m_size, resize or "bilinear"
+        size, resize = (m_size if size is None else size), resize or "bilinear"
         pal = m_pal if palette is None else (palette if isinstance(palette, Palette) else Palette.load(palette))
         if size is None:
             raise ParameterError("size", None, f"{model_dir}: n_positions={cfg.n_positions} is not a square "
