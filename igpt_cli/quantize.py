@@ -24,7 +24,8 @@ from typing import Iterator, Optional
 import h5py
 import numpy as np
 
-from .data import EmptyDatasetError, check_dataset_parameters, describe_sources, open_dataset
+from .data import (DEFAULT_SIZE, EmptyDatasetError, check_dataset_parameters, describe_sources, images_per_batch,
+                   open_dataset)
 from .errors import ParameterError, check_positive
 from .formats import append_rows, create_tokens_file
 from .outputs import atomic_output, check_free_space, check_output_path, disk_full, is_disk_full
@@ -32,8 +33,6 @@ from .palette import Palette, check_fit_parameters, fit_palette
 from .progress import OnProgress, Reporter
 from .results import Result
 
-BATCH_BYTES = 64 << 20  # decoded images per batch at most (large --size: fewer images per batch)
-DEFAULT_SIZE = 32  # images become 32x32 unless told (the released models' resolution)
 
 
 class _Warnings(Result):
@@ -180,7 +179,7 @@ def quantize_dataset(
     size = image_size if size is None else size
     if ds.n is not None and not skip_bad:  # the rows alone (tokens, labels) must fit: refuse before writing
         check_free_space(out, ds.n * (size * size * 2 + 8))
-    batch_size = min(batch_size, max(1, BATCH_BYTES // (size * size * 3)))
+    batch_size = images_per_batch(size, batch_size)
     progress = Reporter(on_progress, "quantize", total=ds.n, unit="image")
     progress.start()
     logged = _report_warnings(ds, progress)

@@ -24,8 +24,8 @@ import numpy as np
 from ..choices import FORMATS, RESIZE_MODES, SPLIT_CHOICES, SPLIT_NAMES
 from ..errors import ParameterError, check_choice, check_positive
 from .arrays import ArrayDataset
-from .base import (DEFAULT_MAX_PIXELS, IMAGE_EXTS, MAX_SIZE, TAR_SUFFIXES, BadImageError, Batch, DataError, Dataset,
-                   EmptyDatasetError, SplitError, TruncatedArchiveError, UnknownFormatError, decode_image)
+from .base import (DEFAULT_MAX_PIXELS, DEFAULT_SIZE, IMAGE_EXTS, MAX_SIZE, TAR_SUFFIXES, BadImageError, Batch, DataError,
+                   Dataset, EmptyDatasetError, images_per_batch, SplitError, TruncatedArchiveError, UnknownFormatError, decode_image)
 from .cifar import CifarPython
 from .hf import HFDataset
 from .imagefolder import ImageFiles, ImageFolder
@@ -46,7 +46,7 @@ READERS: dict[str, type[Dataset]] = {  # keys: FORMATS, in order
 
 __all__ = [
     "open_dataset", "detect_format", "READERS", "FORMATS", "RESIZE_MODES", "SPLIT_CHOICES", "SPLIT_NAMES",
-    "IMAGE_EXTS", "TAR_SUFFIXES", "MAX_SIZE", "DEFAULT_MAX_PIXELS", "Dataset", "Batch", "decode_image", "DataError",
+    "IMAGE_EXTS", "TAR_SUFFIXES", "MAX_SIZE", "DEFAULT_MAX_PIXELS", "DEFAULT_SIZE", "images_per_batch", "Dataset", "Batch", "decode_image", "DataError",
     "UnknownFormatError", "SplitError", "EmptyDatasetError", "BadImageError", "TruncatedArchiveError",
     "check_dataset_parameters", "expand_sources", "describe_sources",
 ]
@@ -82,7 +82,7 @@ def check_dataset_parameters(*, size: int = 32, limit: int | None = None, limit_
         raise ParameterError("seed", seed, "must be a non-negative integer")
 
 
-def open_dataset(src: "str | Path | list[str | Path]", split: str = "all", size: int = 32, resize: str = "bilinear",
+def open_dataset(src: "str | Path | list[str | Path]", split: str = "all", size: int = DEFAULT_SIZE, resize: str = "bilinear",
                  fmt: str | None = None, limit: int | None = None, skip_bad: bool = False, *,
                  limit_per_class: int | None = None, shuffle: bool = False, seed: int = 0,
                  max_pixels: int | None = None, image_column: str | None = None,

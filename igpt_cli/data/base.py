@@ -41,6 +41,15 @@ TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz
 Batch = tuple[np.ndarray, np.ndarray, list[str]]
 
 MAX_SIZE = 1024  # images are size×size: a million tokens per image is far beyond any iGPT
+DEFAULT_SIZE = 32  # images become 32x32 unless told (the released models' resolution)
+DECODED_BATCH_BYTES = 64 << 20  # decoded images held per batch at most (large sizes: fewer images per batch)
+
+
+def images_per_batch(size: int, most: int) -> int:
+    """How many size×size RGB images a batch holds: at most `most`, at most DECODED_BATCH_BYTES, at least 1."""
+    return max(1, min(most, DECODED_BATCH_BYTES // (3 * size * size)))
+
+
 DEFAULT_MAX_PIXELS = 89_478_485  # PIL's Image.MAX_IMAGE_PIXELS: larger images may be decompression bombs
 
 

@@ -27,7 +27,7 @@ import numpy as np
 
 from .. import formats, outputs
 from ..choices import POOLS, RESIZE_MODES, SITES, STORE_DTYPES
-from ..data import open_dataset
+from ..data import DEFAULT_SIZE, images_per_batch, open_dataset
 from ..errors import InputError, ParameterError, check_choice, check_positive
 from ..layers import parse_layers
 from ..model import find_weights, read_config, resolve_model_dir
@@ -37,7 +37,6 @@ from .rows import features_bytes
 from .sources import PIXELS, ModelSource, PixelSource, auto_batch_size, check_model_fits, dtype_name, load_model
 from .stage import ExtractResult, run_rows
 
-READ_BYTES = 64 << 20  # decoded images per read batch at most (as `igpt quantize`)
 
 
 def model_image_settings(model_dir: Path) -> tuple[int | None, Palette | None]:
@@ -178,7 +177,7 @@ def extract_image_features(
     # --- the model and its image settings ----------------------------------------
     if str(model) == PIXELS:
         model_dir, cfg = None, None
-        size, pal, resize = (32 if size is None else size), Palette.load(palette), resize or "bilinear"
+        size, pal, resize = (DEFAULT_SIZE if size is None else size), Palette.load(palette), resize or "bilinear"
     else:
         model_dir = resolve_model_dir(model, revision=revision, local_files_only=local_files_only,
                                       quiet=on_progress is None)
@@ -239,7 +238,7 @@ def extract_image_features(
     if keep_tokens is not None:
         extra_attrs["tokens_file"] = os.path.abspath(keep_tokens)
 
-    read_bs = max(1, min(256, READ_BYTES // (size * size * 3)))
+    read_bs = images_per_batch(size, 256)
     with outputs.output_lock(out):
         outputs.check_output_path(out, overwrite)
         with contextlib.ExitStack() as stack:
