@@ -78,6 +78,34 @@ def check_output_path(path: str | Path, overwrite: bool, *, directory: bool = Fa
     return p
 
 
+def _same_file(a: Path, b: Path) -> bool:
+    """`a` and `b` name one file: the same real path (symlinks, `./x` vs `x`), or one inode (hard links)."""
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def check_distinct(outputs: dict[str, str | Path | None], inputs: dict[str, str | Path | None] | None = None) -> None:
+    """Refuse (OutputError) any output that is one of the inputs, or another output, before any work.
+
+    `outputs` and `inputs` map parameter names to paths (None: not given). Compared by real path
+    and by inode, so a symlink, `./a` vs `a` or a hard link to an input is caught, whether or not
+    the output may be overwritten. The one place every command checks this."""
+    outs = [(k, Path(v)) for k, v in outputs.items() if v is not None]
+    ins = [(k, Path(v)) for k, v in (inputs or {}).items() if v is not None]
+    for i, (name, path) in enumerate(outs):
+        for in_name, in_path in ins:
+            if _same_file(path, in_path):
+                raise OutputError(f"{path}: {name} would overwrite the input {in_name} ({in_path}); "
+                                  "write it to another file")
+        for other, other_path in outs[:i]:
+            if _same_file(path, other_path):
+                raise OutputError(f"{path}: {name} and {other} name the same file; give them different names")
+
+
 def _holder(lock: Path) -> str:
     try:
         d = json.loads(lock.read_text() or "{}")

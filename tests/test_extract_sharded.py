@@ -20,7 +20,8 @@ import torch
 from helpers import ENV, attrs_without_provenance, hold_output_lock, invoke, make_tokens, rows_done
 from igpt_cli import formats, outputs
 from igpt_cli.errors import InputError
-from igpt_cli.extract.sharded import DistContext, all_part_paths, merge_parts, part_path, shard_rows
+from igpt_cli.distributed import DistContext
+from igpt_cli.extract.sharded import all_part_paths, merge_parts, part_path, shard_rows
 from igpt_cli.model import IGPT, IGPTConfig, save_pretrained
 
 TORCHRUN = Path(sys.executable).with_name("torchrun")

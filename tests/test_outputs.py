@@ -159,3 +159,16 @@ def test_disk_full_on_a_small_tmpfs(tmp_path):
                     fh.flush()
         assert not final.exists() and not outputs.temp_path_for(final).exists()
         assert not lock_path_for(final).exists()
+
+
+def test_check_distinct_catches_an_input_by_any_name(tmp_path, monkeypatch):
+    (tmp_path / "a.h5").write_text("x")
+    (tmp_path / "l.h5").symlink_to(tmp_path / "a.h5")
+    os.link(tmp_path / "a.h5", tmp_path / "h.h5")
+    monkeypatch.chdir(tmp_path)
+    for name in ("a.h5", "./a.h5", "l.h5", "h.h5", str(tmp_path / "a.h5")):
+        with pytest.raises(outputs.OutputError, match="would overwrite the input features"):
+            outputs.check_distinct({"out": name}, {"features": "a.h5"})
+    with pytest.raises(outputs.OutputError, match="name the same file"):
+        outputs.check_distinct({"out": "b.h5", "csv": "./b.h5"}, {"features": "a.h5"})
+    outputs.check_distinct({"out": "b.h5", "csv": "c.csv", "plot": None}, {"features": "a.h5", "test": None})

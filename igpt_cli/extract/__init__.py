@@ -11,7 +11,7 @@ from __future__ import annotations
 from ..choices import STORE_DTYPES
 from .images import extract_image_features
 from .memory import features_from_images, features_from_tokens
-from .sharded import DistContext
+from ..distributed import DistContext
 from .sources import PIXELS, ModelSource, PixelSource
 from .stage import ExtractResult, extract_features
 

@@ -31,7 +31,6 @@ part files, their merge and one rank's run are one protocol, best read in one pl
 from __future__ import annotations
 
 import contextlib
-import datetime as _dt
 import os
 import time
 from collections import Counter
@@ -43,155 +42,13 @@ import numpy as np
 import torch
 
 from .. import formats, outputs
+from ..distributed import DistContext, PeerError  # noqa: F401 - re-exported
 from ..errors import InputError
 from ..progress import OnProgress, Reporter
 from .rows import (RowsRun, close_quietly, create_partial, features_bytes, fill_rows, labels_and_sources,
                    open_partial, stored_batch_size)
 
 COPY_ROWS = 8192  # rows per block when merging parts
-
-
-class PeerError(InputError):
-    """Another rank failed with bad input; this rank exits 2 without repeating the message."""
-
-    quiet = True
-
-
-def _env_int(name: str, default: int | None = None) -> int | None:
-    v = os.environ.get(name)
-    if v is None or v == "":
-        return default
-    try:
-        return int(v)
-    except ValueError:
-        raise InputError(f"environment variable {name}={v!r}: expected an integer") from None
-
-
-def _env_seconds(name: str, default: float) -> float:
-    v = os.environ.get(name)
-    try:
-        return float(v) if v else default
-    except ValueError:
-        raise InputError(f"environment variable {name}={v!r}: expected seconds") from None
-
-
-@dataclass
-class DistContext:
-    """This process's place in a multi-process run (world_size 1: a plain single process)."""
-
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    init_timeout_s: float = 300.0
-    wait_timeout_s: float = 7 * 24 * 3600.0
-    part_wait_s: float = 60.0
-    group: object = field(default=None, repr=False)
-    initialized: bool = False
-
-    @classmethod
-    def from_env(cls) -> "DistContext":
-        ws = _env_int("WORLD_SIZE", 1)
-        rank = _env_int("RANK", 0)
-        local = _env_int("LOCAL_RANK", rank if ws and ws > 1 else 0)
-        if ws < 1:
-            raise InputError(f"WORLD_SIZE={ws}: must be at least 1")
-        if not 0 <= rank < ws:
-            raise InputError(f"RANK={rank} is not in 0..{ws - 1} (WORLD_SIZE={ws})")
-        return cls(rank=rank, world_size=ws, local_rank=local,
-                   init_timeout_s=_env_seconds("IGPT_DIST_TIMEOUT", 300.0),
-                   part_wait_s=_env_seconds("IGPT_PART_WAIT", 60.0))
-
-    @property
-    def active(self) -> bool:
-        return self.world_size > 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def device_for(self, dev: torch.device) -> torch.device:
-        """cuda → cuda:LOCAL_RANK (one GPU per process); anything else unchanged."""
-        if self.active and dev.type == "cuda" and dev.index is None:
-            n = torch.cuda.device_count()
-            if self.local_rank >= n:
-                raise InputError(f"LOCAL_RANK={self.local_rank} but only {n} CUDA device(s) are visible; "
-                                 f"start at most {n} processes per node")
-            dev = torch.device("cuda", self.local_rank)
-        if dev.type == "cuda":
-            torch.cuda.set_device(dev)
-        return dev
-
-    def init(self, device: torch.device) -> None:
-        """Join the process group (NCCL for CUDA, gloo otherwise); failures are one-line input errors."""
-        if not self.active or self.initialized:
-            return
-        import torch.distributed as dist
-
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(k)]
-        if missing:
-            raise InputError(f"WORLD_SIZE={self.world_size} is set but {' and '.join(missing)} "
-                             f"{'is' if len(missing) == 1 else 'are'} not: launch with torchrun or srun "
-                             f"(see 'Running on a cluster' in the README)")
-        where = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
-        try:
-            if not dist.is_initialized():
-                timeout = _dt.timedelta(seconds=self.init_timeout_s)
-                store = None
-                if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
-                    # torchrun shares its rendezvous store with the workers and keeps it across
-                    # --max-restarts attempts: without a per-attempt prefix a restarted gloo group
-                    # reads the dead attempt's peer addresses and never connects (pytorch#135712).
-                    base = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
-                                         world_size=self.world_size, is_master=False, timeout=timeout)
-                    attempt = (f"igpt/{os.environ.get('TORCHELASTIC_RUN_ID', '')}/"
-                               f"attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}")
-                    store = dist.PrefixStore(attempt, base)
-                dist.init_process_group(backend=backend, store=store, rank=self.rank, world_size=self.world_size,
-                                        timeout=timeout)
-            # control messages: CPU tensors over gloo, patient enough for uneven shards
-            self.group = dist.new_group(backend="gloo", timeout=_dt.timedelta(seconds=self.wait_timeout_s))
-        except Exception as e:  # noqa: BLE001 - any rendezvous failure is reported in one line
-            msg = " ".join(str(e).split())
-            msg = msg if len(msg) < 300 else msg[:297] + "…"
-            raise InputError(f"rank {self.rank} of {self.world_size}: rendezvous at {where} ({backend}) failed "
-                             f"within {self.init_timeout_s:g} s: {type(e).__name__}: {msg}") from None
-        self.initialized = True
-
-    # --- collectives over the gloo control group ---------------------------------
-    def gather(self, obj) -> list:
-        if not self.active:
-            return [obj]
-        import torch.distributed as dist
-
-        out: list = [None] * self.world_size
-        dist.all_gather_object(out, obj, group=self.group)
-        return out
-
-    def check(self, error: str | None) -> None:
-        """Collective: if any rank has an error, every rank raises (the failing ones loudly)."""
-        errors = self.gather(error)
-        if error:
-            raise InputError(error)
-        for r, e in enumerate(errors):
-            if e:
-                raise PeerError(f"rank {r} failed: {e}")
-
-    def barrier(self) -> None:
-        if self.active:
-            import torch.distributed as dist
-
-            dist.barrier(group=self.group)
-
-    def close(self) -> None:
-        if self.initialized:
-            import torch.distributed as dist
-
-            try:
-                dist.destroy_process_group()
-            except Exception:  # pragma: no cover
-                pass
-            self.initialized = False
 
 
 # ---------------------------------------------------------------------------

@@ -35,7 +35,8 @@ from ..results import Result
 from ..runtime import resolve_device, resolve_dtype
 from .rows import (RowsRun, close_quietly, create_partial, features_bytes, fill_rows, labels_and_sources, open_partial,
                    shrink_partial, stored_batch_size)
-from .sharded import DistContext, run_shard
+from ..distributed import DistContext
+from .sharded import run_shard
 from .sources import (PIXELS, ModelSource, PixelSource, auto_batch_size, check_model_fits, dtype_name,
                       load_model)
 
