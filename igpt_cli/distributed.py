@@ -4,7 +4,7 @@ Every heavy command runs under any launcher that sets `RANK`, `WORLD_SIZE`, `LOC
 `MASTER_ADDR` and `MASTER_PORT` (torchrun does; so does `srun` with those exported), with
 nothing else changed on its command line. `DistContext.from_env()` reads them (a plain
 process is world size 1, and then every method here is a no-op), `device_for` maps a rank to
-its device, `init` joins the process group (NCCL for CUDA, gloo otherwise) plus a gloo
+its device, `init` joins the process group (NCCL for CUDA with a GPU per rank, gloo otherwise) plus a gloo
 control group with a long timeout for the small messages of the protocol: `gather`,
 `broadcast`, `check` (any rank's error stops every rank, the failing one loudly),
 `agree` (every rank must run the same settings: rank 0's hash is the reference) and
@@ -54,6 +54,7 @@ class DistContext:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    local_world_size: int = 1  # ranks on this node (torchrun's LOCAL_WORLD_SIZE; 1 when not said)
     init_timeout_s: float = 300.0
     wait_timeout_s: float = 7 * 24 * 3600.0
     part_wait_s: float = 60.0
@@ -69,7 +70,7 @@ class DistContext:
             raise InputError(f"WORLD_SIZE={ws}: must be at least 1")
         if not 0 <= rank < ws:
             raise InputError(f"RANK={rank} is not in 0..{ws - 1} (WORLD_SIZE={ws})")
-        return cls(rank=rank, world_size=ws, local_rank=local,
+        return cls(rank=rank, world_size=ws, local_rank=local, local_world_size=_env_int("LOCAL_WORLD_SIZE", 1) or 1,
                    init_timeout_s=_env_seconds("IGPT_DIST_TIMEOUT", 300.0),
                    part_wait_s=_env_seconds("IGPT_PART_WAIT", 60.0))
 
@@ -83,28 +84,38 @@ class DistContext:
 
     def device_for(self, dev: torch.device) -> torch.device:
         """This rank's device: a bare `cuda` becomes `cuda:(LOCAL_RANK mod visible GPUs)`, so more
-        ranks than GPUs share them round-robin (Slurm with one GPU per task sees one: cuda:0).
-        An explicit index under a multi-process launcher would put every rank on that GPU: refused."""
-        if self.active and dev.type == "cuda":
-            if dev.index is not None:
-                raise InputError(f"device {dev} names one GPU, but this is rank {self.rank} of {self.world_size}: "
-                                 "pass device 'cuda' (each rank takes cuda:LOCAL_RANK) and choose GPUs with "
-                                 "CUDA_VISIBLE_DEVICES")
-            n = torch.cuda.device_count()
-            if n < 1:
-                raise InputError(f"rank {self.rank}: no CUDA device is visible")
-            dev = torch.device("cuda", self.local_rank % n)
-        if dev.type == "cuda":
-            torch.cuda.set_device(dev)
+        ranks than GPUs share them round-robin (Slurm with one GPU per task sees one: cuda:0),
+        and becomes this process's current CUDA device. An explicit index under a multi-process
+        launcher would put every rank on that GPU: refused. A plain process: `dev` unchanged
+        (the current device is the caller's business)."""
+        if not self.active or dev.type != "cuda":
+            return dev
+        if dev.index is not None:
+            raise InputError(f"device {dev} names one GPU, but this is rank {self.rank} of {self.world_size}: "
+                             "pass device 'cuda' (each rank takes cuda:LOCAL_RANK) and choose GPUs with "
+                             "CUDA_VISIBLE_DEVICES")
+        n = torch.cuda.device_count()
+        if n < 1:
+            raise InputError(f"rank {self.rank}: no CUDA device is visible")
+        dev = torch.device("cuda", self.local_rank % n)
+        torch.cuda.set_device(dev)
         return dev
 
+    def backend_for(self, device: torch.device) -> str:
+        """NCCL for CUDA with one GPU per rank; gloo on CPUs, and where this node's ranks share
+        GPUs (NCCL refuses two ranks on one GPU: "Duplicate GPU detected"). torchrun says how many
+        ranks share the node (LOCAL_WORLD_SIZE); without it every rank is assumed to have its own."""
+        if device.type != "cuda":
+            return "gloo"
+        return "gloo" if self.local_world_size > torch.cuda.device_count() else "nccl"
+
     def init(self, device: torch.device) -> None:
-        """Join the process group (NCCL for CUDA, gloo otherwise); failures are one-line input errors."""
+        """Join the process group (`backend_for(device)`); failures are one-line input errors."""
         if not self.active or self.initialized:
             return
         import torch.distributed as dist
 
-        backend = "nccl" if device.type == "cuda" else "gloo"
+        backend = self.backend_for(device)
         missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(k)]
         if missing:
             raise InputError(f"WORLD_SIZE={self.world_size} is set but {' and '.join(missing)} "

@@ -30,3 +30,18 @@ def small_fs(tmp_path):
 
     with small_tmpfs(tmp_path / "small-fs", "1m") as d:
         yield d
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` run only where CUDA is: elsewhere they are skipped, saying so (the one
+    marker allowed to skip; `bench/gpu_check.py` runs them on a GPU and counts them there)."""
+    gpu_tests = [item for item in items if item.get_closest_marker("gpu")]
+    if not gpu_tests:
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="gpu: no CUDA device here (run `pytest -m gpu` on a GPU machine)")
+    for item in gpu_tests:
+        item.add_marker(skip)
