@@ -79,9 +79,10 @@ def test_only_the_cli_imports_typer_and_rich():
                 [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else []
             for n in names:
                 assert n.split(".")[0] not in ("typer", "rich", "matplotlib"), f"{path}: imports {n}"
+    graph = import_graph()
     for path in PKG.rglob("*.py"):  # and nothing outside the cli package imports it (but `python -m igpt_cli`)
         if "cli" not in path.relative_to(PKG).parts[:1] and path.name != "__main__.py":
-            assert "igpt_cli.cli" not in import_graph().get(module_name(path), set()), path
+            assert "igpt_cli.cli" not in graph.get(module_name(path), set()), path
 
 
 def test_library_import_loads_no_ui():
@@ -104,3 +105,63 @@ def test_modules_are_short_or_say_why():
         if text.count("\n") > 420:
             doc = ast.get_docstring(ast.parse(text)) or ""
             assert "long" in doc.lower() or "lines" in doc.lower(), f"{path}: {text.count(chr(10))} lines, no reason given"
+
+
+# The tiers, bottom to top: a module may import from its own tier and the tiers below, never above.
+# A module's tier is that of the longest entry below that prefixes its dotted name (relative to
+# igpt_cli), so a new module inside a listed package (`model/runtime.py`, `train/ddp.py`) needs no
+# entry; a new top-level module or package needs one line here.
+TIERS = {
+    "formats": [  # file schemas and the vocabulary every layer shares; no model, no torch work
+        "", "formats", "errors", "outputs", "provenance", "choices", "progress", "results",
+    ],
+    "core": [  # the model, data readers, palettes, devices, processes, and the stage kernel
+        "model", "palette", "data", "layers", "runtime", "distributed", "stage", "runner",
+    ],
+    "stages": [  # files in, files out: one command's work each
+        "quantize", "extract", "generate", "probe", "train", "export", "show", "show_sources", "fileinfo",
+    ],
+    "pipelines": [  # stages composed of other stages
+        "sweep", "demo",
+    ],
+    "cli": ["cli", "__main__"],
+}
+TIER_ORDER = list(TIERS)
+
+
+def tier_of(module: str) -> str:
+    """The tier of an igpt_cli module, by the longest listed prefix of its name ("" = the package root:
+    `__version__` and the lazy public API, which imports nothing when loaded)."""
+    rel = module.removeprefix("igpt_cli").removeprefix(".")
+    best = None
+    for tier, prefixes in TIERS.items():
+        for p in prefixes:
+            if rel == p or (p and rel.startswith(p + ".")):
+                if best is None or len(p) > len(best[1]):
+                    best = (tier, p)
+    assert best is not None, (f"igpt_cli.{rel} is in no tier: add '{rel.split('.')[0]}' to one of "
+                              f"{', '.join(TIERS)} in TIERS (tests/test_package.py)")
+    return best[0]
+
+
+def test_imports_point_down_the_tiers():
+    graph = import_graph()
+    bad = []
+    for module, deps in graph.items():
+        mine = TIER_ORDER.index(tier_of(module))
+        for dep in deps:
+            if TIER_ORDER.index(tier_of(dep)) > mine:
+                bad.append(f"{module} ({tier_of(module)}) imports {dep} ({tier_of(dep)})")
+    assert not bad, "imports against the tiers (cli -> pipelines -> stages -> core -> formats):\n" + "\n".join(sorted(bad))
+
+
+def test_tier_rules_place_new_modules_and_name_unknown_ones():
+    assert tier_of("igpt_cli.model.runtime") == "core" and tier_of("igpt_cli.stage") == "core"
+    assert tier_of("igpt_cli.train.ddp") == "stages" and tier_of("igpt_cli.cli.app") == "cli"
+    assert tier_of("igpt_cli.show_sources") == "stages" and tier_of("igpt_cli") == "formats"
+    try:
+        tier_of("igpt_cli.telemetry.upload")
+    except AssertionError as e:
+        assert "add 'telemetry' to one of formats, core, stages, pipelines, cli" in str(e)
+    else:
+        raise AssertionError("an unknown module was given a tier")
