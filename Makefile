@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 # torch would download a multi-GB CUDA build.
 TORCH  ?= torch==2.13.0
 
-.PHONY: install install-test demo test test-all bench clean sweep-figure
+.PHONY: install install-test demo test test-all bench clean sweep-figure gpu-check
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -63,3 +63,9 @@ sweep-figure: $(VENV)/.installed
 	$(VENV)/bin/igpt train runs/cifar8-train.h5 --val runs/cifar8-test.h5 -o runs/sweep-cifar8-small --depth 4 --width 128 --heads 4 $(RECIPE) --save-at $(SAVE_AT)
 	$(VENV)/bin/igpt sweep '8x192=runs/sweep-cifar8' '4x128=runs/sweep-cifar8-small' --train runs/cifar8-train3k.h5 --test runs/cifar8-test1k.h5 -o runs/sweep-final
 	cp runs/sweep-final/sweep.csv runs/sweep-final/sweep.json runs/sweep-final/*.png docs/sweep/
+
+# Every GPU path on one CUDA device, one table (README "GPU check"); on a machine without
+# CUDA it says so and exits 0. GPU_CHECK_ARGS: e.g. --data /path/to/cifar10-jpeg.tar --json out.json
+GPU_CHECK_ARGS ?=
+gpu-check: $(VENV)/.installed-test
+	$(PY) bench/gpu_check.py $(GPU_CHECK_ARGS)

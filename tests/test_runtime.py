@@ -90,3 +90,22 @@ def test_auto_dtype_on_this_gpu_matches_its_capability():
     major, _ = torch.cuda.get_device_capability(dev)
     assert resolve_dtype("auto", dev) == (torch.bfloat16 if major >= 8 else torch.float32)
     assert torch.cuda.is_bf16_supported(including_emulation=False) == (major >= 8)
+
+
+@pytest.mark.gpu
+def test_deterministic_mode_repeats_cuda_training_bit_for_bit(tmp_path):
+    """README "Reproducibility": with IGPT_DETERMINISTIC=1 two identical training runs on one GPU
+    give the same bits (a child process: the mode lasts for the rest of a process)."""
+    import subprocess
+    import sys
+
+    from helpers import ENV, make_tokens
+
+    tok = make_tokens(tmp_path / "t.h5", 64, 4, high=16)
+    code = ("import sys; from igpt_cli import TrainConfig, pretrain\n"
+            "cfg = TrainConfig(n_layer=2, n_embd=32, n_head=2, steps=6, batch_size=8, warmup_steps=1, seed=0)\n"
+            "for d in sys.argv[2:]: pretrain(sys.argv[1], d, cfg, device='cuda', dtype='float32')")
+    r = subprocess.run([sys.executable, "-c", code, str(tok), str(tmp_path / "a"), str(tmp_path / "b")],
+                       capture_output=True, text=True, env=dict(ENV, IGPT_DETERMINISTIC="1"), timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()

@@ -181,7 +181,8 @@ def pretrain(
 
     A resumed run must use the same tokens file (its SHA-256 is recorded in the state)
     and the same validation file: `val_tokens=None` finds the run's own again by its
-    recorded path. `dtype="auto"` resumes in the run's own compute dtype (bit-for-bit).
+    recorded path. `dtype="auto"` resumes in the run's own compute dtype (bit-for-bit on
+    the CPU; on a GPU with `IGPT_DETERMINISTIC=1`, see `runtime.apply_deterministic_mode`).
 
     Progress: one event per step (`info` holds the smoothed loss and learning rate); every
     evaluation record is also a log `message` (one JSON line).
