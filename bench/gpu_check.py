@@ -661,7 +661,7 @@ def child_repro(dev: str, tokens: Path, tmp: Path, steps: int, rows_n: int) -> d
     n = max(rows_n, 16)
     a = sample_images(SHIPPED, n, seed=0, batch_size=8, device=dev, dtype="float32")
     b = sample_images(SHIPPED, n, seed=0, batch_size=n, device=dev, dtype="float32")
-    out["sample_batch_rows_identical"] = float((a == b).all(1).mean())
+    out["sample_batch_rows_identical"], out["rows"] = float((a == b).all(1).mean()), n
     cfg = dict(n_layer=2, n_embd=64, n_head=4, steps=steps, batch_size=16, lr=3e-3, warmup_steps=2,
                checkpoint_every=steps // 2, eval_every=steps // 2, seed=0)
 
@@ -698,7 +698,7 @@ def check_repro(ctx: Ctx) -> list[Row]:
         frac = res["sample_batch_rows_identical"]
         # the promise: CPU bit for bit; CUDA the same bits for the same batch, rows at other batch sizes
         # may differ where cuBLAS's shape-dependent rounding flips a sampled token (README: Reproducibility)
-        rows.append(Row(f"samples batch 8 vs 64, fp32 ({label})", verdict(frac == 1.0) if not ctx.cuda else "info",
+        rows.append(Row(f"samples batch 8 vs {res['rows']}, fp32 ({label})", verdict(frac == 1.0) if not ctx.cuda else "info",
                         f"{100 * frac:.0f}% of rows identical", "CPU: all; CUDA: measured"))
         exact = res["resume_bit_identical"]
         want_exact = not ctx.cuda or det == "1"
@@ -714,34 +714,53 @@ def check_repro(ctx: Ctx) -> list[Row]:
 # ---------------------------------------------------------------------------
 @check("syncs")
 def check_syncs(ctx: Ctx) -> list[Row]:
-    if not ctx.cuda:
-        raise Skip("sync debug mode needs CUDA")
+    """Where the host waits for the GPU, by file:line, per unit of work (on the CPU: the workloads
+    run, nothing is measured)."""
     from igpt_cli import LinearProbe, features_from_tokens, load_pretrained, sample_images
 
     tokens = read_tokens(model_tokens(ctx)[0])[0][:64]
-    model = load_pretrained(shipped_dir()).to("cuda", torch.bfloat16).eval()
+    model = load_pretrained(shipped_dir()).to(ctx.dev, torch.bfloat16 if ctx.cuda else torch.float32).eval()
+    T = model.config.n_positions
     Xtr, ytr, _, _ = probe_data(ctx)
     features_from_tokens(tokens, model, "all", batch_size=64)  # warm-up: kernels chosen, memory allocated
-    work = {"one extract batch (64 images, all layers)": lambda: features_from_tokens(tokens, model, "all", batch_size=64),
-            "sampling 8 rows x 64 tokens": lambda: sample_images(model, 8, batch_size=8),
-            "one probe fit (C=1)": lambda: LinearProbe(C=1.0, device="cuda").fit(Xtr, ytr)}
+
+    def extract_batch():
+        features_from_tokens(tokens, model, "all", batch_size=64)
+        return 1, "batch"
+
+    def sampling():
+        sample_images(model, 8, batch_size=8)
+        return T, "decode step"
+
+    def probe_fit():
+        return int(LinearProbe(C=1.0, device=ctx.dev).fit(Xtr, ytr).n_iter_[0]), "pass over the rows"
+
+    work = {f"one extract batch ({len(tokens)} images, all layers)": extract_batch,
+            f"sampling 8 rows x {T} tokens": sampling, "one probe fit (C=1)": probe_fit}
     rows = []
     for name, fn in work.items():
-        torch.cuda.synchronize()
+        sync(ctx)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            torch.cuda.set_sync_debug_mode("warn")
+            if ctx.cuda:
+                torch.cuda.set_sync_debug_mode("warn")
             try:
-                fn()
+                units, unit = fn()
             finally:
-                torch.cuda.set_sync_debug_mode(0)
+                if ctx.cuda:
+                    torch.cuda.set_sync_debug_mode(0)
+        if not ctx.cuda:
+            rows.append(Row(f"syncs: {name}", "skip", "ran; sync debug mode needs CUDA"))
+            continue
         sites: dict[str, int] = {}
         for w in caught:
             if "synchroniz" in str(w.message):
                 where = f"{Path(w.filename).name}:{w.lineno}"
                 sites[where] = sites.get(where, 0) + 1
-        top = ", ".join(f"{k} x{v}" for k, v in sorted(sites.items(), key=lambda kv: -kv[1])[:5])
-        rows.append(Row(f"syncs: {name}", "info", f"{sum(sites.values())} at {len(sites)} sites: {top or '-'}"))
+        n = sum(sites.values())
+        top = ", ".join(f"{k} x{v}" for k, v in sorted(sites.items(), key=lambda kv: -kv[1])[:6])
+        rows.append(Row(f"syncs: {name}", "info", f"{n} ({n / max(units, 1):.1f} per {unit}) at {len(sites)} sites: "
+                                                  f"{top or '-'}"))
     return rows
 
 
@@ -899,17 +918,24 @@ def check_large(ctx: Ctx) -> list[Row]:
     rows = []
     total = torch.cuda.get_device_properties(0).total_memory if ctx.cuda else 0
 
+    free_before = [0]
+
+    def reset() -> None:
+        if ctx.cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            free_before[0] = torch.cuda.mem_get_info()[0]
+
     def memory() -> str:
         if not ctx.cuda:
             return ""
-        return f", peak {torch.cuda.max_memory_allocated() / 2**30:.1f} of {total / 2**30:.0f} GiB"
+        return (f", peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB "
+                f"({free_before[0] / 2**30:.0f} free before, {total / 2**30:.0f} in all)")
 
     def fits() -> bool:
         return not ctx.cuda or torch.cuda.max_memory_allocated() <= 0.9 * total
 
-    if ctx.cuda:
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
+    reset()
     try:
         res = extract_features(tok, d, str(L), ctx.tmp / "large-feats.h5", device=ctx.dev, dtype="bfloat16",
                                overwrite=True)
@@ -919,9 +945,7 @@ def check_large(ctx: Ctx) -> list[Row]:
                         f"{mfu(ctx, rate * forward_flops(L, C, T))}{memory()}", "runs, peak <= 90% of memory"))
     except Exception as e:  # noqa: BLE001 - an out-of-memory is this check's finding
         rows.append(Row(f"{L}x{C} T={T} bf16: extract", "fail", one_line(e)))
-    if ctx.cuda:
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
+    reset()
     try:
         res = complete_file(tok, d, ctx.tmp / "large-complete.h5", keep_rows=side - 1, n=1, limit=n, seed=0,
                             device=ctx.dev, dtype="bfloat16", overwrite=True)
