@@ -112,9 +112,12 @@ class Sizes:
     large_rows: int
 
 
-GPU_SIZES = Sizes(410, 100, 8192, (24, 512, 8, 32), 64, 3, 64, (8, 512, 8, 128), 20, 1000,
-                  (48, 1536, 16, 32), 520)
-DRY_SIZES = Sizes(4, 3, 256, (2, 32, 2, 4), 6, 2, 8, (2, 32, 2, 8), 6, 30, (2, 32, 2, 4), 5)
+GPU_SIZES = Sizes(train_per_class=410, test_per_class=100, peak_n=8192, parity_model=(24, 512, 8, 32), parity_rows=64,
+                  probe_layers=3, gen_rows=64, train_model=(8, 512, 8, 128), resume_steps=20, torchrun_rows=1000,
+                  large_model=(48, 1536, 16, 32), large_rows=520)
+DRY_SIZES = Sizes(train_per_class=4, test_per_class=3, peak_n=256, parity_model=(2, 32, 2, 4), parity_rows=6,
+                  probe_layers=2, gen_rows=8, train_model=(2, 32, 2, 8), resume_steps=6, torchrun_rows=30,
+                  large_model=(2, 32, 2, 4), large_rows=5)
 
 
 @dataclass
@@ -131,11 +134,6 @@ class Ctx:
     @property
     def cuda(self) -> bool:
         return self.dev == "cuda"
-
-    def need(self, key: str, why: str):
-        if key not in self.art:
-            raise Skip(why)
-        return self.art[key]
 
     def env(self, **extra) -> dict:
         env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), **extra)
@@ -169,6 +167,11 @@ def error_lines(stderr: str) -> list[str]:
                 and ln.strip() not in keep:
             keep.append(ln.strip())
     return keep
+
+
+def failure(r: subprocess.CompletedProcess) -> str:
+    """What a failed command said: its last error line, else the end of its stderr."""
+    return (error_lines(r.stderr) or [r.stderr.strip()[-150:] or f"exit status {r.returncode}"])[-1][:160]
 
 
 def one_line(e: BaseException) -> str:
@@ -368,7 +371,7 @@ def check_features(ctx: Ctx) -> list[Row]:
                      "--quiet", "--overwrite"], timeout=240)
         wall = time.perf_counter() - t0
         if r.returncode:
-            rows.append(Row(f"igpt features ({split})", "fail", (error_lines(r.stderr) or [r.stderr[-150:]])[0]))
+            rows.append(Row(f"igpt features ({split})", "fail", failure(r)))
             continue
         res = last_json(r.stdout)
         n = int(res.get("n", 0))
@@ -692,7 +695,7 @@ def check_repro(ctx: Ctx) -> list[Row]:
         r = subprocess.run(cmd, capture_output=True, text=True, env=ctx.env(IGPT_DETERMINISTIC=det), timeout=300)
         label = "IGPT_DETERMINISTIC=1" if det == "1" else "default"
         if r.returncode:
-            rows.append(Row(f"reproducibility ({label})", "fail", (error_lines(r.stderr) or [r.stderr[-150:]])[-1]))
+            rows.append(Row(f"reproducibility ({label})", "fail", failure(r)))
             continue
         res = last_json(r.stdout)
         frac = res["sample_batch_rows_identical"]
@@ -809,7 +812,7 @@ def check_train(ctx: Ctx) -> list[Row]:
                             "finite, falling loss or a clean refusal"))
             continue
         if r.returncode:
-            rows.append(Row(name, "fail", (error_lines(r.stderr) or [r.stderr[-150:]])[-1][:160]))
+            rows.append(Row(name, "fail", failure(r)))
             continue
         res, losses = last_json(r.stdout), losses_of(out)
         ok = all(map(math.isfinite, losses)) and losses[-1] < losses[0]
@@ -828,7 +831,7 @@ def check_train(ctx: Ctx) -> list[Row]:
                      "--batch-size", 16, "--grad-accum", accum, "--dtype", "float32", "--device", ctx.dev,
                      "--checkpoint-every", 5, "--quiet"], timeout=200)
         if r.returncode:
-            rows.append(Row("train --grad-accum 2 = full batch", "fail", (error_lines(r.stderr) or [r.stderr[-150:]])[-1]))
+            rows.append(Row("train --grad-accum 2 = full batch", "fail", failure(r)))
             return rows
         outs[accum] = out
     err = weights_rel(outs[1], outs[2])
@@ -866,14 +869,14 @@ def check_torchrun(ctx: Ctx) -> list[Row]:
     ref = ctx.tmp / "tr-1proc.h5"
     r = ctx.run([*common, "--device", ctx.dev, "-o", ref, "--overwrite"])
     if r.returncode:
-        return [Row("extract, one process", "fail", (error_lines(r.stderr) or [r.stderr[-150:]])[-1])]
+        return [Row("extract, one process", "fail", failure(r))]
     rows = []
     for k in (1, 2):
         out = ctx.tmp / f"tr-{k}ranks.h5"
         r = ctx.run([*common, "--device", ctx.dev, "-o", out, "--overwrite"], torchrun=k)
         name = f"torchrun extract, {k} rank{'s' if k > 1 else ''}" + (" on one GPU" if ctx.cuda and k > 1 else "")
         if r.returncode:
-            rows.append(Row(name, "fail", (error_lines(r.stderr) or [r.stderr[-150:]])[-1][:160], "= one process"))
+            rows.append(Row(name, "fail", failure(r), "= one process"))
             continue
         a, b = read_features(ref), read_features(out)
         same = sorted(a) == sorted(b) and all(a[i].tobytes() == b[i].tobytes() for i in a)
@@ -904,7 +907,7 @@ def torchrun_train_rows(ctx: Ctx) -> list[Row]:
                      "--batch-size", 16, "--dtype", "float32", "--device", ctx.dev, "--checkpoint-every", 6, "--quiet"],
                     torchrun=k, timeout=300)
         if r.returncode:
-            return [Row(name, "fail", (error_lines(r.stderr) or [r.stderr[-150:]])[-1][:160], "weights rel <= 1e-4")]
+            return [Row(name, "fail", failure(r), "weights rel <= 1e-4")]
         outs[k] = out
     err = weights_rel(outs[0], outs[2])
     return [Row(name, verdict(err <= 1e-4), f"weights rel {err:.1e}", "weights rel <= 1e-4")]
