@@ -38,7 +38,7 @@ that does not exist yet is reported as "skip (flag missing)". On a machine witho
 in one line and exits 0; `--cpu-dry-run` runs the same code on the CPU at tiny shapes, with the
 CPU standing in for the GPU (its comparisons are then CPU vs CPU: it tests the script, not a GPU).
 Exit status: 1 if any check failed, else 0. Long by nature: one file so that it can be copied
-to a GPU machine and run as is (about 900 lines).
+to a GPU machine and run as is (about 1,100 lines).
 """
 from __future__ import annotations
 
@@ -412,6 +412,19 @@ def hf_features(model_dir: Path, tokens: np.ndarray, dev: str) -> dict[int, np.n
     return {k: np.concatenate(v) for k, v in out.items()}
 
 
+def parity_tokens(ctx: Ctx, side: int) -> tuple[Path, str]:
+    """side x side tokens for the random model: CIFAR-10 test images quantized with `igpt quantize`
+    (neighbouring tokens alike, so that features averaged over positions keep a signal), else
+    random tokens."""
+    path = ctx.tmp / f"parity-{side}.h5"
+    if ctx.data is not None:
+        r = ctx.run(["quantize", ctx.data, "--split", "test", "--size", side, "--limit",
+                     ctx.sizes.parity_rows, "--shuffle", "-o", path, "--quiet", "--overwrite"], timeout=120)
+        if r.returncode == 0:
+            return path, "CIFAR-10 tokens"
+    return token_file(path, ctx.sizes.parity_rows, side, seed=3), "random tokens"
+
+
 @check("hf-parity")
 def check_hf_parity(ctx: Ctx) -> list[Row]:
     try:
@@ -427,12 +440,13 @@ def check_hf_parity(ctx: Ctx) -> list[Row]:
     rand_dir = ctx.tmp / f"hf-{L}x{C}"
     ImageGPTModel(ImageGPTConfig(vocab_size=513, n_positions=side * side, n_embd=C, n_layer=L, n_head=H)) \
         .save_pretrained(rand_dir)
-    rand_tok = token_file(ctx.tmp / f"parity-{side}.h5", ctx.sizes.parity_rows, side, seed=3)
+    rand_tok, kind = parity_tokens(ctx, side)
     ship_tok, real = model_tokens(ctx)
     rows = []
     for name, model, tok, shape in ((f"shipped 8x192 ({'CIFAR-10' if real else 'random'} tokens)", shipped_dir(),
                                      ship_tok, (8, 192, 64)),
-                                    (f"random {L}x{C}, T={side * side}", rand_dir, rand_tok, (L, C, side * side))):
+                                    (f"random {L}x{C}, T={side * side} ({kind})", rand_dir, rand_tok,
+                                     (L, C, side * side))):
         tokens = read_tokens(tok)[0][:256]
         ref = hf_features(model, tokens, ctx.dev)
         for dtype, tol in (("float32", 1e-4), ("bfloat16", 1e-2)):
