@@ -241,8 +241,9 @@ def sample_images(model: IGPT | str | Path, n: int, *, temperature: float = 1.0,
     """`n` unconditional samples: uint16 tokens [n, n_positions] (decode them with a `Palette`).
 
     Each sequence starts from SOS alone; `temperature` 0 is greedy. Same seed, device and
-    dtype: the same samples, on the CPU whatever the batch size (on a GPU another batch size
-    can flip a rare token: README, "Reproducibility on GPUs"). Progress: task "sample", unit "token".
+    dtype: the same samples, on the CPU whatever the batch size (on a GPU another batch
+    size can flip a rare token: README, "Reproducibility on GPUs"). Progress: task "sample",
+    unit "token".
     """
     sampling = Sampling(temperature, top_k, top_p)
     seed = check_seed(seed)
