@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 # torch would download a multi-GB CUDA build.
 TORCH  ?= torch==2.13.0
 
-.PHONY: install install-test demo test test-all bench clean sweep-figure gpu-check
+.PHONY: install install-test demo test test-all bench clean sweep-figure gpu-check docs
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +17,10 @@ $(VENV)/.installed: pyproject.toml
 
 $(VENV)/.installed-test: $(VENV)/.installed
 	$(PY) -m pip install -q -e ".[test]"
+	touch $@
+
+$(VENV)/.installed-docs: $(VENV)/.installed
+	$(PY) -m pip install -q -e ".[docs]"
 	touch $@
 
 install: $(VENV)/.installed
@@ -33,8 +37,15 @@ test: $(VENV)/.installed-test
 test-all: $(VENV)/.installed-test
 	$(PY) -m pytest -q
 
+# The docs site (mkdocs-material) into site/: guides from docs/, the command reference generated
+# from the typer app, the API reference from docstrings; any warning is an error.
+docs: $(VENV)/.installed-docs
+	rm -rf docs/reference/cli
+	$(PY) docs/tools/cli_reference.py docs/reference/cli
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet
+
 clean:
-	rm -rf $(VENV) demo-out .pytest_cache igpt-demo.png
+	rm -rf $(VENV) demo-out .pytest_cache igpt-demo.png site docs/reference/cli
 
 # How the shipped model (igpt_cli/assets/igpt-cifar8) was made: CIFAR-10 train at 8x8,
 # 2,400 steps of 128 on this 2-core CPU (~70 min), exported as fp16 safetensors.
