@@ -231,10 +231,18 @@ def test_restart_discards_partial(small):
         for k, v in f.attrs.items():
             p.attrs[k] = v
         p.create_group("features")
-        p.attrs.update(n_done=0, complete=False, layers="[0]")
+        p.attrs.update(n_done=3, complete=False, layers="[0]")
     with pytest.raises(InputError, match="layers differs"):
         extract_features(small["tokens"], small["dir"], "2", out, overwrite=True)
     s = extract_features(small["tokens"], small["dir"], "2", out, overwrite=True, restart=True)
+    assert s.resumed_from == 0 and s.computed == 12 and not tmp.exists()
+    # a partial file of other settings with no row done holds nothing: replaced without restart
+    with h5py.File(out) as f, h5py.File(tmp, "w") as p:
+        for k, v in f.attrs.items():
+            p.attrs[k] = v
+        p.create_group("features")
+        p.attrs.update(n_done=0, complete=False, layers="[0]")
+    s = extract_features(small["tokens"], small["dir"], "2", out, overwrite=True)
     assert s.resumed_from == 0 and s.computed == 12 and not tmp.exists()
 
 

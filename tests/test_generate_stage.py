@@ -226,8 +226,8 @@ def test_score_file_and_summary(demo_tokens, tmp_path):
 def test_interrupted_score_resumes(demo_tokens, tmp_path):
     out = tmp_path / "scores.h5"
 
-    def stop(ev):  # in the third batch, after it computed, before its rows count as done
-        if ev.done > 8:
+    def stop(ev):  # at the end of the second batch: its rows are flushed and counted, the third never starts
+        if ev.done >= 8:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
