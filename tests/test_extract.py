@@ -289,6 +289,16 @@ def test_kill_9_resume_identical(tmp_path):
 # ---------------------------------------------------------------------------
 # bad input: one line, exit 2, no traceback, nothing left behind
 # ---------------------------------------------------------------------------
+def test_a_planted_lock_symlink_is_refused_and_its_target_untouched(small, tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    out = tmp_path / "f.h5"
+    outputs.lock_path_for(out).symlink_to(victim)
+    r = invoke("extract", small["tokens"], "--model", small["dir"], "-l", "1", "-o", out, "-q")
+    assert r.returncode == 2 and "is a symbolic link" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert victim.read_text() == "precious\n" and not out.exists() and not outputs.temp_path_for(out).exists()
+
+
 @pytest.fixture(scope="module")
 def bad_inputs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("bad")

@@ -207,9 +207,10 @@ def extract_image_features(
                                  partial=outputs.temp_path_for(out))
     auto_bs = load_source(source, m) if m is not None else 256
     bs = min(batch_size or auto_bs, n_total)
+    # skip_bad is no part of the identity: a run without it stops at the first bad image, so its rows
+    # are those a run with it computes, and the rerun its error suggests (skip_bad=True) resumes it
     selection = dict(fmt=ds.kind, limit=limit, limit_per_class=limit_per_class, shuffle=bool(shuffle), seed=seed,
-                     skip_bad=bool(skip_bad), max_pixels=max_pixels, image_column=image_column,
-                     label_column=label_column)
+                     max_pixels=max_pixels, image_column=image_column, label_column=label_column)
     srcs = [os.path.abspath(s) for s in src] if isinstance(src, (list, tuple)) else os.path.abspath(src)
     identity = dict(
         layers=source.layers, site=source.site, sos=source.sos, pool=source.pool,
@@ -218,6 +219,7 @@ def extract_image_features(
         split=ds.split, size=size, resize=ds.resize, palette_sha256=pal.sha256, selection=json.dumps(selection),
     )
     attrs = dict(model=source.name, class_names=json.dumps(ds.class_names), height=size, width=size,
+                 skip_bad=bool(skip_bad),
                  tokens_file=os.path.abspath(keep_tokens) if keep_tokens is not None else None)
     spec = features_file(source, n_total, store_dtype, identity, attrs)
 
