@@ -26,7 +26,7 @@ from ..choices import POOLS, SITES, STORE_DTYPES
 from ..distributed import DistContext
 from ..errors import InputError, check_choice, check_positive
 from ..layers import parse_layers
-from ..model.runtime import dtype_name, feature_batch_size, open_model, resolve_model_dir
+from ..model.runtime import dtype_name, feature_batch_size, open_model
 from ..progress import OnProgress, Reporter
 from ..results import Result
 from ..stage import StageFile, StageRun, run_stage
@@ -124,8 +124,8 @@ def model_source(model, layers, *, device, dtype, site, sos, pool, dist, revisio
     m = open_model(model, device=device, dtype=dtype, revision=revision, local_files_only=local_files_only,
                    quiet=quiet, dist=dist)
     layers = parse_layers(layers, range(m.cfg.n_layer + 1))
-    source = ModelSource(None, m.device, m.dtype, layers, site, bool(sos) and m.cfg.autoregressive,  # type: ignore[arg-type]
-                         str(m.dir), pool=pool)
+    sos = bool(sos) and m.cfg.autoregressive  # a BERT model reads its tokens unshifted
+    source = ModelSource(None, m.device, m.dtype, layers, site, sos, str(m.dir), pool=pool)  # type: ignore[arg-type]
     return source, m
 
 
