@@ -26,6 +26,9 @@ once for all of them:
    merges the parts by row index. Every batch holds the rows it holds in one process, so
    the file is the one-process file (only `world_size` differs).
 5. **Atomic rename** onto the output when complete. Every file records `world_size`.
+
+The module is long (about 460 lines) on purpose: these steps are one protocol — the same
+lock, identity check and loop for one process and for every rank — best read in one place.
 """
 from __future__ import annotations
 

@@ -253,7 +253,8 @@ def complete_file(tokens_path: str | Path, model: str | Path, out: str | Path, *
     with tf:
         kept_rows, keep = keep_tokens_for(height, width, keep_rows, keep_fraction)
         labels, sources = formats.labels_and_sources(tf, n_img, tokens_path)
-        kept = np.asarray(formats.read_dataset(tok, slice(0, n_img), tokens_path)[:, :keep], dtype=np.uint16)
+        kept = np.asarray(formats.read_dataset(tok, (slice(0, n_img), slice(0, keep)), tokens_path),
+                          dtype=np.uint16)  # [N, keep]: all a run needs of the input
         names, info = formats.class_names(tf, tokens_path), formats.read_attrs(tf)
     rows, T = n_img * n, m.cfg.n_positions
     net = m.load()
