@@ -46,7 +46,7 @@ __all__ = ["extract_image_features", "model_image_settings", "StreamedTokens"]
 
 class StreamedTokens:
     """A dataset's images as token rows, quantized as they stream by and read as consecutive
-    slices `[i, j)` (`rows.fill_rows` reads it like a tokens dataset).
+    slices `[i, j)` (the stage kernel asks for its rows as it would read a tokens dataset).
 
     A slice may start past the last one (resuming): the rows between are read and dropped.
     `columns(i, j)` are the labels and sources of the rows of the last slice. `keep`, an open
