@@ -104,3 +104,16 @@ def test_modules_are_short_or_say_why():
         if text.count("\n") > 420:
             doc = ast.get_docstring(ast.parse(text)) or ""
             assert "long" in doc.lower() or "lines" in doc.lower(), f"{path}: {text.count(chr(10))} lines, no reason given"
+
+
+def test_stages_share_the_kernel_and_runtime_not_each_other():
+    """extract and generate run models through `model.runtime` and write files through `stage`,
+    never through each other; the kernel and the runtime import no stage."""
+    graph = import_graph()
+    for m, deps in graph.items():
+        for a, b in (("igpt_cli.extract", "igpt_cli.generate"), ("igpt_cli.generate", "igpt_cli.extract")):
+            if m == a or m.startswith(a + "."):
+                assert not [d for d in deps if d == b or d.startswith(b + ".")], (m, sorted(deps))
+    for low in ("igpt_cli.stage", "igpt_cli.model.runtime"):
+        stages = [d for d in graph[low] if d.split(".")[1:2] in (["extract"], ["generate"], ["sweep"], ["train"], ["cli"])]
+        assert not stages, (low, stages)
