@@ -115,5 +115,6 @@ def test_stages_share_the_kernel_and_runtime_not_each_other():
             if m == a or m.startswith(a + "."):
                 assert not [d for d in deps if d == b or d.startswith(b + ".")], (m, sorted(deps))
     for low in ("igpt_cli.stage", "igpt_cli.model.runtime"):
-        stages = [d for d in graph[low] if d.split(".")[1:2] in (["extract"], ["generate"], ["sweep"], ["train"], ["cli"])]
+        stages = [d for d in graph[low]
+                  if d.split(".")[1:2] in (["extract"], ["generate"], ["sweep"], ["train"], ["cli"])]
         assert not stages, (low, stages)
