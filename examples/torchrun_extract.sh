@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Feature extraction on several processes (GPUs or CPU cores) with torchrun: each process takes
 # a shard of whole batches, writes a resumable part file, and rank 0 merges them into OUT.
-# The result is the same file a one-process run writes.
+# The result is the same file a one-process run writes (its world_size attr says NPROC). The same
+# launch works for igpt features, score, sample and complete.
 #
 #   examples/torchrun_extract.sh TOKENS.h5 MODEL OUT.h5 [NPROC]
 #

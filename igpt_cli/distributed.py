@@ -187,8 +187,9 @@ class DistContext:
             if h != ref_hash:
                 keys = sorted(k for k in set(ref) | set(s) if ref.get(k) != s.get(k))
                 diff = ", ".join(f"{k}: {s.get(k)!r} vs {ref.get(k)!r}" for k in keys[:3])
-                raise InputError(f"rank {r} of {self.world_size} runs with other {what} than rank 0 ({diff}); "
-                                 "start every rank with the same command")
+                msg = (f"rank {r} of {self.world_size} runs with other {what} than rank 0 ({diff}); "
+                       "start every rank with the same command")
+                raise InputError(msg) if self.rank == r else PeerError(msg)  # said once, by that rank
 
     def barrier(self) -> None:
         if self.active:

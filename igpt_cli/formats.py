@@ -58,7 +58,8 @@ def stamp_provenance(f: h5py.File, device: str | None = None) -> None:
     """Write `igpt_cli.provenance` attrs (command line, versions, device name, created_utc) into `f`.
 
     `device` None: the GPU this process has initialised, if any, else the CPU."""
-    attrs = {k: str(v) for k, v in provenance(device=device or _device_in_use()).items()}  # TorchVersion: a str
+    attrs = {k: v if isinstance(v, int) else str(v)  # TorchVersion: a str
+             for k, v in provenance(device=device or _device_in_use()).items()}
     if len(attrs["command"]) > MAX_COMMAND:
         attrs["command"] = attrs["command"][:MAX_COMMAND] + f" … ({len(attrs['command'])} characters)"
     f.attrs.update(attrs)
@@ -299,15 +300,6 @@ def implied_pool(site: str | None) -> str:
     return "flatten" if site == "pixels" else "mean"
 
 
-# Attributes that pin down what a features file holds: a partial file is resumed
-# only when all of them match the new run (anything else would mix two results).
-# A features file made from images (`igpt features`) has the dataset's keys (`source` … `selection`)
-# where one made from a tokens file has `tokens_sha256`; absent keys match absent keys.
-FEATURES_IDENTITY = ("layers", "site", "sos", "pool", "compute_dtype", "store_dtype", "device_type",
-                     "batch_size", "model_sha256", "model_config", "tokens_sha256", "n_total",
-                     "source", "split", "size", "resize", "palette_sha256", "selection")
-
-
 def _chunked_preallocated(group: h5py.Group, name: str, shape: tuple[int, int], dtype, chunk_rows: int):
     """A row-chunked dataset whose chunks are all allocated at creation and never filled.
 
@@ -349,20 +341,35 @@ def create_features_file(
     stamp_provenance(f, device)
 
 
-def features_mismatch(f: h5py.File, expected: dict) -> str | None:
-    """Why the partial features file `f` cannot be resumed by a run with `expected` attrs (None: it can)."""
-    have = read_attrs(f)
-    if have.get("format") != FEATURES_FORMAT:
-        return f"not an {FEATURES_FORMAT} file"
-    for key in FEATURES_IDENTITY:
-        want = expected.get(key)
-        want = json.dumps(want) if isinstance(want, (list, dict)) else want
+def identity_mismatch(have: dict, identity: dict) -> str | None:
+    """Why a partial file with attrs `have` (`read_attrs`) cannot be resumed by a run with `identity`
+    (None: it can). Lists and dicts compare as the JSON they are stored as; an absent key matches
+    only an absent (None) one. The one identity check of every resumable stage (`igpt_cli.stage`)."""
+    for key, want in identity.items():
+        want = json.dumps(want) if isinstance(want, (list, dict, tuple)) else want
         if have.get(key) != want:
             old = str(have.get(key))
             old = old if len(old) < 60 else old[:57] + "…"
             new = str(want) if len(str(want)) < 60 else str(want)[:57] + "…"
             return f"{key} differs (partial file: {old}, this run: {new})"
     return None
+
+
+def upgrade_in_place(f: h5py.File, attrs: dict) -> None:
+    """Bring a partial file an older igpt started (that matches this run) to the current version of
+    its kind: write the attrs it lacked (a version-1 features file: `pool`) and the version."""
+    kind = _attr(f.attrs.get("format"))
+    f.attrs.update({k: v for k, v in attrs.items() if k not in f.attrs})
+    if kind in FORMAT_VERSIONS:
+        f.attrs["format_version"] = FORMAT_VERSIONS[kind]
+
+
+def labels_and_sources(f: h5py.File, n: int, path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """The first n labels and sources of an open tokens file (-1 / "name[i]" where it has none)."""
+    labels = np.asarray(f["labels"][:n]) if "labels" in f else np.full(n, -1)
+    sources = (np.asarray(f["sources"].asstr()[:n], dtype=object) if "sources" in f
+               else np.array([f"{Path(path).name}[{i}]" for i in range(n)], dtype=object))
+    return labels, sources
 
 
 def check_complete_features(f: h5py.File, path: Path) -> dict:

@@ -4,8 +4,10 @@ The rules every stage follows (as git's lock files and rsync's temp files do):
 - `check_output_path` runs before any work: the directory exists and is writable, the
   path is not a directory, an existing file is replaced only with `overwrite=True`.
 - `output_lock(path)` holds an exclusive `fcntl.flock` on `.<name>.lock` next to the
-  output for the whole run, so two runs writing the same output cannot interleave: the
-  second one fails at once, naming the holder (pid, host, start time, command). The lock
+  output for the whole run (never opened through a symlink, and only a regular file: a
+  planted link cannot make igpt write elsewhere), so two runs writing the same output
+  cannot interleave: the second one fails at once, naming the holder (pid, host, start
+  time, command). The lock
   dies with its process (kill -9 included), so a stale lock file never blocks a rerun;
   the holder removes the lock file when it is done.
 - `atomic_output(path)` writes under `.<name>.tmp` and renames onto the path only on
@@ -26,6 +28,7 @@ import fcntl
 import json
 import os
 import socket
+import stat
 import sys
 import time
 from pathlib import Path
@@ -128,6 +131,24 @@ def _flock_nb(fd: int, how: int, retry_s: float) -> bool:
             time.sleep(0.01)
 
 
+def _open_lock_file(final: str | Path, lock: Path) -> int:
+    """Open (creating) the lock file `lock` of `final`: never through a symlink (O_NOFOLLOW), and only
+    a regular file (a FIFO, device or directory planted there is refused, untouched)."""
+    try:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
+    except OSError as e:
+        if is_disk_full(e):
+            raise disk_full(final) from None
+        if e.errno == errno.ELOOP or os.path.islink(lock):
+            raise OutputError(f"{final}: the lock file {lock} is a symbolic link; igpt never writes through "
+                              "one: remove it and run again") from None
+        raise OutputError(f"{final}: cannot create the lock file {lock} ({e.strerror})") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OutputError(f"{final}: the lock file {lock} is not a regular file; remove it and run again")
+    return fd
+
+
 @contextlib.contextmanager
 def output_lock(final: str | Path) -> Iterator[Path]:
     """Hold an exclusive lock on the output `final` for the duration of the block.
@@ -138,12 +159,7 @@ def output_lock(final: str | Path) -> Iterator[Path]:
     """
     lock = lock_path_for(final)
     while True:
-        try:
-            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as e:
-            if is_disk_full(e):
-                raise disk_full(final) from None
-            raise OutputError(f"{final}: cannot create the lock file {lock} ({e.strerror})") from None
+        fd = _open_lock_file(final, lock)
         if not _flock_nb(fd, fcntl.LOCK_EX, LOCK_RETRY_S):
             os.close(fd)
             raise OutputError(f"{final}: another igpt run is writing this output ({_holder(lock)}); "
@@ -181,9 +197,9 @@ def writer_of(path: str | Path) -> str | None:
     try:
         if str(lock.resolve()) in _held:
             return None
-        fd = os.open(lock, os.O_RDONLY)
+        fd = os.open(lock, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError:
-        return None  # no lock file: nobody writes it
+        return None  # no lock file (or a planted symlink): nobody writes it
     try:
         if _flock_nb(fd, fcntl.LOCK_SH, 0.0):
             fcntl.flock(fd, fcntl.LOCK_UN)

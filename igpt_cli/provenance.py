@@ -1,7 +1,8 @@
 """Where an output file came from: one dict of attrs written into every igpt file.
 
 `provenance(device=...)` gives the command line that made the file, the versions of igpt,
-torch, numpy, h5py and Python, the host's device name and the creation time (UTC, ISO 8601).
+torch, numpy, h5py and Python, the host's device name, the creation time (UTC, ISO 8601) and
+the number of processes that wrote it (`world_size`: 1, or the launcher's WORLD_SIZE).
 Writers add it to their HDF5 attrs under `PROVENANCE_KEYS` beside their own model and data
 hashes; `igpt info` shows it. Nothing here reads a file or imports torch unless it is
 already loaded (a tokens file written without torch says so: ``torch_version`` = "").
@@ -17,7 +18,7 @@ from pathlib import Path
 from . import __version__
 
 PROVENANCE_KEYS = ("created_utc", "command", "igpt_version", "python_version", "numpy_version", "torch_version",
-                   "h5py_version", "device_name")
+                   "h5py_version", "device_name", "world_size")
 
 
 def command_line(argv: list[str] | None = None) -> str:
@@ -48,7 +49,17 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine() or "cpu"
 
 
-def provenance(device: str | None = None, command: str | None = None) -> dict[str, str]:
+def world_size() -> int:
+    """Processes of this run: the launcher's WORLD_SIZE (torchrun, srun), else 1."""
+    import os
+
+    try:
+        return max(1, int(os.environ.get("WORLD_SIZE") or 1))
+    except ValueError:
+        return 1
+
+
+def provenance(device: str | None = None, command: str | None = None) -> dict[str, str | int]:
     """The attrs every output file carries (see the module docstring)."""
     import h5py
     import numpy as np
@@ -63,4 +74,5 @@ def provenance(device: str | None = None, command: str | None = None) -> dict[st
         "torch_version": getattr(torch, "__version__", "") if torch else "",
         "h5py_version": h5py.version.version,
         "device_name": device_name(device),
+        "world_size": world_size(),
     }

@@ -93,3 +93,21 @@ def test_ranks_map_onto_this_machines_gpus():
         assert launched(r, n + 1).device_for(torch.device("cuda")) == torch.device("cuda", r % n)
         assert torch.cuda.current_device() == r % n
     torch.cuda.set_device(0)
+
+
+def test_context_from_env(monkeypatch):
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(k, raising=False)
+    c = DistContext.from_env()
+    assert (c.rank, c.world_size, c.active, c.is_main) == (0, 1, False, True)
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    c = DistContext.from_env()
+    assert (c.rank, c.world_size, c.local_rank, c.active, c.is_main) == (3, 4, 1, True, False)
+    assert c.device_for(torch.device("cpu")) == torch.device("cpu")
+    monkeypatch.setenv("RANK", "4")
+    with pytest.raises(InputError, match="RANK=4"):
+        DistContext.from_env()
+
+

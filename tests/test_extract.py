@@ -231,10 +231,18 @@ def test_restart_discards_partial(small):
         for k, v in f.attrs.items():
             p.attrs[k] = v
         p.create_group("features")
-        p.attrs.update(n_done=0, complete=False, layers="[0]")
+        p.attrs.update(n_done=3, complete=False, layers="[0]")
     with pytest.raises(InputError, match="layers differs"):
         extract_features(small["tokens"], small["dir"], "2", out, overwrite=True)
     s = extract_features(small["tokens"], small["dir"], "2", out, overwrite=True, restart=True)
+    assert s.resumed_from == 0 and s.computed == 12 and not tmp.exists()
+    # a partial file of other settings with no row done holds nothing: replaced without restart
+    with h5py.File(out) as f, h5py.File(tmp, "w") as p:
+        for k, v in f.attrs.items():
+            p.attrs[k] = v
+        p.create_group("features")
+        p.attrs.update(n_done=0, complete=False, layers="[0]")
+    s = extract_features(small["tokens"], small["dir"], "2", out, overwrite=True)
     assert s.resumed_from == 0 and s.computed == 12 and not tmp.exists()
 
 
@@ -281,6 +289,16 @@ def test_kill_9_resume_identical(tmp_path):
 # ---------------------------------------------------------------------------
 # bad input: one line, exit 2, no traceback, nothing left behind
 # ---------------------------------------------------------------------------
+def test_a_planted_lock_symlink_is_refused_and_its_target_untouched(small, tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    out = tmp_path / "f.h5"
+    outputs.lock_path_for(out).symlink_to(victim)
+    r = invoke("extract", small["tokens"], "--model", small["dir"], "-l", "1", "-o", out, "-q")
+    assert r.returncode == 2 and "is a symbolic link" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert victim.read_text() == "precious\n" and not out.exists() and not outputs.temp_path_for(out).exists()
+
+
 @pytest.fixture(scope="module")
 def bad_inputs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("bad")

@@ -99,3 +99,20 @@ def test_cli_features_and_bad_input(folder, reference, tmp_path):
     assert_clean_failure(invoke("features", tmp_path / "nope", "-m", MODEL, "-o", bad, "-q"), "nope", out=bad)
     assert_clean_failure(invoke("features", folder, "-m", MODEL, "--size", "0", "-o", bad, "-q"),
                          "--size 0: must be at least 1", out=bad)  # 0 is a size, not "the model's"
+
+
+def test_a_bad_image_leaves_nothing_in_the_way_of_the_rerun_its_error_suggests(tmp_path):
+    """The run stops at the bad image with one line and no 0-row partial file; the suggested rerun
+    (--skip-bad) then works without --restart."""
+    folder = make_image_folder(tmp_path / "imgs", splits=("train",), per_class=3)
+    (folder / "train" / FOLDER_CLASSES[1] / "0001.png").write_bytes(b"not a png")
+    out = tmp_path / "f.h5"
+    args = ("features", folder, "-m", MODEL, "-l", "1", "-b", "4", "--device", "cpu", "--dtype", "float32", "-q")
+    r = invoke(*args, "-o", out)
+    assert_clean_failure(r, "--skip-bad", out=out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["imgs"]  # no partial, no lock
+    r = invoke(*args, "--skip-bad", "-o", out)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["n"] == 8
+    with h5py.File(out) as f:
+        assert f.attrs["skip_bad"] and len(f["labels"]) == 8

@@ -41,7 +41,6 @@ def test_features_files_are_version_2_and_tokens_files_version_1(tmp_path):
     with formats.open_igpt(path, formats.FEATURES_FORMAT) as f:
         a = formats.read_attrs(f)
     assert formats.FEATURES_VERSION == 2 and a["format_version"] == 2 and a["pool"] == "mean"
-    assert "pool" in formats.FEATURES_IDENTITY
     tok = make_tokens(tmp_path / "t.h5", 2, 4)
     with formats.open_igpt(tok, formats.TOKENS_FORMAT) as f:
         assert formats.read_attrs(f)["format_version"] == formats.TOKENS_VERSION == 1
@@ -64,8 +63,8 @@ def test_version_1_features_file_opens_and_loads(tmp_path):
     with formats.open_igpt(path, formats.FEATURES_FORMAT) as f:
         a = formats.read_attrs(f)
         assert a["format_version"] == 1 and a["pool"] == "mean"  # implied: v1 features were averages
-        assert formats.features_mismatch(f, dict(a, pool="mean", layers=[0, 3])) is None
-        assert "pool differs" in formats.features_mismatch(f, dict(a, pool="max", layers=[0, 3]))
+        assert formats.identity_mismatch(a, dict(pool="mean", layers=[0, 3])) is None
+        assert "pool differs" in formats.identity_mismatch(a, dict(pool="max", layers=[0, 3]))
     X, y = formats.load_features(path, 3)
     np.testing.assert_array_equal(X, data[3])
     assert X.dtype == np.float32 and y.dtype == np.int64 and (y == labels).all()

@@ -226,8 +226,8 @@ def test_score_file_and_summary(demo_tokens, tmp_path):
 def test_interrupted_score_resumes(demo_tokens, tmp_path):
     out = tmp_path / "scores.h5"
 
-    def stop(ev):  # in the third batch, after it computed, before its rows count as done
-        if ev.done > 8:
+    def stop(ev):  # at the end of the second batch: its rows are flushed and counted, the third never starts
+        if ev.done >= 8:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
@@ -307,3 +307,62 @@ def test_demo_completion_figure_has_one_row_per_class(demo_tokens, tmp_path):
 
     png = _completions(demo_tokens, SHIPPED_MODEL, tmp_path / "completions.png")
     assert Image.open(png).size == ((5 * 10 + 2) * 8, (4 * 10 + 2) * 8)  # 4 classes x (kept, 3 completions, original)
+
+
+# ---------------------------------------------------------------------------
+# the kernel's guarantees, held by the generate stages too
+# ---------------------------------------------------------------------------
+@pytest.mark.parametrize("command", ["sample", "score"])
+def test_an_output_finished_meanwhile_is_not_replaced(command, demo_tokens, causal, tmp_path, monkeypatch):
+    """Another run finishes `out` after this one's first check (while it loads the model): the re-check
+    under the lock refuses, and the finished file stays."""
+    import igpt_cli.generate.stage as stage
+
+    out = tmp_path / "o.h5"
+    real = stage.open_model
+
+    def other_run_finishes(*a, **kw):
+        out.write_bytes(b"the other run's finished output")
+        return real(*a, **kw)
+
+    monkeypatch.setattr(stage, "open_model", other_run_finishes)
+    with pytest.raises(outputs.OutputError, match="output file exists"):
+        if command == "sample":
+            sample_file(causal["dir"], 3, out, batch_size=2)
+        else:
+            score_file(demo_tokens, SHIPPED_MODEL, out, batch_size=4, dtype="float32")
+    assert out.read_bytes() == b"the other run's finished output"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o.h5"]
+
+
+def test_a_planted_lock_symlink_is_refused_and_its_target_untouched(causal, tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    out = tmp_path / "o.h5"
+    outputs.lock_path_for(out).symlink_to(victim)
+    r = invoke("sample", causal["dir"], "-n", "1", "-o", out, "-q")
+    assert_clean_failure(r, "is a symbolic link", out=out)
+    assert victim.read_text() == "precious\n" and not outputs.temp_path_for(out).exists()
+
+
+@pytest.mark.parametrize("command", ["sample", "complete", "score"])
+def test_disk_full_is_one_line_and_leaves_nothing(command, demo_tokens, tmp_path):
+    """On a 128 KiB file system: refused up front in one line, exit 2 — no crash at close, no .tmp, no .lock."""
+    from helpers import run_igpt, small_tmpfs
+
+    m = str(SHIPPED_MODEL)
+    with small_tmpfs(tmp_path / "mnt", "128k") as mnt:
+        out = mnt / "o.h5"
+        args = {"sample": ["sample", m, "-n", "2000"], "complete": ["complete", demo_tokens, "-m", m, "-n", "200"],
+                "score": ["score", make_tokens(tmp_path / "t.h5", 3000, 8, palette=_shipped_palette())], }[command]
+        if command == "score":
+            args += ["-m", m]
+        r = run_igpt(*args, "-b", "2", "--dtype", "float32", "-q", "-o", out)
+        assert_clean_failure(r, "no space left on device", out=out)
+        assert "needed" in r.stderr and list(mnt.iterdir()) == []
+
+
+def _shipped_palette():
+    from igpt_cli.palette import Palette
+
+    return Palette.load(SHIPPED_MODEL).centers

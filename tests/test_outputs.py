@@ -121,6 +121,30 @@ def test_atomic_output_renames_only_on_success(tmp_path):
     assert out.read_text() == "whole" and not lock_path_for(out).exists()
 
 
+@pytest.mark.parametrize("planted", ["symlink", "dangling-symlink", "fifo", "directory"])
+def test_a_lock_path_that_is_not_a_regular_file_is_refused_untouched(tmp_path, planted):
+    """A co-user's link at `.o.h5.lock` never makes igpt write (or truncate) the file it points to."""
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    lock = lock_path_for(tmp_path / "o.h5")
+    if planted == "symlink":
+        lock.symlink_to(victim)
+    elif planted == "dangling-symlink":
+        lock.symlink_to(tmp_path / "would-be-created")
+    elif planted == "fifo":
+        os.mkfifo(lock)
+    else:
+        lock.mkdir()
+    why = "symbolic link" if "symlink" in planted else ("not a regular file" if planted == "fifo" else "lock file")
+    with pytest.raises(OutputError, match=why) as e:
+        with output_lock(tmp_path / "o.h5"):
+            pass
+    assert str(lock) in str(e.value) and "\n" not in str(e.value)
+    assert victim.read_text() == "precious" and not (tmp_path / "would-be-created").exists()
+    assert os.path.lexists(lock)  # what was planted is left for its owner to see
+    assert writer_of(tmp_path / "o.h5") is None  # a reader does not follow it either
+
+
 # ---------------------------------------------------------------------------
 # disk space (a real 1 MiB tmpfs)
 # ---------------------------------------------------------------------------

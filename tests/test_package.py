@@ -165,3 +165,17 @@ def test_tier_rules_place_new_modules_and_name_unknown_ones():
         assert "add 'telemetry' to one of formats, core, stages, pipelines, cli" in str(e)
     else:
         raise AssertionError("an unknown module was given a tier")
+
+
+def test_stages_share_the_kernel_and_runtime_not_each_other():
+    """extract and generate run models through `model.runtime` and write files through `stage`,
+    never through each other; the kernel and the runtime import no stage."""
+    graph = import_graph()
+    for m, deps in graph.items():
+        for a, b in (("igpt_cli.extract", "igpt_cli.generate"), ("igpt_cli.generate", "igpt_cli.extract")):
+            if m == a or m.startswith(a + "."):
+                assert not [d for d in deps if d == b or d.startswith(b + ".")], (m, sorted(deps))
+    for low in ("igpt_cli.stage", "igpt_cli.model.runtime"):
+        stages = [d for d in graph[low]
+                  if d.split(".")[1:2] in (["extract"], ["generate"], ["sweep"], ["train"], ["cli"])]
+        assert not stages, (low, stages)

@@ -10,7 +10,7 @@ import typer
 from ..choices import ComputeDtype, Pool, Resize, Site, Split, StoreDtype
 from .options import (Device, Dtype, FormatOpt, ImageColumn, LabelColumn, LayerSpec, LimitOpt, LimitPerClass, MaxPixels,
                       ModelOpt, Overwrite, Quiet, Restart, Revision, Shuffle, SkipBad, SplitOpt)
-from .ui import ProgressBar, handles_input_errors, maybe_bar, print_json, render_models
+from .ui import handles_input_errors, launched_run, print_json, render_models
 
 BatchSize = Annotated[Optional[int], typer.Option("--batch-size", "-b", help="Images per batch (default: auto).")]
 NoSos = Annotated[bool, typer.Option("--no-sos", help="Feed tokens unshifted (Hugging Face's behaviour).")]
@@ -45,18 +45,13 @@ def extract_command(
 
     Example: igpt extract train.h5 -m imagegpt-small/ --layer 8-16 -o train-feats.h5
     """
-    from ..extract import DistContext, extract_features
+    from ..extract import extract_features
 
-    dist = DistContext.from_env()
-    bar = ProgressBar.maybe(quiet or not dist.is_main)
-    try:
-        with maybe_bar(bar):
-            result = extract_features(tokens, model, layers or None, out, batch_size=batch_size, device=device,
-                                      dtype=dtype.value, sos=not no_sos, site=site.value, pool=pool.value,
-                                      limit=limit, store_dtype=store_dtype.value, overwrite=overwrite,
-                                      restart=restart, on_progress=bar, dist=dist, revision=revision)
-    finally:
-        dist.close()
+    with launched_run(quiet) as (dist, bar):
+        result = extract_features(tokens, model, layers or None, out, batch_size=batch_size, device=device,
+                                  dtype=dtype.value, sos=not no_sos, site=site.value, pool=pool.value,
+                                  limit=limit, store_dtype=store_dtype.value, overwrite=overwrite,
+                                  restart=restart, on_progress=bar, dist=dist, revision=revision)
     if dist.is_main:
         print_json(result)
 
@@ -100,12 +95,13 @@ def features_command(
 ) -> None:
     """Images straight to features: quantize with the model's palette and size, then extract (resumable).
 
+    Under torchrun (or srun) every process reads the images and computes its shard of them.
+
     Example: igpt features photos/ -m igpt-cifar8 --layer 4 -o feats.h5
     """
     from ..extract import extract_image_features
 
-    bar = ProgressBar.maybe(quiet)
-    with maybe_bar(bar):
+    with launched_run(quiet) as (dist, bar):
         result = extract_image_features(
             src if len(src) > 1 else src[0], model, layers or None, out, revision=revision, size=size,
             palette=palette, resize=resize.value if resize else None, keep_tokens=keep_tokens, split=split.value,
@@ -113,8 +109,9 @@ def features_command(
             fmt=fmt.value if fmt else None, image_column=image_column, label_column=label_column,
             skip_bad=skip_bad, max_pixels=max_pixels, batch_size=batch_size, device=device, dtype=dtype.value,
             sos=not no_sos, site=site.value, pool=pool.value, store_dtype=store_dtype.value,
-            overwrite=overwrite, restart=restart, on_progress=bar)
-    print_json(result)
+            overwrite=overwrite, restart=restart, on_progress=bar, dist=dist)
+    if dist.is_main:
+        print_json(result)
 
 
 @handles_input_errors

@@ -1,5 +1,8 @@
 """The generative commands: `igpt sample`, `igpt complete`, `igpt score`.
 
+Each runs under torchrun / srun as it is (every rank computes its shard of the rows, rank 0
+writes the one file and prints the JSON).
+
 Thin typer commands over `igpt_cli.generate` with the conventions of `app.py`: options
 named like the library's parameters (so a library error about `top_p=` is said as
 `--top-p`), choices from `igpt_cli.choices`, one progress bar on stderr, JSON on stdout.
@@ -16,7 +19,7 @@ import typer
 
 from ..choices import ComputeDtype
 from .options import Device, Dtype, Overwrite, Quiet, Restart, Revision
-from .ui import ProgressBar, err, handles_input_errors, maybe_bar, print_json
+from .ui import err, handles_input_errors, launched_run, print_json
 
 BatchSize = Annotated[Optional[int], typer.Option("--batch-size", "-b",
                                                   help="Sequences per batch (default: chosen from memory).")]
@@ -61,12 +64,12 @@ def sample_command(
     """
     from ..generate import sample_file
 
-    bar = ProgressBar.maybe(quiet)
-    with maybe_bar(bar):
+    with launched_run(quiet) as (dist, bar):
         result = sample_file(model, n, out, png=png, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                              batch_size=batch_size, device=device, dtype=dtype.value, overwrite=overwrite,
-                             restart=restart, command=command_line(), revision=revision, on_progress=bar)
-    print_json(result)
+                             restart=restart, command=command_line(), revision=revision, on_progress=bar, dist=dist)
+    if dist.is_main:
+        print_json(result)
 
 
 @handles_input_errors
@@ -104,14 +107,14 @@ def complete_command(
     """
     from ..generate import complete_file
 
-    bar = ProgressBar.maybe(quiet)
-    with maybe_bar(bar):
+    with launched_run(quiet) as (dist, bar):
         result = complete_file(tokens, model, out, keep_rows=keep_rows, keep_fraction=keep_fraction, n=n, png=png,
                                png_images=png_images, limit=limit, temperature=temperature, top_k=top_k,
                                top_p=top_p, seed=seed, batch_size=batch_size, device=device, dtype=dtype.value,
                                overwrite=overwrite, restart=restart, command=command_line(), revision=revision,
-                               on_progress=bar)
-    print_json(result)
+                               on_progress=bar, dist=dist)
+    if dist.is_main:
+        print_json(result)
 
 
 @handles_input_errors
@@ -139,11 +142,12 @@ def score_command(
     """
     from ..generate import score_file
 
-    bar = ProgressBar.maybe(quiet)
-    with maybe_bar(bar):
+    with launched_run(quiet) as (dist, bar):
         result = score_file(tokens, model, out, limit=limit, batch_size=batch_size, device=device,
                             dtype=dtype.value, overwrite=overwrite, restart=restart, revision=revision,
-                            on_progress=bar)
+                            on_progress=bar, dist=dist)
+    if not dist.is_main:
+        return
     if not quiet:
         render_scores(result.to_dict())
     if as_json:

@@ -195,6 +195,27 @@ def maybe_bar(bar: ProgressBar | None):
     return bar if bar is not None else contextlib.nullcontext()
 
 
+def launched_run(quiet: bool):
+    """`with launched_run(quiet) as (dist, bar):` this process's place in a launch (torchrun,
+    srun, or one process: `DistContext.from_env`) and the progress bar (rank 0 only, unless
+    quiet); the process group is left at the end. Callers print their JSON only on rank 0."""
+    import contextlib
+
+    from ..distributed import DistContext
+
+    @contextlib.contextmanager
+    def run():
+        dist = DistContext.from_env()
+        bar = ProgressBar.maybe(quiet or not dist.is_main)
+        try:
+            with maybe_bar(bar):
+                yield dist, bar
+        finally:
+            dist.close()
+
+    return run()
+
+
 # --- tables --------------------------------------------------------------------------------
 def probe_layer_line(r, console: Console) -> None:
     console.print(f"layer {r.layer}: val {r.val_acc:.2%} (C={r.c:.3g}) test {r.test_acc:.2%} "

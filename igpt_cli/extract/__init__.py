@@ -1,8 +1,8 @@
 """Feature extraction: tokens in, per-layer iGPT features out.
 
 Modules, one way: `sources.py` (what computes features: a model or the pixel baseline),
-`rows.py` (the row loop and partial files), `sharded.py` (torchrun shards, part files,
-merge), `stage.py` (`extract_features`, the file stage), `images.py`
+`stage.py` (`extract_features`: what a features file holds and how a batch is computed, run
+by the stage kernel `igpt_cli.stage`, which also shards under torchrun), `images.py`
 (`extract_image_features`: images straight to features) and `memory.py`
 (`features_from_tokens`, `features_from_images`: arrays in, arrays out).
 """

@@ -4,9 +4,11 @@
 folders, archives, single files, lists, globs, Hugging Face datasets, WebDataset shards),
 quantizes each batch with the model's own palette at the model's own resolution
 (`model_image_settings`: ``preprocessor_config.json``, else ``config.json``; `size`,
-`palette` and `resize` override) and feeds the tokens to the same row loop as `igpt extract`
-(`stage.run_rows`, `rows.fill_rows`) through `StreamedTokens`. No tokens file is written
-unless `keep_tokens` names one (then it is the very file `igpt quantize` would write).
+`palette` and `resize` override; a palette other than the one the model names is refused,
+as `igpt extract` refuses such tokens) and feeds the tokens through `StreamedTokens` to the
+stage kernel (`igpt_cli.stage`) with the same file and batch pieces as `igpt extract`. Under
+torchrun every rank reads the stream and computes only its shard's rows. No tokens file is
+written unless `keep_tokens` names one (then it is the very file `igpt quantize` would write).
 
 The features file is the one `igpt extract` writes, except that it records the dataset
 (`source`, `split`, `size`, `resize`, `palette_sha256`, `selection`) where that records a
@@ -28,43 +30,23 @@ import numpy as np
 from .. import formats, outputs
 from ..choices import POOLS, RESIZE_MODES, SITES, STORE_DTYPES
 from ..data import DEFAULT_SIZE, images_per_batch, open_dataset
+from ..distributed import DistContext
 from ..errors import InputError, ParameterError, check_choice, check_positive
 from ..layers import parse_layers
-from ..model import find_weights, read_config, resolve_model_dir
+from ..model.runtime import dtype_name, model_image_settings
 from ..palette import Palette
-from ..progress import OnProgress
-from .rows import features_bytes
-from .sources import PIXELS, ModelSource, PixelSource, auto_batch_size, check_model_fits, dtype_name, load_model
-from .stage import ExtractResult, run_rows
+from ..progress import OnProgress, Reporter
+from ..stage import run_stage
+from .sources import PIXELS, PixelSource
+from .stage import (ExtractResult, extract_result, features_bytes, features_compute, features_file, load_source,
+                    model_source)
 
-
-
-def model_image_settings(model_dir: Path) -> tuple[int | None, Palette | None]:
-    """(size, palette) a model was trained with: its ``preprocessor_config.json`` (size, clusters),
-    else ``config.json`` (size = sqrt(n_positions)) and the official iGPT palette when the model
-    has 512 colours; None where neither says."""
-    cfg = read_config(model_dir)
-    pre = model_dir / "preprocessor_config.json"
-    size, palette = cfg.side, None
-    if pre.is_file():
-        try:
-            d = json.loads(pre.read_text())
-        except (OSError, ValueError) as e:
-            raise InputError(f"{pre}: unreadable ({e})") from None
-        s = d.get("size") if isinstance(d, dict) else None
-        h, w = (s.get("height"), s.get("width")) if isinstance(s, dict) else (s, s)
-        if isinstance(h, int) and h == w:
-            size = h
-        if isinstance(d, dict) and d.get("clusters") is not None:
-            palette = Palette.load(pre)
-    if palette is None and cfg.vocab_size - 1 == 512:
-        palette = Palette.default()
-    return size, palette
+__all__ = ["extract_image_features", "model_image_settings", "StreamedTokens"]
 
 
 class StreamedTokens:
     """A dataset's images as token rows, quantized as they stream by and read as consecutive
-    slices `[i, j)` (`rows.fill_rows` reads it like a tokens dataset).
+    slices `[i, j)` (the stage kernel asks for its rows as it would read a tokens dataset).
 
     A slice may start past the last one (resuming): the rows between are read and dropped.
     `columns(i, j)` are the labels and sources of the rows of the last slice. `keep`, an open
@@ -122,6 +104,13 @@ class StreamedTokens:
             pass
 
 
+def _input_files(src) -> dict[str, str]:
+    """The files among a dataset argument (folders, globs and hub ids are not files an output could be)."""
+    items = src if isinstance(src, (list, tuple)) else [src]
+    return {f"src[{i}]" if len(items) > 1 else "src": str(s) for i, s in enumerate(items)
+            if isinstance(s, (str, Path)) and Path(str(s)).is_file()}
+
+
 def extract_image_features(
     src,
     model: str | Path,
@@ -154,12 +143,15 @@ def extract_image_features(
     overwrite: bool = False,
     restart: bool = False,
     on_progress: OnProgress | None = None,
+    dist: DistContext | None = None,
 ) -> ExtractResult:
     """Features of the images at `src` (anything `open_dataset` reads, with its selection
     parameters) under `model` (a directory, bundled name, hub id; or "pixels" with `size`)
     in the features file `out`; see the module docstring. `size`, `palette`, `resize`
     default to the model's (`model_image_settings`); `keep_tokens`: also write the tokens
-    file. Raises InputError on bad input, before any work starts. Progress: "extract" events."""
+    file. Raises InputError on bad input, before any work starts. Progress: "extract" events.
+    `dist` (world_size > 1): every rank reads the stream and computes only its shard's rows;
+    rank 0 merges them (and writes `keep_tokens`)."""
     t_start = time.perf_counter()
     out = Path(out)
     site = check_choice("site", site, SITES)
@@ -171,26 +163,27 @@ def extract_image_features(
     outputs.check_output_path(out, overwrite)
     if keep_tokens is not None:
         keep_tokens = outputs.check_output_path(keep_tokens, overwrite)
-        if Path(keep_tokens).resolve() == out.resolve():
-            raise ParameterError("keep_tokens", str(keep_tokens), "must differ from the features file")
+    outputs.check_distinct({"out": out, "keep_tokens": keep_tokens}, _input_files(src))
+    sharded = dist is not None and dist.active
+    main = dist is None or dist.is_main
 
     # --- the model and its image settings ----------------------------------------
     if str(model) == PIXELS:
-        model_dir, cfg = None, None
+        m = None
         size, pal, resize = (DEFAULT_SIZE if size is None else size), Palette.load(palette), resize or "bilinear"
     else:
-        model_dir = resolve_model_dir(model, revision=revision, local_files_only=local_files_only,
-                                      quiet=on_progress is None)
-        cfg = read_config(model_dir)
-        m_size, m_pal = model_image_settings(model_dir)
+        source, m = model_source(model, layers, device=device, dtype=dtype, site=site, sos=sos, pool=pool,
+                                 dist=dist, revision=revision, local_files_only=local_files_only,
+                                 quiet=on_progress is None)
+        m_size, m_pal = model_image_settings(m.dir)
         size, resize = (m_size if size is None else size), resize or "bilinear"
         pal = m_pal if palette is None else (palette if isinstance(palette, Palette) else Palette.load(palette))
         if size is None:
-            raise ParameterError("size", None, f"{model_dir}: n_positions={cfg.n_positions} is not a square "
+            raise ParameterError("size", None, f"{m.dir}: n_positions={m.cfg.n_positions} is not a square "
                                                "image; give the image side")
         if pal is None:
-            raise ParameterError("palette", None, f"{model_dir} has no preprocessor_config.json with its "
-                                                  f"{cfg.vocab_size - 1}-colour palette; give one")
+            raise ParameterError("palette", None, f"{m.dir} has no preprocessor_config.json with its "
+                                                  f"{m.cfg.vocab_size - 1}-colour palette; give one")
 
     ds = open_dataset(src, split=split, size=size, resize=resize, fmt=fmt, limit=limit, skip_bad=skip_bad,
                       limit_per_class=limit_per_class, shuffle=shuffle, seed=seed, max_pixels=max_pixels,
@@ -203,65 +196,49 @@ def extract_image_features(
         raise InputError(f"{src}: no images")
     where = Path(str(src if not isinstance(src, (list, tuple)) else src[0]))
 
-    if cfg is None:
+    if m is None:
         layers = parse_layers(layers, [0], where="the pixels baseline")
-        source, weights = PixelSource(pal.centers, size, size), None
+        source = PixelSource(pal.centers, size, size)
     else:
-        from ..runtime import resolve_device, resolve_dtype
-
-        layers = parse_layers(layers, range(cfg.n_layer + 1))
-        check_model_fits(cfg, size, size, len(pal), where)
-        weights = find_weights(model_dir)
-        dev = resolve_device(device)
-        sos = bool(sos) and cfg.autoregressive  # a BERT model reads its tokens unshifted
-        source = ModelSource(None, dev, resolve_dtype(dtype, dev), layers, site, sos,  # type: ignore[arg-type]
-                             str(model_dir), pool=pool)
-    dims = source.dims if cfg is None else {layer: cfg.n_embd for layer in layers}
-    outputs.check_free_space(out, features_bytes(n_total, dims, store_dtype),
-                             partial=outputs.temp_path_for(out))
-    if weights is not None:
-        source.model = load_model(model_dir, source.device, source.dtype)
-        source.sha256 = formats.sha256_file(weights)
-    bs = min(batch_size or (auto_batch_size(source.model, source.device, source.dtype)
-                            if isinstance(source, ModelSource) else 256), n_total)
+        m.check_tokens(size, size, pal.centers, where)
+    if not sharded:  # under torchrun each part and the merge check their own
+        outputs.check_free_space(out, features_bytes(n_total, source.dims if m is None else
+                                                     {layer: m.cfg.n_embd for layer in source.layers}, store_dtype),
+                                 partial=outputs.temp_path_for(out))
+    auto_bs = load_source(source, m) if m is not None else 256
+    bs = min(batch_size or auto_bs, n_total)
+    # skip_bad is no part of the identity: a run without it stops at the first bad image, so its rows
+    # are those a run with it computes, and the rerun its error suggests (skip_bad=True) resumes it
     selection = dict(fmt=ds.kind, limit=limit, limit_per_class=limit_per_class, shuffle=bool(shuffle), seed=seed,
-                     skip_bad=bool(skip_bad), max_pixels=max_pixels, image_column=image_column,
-                     label_column=label_column)
+                     max_pixels=max_pixels, image_column=image_column, label_column=label_column)
     srcs = [os.path.abspath(s) for s in src] if isinstance(src, (list, tuple)) else os.path.abspath(src)
     identity = dict(
-        layers=layers, site=source.site, sos=source.sos, pool=source.pool, compute_dtype=dtype_name(source.dtype),
-        store_dtype=store_dtype, device_type=source.device.type, batch_size=bs, model_sha256=source.sha256,
-        model_config=source.config_json, n_total=n_total, source=json.dumps(srcs) if isinstance(srcs, list) else srcs,
+        layers=source.layers, site=source.site, sos=source.sos, pool=source.pool,
+        compute_dtype=dtype_name(source.dtype), device_type=source.device.type, model_sha256=source.sha256,
+        model_config=source.config_json, source=json.dumps(srcs) if isinstance(srcs, list) else srcs,
         split=ds.split, size=size, resize=ds.resize, palette_sha256=pal.sha256, selection=json.dumps(selection),
     )
-    extra_attrs = dict(model=source.name, class_names=json.dumps(ds.class_names), height=size, width=size)
-    if keep_tokens is not None:
-        extra_attrs["tokens_file"] = os.path.abspath(keep_tokens)
+    attrs = dict(model=source.name, class_names=json.dumps(ds.class_names), height=size, width=size,
+                 skip_bad=bool(skip_bad),
+                 tokens_file=os.path.abspath(keep_tokens) if keep_tokens is not None else None)
+    spec = features_file(source, n_total, store_dtype, identity, attrs)
 
     read_bs = images_per_batch(size, 256)
-    with outputs.output_lock(out):
-        outputs.check_output_path(out, overwrite)
-        with contextlib.ExitStack() as stack:
-            keep = None
-            if keep_tokens is not None:
-                tmp_tokens = stack.enter_context(outputs.atomic_output(keep_tokens))
-                keep = stack.enter_context(h5py.File(tmp_tokens, "w"))
-                formats.create_tokens_file(keep, height=size, width=size, palette=pal.centers,
-                                           class_names=ds.class_names, split=ds.split, source=srcs if isinstance(
-                                               srcs, str) else json.dumps(srcs), resize=ds.resize)
-            batches = stack.enter_context(contextlib.closing(ds.batches(read_bs)))
-            rows = StreamedTokens(batches, pal, keep)
-            run = run_rows(source, rows, out, identity, extra_attrs,
-                           labels_sources=lambda: (np.full(n_total, -1), np.full(n_total, "", dtype=object)),
-                           columns=rows.columns, store_dtype=store_dtype, restart=restart,
-                           batch_size_given=batch_size is not None, on_progress=on_progress)
-            if keep is not None:
-                rows.drain()
-    seconds = time.perf_counter() - t_start
-    rate_s = seconds if isinstance(source, PixelSource) else run.loop_seconds
-    return ExtractResult(
-        out=str(out), model=source.name, layers=source.layers, site=source.site, sos=source.sos, n=int(run.n),
-        computed=run.computed, resumed_from=run.resumed_from, device=str(source.device),
-        compute_dtype=dtype_name(source.dtype), batch_size=run.batch_size, store_dtype=store_dtype,
-        images_per_s=round(run.computed / rate_s, 3) if rate_s > 0 and run.computed else None,
-        seconds=round(seconds, 3))
+    with contextlib.ExitStack() as stack:
+        keep = None
+        if keep_tokens is not None and main:
+            tmp_tokens = stack.enter_context(outputs.atomic_output(keep_tokens))
+            keep = stack.enter_context(h5py.File(tmp_tokens, "w"))
+            formats.create_tokens_file(keep, height=size, width=size, palette=pal.centers,
+                                       class_names=ds.class_names, split=ds.split, source=srcs if isinstance(
+                                           srcs, str) else json.dumps(srcs), resize=ds.resize)
+        batches = stack.enter_context(contextlib.closing(ds.batches(read_bs)))
+        rows = StreamedTokens(batches, pal, keep)
+        compute = features_compute(source, lambda i, j: rows[i:j], store_dtype, columns=lambda: rows.columns(0, 0))
+        run = run_stage(out, spec, compute, batch_size=bs, batch_size_given=batch_size is not None,
+                        reporter=Reporter(on_progress, "extract", n_total, "image"), overwrite=overwrite,
+                        restart=restart, dist=dist,
+                        settings=dict(keep_tokens=str(keep_tokens) if keep_tokens is not None else None))
+        if keep is not None:
+            rows.drain()
+    return extract_result(out, source, run, store_dtype, time.perf_counter() - t_start)

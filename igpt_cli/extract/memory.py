@@ -16,9 +16,9 @@ from ..choices import POOLS, RESIZE_MODES, SITES
 from ..errors import ParameterError, check_choice, check_positive
 from ..layers import parse_layers
 from ..model import IGPT, resolve_model_dir
+from ..model.runtime import check_tokens_array, feature_batch_size, ready_model
 from ..progress import OnProgress, Reporter
-from .rows import batches
-from .sources import ModelSource, auto_batch_size, check_tokens_array, ready_model
+from .sources import ModelSource
 
 Layers = str | int | Sequence[str | int] | None
 
@@ -56,12 +56,14 @@ def features_from_tokens(
     layers = parse_layers(layers, range(cfg.n_layer + 1))
     source = ModelSource(net, dev, cdt, layers, site, bool(sos) and net.config.autoregressive, pool=pool)
     n = len(tokens)
-    bs = min(batch_size or auto_batch_size(net, dev, cdt), max(1, n))
+    bs = min(batch_size or feature_batch_size(cfg, dev, cdt), max(1, n))
     row_shape = (cfg.n_embd,) if pool is not None else (cfg.n_positions, cfg.n_embd)
     feats = {layer: np.empty((n, *row_shape), dtype=np.float32) for layer in layers}  # [N, D] or [N, T, D]
     reporter = Reporter(on_progress, "extract", n, "image")
     reporter.start()
-    for i, j, batch in batches(source, tokens, 0, n, bs):
+    for i in range(0, n, bs):
+        j = min(i + bs, n)
+        batch = source(tokens[i:j])
         for layer in layers:
             feats[layer][i:j] = batch[layer]
         reporter.advance(j - i)

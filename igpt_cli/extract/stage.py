@@ -2,21 +2,17 @@
 
 `extract_features(tokens_path, model, layers, out, ...)` checks everything before any
 work starts (tokens file, model directory, resolution, palette, token range, output
-path), then fills a partial features file next to `out` with the shared row loop
-(`rows.py`) and renames it into place when complete. Called again with the same
-arguments after an interruption it resumes from that partial file (`restart=True`
-discards it). The output is locked for the whole run (`outputs.output_lock`: a second
-run on the same output fails at once, naming the first), and the file system must have
-room for the whole file before it starts. Under torchrun every rank fills a part file
-of its shard and rank 0 merges them (`sharded.py`).
+path), then hands the stage kernel (`igpt_cli.stage.run_stage`) what a features file
+holds (`features_file`) and how a batch of it is computed (`features_compute`); the kernel
+locks, resumes, shards under torchrun, and renames. Called again with the same arguments
+after an interruption it resumes from the partial file (`restart=True` discards it).
+`igpt features` (`images.py`) uses the same two pieces on a stream of images.
 
 The same computation on arrays, without files, is in `memory.py`.
 """
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,18 +23,14 @@ import numpy as np
 
 from .. import formats, outputs
 from ..choices import POOLS, SITES, STORE_DTYPES
+from ..distributed import DistContext
 from ..errors import InputError, check_choice, check_positive
 from ..layers import parse_layers
-from ..model import find_weights, read_config, resolve_model_dir
+from ..model.runtime import dtype_name, feature_batch_size, open_model
 from ..progress import OnProgress, Reporter
 from ..results import Result
-from ..runtime import resolve_device, resolve_dtype
-from .rows import (RowsRun, close_quietly, create_partial, features_bytes, fill_rows, labels_and_sources, open_partial,
-                   shrink_partial, stored_batch_size)
-from ..distributed import DistContext
-from .sharded import run_shard
-from .sources import (PIXELS, ModelSource, PixelSource, auto_batch_size, check_model_fits, dtype_name,
-                      load_model)
+from ..stage import StageFile, StageRun, run_stage
+from .sources import PIXELS, ModelSource, PixelSource
 
 
 @dataclass
@@ -67,8 +59,83 @@ class ExtractResult(Result):
 
 
 # ---------------------------------------------------------------------------
-# Checks
+# What a features file holds, and how a batch of it is computed
 # ---------------------------------------------------------------------------
+def features_bytes(n: int, dims: dict[int, int], store_dtype: str) -> int:
+    """Bytes a features file of n rows needs on disk: the features, labels, and room for sources/metadata."""
+    return n * (sum(dims.values()) * np.dtype(store_dtype).itemsize + 8 + 48) + (1 << 16)
+
+
+def features_file(source, n_total: int, store_dtype: str, identity: dict, attrs: dict, *,
+                  labels: np.ndarray | None = None, sources: np.ndarray | None = None) -> StageFile:
+    """The `StageFile` of a features file of `source`'s layers. `labels`/`sources` known up front
+    (a tokens file) are laid out with the file; None: the rows bring them (a stream)."""
+    dims = source.dims
+    streamed = labels is None
+
+    def layout(f: h5py.File, start: int, stop: int) -> None:
+        n = stop - start
+        lab = np.full(n, -1) if streamed else labels[start:stop]
+        src = np.full(n, "", dtype=object) if streamed else sources[start:stop]
+        formats.create_features_file(f, dims=dims, labels=lab, sources=src, store_dtype=store_dtype, attrs={},
+                                     device=str(source.device))
+
+    rows = tuple(f"features/{layer}" for layer in sorted(dims)) + (("labels", "sources") if streamed else ())
+    return StageFile(formats.FEATURES_FORMAT, n_total, dict(identity, store_dtype=store_dtype), attrs, layout, rows,
+                     row_bytes=features_bytes(1, dims, store_dtype) - (1 << 16), device=source.device)
+
+
+def features_compute(source, read: Callable[[int, int], np.ndarray], store_dtype: str,
+                     columns: Callable[[], dict[str, np.ndarray]] | None = None):
+    """`compute(i, j)` for the stage kernel: the features of token rows `read(i, j)` (fewer rows: the
+    input ended), plus the `columns()` a stream brings with them (labels, sources)."""
+    dtype = np.dtype(store_dtype)
+
+    def compute(i: int, j: int) -> dict[str, np.ndarray]:
+        rows = read(i, j)
+        if not len(rows):
+            return {}
+        feats = source(rows)
+        out = {f"features/{layer}": v.astype(dtype, copy=False) for layer, v in feats.items()}
+        out.update(columns() if columns is not None else {})
+        return out
+
+    return compute
+
+
+def extract_result(out: Path, source, run: StageRun, store_dtype: str, seconds: float) -> "ExtractResult":
+    """The summary of a features stage (`extract`, `features`)."""
+    # images_per_s: the model's rate in the row loop; for the pixel baseline, whose loop is a
+    # table lookup, the rate of the whole stage (reading, hashing, writing), which is what it costs
+    rate_s = seconds if isinstance(source, PixelSource) else run.loop_seconds
+    sharded = run.world_size > 1
+    return ExtractResult(
+        out=str(out), model=source.name, layers=source.layers, site=source.site, sos=source.sos, n=run.n,
+        computed=run.computed, resumed_from=run.resumed_from, device=str(source.device),
+        compute_dtype=dtype_name(source.dtype), batch_size=run.batch_size, store_dtype=store_dtype,
+        images_per_s=round(run.computed / rate_s, 3) if rate_s > 0 and run.computed else None,
+        seconds=round(seconds, 3), world_size=run.world_size if sharded else None,
+        rank=run.rank if sharded else None, shard=list(run.shard) if sharded and run.shard else None)
+
+
+def model_source(model, layers, *, device, dtype, site, sos, pool, dist, revision=None, local_files_only=False,
+                 quiet=True):
+    """(the checked, not yet loaded ModelSource, its OpenedModel) of a checkpoint for features."""
+    m = open_model(model, device=device, dtype=dtype, revision=revision, local_files_only=local_files_only,
+                   quiet=quiet, dist=dist)
+    layers = parse_layers(layers, range(m.cfg.n_layer + 1))
+    sos = bool(sos) and m.cfg.autoregressive  # a BERT model reads its tokens unshifted
+    source = ModelSource(None, m.device, m.dtype, layers, site, sos, str(m.dir), pool=pool)  # type: ignore[arg-type]
+    return source, m
+
+
+def load_source(source, m) -> int:
+    """Load the model of a ModelSource (after every check passed); returns its automatic batch size."""
+    source.model = m.load()
+    source.sha256 = m.sha256
+    return feature_batch_size(m.cfg, m.device, m.dtype)
+
+
 # ---------------------------------------------------------------------------
 # The file stage
 # ---------------------------------------------------------------------------
@@ -99,7 +166,7 @@ def extract_features(
     "pixels" for the raw-pixel baseline. `layers`: specs as in `igpt_cli.layers`
     (default all). Progress and resume notices go to `on_progress` (task "extract",
     unit "image"). `dist` (a DistContext with world_size > 1): extract this rank's
-    shard into a part file, and on rank 0 merge the parts into `out`.
+    shard into a part file, and on rank 0 merge the parts into `out` (`igpt_cli.stage`).
     """
     t_start = time.perf_counter()
     tokens_path, out = Path(tokens_path), Path(out)
@@ -109,144 +176,43 @@ def extract_features(
     check_positive("batch_size", batch_size)
     check_positive("limit", limit)
     outputs.check_output_path(out, overwrite)
-    if out.resolve() == tokens_path.resolve():
-        raise InputError(f"{out}: output would overwrite the tokens file")
-    if str(model) != PIXELS:  # a name (bundled, hub id at `revision`, TF prefix) becomes its directory, once
-        model = resolve_model_dir(model, revision=revision, quiet=on_progress is None)
-    sharded = dist is not None and dist.active
-    # one process: the output is locked for the whole run, resume and rename included (under
-    # torchrun every rank locks its part file and rank 0 the output, in `run_shard`)
-    with contextlib.nullcontext() if sharded else outputs.output_lock(out):
-        if not sharded:
-            outputs.check_output_path(out, overwrite)  # again under the lock: a run that just finished
-        with formats.open_igpt(tokens_path, formats.TOKENS_FORMAT) as tf:
-            source, run, n = _extract_open(tf, tokens_path, model, layers, out, batch_size=batch_size,
-                                           device=device, dtype=dtype, sos=sos, site=site, pool=pool, limit=limit,
-                                           store_dtype=store_dtype, overwrite=overwrite, restart=restart,
-                                           on_progress=on_progress, dist=dist if sharded else None)
-    seconds = time.perf_counter() - t_start
-    # images_per_s: the model's rate in the row loop; for the pixel baseline, whose loop is a
-    # table lookup, the rate of the whole stage (reading, hashing, writing), which is what it costs
-    rate_s = seconds if isinstance(source, PixelSource) else run.loop_seconds
-    return ExtractResult(
-        out=str(out), model=source.name, layers=source.layers, site=source.site, sos=source.sos, n=n,
-        computed=run.computed, resumed_from=run.resumed_from, device=str(source.device),
-        compute_dtype=dtype_name(source.dtype), batch_size=run.batch_size, store_dtype=store_dtype,
-        images_per_s=round(run.computed / rate_s, 3) if rate_s > 0 and run.computed else None,
-        seconds=round(seconds, 3),
-        world_size=dist.world_size if sharded else None, rank=dist.rank if sharded else None,
-        shard=list(run.shard) if sharded else None,
-    )
+    outputs.check_distinct({"out": out}, {"tokens_path": tokens_path})
+    with formats.open_igpt(tokens_path, formats.TOKENS_FORMAT) as tf:
+        tok, height, width, palette = formats.tokens_layout(tf, tokens_path)
+        names = formats.class_names(tf, tokens_path)
+        n_total = min(tok.shape[0], limit) if limit else tok.shape[0]
+        if n_total == 0:
+            raise InputError(f"{tokens_path}: the tokens file holds no images")
 
-
-def _extract_open(tf: h5py.File, tokens_path: Path, model, layers, out: Path, *, batch_size, device, dtype, sos,
-                  site, pool, limit, store_dtype, overwrite, restart, on_progress, dist):
-    """`extract_features` on the open tokens file `tf`: checks, the source, then the run.
-
-    Returns (the feature source, the RowsRun, rows in the features file)."""
-    tok, height, width, palette = formats.tokens_layout(tf, tokens_path)
-    names = formats.class_names(tf, tokens_path)
-    n_total = min(tok.shape[0], limit) if limit else tok.shape[0]
-    if n_total == 0:
-        raise InputError(f"{tokens_path}: the tokens file holds no images")
-
-    # --- the feature source: every check before the weights load ---------------
-    source: ModelSource | PixelSource
-    if str(model) == PIXELS:
-        layers = parse_layers(layers, [0], where="the pixels baseline")
-        source, weights = PixelSource(palette, height, width), None
-        dims = source.dims
-    else:
-        model_dir = resolve_model_dir(model)
-        dev = resolve_device(device)
-        if dist is not None:
-            dev = dist.device_for(dev)  # cuda -> cuda:LOCAL_RANK
-        cdt = resolve_dtype(dtype, dev)
-        weights, cfg = find_weights(model_dir), read_config(model_dir)
-        layers = parse_layers(layers, range(cfg.n_layer + 1))
-        check_model_fits(cfg, height, width, len(palette), tokens_path)
-        source = ModelSource(None, dev, cdt, layers, site, bool(sos) and cfg.autoregressive, str(model_dir),  # type: ignore[arg-type]
-                             pool=pool)  # the model loads below, once everything is checked
-        dims = {layer: cfg.n_embd for layer in layers}
-    if dist is None:  # a sharded run checks each part's space and the merge's on its own
-        outputs.check_free_space(out, features_bytes(n_total, dims, store_dtype), partial=outputs.temp_path_for(out))
-    formats.check_token_values(tok, len(palette), tokens_path, n_total)
-    if weights is not None:
-        source.model = load_model(model_dir, source.device, source.dtype)
-        source.sha256 = formats.sha256_file(weights)
-
-    bs = batch_size or (auto_batch_size(source.model, source.device, source.dtype)
-                        if isinstance(source, ModelSource) else 256)
-    identity = dict(
-        layers=layers, site=source.site, sos=source.sos, pool=source.pool,
-        compute_dtype=dtype_name(source.dtype), store_dtype=store_dtype, device_type=source.device.type,
-        batch_size=min(bs, n_total), model_sha256=source.sha256, model_config=source.config_json,
-        tokens_sha256=formats.sha256_file(tokens_path), n_total=n_total,
-    )
-    extra_attrs = dict(model=source.name, tokens_file=str(tokens_path), class_names=json.dumps(names),
-                       height=height, width=width)
-    if dist is not None:
-        run = run_shard(dist, source, tf, tok, tokens_path, out, identity, extra_attrs,
-                        store_dtype=store_dtype, restart=restart, overwrite=overwrite, on_progress=on_progress)
-    else:
-        run = _run_one_process(source, tf, tok, tokens_path, out, identity, extra_attrs,
-                               store_dtype=store_dtype, restart=restart,
-                               batch_size_given=batch_size is not None, on_progress=on_progress)
-    return source, run, n_total
-
-
-def _run_one_process(source, tf: h5py.File, tok: h5py.Dataset, tokens_path: Path, out: Path, identity: dict,
-                     extra_attrs: dict, *, store_dtype: str, restart: bool, batch_size_given: bool,
-                     on_progress: OnProgress | None) -> RowsRun:
-    """`run_rows` over the rows of an open tokens file."""
-    return run_rows(source, tok, out, identity, extra_attrs,
-                    labels_sources=lambda: labels_and_sources(tf, int(identity["n_total"]), tokens_path),
-                    store_dtype=store_dtype, restart=restart, batch_size_given=batch_size_given,
-                    on_progress=on_progress)
-
-
-def run_rows(source, rows, out: Path, identity: dict, extra_attrs: dict, *,
-             labels_sources: Callable[[], tuple[np.ndarray, np.ndarray]],
-             columns: Callable[[int, int], dict[str, np.ndarray]] | None = None, store_dtype: str, restart: bool,
-             batch_size_given: bool, on_progress: OnProgress | None) -> RowsRun:
-    """Fill (or resume) the partial file `outputs.temp_path_for(out)` with the features of the
-    token rows `rows` (see `rows.fill_rows`), then rename it onto `out`.
-
-    `labels_sources()` gives the labels and sources a fresh file starts with (`columns`
-    fills them as rows stream by when they are not known up front); a stream that ends
-    before `n_total` rows leaves a file of the rows it had. The caller holds the output
-    lock of `out`."""
-    n_total, bs = int(identity["n_total"]), int(identity["batch_size"])
-    reporter = Reporter(on_progress, "extract", n_total, "image")
-    tmp = outputs.temp_path_for(out)
-    if restart:
-        tmp.unlink(missing_ok=True)
-    stored = stored_batch_size(tmp)
-    if stored is not None and stored != bs:
-        # resume on the partial file's batch boundaries, so the result does not change
-        if batch_size_given:
-            reporter.log(f"resuming with the partial file's batch size {stored} (not {bs})")
-        identity = dict(identity, batch_size=stored)
-        bs = stored
-    of = open_partial(tmp, lambda f: formats.features_mismatch(f, identity))
-    resumed = 0
-    if of is None:
-        labels, sources = labels_sources()
-        of = create_partial(tmp, dims=source.dims, labels=labels, sources=sources, store_dtype=store_dtype,
-                            attrs=dict(identity, **extra_attrs), device=str(source.device))
-    else:
-        resumed = int(of.attrs["n_done"])
-        if resumed:
-            reporter.log(f"resuming {tmp} at row {resumed} of {n_total}")
-    try:
-        reporter.start(done=resumed)
-        loop_seconds = fill_rows(source, rows, of, resumed, n_total, bs, reporter, columns=columns)
-        n = int(of.attrs["n_done"])
-        if n < n_total:
-            of = shrink_partial(of, tmp, n)
-    except BaseException:
-        close_quietly(of)
-        raise
-    of.close()  # complete and closed before it takes the final name
-    os.replace(tmp, out)
-    return RowsRun(computed=n - resumed, resumed_from=resumed, loop_seconds=loop_seconds, batch_size=bs, n=n)
+        # --- the feature source: every check before the weights load ---------------
+        source: ModelSource | PixelSource
+        if str(model) == PIXELS:
+            layers = parse_layers(layers, [0], where="the pixels baseline")
+            source, m = PixelSource(palette, height, width), None
+        else:
+            source, m = model_source(model, layers, device=device, dtype=dtype, site=site, sos=sos, pool=pool,
+                                     dist=dist, revision=revision, quiet=on_progress is None)
+            m.check_tokens(height, width, palette, tokens_path)
+        dims = source.dims if m is None else {layer: m.cfg.n_embd for layer in source.layers}
+        if dist is None or not dist.active:  # under torchrun each part and the merge check their own
+            outputs.check_free_space(out, features_bytes(n_total, dims, store_dtype),
+                                     partial=outputs.temp_path_for(out))
+        formats.check_token_values(tok, len(palette), tokens_path, n_total)
+        auto_bs = load_source(source, m) if m is not None else 256
+        bs = min(batch_size or auto_bs, n_total)
+        identity = dict(
+            layers=source.layers, site=source.site, sos=source.sos, pool=source.pool,
+            compute_dtype=dtype_name(source.dtype), device_type=source.device.type,
+            model_sha256=source.sha256, model_config=source.config_json,
+            tokens_sha256=formats.sha256_file(tokens_path),
+        )
+        attrs = dict(model=source.name, tokens_file=str(tokens_path), class_names=json.dumps(names),
+                     height=height, width=width)
+        labels, sources = formats.labels_and_sources(tf, n_total, tokens_path)
+        spec = features_file(source, n_total, store_dtype, identity, attrs, labels=labels, sources=sources)
+        compute = features_compute(source, lambda i, j: formats.read_dataset(tok, slice(i, j), tokens_path),
+                                   store_dtype)
+        run = run_stage(out, spec, compute, batch_size=bs, batch_size_given=batch_size is not None,
+                        reporter=Reporter(on_progress, "extract", n_total, "image"), overwrite=overwrite,
+                        restart=restart, dist=dist)
+    return extract_result(out, source, run, store_dtype, time.perf_counter() - t_start)

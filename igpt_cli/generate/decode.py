@@ -11,13 +11,13 @@ checkpoint directory. A checkpoint without an LM head (a Hugging Face `ImageGPTM
 refused: `load_pretrained` would fill the head with random numbers, fine for features but
 meaningless for generation and likelihood. So is a BERT-objective model (OpenAI's
 `igpt-*-bert`): it predicts masked tokens from both sides, not the next one, so it is refused
-as "not autoregressive" (it still gives features: `igpt extract`).
+as "not autoregressive" (it still gives features: `igpt extract`). Loading, those checks and
+the batch sizes are the model runtime's (`igpt_cli.model.runtime`).
 """
 from __future__ import annotations
 
 import contextlib
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,79 +26,12 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import InputError, ParameterError, check_positive
-from ..extract.sources import check_tokens_array
-from ..extract.sources import ready_model as ready_feature_model
-from ..model import IGPT, CheckpointError, IGPTConfig, KVCache, find_weights, read_config, resolve_model_dir, sos_shift
-from ..model.checkpoint import load_tensor_pickle
+from ..model import IGPT, IGPTConfig, KVCache, sos_shift
+from ..model.runtime import check_tokens_array, decode_batch_size, feature_batch_size, ready_model
 from ..progress import OnProgress, Reporter
 from .sampling import Sampling, check_seed, pick_tokens, row_uniforms
 
 LN2 = math.log(2.0)
-
-
-# ---------------------------------------------------------------------------
-# models
-# ---------------------------------------------------------------------------
-def has_lm_head(weights: Path) -> bool:
-    """Whether a checkpoint file stores `lm_head.weight` (ImageGPTForCausalImageModeling does,
-    ImageGPTModel does not). Unreadable files say True: loading reports them properly."""
-    try:
-        if weights.suffix == ".safetensors":
-            from safetensors import safe_open
-
-            with safe_open(str(weights), "pt") as f:
-                return "lm_head.weight" in set(f.keys())
-        return "lm_head.weight" in load_tensor_pickle(weights, mmap=True)
-    except Exception:
-        return True
-
-
-def check_autoregressive(cfg: IGPTConfig, where: str | Path) -> None:
-    """CheckpointError for a BERT-objective model: it cannot sample, complete or score left to right."""
-    if not cfg.autoregressive:
-        raise CheckpointError(f"{where}: a BERT-objective model is not autoregressive, so it cannot sample, "
-                              "complete or score images left to right (use it for features: igpt extract)")
-
-
-def check_generative(model_dir: Path) -> Path:
-    """The weights file of a checkpoint that can generate (autoregressive, has an LM head), else CheckpointError."""
-    weights = find_weights(model_dir)
-    check_autoregressive(read_config(model_dir), model_dir)
-    if not has_lm_head(weights):
-        raise CheckpointError(f"{model_dir}: the checkpoint has no LM head (a transformers ImageGPTModel, not "
-                              f"ImageGPTForCausalImageModeling), so it cannot generate or score images")
-    return weights
-
-
-def ready_model(model: IGPT | str | Path, device: str = "auto", dtype: str = "auto"
-                ) -> tuple[IGPT, torch.device, torch.dtype]:
-    """As `extract.sources.ready_model`, refusing a checkpoint directory without an LM head and a
-    BERT-objective model."""
-    if isinstance(model, IGPT):
-        check_autoregressive(model.config, "model")
-    else:
-        check_generative(resolve_model_dir(model))
-    return ready_feature_model(model, device, dtype)
-
-
-def _available_memory(device: torch.device) -> float:
-    if device.type == "cuda":
-        return 0.5 * torch.cuda.mem_get_info(device)[0]
-    try:
-        return 0.25 * os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):  # pragma: no cover
-        return 1 << 30
-
-
-def auto_decode_batch(cfg: IGPTConfig, device: torch.device, dtype: torch.dtype) -> int:
-    """Rows decoded at once, chosen from memory: each row holds a KV cache of all positions
-    plus the activations of its prompt's one full forward."""
-    elt = torch.finfo(dtype).bits // 8
-    T, C = cfg.n_positions, cfg.n_embd
-    prefill = T * C * (8 + 2 * cfg.mlp_width // C) * elt + cfg.n_head * T * T * 4 + T * cfg.vocab_size * 4
-    per_row = KVCache.bytes_for(cfg, 1, dtype) + prefill
-    cap = 512 if device.type == "cuda" else 64  # a CPU's matmuls are saturated well before 64 rows
-    return int(max(1, min(cap, _available_memory(device) // per_row)))
 
 
 # ---------------------------------------------------------------------------
@@ -249,9 +182,9 @@ def sample_images(model: IGPT | str | Path, n: int, *, temperature: float = 1.0,
     seed = check_seed(seed)
     check_positive("n", n, allow_none=False)
     check_positive("batch_size", batch_size)
-    net, dev, cdt = ready_model(model, device, dtype)
+    net, dev, cdt = ready_model(model, device, dtype, generative=True)
     T = net.config.n_positions
-    bs = min(batch_size or auto_decode_batch(net.config, dev, cdt), n)
+    bs = min(batch_size or decode_batch_size(net.config, dev, cdt), n)
     reporter = Reporter(on_progress, "sample", n * T, "token")
     reporter.start()
     dec = Decoder(net, sampling, seed, reporter=reporter)
@@ -277,7 +210,7 @@ def complete_images(tokens: np.ndarray, model: IGPT | str | Path, *, keep_rows: 
     seed = check_seed(seed)
     check_positive("n", n, allow_none=False)
     check_positive("batch_size", batch_size)
-    net, dev, cdt = ready_model(model, device, dtype)
+    net, dev, cdt = ready_model(model, device, dtype, generative=True)
     cfg = net.config
     tokens = check_tokens_array(tokens, cfg)
     width = width or square_side(cfg)
@@ -286,7 +219,7 @@ def complete_images(tokens: np.ndarray, model: IGPT | str | Path, *, keep_rows: 
     _, keep = keep_tokens_for(cfg.n_positions // width, width, keep_rows, keep_fraction)
     rows = len(tokens) * n
     out = np.empty((rows, cfg.n_positions), dtype=np.uint16)
-    bs = min(batch_size or auto_decode_batch(cfg, dev, cdt), max(rows, 1))
+    bs = min(batch_size or decode_batch_size(cfg, dev, cdt), max(rows, 1))
     reporter = Reporter(on_progress, "complete", rows * (cfg.n_positions - keep), "token")
     reporter.start()
     dec = Decoder(net, sampling, seed, reporter=reporter)
@@ -300,17 +233,20 @@ def score_images(tokens: np.ndarray, model: IGPT | str | Path, *, batch_size: in
                  device: str = "auto", dtype: str = "auto", on_progress: OnProgress | None = None) -> np.ndarray:
     """Negative log-likelihood of each image: mean cross-entropy in nats per token, float64 [N]
     (divide by ln 2 for bits per token). The input is SOS-shifted, as in training."""
-    from ..extract.sources import auto_batch_size
-
     check_positive("batch_size", batch_size)
-    net, dev, cdt = ready_model(model, device, dtype)
+    net, dev, cdt = ready_model(model, device, dtype, generative=True)
     tokens = check_tokens_array(tokens, net.config)
     n = len(tokens)
-    bs = min(batch_size or auto_batch_size(net, dev, cdt), max(n, 1))
+    bs = min(batch_size or feature_batch_size(net.config, dev, cdt), max(n, 1))
     reporter = Reporter(on_progress, "score", n, "image")
     reporter.start()
-    out = np.empty(n, dtype=np.float64)
-    for i, j in _batches(n, bs):
-        out[i:j] = nll_rows(net, tokens[i:j])
+    return nll_batches(net, tokens, 0, n, bs, reporter)
+
+
+def nll_batches(net: IGPT, tokens, start: int, stop: int, batch_size: int, reporter: Reporter) -> np.ndarray:
+    """`nll_rows` of token rows [start, stop) (an array or h5py dataset) in batches: float64 [stop - start]."""
+    out = np.empty(stop - start, dtype=np.float64)
+    for i, j in _batches(stop - start, batch_size):
+        out[i:j] = nll_rows(net, tokens[start + i:start + j])
         reporter.advance(j - i)
     return out

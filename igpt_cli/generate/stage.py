@@ -1,10 +1,13 @@
 """The file stages of generation: `sample_file`, `complete_file`, `score_file`.
 
-Each checks everything before any work starts (parameters, output paths, model
-directory and LM head, tokens file size and palette), loads the model once, and then
-fills a resumable temp file batch by batch (`partial.py`) with the same `Decoder` /
-`nll_rows` the in-memory functions use, so a file's rows equal `sample_images`' /
-`complete_images`' for the same seed and batch size. Outputs:
+Each checks everything before any work starts (parameters, output paths against the
+inputs, the model through the model runtime — `igpt_cli.model.runtime.open_model`, LM head,
+the one model-vs-tokens check of size and palette —), loads the model once, and hands the
+stage kernel (`igpt_cli.stage.run_stage`) what the file holds and how a batch is computed,
+with the same `Decoder` / `nll_rows` the in-memory functions use, so a file's rows equal
+`sample_images`' / `complete_images`' for the same seed and batch size. The kernel locks,
+resumes, shards under torchrun (rows are seeded per row, so the file does not depend on the
+world size) and renames. Outputs:
 
 - `sample_file`, `complete_file`: a tokens file (the quantize schema: `tokens`,
   `labels`, `palette`, `sources`, `height`/`width`), plus attrs `model`,
@@ -25,20 +28,22 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import h5py
 import numpy as np
 
 from .. import formats, outputs
+from ..distributed import DistContext
 from ..errors import InputError, check_positive
-from ..model import IGPT, IGPTConfig, KVCache, read_config, resolve_model_dir
-from ..palette import Palette, PaletteError
+from ..model import KVCache
+from ..model.runtime import OpenedModel, decode_batch_size, feature_batch_size, open_model
+from ..palette import Palette
 from ..progress import OnProgress, Reporter
 from ..results import Result
-from ..runtime import resolve_device, resolve_dtype
-from .decode import LN2, Decoder, auto_decode_batch, check_generative, keep_tokens_for, nll_rows
+from ..stage import StageFile, run_stage, shard_rows
+from .decode import LN2, Decoder, keep_tokens_for, nll_batches, nll_rows
 from .figures import completion_grid, sample_grid, write_png
-from .partial import preallocate, run_batches
 from .sampling import Sampling, check_seed
 
 
@@ -101,64 +106,15 @@ def default_command() -> str:
     return shlex.join([os.path.basename(sys.argv[0]), *sys.argv[1:]]) if sys.argv else ""
 
 
-def _dtype_name(dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
-@dataclass
-class _Checked:
-    """A generative checkpoint, checked but not loaded yet."""
-
-    dir: Path
-    weights: Path
-    cfg: IGPTConfig
-    device: object
-    dtype: object
-    palette: Palette | None  # from preprocessor_config.json, when the directory has one
-
-    def load(self) -> tuple[IGPT, str]:
-        from ..extract.sources import load_model
-        from ..formats import sha256_file
-
-        return load_model(self.dir, self.device, self.dtype), sha256_file(self.weights)
-
-
-def _check_model(model, device: str, dtype: str, revision: str | None = None, quiet: bool = False) -> _Checked:
-    model_dir = resolve_model_dir(model, revision=revision, quiet=quiet)
-    weights = check_generative(model_dir)
-    cfg = read_config(model_dir)
-    dev = resolve_device(device)
-    palette = None
-    if (model_dir / "preprocessor_config.json").is_file():
-        try:
-            palette = Palette.load(model_dir)
-        except PaletteError:
-            palette = None
-    return _Checked(model_dir, weights, cfg, dev, resolve_dtype(dtype, dev), palette)
-
-
-def _check_palette_matches(m: _Checked, palette: np.ndarray, tokens_path: Path) -> None:
-    """Tokens must be quantized with the model's own palette when the model names one."""
-    if m.palette is None:
-        return
-    same = m.palette.centers.shape == palette.shape and float(np.abs(m.palette.centers - palette).max()) < 1e-3
-    if not same:
-        raise InputError(f"{tokens_path}: its palette ({len(palette)} colours) is not the model's "
-                         f"({m.dir}/preprocessor_config.json); quantize with --palette {m.dir}")
-
-
-def _open_tokens(tokens_path: Path, m: _Checked, limit: int | None):
+def _open_tokens(tokens_path: Path, m: OpenedModel, limit: int | None):
     """The open tokens file and (tokens, height, width, palette, rows used), checked against the model."""
-    from ..extract.sources import check_model_fits
-
     tf = formats.open_igpt(tokens_path, formats.TOKENS_FORMAT)
     try:
         tok, height, width, palette = formats.tokens_layout(tf, tokens_path)
         n = min(tok.shape[0], limit) if limit else tok.shape[0]
         if n == 0:
             raise InputError(f"{tokens_path}: the tokens file holds no images")
-        check_model_fits(m.cfg, height, width, len(palette), tokens_path)
-        _check_palette_matches(m, palette, tokens_path)
+        m.check_tokens(height, width, palette, tokens_path)
         formats.check_token_values(tok, len(palette), tokens_path, n)
     except BaseException:
         tf.close()
@@ -166,49 +122,58 @@ def _open_tokens(tokens_path: Path, m: _Checked, limit: int | None):
     return tf, tok, height, width, palette, n
 
 
-def _tokens_layout(height, width, palette, class_names, split, source, resize, n_total, labels, sources,
-                   extra: dict[str, np.ndarray] | None = None):
-    """`layout(f)` for `partial.run_batches`: a tokens file of n_total rows, tokens still zero."""
+def preallocate(f: h5py.File, name: str, n: int, block: Callable[[int, int], dict]) -> None:
+    """Write `append_rows` blocks of up to 4096 rows until dataset `name` has n rows (storage allocated)."""
+    for i in range(f[name].shape[0], n, 4096):
+        formats.append_rows(f, **block(i, min(i + 4096, n)))
+
+
+def tokens_file(m: OpenedModel, height: int, width: int, palette: np.ndarray, class_names, split: str, source: str,
+                resize: str, n_total: int, labels: np.ndarray, sources: np.ndarray, identity: dict, attrs: dict,
+                extra: dict[str, np.ndarray] | None = None) -> StageFile:
+    """The `StageFile` of a tokens file of generated rows (the quantize schema, tokens computed)."""
     T = height * width
+    extra = extra or {}
 
-    def layout(f: h5py.File) -> None:
+    def layout(f: h5py.File, start: int, stop: int) -> None:
         formats.create_tokens_file(f, height=height, width=width, palette=palette, class_names=class_names,
-                                   split=split, source=source, resize=resize)
-        preallocate(f, "tokens", n_total, lambda i, j: dict(
-            tokens=np.zeros((j - i, T), np.uint16), labels=labels[i:j], sources=sources[i:j]))
-        for name, values in (extra or {}).items():
-            f.create_dataset(name, data=values)
+                                   split=split, source=source, resize=resize, device=str(m.device))
+        preallocate(f, "tokens", stop - start, lambda i, j: dict(
+            tokens=np.zeros((j - i, T), np.uint16), labels=labels[start + i:start + j],
+            sources=sources[start + i:start + j]))
+        for name, values in extra.items():
+            f.create_dataset(name, data=values[start:stop])
 
-    return layout
+    return StageFile(formats.TOKENS_FORMAT, n_total, identity, attrs, layout, ("tokens",),
+                     row_bytes=2 * T + 8 + 48 + 8 * len(extra), device=m.device)
 
 
-def _sampling_identity(sampling: Sampling, seed: int, m: _Checked, sha256: str, bs: int, n_total: int) -> dict:
-    return dict(sampling.attrs(), seed=seed, model_sha256=sha256, compute_dtype=_dtype_name(m.dtype),
-                device_type=m.device.type, batch_size=bs, n_total=n_total,
+def _model_identity(m: OpenedModel) -> dict:
+    return dict(model_sha256=m.sha256, compute_dtype=m.dtype_name, device_type=m.device.type,
                 model_config=json.dumps(m.cfg.__dict__, sort_keys=True))
 
 
-def _generate(out: Path, identity: dict, attrs: dict, layout, prefix_of, dec: Decoder, steps: int, *,
-              restart: bool, batch_size_given: bool, reporter: Reporter) -> tuple[int, int, float]:
-    """Fill the output's rows with `dec`: row r is kept prefix `prefix_of(rows)` + sampled tokens."""
-
-    def fill(f: h5py.File, i: int, j: int) -> None:
+def _decode_compute(dec: Decoder, prefix_of: Callable[[np.ndarray], np.ndarray]):
+    """`compute(i, j)`: rows [i, j) decoded by `dec` after their kept prefixes `prefix_of(row ids)`."""
+    def compute(i: int, j: int) -> dict[str, np.ndarray]:
         ids = np.arange(i, j)
-        f["tokens"][i:j] = dec.rows(prefix_of(ids), ids)
+        return {"tokens": dec.rows(prefix_of(ids), ids)}
 
-    return run_batches(out, formats.TOKENS_FORMAT, identity, attrs, layout, fill, restart=restart,
-                       batch_size_given=batch_size_given, reporter=reporter, rows_to_units=lambda k: k * steps)
+    return compute
 
 
-def _check_common(out: Path, png, overwrite: bool, batch_size, seed) -> int:
+def _check_common(out: Path, png, overwrite: bool, batch_size, seed, inputs: dict | None = None) -> int:
     check_positive("batch_size", batch_size)
     seed = check_seed(seed)
     outputs.check_output_path(out, overwrite)
     if png is not None:
         outputs.check_output_path(png, overwrite)
-        if Path(png).resolve() == out.resolve():
-            raise InputError(f"{png}: the PNG would overwrite the tokens output")
+    outputs.check_distinct({"out": out, "png": png}, inputs)
     return seed
+
+
+def _is_main(dist: DistContext | None) -> bool:
+    return dist is None or dist.is_main
 
 
 # ---------------------------------------------------------------------------
@@ -218,58 +183,49 @@ def sample_file(model: str | Path, n: int, out: str | Path, *, png: str | Path |
                 temperature: float = 1.0, top_k: int | None = None, top_p: float = 1.0, seed: int = 0,
                 batch_size: int | None = None, device: str = "auto", dtype: str = "auto",
                 overwrite: bool = False, restart: bool = False, command: str | None = None,
-                revision: str | None = None, on_progress: OnProgress | None = None) -> GenerateResult:
+                revision: str | None = None, on_progress: OnProgress | None = None,
+                dist: DistContext | None = None) -> GenerateResult:
     """`n` unconditional samples of a checkpoint as a tokens file (labels -1, the model's palette),
-    and optionally a PNG grid of the first 64. Resumable; progress: task "sample", unit "token"."""
+    and optionally a PNG grid of the first 64. Resumable; progress: task "sample", unit "token".
+    `dist` (world_size > 1): every rank samples its shard of rows, rank 0 merges (the same file)."""
     t_start = time.perf_counter()
     out = Path(out)
     sampling = Sampling(temperature, top_k, top_p)
     check_positive("n", n, allow_none=False)
     seed = _check_common(out, png, overwrite, batch_size, seed)
-    m = _check_model(model, device, dtype, revision, quiet=on_progress is None)
+    m = open_model(model, device=device, dtype=dtype, revision=revision, quiet=on_progress is None, dist=dist,
+                   generative=True)
     cfg = m.cfg
     palette = m.palette or (Palette.default() if cfg.vocab_size - 1 == 512 else None)
     if palette is None or len(palette) > cfg.vocab_size - 1:
         raise InputError(f"{m.dir}: no preprocessor_config.json with a palette that fits the model's "
                          f"{cfg.vocab_size - 1} colours, so samples cannot be decoded")
-    height, width = _image_size(m)
-    net, sha = m.load()
-    bs = min(batch_size or auto_decode_batch(cfg, m.device, m.dtype), n)
+    height, width = m.image_size()
+    net = m.load()
+    bs = min(batch_size or decode_batch_size(cfg, m.device, m.dtype), n)
     T = cfg.n_positions
     reporter = Reporter(on_progress, "sample", n * T, "token")
     dec = Decoder(net, sampling, seed, n_colours=len(palette), reporter=reporter)
-    identity = _sampling_identity(sampling, seed, m, sha, bs, n)
+    identity = dict(sampling.attrs(), seed=seed, **_model_identity(m))
     attrs = dict(model=str(m.dir), command=command if command is not None else default_command())
-    layout = _tokens_layout(height, width, palette.centers, [], "sample", str(m.dir), "none", n,
-                            np.full(n, -1, np.int64), np.array([f"sample[{i}]" for i in range(n)], dtype=object))
-    bs, resumed, loop_s = _generate(out, identity, attrs, layout, lambda ids: np.empty((len(ids), 0), np.uint16),
-                                    dec, T, restart=restart, batch_size_given=batch_size is not None,
-                                    reporter=reporter)
-    if png is not None:
+    spec = tokens_file(m, height, width, palette.centers, [], "sample", str(m.dir), "none", n,
+                       np.full(n, -1, np.int64), np.array([f"sample[{i}]" for i in range(n)], dtype=object),
+                       identity, attrs)
+    run = run_stage(out, spec, _decode_compute(dec, lambda ids: np.empty((len(ids), 0), np.uint16)),
+                    batch_size=bs, batch_size_given=batch_size is not None, reporter=reporter, units_per_row=T,
+                    overwrite=overwrite, restart=restart, dist=dist,
+                    settings=dict(png=str(png) if png is not None else None))
+    if png is not None and _is_main(dist):
         with h5py.File(out, "r") as f:
             write_png(sample_grid(f["tokens"][:64], palette, height, width), png)
     return GenerateResult(
         out=str(out), png=str(png) if png is not None else None, model=str(m.dir), n=n, height=height, width=width,
-        temperature=float(temperature), top_k=top_k, top_p=float(top_p), seed=seed, computed=n - resumed,
-        resumed_from=resumed, device=str(m.device), compute_dtype=_dtype_name(m.dtype), batch_size=bs,
-        kv_cache_bytes=KVCache.bytes_for(cfg, bs, m.dtype),
-        tokens_per_s=round((n - resumed) * T / loop_s, 2) if loop_s > 0 and n > resumed else None,
+        temperature=float(temperature), top_k=top_k, top_p=float(top_p), seed=seed, computed=run.computed,
+        resumed_from=run.resumed_from, device=str(m.device), compute_dtype=m.dtype_name, batch_size=run.batch_size,
+        kv_cache_bytes=KVCache.bytes_for(cfg, run.batch_size, m.dtype),
+        tokens_per_s=round(run.computed * T / run.loop_seconds, 2) if run.loop_seconds > 0 and run.computed
+        else None,
         seconds=round(time.perf_counter() - t_start, 3))
-
-
-def _image_size(m: _Checked) -> tuple[int, int]:
-    """height, width of the model's images: preprocessor_config.json's size, else the square side."""
-    try:
-        size = json.loads((m.dir / "preprocessor_config.json").read_text()).get("size") or {}
-        h, w = int(size["height"]), int(size["width"])
-        if h * w == m.cfg.n_positions:
-            return h, w
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        pass
-    if m.cfg.side is None:
-        raise InputError(f"{m.dir}: n_positions={m.cfg.n_positions} is not a square image and "
-                         "preprocessor_config.json gives no size")
-    return m.cfg.side, m.cfg.side
 
 
 def complete_file(tokens_path: str | Path, model: str | Path, out: str | Path, *, keep_rows: int | None = None,
@@ -277,48 +233,48 @@ def complete_file(tokens_path: str | Path, model: str | Path, out: str | Path, *
                   limit: int | None = None, temperature: float = 1.0, top_k: int | None = None,
                   top_p: float = 1.0, seed: int = 0, batch_size: int | None = None, device: str = "auto",
                   dtype: str = "auto", overwrite: bool = False, restart: bool = False, command: str | None = None,
-                  revision: str | None = None, on_progress: OnProgress | None = None) -> GenerateResult:
+                  revision: str | None = None, on_progress: OnProgress | None = None,
+                  dist: DistContext | None = None) -> GenerateResult:
     """Keep the top `keep_rows` rows (or `keep_fraction` of the height; default half) of each
     image of a tokens file and sample the rest, `n` times per image, into a tokens file: row
     `i * n + j` is completion j of image i (`source_index`, `sample_index`), with its label
     and source. `png`: the completion figure of the first `png_images` images. Resumable;
-    progress: task "complete", unit "token"."""
+    progress: task "complete", unit "token". `dist`: as `sample_file`."""
     t_start = time.perf_counter()
     tokens_path, out = Path(tokens_path), Path(out)
     sampling = Sampling(temperature, top_k, top_p)
     check_positive("n", n, allow_none=False)
     check_positive("limit", limit)
     check_positive("png_images", png_images, allow_none=False)
-    seed = _check_common(out, png, overwrite, batch_size, seed)
-    if out.resolve() == tokens_path.resolve():
-        raise InputError(f"{out}: output would overwrite the tokens file")
-    m = _check_model(model, device, dtype, revision, quiet=on_progress is None)
+    seed = _check_common(out, png, overwrite, batch_size, seed, {"tokens_path": tokens_path})
+    m = open_model(model, device=device, dtype=dtype, revision=revision, quiet=on_progress is None, dist=dist,
+                   generative=True)
     tf, tok, height, width, palette, n_img = _open_tokens(tokens_path, m, limit)
     with tf:
         kept_rows, keep = keep_tokens_for(height, width, keep_rows, keep_fraction)
-        from ..extract.rows import labels_and_sources
-        from ..formats import sha256_file
-
-        labels, sources = labels_and_sources(tf, n_img, tokens_path)
-        kept = np.asarray(tok[:n_img, :keep], dtype=np.uint16)  # [N, keep]: all a run needs of the input
+        labels, sources = formats.labels_and_sources(tf, n_img, tokens_path)
+        kept = np.asarray(formats.read_dataset(tok, (slice(0, n_img), slice(0, keep)), tokens_path),
+                          dtype=np.uint16)  # [N, keep]: all a run needs of the input
         names, info = formats.class_names(tf, tokens_path), formats.read_attrs(tf)
     rows, T = n_img * n, m.cfg.n_positions
-    net, sha = m.load()
-    bs = min(batch_size or auto_decode_batch(m.cfg, m.device, m.dtype), rows)
+    net = m.load()
+    bs = min(batch_size or decode_batch_size(m.cfg, m.device, m.dtype), rows)
     reporter = Reporter(on_progress, "complete", rows * (T - keep), "token")
     dec = Decoder(net, sampling, seed, n_colours=len(palette), reporter=reporter)
     src = np.arange(rows) // n
-    identity = dict(_sampling_identity(sampling, seed, m, sha, bs, rows), keep_rows=kept_rows, samples_per_image=n,
-                    tokens_sha256=sha256_file(tokens_path))
+    identity = dict(sampling.attrs(), seed=seed, **_model_identity(m), keep_rows=kept_rows, samples_per_image=n,
+                    tokens_sha256=formats.sha256_file(tokens_path))
     attrs = dict(model=str(m.dir), tokens_file=str(tokens_path),
                  command=command if command is not None else default_command())
-    layout = _tokens_layout(height, width, palette, names, str(info.get("split", "")), str(info.get("source", "")),
-                            str(info.get("resize", "")), rows, labels[src], sources[src],
-                            extra=dict(source_index=src.astype(np.int64),
-                                       sample_index=(np.arange(rows) % n).astype(np.int64)))
-    bs, resumed, loop_s = _generate(out, identity, attrs, layout, lambda ids: kept[ids // n], dec, T - keep,
-                                    restart=restart, batch_size_given=batch_size is not None, reporter=reporter)
-    if png is not None:
+    spec = tokens_file(m, height, width, palette, names, str(info.get("split", "")), str(info.get("source", "")),
+                       str(info.get("resize", "")), rows, labels[src], sources[src], identity, attrs,
+                       extra=dict(source_index=src.astype(np.int64),
+                                  sample_index=(np.arange(rows) % n).astype(np.int64)))
+    run = run_stage(out, spec, _decode_compute(dec, lambda ids: kept[ids // n]), batch_size=bs,
+                    batch_size_given=batch_size is not None, reporter=reporter, units_per_row=T - keep,
+                    overwrite=overwrite, restart=restart, dist=dist,
+                    settings=dict(png=str(png) if png is not None else None, png_images=png_images))
+    if png is not None and _is_main(dist):
         k = min(png_images, n_img)
         with h5py.File(out, "r") as f, formats.open_igpt(tokens_path) as tf:
             fig = completion_grid(tf["tokens"][:k], f["tokens"][:k * n].reshape(k, n, T), keep,
@@ -327,10 +283,10 @@ def complete_file(tokens_path: str | Path, model: str | Path, out: str | Path, *
     return GenerateResult(
         out=str(out), png=str(png) if png is not None else None, model=str(m.dir), n=rows, height=height,
         width=width, temperature=float(temperature), top_k=top_k, top_p=float(top_p), seed=seed,
-        computed=rows - resumed, resumed_from=resumed, device=str(m.device), compute_dtype=_dtype_name(m.dtype),
-        batch_size=bs, kv_cache_bytes=KVCache.bytes_for(m.cfg, bs, m.dtype),
-        tokens_per_s=round((rows - resumed) * (T - keep) / loop_s, 2) if loop_s > 0 and rows > resumed and T > keep
-        else None,
+        computed=run.computed, resumed_from=run.resumed_from, device=str(m.device), compute_dtype=m.dtype_name,
+        batch_size=run.batch_size, kv_cache_bytes=KVCache.bytes_for(m.cfg, run.batch_size, m.dtype),
+        tokens_per_s=round(run.computed * (T - keep) / run.loop_seconds, 2)
+        if run.loop_seconds > 0 and run.computed and T > keep else None,
         seconds=round(time.perf_counter() - t_start, 3), tokens_file=str(tokens_path), n_images=n_img,
         samples_per_image=n, keep_rows=kept_rows)
 
@@ -338,14 +294,11 @@ def complete_file(tokens_path: str | Path, model: str | Path, out: str | Path, *
 def score_file(tokens_path: str | Path, model: str | Path, out: str | Path | None = None, *,
                limit: int | None = None, batch_size: int | None = None, device: str = "auto", dtype: str = "auto",
                overwrite: bool = False, restart: bool = False, revision: str | None = None,
-               on_progress: OnProgress | None = None) -> ScoreResult:
+               on_progress: OnProgress | None = None, dist: DistContext | None = None) -> ScoreResult:
     """Per-image negative log-likelihood of a tokens file under a checkpoint (SOS-shifted input):
     mean cross-entropy in nats and bits per token. With `out`, a resumable scores file.
-    Progress: task "score", unit "image"."""
-    from ..extract.rows import labels_and_sources
-    from ..extract.sources import auto_batch_size
-    from ..formats import sha256_file
-
+    Progress: task "score", unit "image". `dist` (world_size > 1): every rank scores its shard
+    (rank 0 merges the file; without `out` the scores are gathered)."""
     t_start = time.perf_counter()
     tokens_path = Path(tokens_path)
     out = Path(out) if out is not None else None
@@ -353,39 +306,36 @@ def score_file(tokens_path: str | Path, model: str | Path, out: str | Path | Non
     check_positive("batch_size", batch_size)
     if out is not None:
         outputs.check_output_path(out, overwrite)
-        if out.resolve() == tokens_path.resolve():
-            raise InputError(f"{out}: output would overwrite the tokens file")
-    m = _check_model(model, device, dtype, revision, quiet=on_progress is None)
+        outputs.check_distinct({"out": out}, {"tokens_path": tokens_path})
+    m = open_model(model, device=device, dtype=dtype, revision=revision, quiet=on_progress is None, dist=dist,
+                   generative=True)
     tf, tok, height, width, _, n_img = _open_tokens(tokens_path, m, limit)
     with tf:
-        labels, sources = labels_and_sources(tf, n_img, tokens_path)
+        labels, sources = formats.labels_and_sources(tf, n_img, tokens_path)
         names = formats.class_names(tf, tokens_path)
-        net, sha = m.load()
-        bs = min(batch_size or auto_batch_size(net, m.device, m.dtype), n_img)
+        net = m.load()
+        bs = min(batch_size or feature_batch_size(m.cfg, m.device, m.dtype), n_img)
         reporter = Reporter(on_progress, "score", n_img, "image")
+        identity = dict(_model_identity(m), tokens_sha256=formats.sha256_file(tokens_path))
         if out is None:
-            nats, resumed, t0 = np.empty(n_img), 0, time.perf_counter()
-            reporter.start()
-            for i in range(0, n_img, bs):
-                j = min(i + bs, n_img)
-                nats[i:j] = nll_rows(net, tok[i:j])
-                reporter.advance(j - i)
-            loop_s = time.perf_counter() - t0
+            nats, resumed, computed, loop_s, bs = _score_in_memory(net, tok, n_img, bs, reporter, m, dist, identity)
         else:
-            def fill(f: h5py.File, i: int, j: int) -> None:
-                v = nll_rows(net, tok[i:j])
-                f["nats_per_token"][i:j] = v
-                f["bits_per_token"][i:j] = v / LN2
-                reporter.advance(j - i)
+            def compute(i: int, j: int) -> dict[str, np.ndarray]:
+                v = nll_rows(net, formats.read_dataset(tok, slice(i, j), tokens_path))
+                return {"nats_per_token": v, "bits_per_token": v / LN2}
 
-            identity = dict(model_sha256=sha, compute_dtype=_dtype_name(m.dtype), device_type=m.device.type,
-                            batch_size=bs, n_total=n_img, tokens_sha256=sha256_file(tokens_path))
-            attrs = dict(model=str(m.dir), model_config=json.dumps(m.cfg.__dict__, sort_keys=True),
-                         tokens_file=str(tokens_path), class_names=json.dumps(names), height=height, width=width)
-            bs, resumed, loop_s = run_batches(
-                out, formats.SCORES_FORMAT, identity, attrs,
-                lambda f: formats.create_scores_file(f, labels=labels, sources=sources), fill, restart=restart,
-                batch_size_given=batch_size is not None, reporter=reporter)
+            attrs = dict(model=str(m.dir), tokens_file=str(tokens_path), class_names=json.dumps(names),
+                         height=height, width=width)
+
+            def layout(f: h5py.File, start: int, stop: int) -> None:
+                formats.create_scores_file(f, labels=labels[start:stop], sources=sources[start:stop],
+                                           device=str(m.device))
+
+            spec = StageFile(formats.SCORES_FORMAT, n_img, identity, attrs, layout,
+                             ("nats_per_token", "bits_per_token"), row_bytes=3 * 8 + 48, device=m.device)
+            run = run_stage(out, spec, compute, batch_size=bs, batch_size_given=batch_size is not None,
+                            reporter=reporter, overwrite=overwrite, restart=restart, dist=dist)
+            resumed, computed, loop_s, bs = run.resumed_from, run.computed, run.loop_seconds, run.batch_size
             with h5py.File(out, "r") as f:
                 nats = f["nats_per_token"][:]
     mean, se = _mean_se(nats)
@@ -397,10 +347,30 @@ def score_file(tokens_path: str | Path, model: str | Path, out: str | Path | Non
     return ScoreResult(
         out=str(out) if out is not None else None, model=str(m.dir), tokens_file=str(tokens_path), n=n_img,
         nats_per_token=mean, nats_per_token_se=se, bits_per_token=mean / LN2,
-        bits_per_token_se=None if se is None else se / LN2, per_class=per_class, computed=n_img - resumed,
-        resumed_from=resumed, device=str(m.device), compute_dtype=_dtype_name(m.dtype), batch_size=bs,
-        images_per_s=round((n_img - resumed) / loop_s, 3) if loop_s > 0 and n_img > resumed else None,
+        bits_per_token_se=None if se is None else se / LN2, per_class=per_class, computed=computed,
+        resumed_from=resumed, device=str(m.device), compute_dtype=m.dtype_name, batch_size=bs,
+        images_per_s=round(computed / loop_s, 3) if loop_s > 0 and computed else None,
         seconds=round(time.perf_counter() - t_start, 3))
+
+
+def _score_in_memory(net, tok, n_img: int, bs: int, reporter: Reporter, m: OpenedModel,
+                     dist: DistContext | None, identity: dict):
+    """Scores without a file: (nats [n_img], resumed 0, computed, loop seconds, batch size); under
+    torchrun each rank scores its shard of the batch grid and every rank gets them all."""
+    t0 = time.perf_counter()
+    if dist is None or not dist.active:
+        reporter.start()
+        nats = nll_batches(net, tok, 0, n_img, bs, reporter)
+        return nats, 0, n_img, time.perf_counter() - t0, bs
+    dist.init(m.device)
+    dist.agree(dict(identity, n_total=n_img))
+    bs = min(dist.gather(bs))
+    start, stop = shard_rows(n_img, dist.world_size, dist.rank, bs)
+    reporter.start(total=stop - start)
+    mine = nll_batches(net, tok, start, stop, bs, reporter)
+    loop_s = time.perf_counter() - t0
+    parts = dist.gather((mine, loop_s))
+    return np.concatenate([p for p, _ in parts]), 0, n_img, max(s for _, s in parts), bs
 
 
 def _mean_se(v: np.ndarray) -> tuple[float, float | None]:

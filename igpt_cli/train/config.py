@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import math
 import numbers
-import os
 from dataclasses import asdict, dataclass, fields, replace
-from pathlib import Path
 
 import torch
 
 from ..errors import InputError, ParameterError
 from ..model import IGPTConfig
+from ..model.runtime import available_memory  # the one memory probe (also for batch sizes)
 
 
 @dataclass
@@ -161,37 +160,6 @@ def training_bytes(cfg: IGPTConfig, batch_size: int = 1) -> int:
     what autograd must keep for a batch (the float32 logits and every block's input)."""
     activations = 4 * batch_size * cfg.n_positions * (cfg.vocab_size - 1 + cfg.n_layer * cfg.n_embd)
     return 16 * n_params(cfg) + activations
-
-
-def _read_int(path: str, field: str | None = None) -> int | None:
-    try:
-        text = Path(path).read_text()
-    except OSError:
-        return None
-    if field is None:
-        return int(text) if text.strip().isdigit() else None
-    for line in text.splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024  # /proc/meminfo counts kB
-    return None
-
-
-def available_memory(dev: torch.device) -> int | None:
-    """Bytes the device can still hand out (None where unknown): free GPU memory, or the
-    host's available memory (capped by a cgroup limit) for CPU and MPS."""
-    if dev.type == "cuda":
-        try:
-            return int(torch.cuda.mem_get_info(dev)[0])
-        except Exception:  # pragma: no cover - driver trouble: do not guess
-            return None
-    have = [v for v in (_read_int("/proc/meminfo", "MemAvailable"), _read_int("/sys/fs/cgroup/memory.max"))
-            if v is not None]
-    if not have:
-        try:
-            have = [os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")]
-        except (ValueError, OSError, AttributeError):  # pragma: no cover - not POSIX
-            return None
-    return min(have)
 
 
 def check_fits_memory(model_cfg: IGPTConfig, dev: torch.device, batch_size: int) -> None:

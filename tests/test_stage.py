@@ -1,5 +1,6 @@
-"""igpt_cli.extract.sharded: extract under torchrun — sharding, part files, merge, resume after a killed
-rank, bad input."""
+"""igpt_cli.stage, the one stage kernel: shards, part files, merge, the re-check under the lock, and
+every heavy command (extract, features, score, sample, complete) under torchrun equal to one process,
+resume after a killed rank, bad input."""
 from __future__ import annotations
 
 import json
@@ -17,12 +18,14 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import ENV, attrs_without_provenance, hold_output_lock, invoke, make_tokens, rows_done
+from helpers import (ENV, attrs_without_provenance, hf_causal_model, hold_output_lock, invoke, make_image_folder,
+                     make_tokens, rows_done)
 from igpt_cli import formats, outputs
 from igpt_cli.errors import InputError
-from igpt_cli.distributed import DistContext
-from igpt_cli.extract.sharded import all_part_paths, merge_parts, part_path, shard_rows
 from igpt_cli.model import IGPT, IGPTConfig, save_pretrained
+from igpt_cli.progress import Reporter
+from igpt_cli.stage import (StageFile, all_part_paths, create_partial, file_identity, merge_parts, part_path,
+                            run_stage, shard_rows)
 
 TORCHRUN = Path(sys.executable).with_name("torchrun")
 
@@ -93,98 +96,157 @@ def test_shard_rows_cover_every_row_once_on_the_batch_grid():
         shard_rows(10, 2, 2, 1)
 
 
-def test_context_from_env(monkeypatch):
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
-        monkeypatch.delenv(k, raising=False)
-    c = DistContext.from_env()
-    assert (c.rank, c.world_size, c.active, c.is_main) == (0, 1, False, True)
-    monkeypatch.setenv("WORLD_SIZE", "4")
-    monkeypatch.setenv("RANK", "3")
-    monkeypatch.setenv("LOCAL_RANK", "1")
-    c = DistContext.from_env()
-    assert (c.rank, c.world_size, c.local_rank, c.active, c.is_main) == (3, 4, 1, True, False)
-    assert c.device_for(torch.device("cpu")) == torch.device("cpu")
-    monkeypatch.setenv("RANK", "4")
-    with pytest.raises(InputError, match="RANK=4"):
-        DistContext.from_env()
-
-
 # ---------------------------------------------------------------------------
-# merge: constructed part files
+# the kernel in one process, and merge from constructed part files
 # ---------------------------------------------------------------------------
-IDENT = dict(layers=[0, 2], site="ln", sos=True, pool="mean", compute_dtype="float32", store_dtype="float32",
-             device_type="cpu", batch_size=4, model_sha256="a" * 64, model_config="{}", tokens_sha256="b" * 64, n_total=23)
-EXTRA = dict(model="m", tokens_file="t.h5", class_names='["a"]', height=2, width=2)
+IDENT = dict(model_sha256="a" * 64, seed=3)
 
 
-def make_parts(out: Path, k: int, data: dict[int, np.ndarray], labels, sources, *, ident=IDENT, skip=(),
-               bad=None, incomplete=None):
-    n, bs = ident["n_total"], ident["batch_size"]
+def spec_of(n: int = 23, streamed: bool = False) -> StageFile:
+    """A small stage file: rows of `x` [n, 5] float32 and `labels` (streamed: computed too)."""
+    def layout(f, start, stop):
+        f.create_dataset("x", shape=(stop - start, 5), dtype="float32")
+        f.create_dataset("labels", data=np.full(stop - start, -1, np.int64))
+        f.attrs.update(format=formats.SCORES_FORMAT, format_version=1)
+
+    return StageFile(formats.SCORES_FORMAT, n, IDENT, dict(note="made by a test"), layout,
+                     ("x", "labels") if streamed else ("x",), row_bytes=28)
+
+
+def make_parts(out: Path, k: int, data: np.ndarray, *, bs=4, skip=(), bad=None, incomplete=None):
+    spec = spec_of(len(data))
     for r in range(k):
-        a, b = shard_rows(n, k, r, bs)
+        a, b = shard_rows(len(data), k, r, bs)
         if r in skip or b == a:
             continue
-        attrs = dict(ident, **EXTRA, shard_start=a, shard_stop=b, rows_total=n, rank=r, world_size=k)
+        ident = file_identity(spec, bs, a, b)
         if r == bad:
-            attrs["model_sha256"] = "c" * 64
-        with h5py.File(part_path(out, r, k), "w") as f:
-            formats.create_features_file(f, dims={l: d.shape[1] for l, d in data.items()}, labels=labels[a:b],
-                                         sources=sources[a:b], store_dtype="float32", attrs=attrs)
-            for l, d in data.items():
-                f["features"][str(l)][:] = d[a:b]
-            done = b - a if r != incomplete else (b - a) // 2
-            f.attrs.update(n_done=done, complete=r != incomplete)
+            ident["model_sha256"] = "c" * 64
+        f = create_partial(part_path(out, r, k), spec, ident, a, b, k)
+        f["x"][:] = data[a:b]
+        done = b - a if r != incomplete else (b - a) // 2
+        f.attrs.update(n_done=done, complete=r != incomplete)
+        f.close()
+    return spec
 
 
 @pytest.fixture
-def parts_data():
-    rng = np.random.default_rng(0)
-    data = {0: rng.standard_normal((23, 5)).astype(np.float32), 2: rng.standard_normal((23, 5)).astype(np.float32)}
-    labels = rng.integers(0, 3, 23)
-    sources = np.array([f"s{i}" for i in range(23)], dtype=object)
-    return data, labels, sources
+def data():
+    return np.random.default_rng(0).standard_normal((23, 5)).astype(np.float32)
 
 
 @pytest.mark.parametrize("k", [1, 2, 3, 7])
-def test_merge_by_row_index(tmp_path, parts_data, k):
-    data, labels, sources = parts_data
+def test_merge_by_row_index(tmp_path, data, k):
     out = tmp_path / "f.h5"
-    make_parts(out, k, data, labels, sources)
+    spec = make_parts(out, k, data)
     (tmp_path / ".f.h5.part-00000-of-00009.tmp").write_bytes(b"stale part of another world size")
-    merged = merge_parts(out, IDENT, dict(IDENT, **EXTRA), labels, sources, {0: 5, 2: 5}, "float32", k)
-    assert len(merged) == min(k, 6)  # 23 rows in batches of 4: 6 batches, so at most 6 non-empty shards
+    assert merge_parts(out, spec, 4, k) == 23
     assert not all_part_paths(out) and not outputs.temp_path_for(out).exists()
     with h5py.File(out) as f:
-        for l, d in data.items():
-            np.testing.assert_array_equal(f["features"][str(l)][:], d)
-        assert (f["labels"][:] == labels).all()
+        np.testing.assert_array_equal(f["x"][:], data)
         a = formats.read_attrs(f)
         assert a["n_done"] == a["n_total"] == 23 and a["complete"] is True and "shard_start" not in a
+        assert a["world_size"] == k and a["note"] == "made by a test" and a["batch_size"] == 4
 
 
-def test_merge_names_missing_parts(tmp_path, parts_data):
-    data, labels, sources = parts_data
+def test_merge_names_missing_parts(tmp_path, data):
     out = tmp_path / "f.h5"
-    make_parts(out, 3, data, labels, sources, skip=(1, 2))
+    spec = make_parts(out, 3, data, skip=(1, 2))
     with pytest.raises(InputError, match="2 of 3 part file") as e:
-        merge_parts(out, IDENT, dict(IDENT, **EXTRA), labels, sources, {0: 5, 2: 5}, "float32", 3)
+        merge_parts(out, spec, 4, 3)
     msg = str(e.value)
     assert str(part_path(out, 1, 3)) in msg and str(part_path(out, 2, 3)) in msg
     assert str(part_path(out, 0, 3)) not in msg and "shared by all nodes" in msg
     assert not out.exists() and part_path(out, 0, 3).exists()  # nothing merged, nothing removed
 
 
-def test_merge_refuses_disagreeing_and_incomplete_parts(tmp_path, parts_data):
-    data, labels, sources = parts_data
+def test_merge_refuses_disagreeing_and_incomplete_parts(tmp_path, data):
     out = tmp_path / "f.h5"
-    make_parts(out, 3, data, labels, sources, bad=2)
+    spec = make_parts(out, 3, data, bad=2)
     with pytest.raises(InputError, match="model_sha256 differs") as e:
-        merge_parts(out, IDENT, dict(IDENT, **EXTRA), labels, sources, {0: 5, 2: 5}, "float32", 3)
+        merge_parts(out, spec, 4, 3)
     assert str(part_path(out, 2, 3)) in str(e.value) and not out.exists()
-    make_parts(out, 3, data, labels, sources, incomplete=1)
+    make_parts(out, 3, data, incomplete=1)
     with pytest.raises(InputError, match="incomplete") as e:
-        merge_parts(out, IDENT, dict(IDENT, **EXTRA), labels, sources, {0: 5, 2: 5}, "float32", 3)
+        merge_parts(out, spec, 4, 3)
     assert str(part_path(out, 1, 3)) in str(e.value) and not out.exists()
+
+
+def test_merge_takes_the_output_lock(tmp_path, data):
+    out = tmp_path / "f.h5"
+    spec = make_parts(out, 2, data)
+    holder = hold_output_lock(out)
+    try:
+        with pytest.raises(outputs.OutputError, match=f"pid {holder.pid} "):
+            merge_parts(out, spec, 4, 2)
+    finally:
+        holder.stdin.close()
+        holder.wait(30)
+    assert not out.exists() and all_part_paths(out)  # nothing merged, nothing removed
+
+
+def rows_of(data, *, stop_at=None, calls=None):
+    """A `compute` over `data` (a stream that ends at `stop_at`), recording the batches it was asked for."""
+    def compute(i, j):
+        if calls is not None:
+            calls.append((i, j))
+        j = min(j, stop_at) if stop_at is not None else j
+        return {"x": data[i:j], "labels": np.arange(i, j)} if j > i else {}
+    return compute
+
+
+def test_run_stage_resumes_on_the_stored_batch_grid(tmp_path, data):
+    out, spec = tmp_path / "f.h5", spec_of(23, streamed=True)
+
+    def dying(i, j):
+        if i >= 8:
+            raise KeyboardInterrupt
+        return rows_of(data)(i, j)
+
+    with pytest.raises(KeyboardInterrupt):
+        run_stage(out, spec, dying, batch_size=4, batch_size_given=True, reporter=Reporter(None, "t"))
+    assert rows_done(outputs.temp_path_for(out)) == 8 and not out.exists()
+    calls = []
+    run = run_stage(out, spec, rows_of(data, calls=calls), batch_size=5, batch_size_given=True,
+                    reporter=Reporter(None, "t"))
+    assert (run.n, run.computed, run.resumed_from, run.batch_size) == (23, 15, 8, 4)
+    assert calls == [(8, 12), (12, 16), (16, 20), (20, 23)]  # the partial file's batch boundaries
+    with h5py.File(out) as f:
+        np.testing.assert_array_equal(f["x"][:], data)
+        assert f["labels"][:].tolist() == list(range(23)) and f.attrs["world_size"] == 1
+    assert not outputs.temp_path_for(out).exists() and not outputs.lock_path_for(out).exists()
+
+
+def test_run_stage_ends_the_file_where_the_input_ends(tmp_path, data):
+    out = tmp_path / "f.h5"
+    run = run_stage(out, spec_of(23, streamed=True), rows_of(data, stop_at=10), batch_size=4, batch_size_given=True,
+                    reporter=Reporter(None, "t"))
+    assert run.n == 10
+    with h5py.File(out) as f:
+        np.testing.assert_array_equal(f["x"][:], data[:10])
+        assert f.attrs["n_total"] == f.attrs["n_done"] == 10 and f.attrs["complete"]
+    assert not list(tmp_path.glob(".*"))  # no partial, merge or lock file left
+
+
+def test_run_stage_rechecks_the_output_under_the_lock(tmp_path, data):
+    """A run that finished after this one's first check is never replaced without overwrite."""
+    out = tmp_path / "f.h5"
+    out.write_bytes(b"the finished output of another run")
+    with pytest.raises(outputs.OutputError, match="output file exists"):
+        run_stage(out, spec_of(), rows_of(data), batch_size=4, batch_size_given=False, reporter=Reporter(None, "t"))
+    assert out.read_bytes() == b"the finished output of another run"
+    assert not outputs.temp_path_for(out).exists()
+
+
+def test_a_failure_before_any_row_leaves_no_partial(tmp_path):
+    out = tmp_path / "f.h5"
+
+    def broken(i, j):
+        raise InputError("the input is bad at row 0")
+
+    with pytest.raises(InputError, match="bad at row 0"):
+        run_stage(out, spec_of(), broken, batch_size=4, batch_size_given=False, reporter=Reporter(None, "t"))
+    assert not list(tmp_path.iterdir())
 
 
 # ---------------------------------------------------------------------------
@@ -201,6 +263,80 @@ def test_torchrun_equals_single_process(setup, k):
     assert s["world_size"] == k and s["n"] == 250 and s["computed"] == 250 and s["batch_size"] == 7
     assert not all_part_paths(out) and not outputs.temp_path_for(out).exists()
     assert_same_file(setup["ref"], out)
+
+
+@pytest.fixture(scope="module")
+def gen(tmp_path_factory):
+    """A tiny causal model (4x4 images, no palette of its own: the 512-colour default), 23 token rows,
+    and a folder of 15 images: odd row counts, shared by no world size."""
+    tmp = tmp_path_factory.mktemp("gen")
+    _, model = hf_causal_model(tmp, n_layer=2, n_embd=32, n_head=2, n_positions=16)
+    tokens = make_tokens(tmp / "t.h5", 23, 4, seed=5)
+    folder = make_image_folder(tmp / "imgs", splits=("train",), per_class=5)
+    return dict(tmp=tmp, model=model, tokens=tokens, folder=folder)
+
+
+RUN = ("--device", "cpu", "--dtype", "float32", "-q")
+COMMANDS = {  # command -> its arguments (before -o)
+    "features": lambda g: ["features", g["folder"], "-m", g["model"], "-l", "1", "-l", "2", "-b", "4"],
+    "score": lambda g: ["score", g["tokens"], "-m", g["model"], "-b", "5"],
+    "sample": lambda g: ["sample", g["model"], "-n", "11", "-b", "3", "--seed", "7"],
+    "complete": lambda g: ["complete", g["tokens"], "-m", g["model"], "-n", "2", "--limit", "7", "--keep-rows", "1",
+                           "-b", "4", "--seed", "2"],
+}
+
+
+def datasets(f: h5py.File) -> list[str]:
+    names: list[str] = []
+    f.visititems(lambda name, obj: names.append(name) if isinstance(obj, h5py.Dataset) else None)
+    return sorted(names)
+
+
+def assert_same_datasets(a: Path, b: Path, world_size: int):
+    """Every dataset equal (features, tokens, scores, labels, sources), every attr but provenance, and
+    `world_size` recorded in each."""
+    with h5py.File(a) as fa, h5py.File(b) as fb:
+        names = [datasets(f) for f in (fa, fb)]
+        assert names[0] and names[0] == names[1]
+        for name in names[0]:
+            x, y = fa[name], fb[name]
+            if h5py.check_string_dtype(x.dtype):
+                assert list(x.asstr()[:]) == list(y.asstr()[:]), name
+            else:
+                assert x.dtype == y.dtype and x[:].tobytes() == y[:].tobytes(), name
+        assert attrs_without_provenance(fa) == attrs_without_provenance(fb)
+        assert fa.attrs["world_size"] == 1 and fb.attrs["world_size"] == world_size
+
+
+@pytest.mark.parametrize("command,k", [("features", 2), ("score", 2), ("sample", 2), ("sample", 3), ("complete", 2)])
+def test_every_heavy_command_under_torchrun_writes_the_one_process_file(gen, command, k):
+    args = [*map(str, COMMANDS[command](gen)), *RUN]
+    ref, out = gen["tmp"] / f"{command}-ref.h5", gen["tmp"] / f"{command}-{k}.h5"
+    if not ref.exists():
+        r = subprocess.run([sys.executable, "-m", "igpt_cli", *args, "-o", str(ref)], capture_output=True, text=True,
+                           env=ENV, timeout=600)
+        assert r.returncode == 0, r.stderr
+    r = subprocess.run([*torchrun_args(k), "-m", "igpt_cli", *args, "-o", str(out), *(["--json"] if command == "score"
+                                                                                     else [])],
+                       capture_output=True, text=True, env=ENV, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert len([l for l in r.stdout.splitlines() if l.startswith("{")]) == 1, r.stdout  # rank 0 alone prints
+    assert not all_part_paths(out) and not list(gen["tmp"].glob(f".{out.name}*"))  # no part, temp or lock file
+    assert_same_datasets(ref, out, k)
+
+
+def test_ranks_with_other_flags_stop_every_rank_in_one_line(gen):
+    """Rank 1 runs with another seed: one line naming the difference, every rank exits 2, nothing written."""
+    out = gen["tmp"] / "disagree.h5"
+    script = (f"exec {sys.executable} -m igpt_cli sample {gen['model']} -n 5 -b 2 --seed $RANK "
+              f"--device cpu --dtype float32 -q -o {out}")
+    r = subprocess.run([*torchrun_args(2), "--no-python", "bash", "-c", script], capture_output=True, text=True,
+                       env=ENV, timeout=600)
+    errs = error_messages(r.stderr)
+    assert r.returncode != 0 and len(errs) == 1, r.stderr[-3000:]
+    assert "rank 1 of 2 runs with other settings than rank 0" in errs[0] and "seed" in errs[0]
+    assert re.search(r"exitcode\s*:\s*2", r.stderr), r.stderr[-3000:]
+    assert not out.exists() and not all_part_paths(out)
 
 
 def _descendants(pid: int) -> list[int]:
@@ -303,6 +439,7 @@ def test_part_from_other_settings_is_refused(setup):
         attrs["layers"] = [1]
         formats.create_features_file(p, dims={1: 32}, labels=f["labels"][a:b], sources=f["sources"].asstr()[a:b],
                                      store_dtype="float32", attrs=attrs)
+        p.attrs["n_done"] = 7  # it got somewhere (a part with no row done holds nothing and is replaced)
     r = torchrun(2, setup["tokens"], setup["model"], out)  # all layers now
     errs = error_messages(r.stderr)
     assert r.returncode != 0 and len(errs) == 1, r.stderr[-3000:]
@@ -327,20 +464,6 @@ def test_locked_part_or_output_stops_every_rank_at_once(setup, locked):
     assert "another igpt run is writing this output" in errs[0] and f"pid {holder.pid} " in errs[0]
     assert re.search(r"exitcode\s*:\s*2", r.stderr), r.stderr[-3000:]
     assert not out.exists() and not all_part_paths(out) and not outputs.temp_path_for(out).exists()
-
-
-def test_merge_takes_the_output_lock(tmp_path, parts_data):
-    data, labels, sources = parts_data
-    out = tmp_path / "f.h5"
-    make_parts(out, 2, data, labels, sources)
-    holder = hold_output_lock(out)
-    try:
-        with pytest.raises(outputs.OutputError, match=f"pid {holder.pid} "):
-            merge_parts(out, IDENT, dict(IDENT, **EXTRA), labels, sources, {0: 5, 2: 5}, "float32", 2)
-    finally:
-        holder.stdin.close()
-        holder.wait(30)
-    assert not out.exists() and all_part_paths(out)  # nothing merged, nothing removed
 
 
 def test_rendezvous_failure_is_one_line(setup):
