@@ -71,7 +71,7 @@ def test_training_lowers_validation_loss(tmp_path):
     assert hist[-1]["val_loss"] < hist[0]["val_loss"] - 0.2
     assert summary.val_bits_per_dim == pytest.approx(hist[-1]["val_loss"] / np.log(2), rel=1e-4)
     assert list(summary.to_dict()) == ["model_dir", "steps", "n_params", "height", "width", "seconds",
-                                       "train_loss", "val_loss", "val_bits_per_dim"]
+                                       "train_loss", "val_loss", "val_bits_per_dim", "world_size", "tokens_per_s"]
     # one progress event per step (plus the start), the evaluation records as log lines
     steps = [e.done for e in events if not e.message]
     assert steps == list(range(31)) and all(e.task == "train" and e.total == 30 for e in events)
