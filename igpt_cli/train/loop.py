@@ -281,6 +281,13 @@ def pretrain(
     given = cfg
     opts = _Options(grad_accum, bool(compile), bool(activation_checkpointing))
     try:
+        if dist.active and not resume:  # wrong on every rank alike: said before the rendezvous, by rank 0
+            try:
+                split_batch(check_config(config_from(cfg)).batch_size, dist.world_size, opts.grad_accum)
+            except InputError as e:
+                if not dist.is_main:
+                    raise PeerError(str(e)) from None
+                raise
         dev = dist.device_for(resolve_device(device))
         dist.init(dev)
         try:  # every rank runs rank 0's flags (torchrun starts one command, srun may not)
@@ -302,7 +309,7 @@ def pretrain(
                         total_steps(cfg, 1)  # raises: how long to train
                 if not out.resolve().name:
                     raise InputError(f"{out}: cannot train into the root directory")
-                split_batch(1, 1, opts.grad_accum)  # its type, before any file is touched
+                split_batch(opts.grad_accum if _is_count(opts.grad_accum) else 1, 1, opts.grad_accum)  # its type
                 init_dir = resolve_init(init) if init is not None and dist.is_main and not resume else None
                 check_distinct({"out": out}, {"train_tokens": train_tokens, "val_tokens": val_tokens,
                                               "init": init_dir})
@@ -510,7 +517,8 @@ def _train(out: Path, data: TokenData, train_sha: str, start: _Start, dev: torch
                     history.append(entry)
                     rep.log(json.dumps(entry))
                 if log is not None:
-                    with write_errors(out, f"logging step {step}"):
+                    then = f"resume continues from step {saved}" if saved is not None else "nothing was saved yet"
+                    with write_errors(out / METRICS_FILE, f"logging step {step}; {then}"):
                         log.log(record)
                         if evaluating:
                             log.draw()
