@@ -7,7 +7,7 @@ import math
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -48,7 +48,9 @@ class TrainResult(Result):
     world_size: int = 1  # processes that trained this call (data-parallel ranks)
     tokens_per_s: float | None = None  # training tokens per second of this call (all ranks together)
     init: str | None = None  # the model a new run started from (init=)
-    _omit_if_none = ("train_loss", "val_loss", "val_bits_per_dim", "resumed_from", "kept", "tokens_per_s", "init")
+    compiled: bool | None = None  # compile=True: whether torch.compile worked here (else eager)
+    _omit_if_none = ("train_loss", "val_loss", "val_bits_per_dim", "resumed_from", "kept", "tokens_per_s", "init",
+                     "compiled")
 
 
 def loss_on(model, tokens: torch.Tensor, sos_token: int | None = -1) -> torch.Tensor:
@@ -137,8 +139,9 @@ def _fresh(out: Path, cfg: TrainConfig, data: TokenData, val_tokens, init: InitM
     if val_tokens is not None:
         val = load_tokens(val_tokens)
         check_val(val, data)
-    if init is not None:
+    if init is not None:  # the architecture is the model's
         model_config = init.config
+        cfg = replace(cfg, n_layer=model_config.n_layer, n_embd=model_config.n_embd, n_head=model_config.n_head)
     else:
         model_config = IGPTConfig(vocab_size=len(data.palette) + 1, n_positions=data.height * data.width,
                                   n_embd=cfg.n_embd, n_layer=cfg.n_layer, n_head=cfg.n_head)
@@ -548,7 +551,8 @@ def _train(out: Path, data: TokenData, train_sha: str, start: _Start, dev: torch
                        world_size=dist.world_size,
                        tokens_per_s=round((step - first_step) * tokens_per_step / seconds, 1)
                        if step > first_step and seconds > 0 else None,
-                       init=start.init.name if start.init is not None else None)
+                       init=start.init.name if start.init is not None else None,
+                       compiled=compiled if opts.compile else None)
 
 
 def snapshot_name(step: int) -> str:
