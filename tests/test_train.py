@@ -179,7 +179,7 @@ def test_validation_subset_is_seeded_and_class_balanced(tmp_path):
 
 
 def test_compile_falls_back_to_eager_where_no_compiler_works(tmp_path, monkeypatch):
-    import igpt_cli.train.loop as loop
+    import igpt_cli.train.step as loop
 
     def no_compiler(gm, example_inputs):  # what inductor does without a working C++ compiler
         raise RuntimeError("Compiler: cc is not found")

@@ -14,6 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from igpt_cli.cli.plots import write_loss_plot
 from igpt_cli.model import load_pretrained
 from igpt_cli.train import TrainConfig, pretrain
 from igpt_cli.train.watch import read_metrics
@@ -89,7 +90,7 @@ def test_two_ranks_train_the_model_one_process_trains(data):
 def test_grad_accum_takes_the_full_batch_step(data):
     out = data["dir"] / "accum"
     res = pretrain(data["tokens"], out, TrainConfig(steps=STEPS, **SETTINGS), val_tokens=data["val"],
-                   dtype="float32", grad_accum=2)
+                   dtype="float32", grad_accum=2, draw_loss=write_loss_plot)
     assert res.steps == STEPS
     assert_same_run(data["ref"], out)
 

@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 
+from igpt_cli.cli.plots import write_loss_plot
 from igpt_cli.train import TrainConfig, pretrain
 from igpt_cli.train.watch import read_metrics
 
@@ -24,7 +25,7 @@ def tok(tmp_path):
 def test_every_logged_step_is_one_line_and_the_plot_is_drawn(tmp_path, tok):
     val = make_tokens(tmp_path / "v.h5", 9, 4, palette=PAL16, seed=1)
     res = pretrain(tok, tmp_path / "m", TrainConfig(steps=7, **{**TINY, "log_every": 2}), val_tokens=val,
-                   dtype="float32")
+                   dtype="float32", draw_loss=write_loss_plot)
     recs = read_metrics(tmp_path / "m" / "metrics.jsonl")
     assert [r["step"] for r in recs] == [2, 3, 4, 6, 7]  # every 2 steps, every evaluation, the last step
     assert all(set(r) >= {"step", "loss", "lr", "tokens_per_s"} and r["tokens_per_s"] > 0 for r in recs)
@@ -49,12 +50,12 @@ def test_a_resumed_run_drops_the_lines_past_its_checkpoint(tmp_path, tok):
 
     cut = tmp_path / "cut"
     with pytest.raises(KeyboardInterrupt):
-        pretrain(tok, cut, cfg, dtype="float32", on_progress=stop_at_3)
+        pretrain(tok, cut, cfg, dtype="float32", on_progress=stop_at_3, draw_loss=write_loss_plot)
     # what a kill -9 after step 5 was logged leaves: lines past the checkpoint, the last one cut short
     with open(cut / "metrics.jsonl", "a") as fh:
         fh.write('{"step": 4, "loss": 9.0, "lr": 0.01, "tokens_per_s": 1.0}\n{"step": 5, "lo')
     (cut / "loss.png").unlink()
-    pretrain(tok, cut, resume=True)
+    pretrain(tok, cut, resume=True, draw_loss=write_loss_plot)
     full, got = read_metrics(tmp_path / "full" / "metrics.jsonl"), read_metrics(cut / "metrics.jsonl")
     assert [r["step"] for r in got] == list(range(1, 10))  # no step twice, none missing
     assert [r["loss"] for r in got] == [r["loss"] for r in full]  # the resumed lines are the run's own
@@ -76,3 +77,8 @@ def test_a_run_that_fails_before_its_first_checkpoint_leaves_no_logs(tmp_path, t
     with pytest.raises(Exception, match="diverged"):
         pretrain(tok, tmp_path / "m", cfg, dtype="float32")
     assert not (tmp_path / "m").exists()
+
+
+def test_the_library_draws_nothing_unless_given_a_drawer(tmp_path, tok):
+    pretrain(tok, tmp_path / "m", TrainConfig(steps=3, **TINY), dtype="float32")
+    assert (tmp_path / "m" / "metrics.jsonl").is_file() and not (tmp_path / "m" / "loss.png").exists()

@@ -62,6 +62,7 @@ def train_command(
     """
     from ..distributed import DistContext
     from ..train import pretrain
+    from .plots import write_loss_plot
 
     if not resume and steps is None and epochs is None:
         raise InputError("give --steps or --epochs")
@@ -81,7 +82,8 @@ def train_command(
         with maybe_bar(bar):
             result = pretrain(train_tokens, out, cfg, val_tokens=val_tokens, init=init, device=device,
                               dtype=dtype.value, resume=resume, grad_accum=grad_accum, compile=compile,
-                              activation_checkpointing=activation_checkpointing, dist=dist, on_progress=bar)
+                              activation_checkpointing=activation_checkpointing, dist=dist,
+                              draw_loss=write_loss_plot, on_progress=bar)
     finally:
         dist.close()
     if dist.is_main:

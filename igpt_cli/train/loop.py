@@ -1,4 +1,4 @@
-"""`pretrain`: the training loop, its checkpoints, and how a run starts or resumes."""
+"""`pretrain`: the training loop and its checkpoints (how a run starts: `start.py`; a step's pieces: `step.py`)."""
 from __future__ import annotations
 
 import contextlib
@@ -7,29 +7,32 @@ import math
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .. import __version__
-from ..errors import InputError, ParameterError
-from ..model import IGPT, IGPTConfig, save_pretrained, sos_shift
 from ..distributed import DistContext, PeerError
+from ..errors import InputError, ParameterError
+from ..formats import sha256_file
+from ..model import IGPT, save_pretrained
 from ..outputs import check_distinct, check_output_path, output_lock
 from ..progress import OnProgress, Reporter
 from ..results import Result
 from ..runtime import resolve_device, resolve_dtype
-from .config import (TrainConfig, check_config, check_fits_memory, config_from, kept_at, lr_at, resumed_config,
-                     total_steps)
-from ..formats import sha256_file
-from .data import TokenData, check_val, load_tokens, make_batch, val_rows
-from .init import InitModel, load_init, resolve_init
-from .state import (LOSS_PLOT, METRICS_FILE, RUN_FILES, STATE_FILE, TENSORBOARD_DIR, TRAIN_META, RunState, load_optimizer, load_weights, read_state,
-                    remove_temp_files, save_state, write_errors, write_text)
-from .watch import RunLog
+from .config import check_config, check_fits_memory, config_from, kept_at, lr_at, total_steps, TrainConfig
+from .data import TokenData, load_tokens, make_batch, val_rows
+from .init import load_init, resolve_init
+from .start import Options, Start, all_or_none, fresh_run, is_count, resumed_run, split_batch
+from .state import (LOSS_PLOT, METRICS_FILE, STATE_FILE, TENSORBOARD_DIR, TRAIN_META, RunState, load_optimizer,
+                    load_weights, remove_temp_files, save_state, write_errors, write_text)
+from .step import compiled_or_eager, evaluate, loss_on, loss_sum, make_optimizer, to_device
+from .watch import DrawLoss, RunLog
+
+__all__ = ["TrainResult", "pretrain", "evaluate", "loss_on", "make_optimizer", "split_batch",
+           "write_preprocessor_config", "snapshot_name", "keep_model"]
 
 
 @dataclass
@@ -53,44 +56,6 @@ class TrainResult(Result):
                      "compiled")
 
 
-def loss_on(model, tokens: torch.Tensor, sos_token: int | None = -1) -> torch.Tensor:
-    """Mean next-token loss (nats) of `model` on `tokens` [B, T]; `sos_token` defaults to the
-    model's own (pass it when `model` is wrapped, e.g. by DistributedDataParallel)."""
-    sos = model.config.sos_token if sos_token == -1 else sos_token
-    logits = model(sos_shift(tokens, sos))
-    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), tokens.reshape(-1))
-
-
-@torch.inference_mode()
-def loss_sum(model: IGPT, tokens: np.ndarray, device, autocast_dtype, batch_size: int = 256) -> tuple[float, int]:
-    """(sum of next-token losses in nats, tokens counted) over `tokens`; the model is left in train mode."""
-    model.eval()
-    total, count = 0.0, 0
-    for i in range(0, len(tokens), batch_size):
-        x = torch.from_numpy(tokens[i:i + batch_size].astype(np.int64)).to(device)
-        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype != torch.float32):
-            total += loss_on(model, x).item() * x.numel()
-        count += x.numel()
-    model.train()
-    return total, count
-
-
-def evaluate(model: IGPT, tokens: np.ndarray, device, autocast_dtype, batch_size: int = 256) -> float:
-    """Mean next-token loss in nats over `tokens`."""
-    total, count = loss_sum(model, tokens, device, autocast_dtype, batch_size)
-    return total / count
-
-
-def make_optimizer(model: IGPT, cfg: TrainConfig, fused: bool = False) -> torch.optim.AdamW:
-    # Weight decay on weight matrices only: no decay on norms, biases, embeddings.
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        is_matrix = p.dim() == 2 and not name.startswith(("wte", "wpe"))
-        (decay if is_matrix else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), **({"fused": True} if fused else {}))
-
-
 def write_preprocessor_config(model_dir: Path, palette: np.ndarray, height: int, width: int) -> None:
     cfg = {
         "image_processor_type": "ImageGPTImageProcessor",
@@ -105,133 +70,7 @@ def write_preprocessor_config(model_dir: Path, palette: np.ndarray, height: int,
 
 
 # ---------------------------------------------------------------------------
-# starting and resuming
 # ---------------------------------------------------------------------------
-@dataclass
-class _Start:
-    """What the loop needs, from a new run or a resumed one."""
-    cfg: TrainConfig
-    model_config: IGPTConfig
-    val: TokenData | None
-    val_sha256: str
-    val_path: str
-    state: RunState | None  # the resumed run's state
-    schedule_steps: int | None = None
-    init: InitModel | None = None  # a new run's starting model (init=)
-
-
-@dataclass
-class _Options:
-    """How this call runs (not what it trains: none of these changes the model beyond float rounding)."""
-    grad_accum: int = 1
-    compile: bool = False
-    activation_checkpointing: bool = False
-
-
-def _fresh(out: Path, cfg: TrainConfig, data: TokenData, val_tokens, init: InitModel | None) -> _Start:
-    if (out / STATE_FILE).exists():
-        raise InputError(f"{out}: holds a training run already (resume=True continues it)")
-    present = [n for n in RUN_FILES if (out / n).exists()]
-    if present:
-        raise InputError(f"{out}: holds a model already ({', '.join(present)}) and no training state to resume; "
-                         "train into a new or empty directory")
-    val = None
-    if val_tokens is not None:
-        val = load_tokens(val_tokens)
-        check_val(val, data)
-    if init is not None:  # the architecture is the model's
-        model_config = init.config
-        cfg = replace(cfg, n_layer=model_config.n_layer, n_embd=model_config.n_embd, n_head=model_config.n_head)
-    else:
-        model_config = IGPTConfig(vocab_size=len(data.palette) + 1, n_positions=data.height * data.width,
-                                  n_embd=cfg.n_embd, n_layer=cfg.n_layer, n_head=cfg.n_head)
-    return _Start(cfg, model_config, val, sha256_file(val_tokens) if val is not None else "",
-                  str(Path(val_tokens).resolve()) if val is not None else "", None, init=init)
-
-
-def _resumed_val(state: RunState, val_tokens, data: TokenData) -> tuple[TokenData | None, str, str]:
-    """The validation file of a resumed run: the run's own (found again by its recorded path when
-    `val_tokens` is None), never another one. Returns (data, SHA-256, absolute path)."""
-    if state.version >= 2 and not state.val_sha256:
-        if val_tokens is not None:
-            raise ParameterError("val_tokens", str(val_tokens), "this run has no validation file; resume without "
-                                                                "one (or train into a new directory)")
-        return None, "", ""
-    if state.version < 2 and val_tokens is None:  # an old state recorded no file: take what is given
-        return None, "", ""
-    path = Path(val_tokens if val_tokens is not None else state.val_tokens)
-    if val_tokens is None and not path.is_file():
-        raise InputError(f"{path}: the validation file of this run is gone; pass val_tokens=FILE (the same file, moved)")
-    val = load_tokens(path)
-    sha = sha256_file(path)
-    if state.version >= 2 and sha != state.val_sha256:
-        raise ParameterError("val_tokens", str(path), f"not the validation file this run started with "
-                                                      f"({state.val_tokens}: its SHA-256 differs)")
-    check_val(val, data)
-    return val, sha, str(path.resolve())
-
-
-def _resumed(out: Path, given, data: TokenData, train_sha: str, train_tokens, val_tokens, init) -> _Start:
-    path = out / STATE_FILE
-    if not path.is_file():
-        raise InputError(f"{out}: nothing to resume (no {STATE_FILE})")
-    state = read_state(path)
-    if state.train_sha256 and state.train_sha256 != train_sha:
-        raise InputError(f"{train_tokens}: not the tokens file this run was trained on (its SHA-256 differs from "
-                         f"the one recorded in {path}); resume with the same file, or train into a new directory")
-    if init is not None and str(init) != state.init:
-        started = f"started from {state.init}" if state.init else "started from random weights"
-        raise ParameterError("init", str(init), f"this run {started}; a resumed run continues from its own "
-                                                "state: resume without init")
-    cfg = resumed_config(state.cfg, given, len(data.tokens), out)
-    val, val_sha, val_path = _resumed_val(state, val_tokens, data)
-    schedule = state.schedule_steps or total_steps(state.cfg, len(data.tokens))
-    return _Start(cfg, state.model_config, val, val_sha, val_path, state, schedule)
-
-
-def split_batch(batch_size: int, world_size: int, grad_accum: int) -> tuple[int, int]:
-    """(images per rank, images per micro-batch) of a global batch; ParameterError naming batch_size
-    (not divisible by the world size: every rank must take the same share, so that the mean of the
-    ranks' gradients is the full batch's) or grad_accum (not dividing the per-rank batch)."""
-    if not _is_count(grad_accum):
-        raise ParameterError("grad_accum", grad_accum, "must be an integer of at least 1")
-    if batch_size % world_size:
-        raise ParameterError("batch_size", batch_size, f"must be a multiple of the world size {world_size} "
-                                                       f"(each of the {world_size} ranks takes an equal share)")
-    per_rank = batch_size // world_size
-    if per_rank % grad_accum:
-        where = f"the {per_rank} images of each of {world_size} ranks" if world_size > 1 else \
-            f"the batch of {per_rank} images"
-        raise ParameterError("grad_accum", grad_accum, f"must divide {where} into equal micro-batches")
-    return per_rank, per_rank // grad_accum
-
-
-def _is_count(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
-
-
-@contextlib.contextmanager
-def _all_or_none(dist: DistContext):
-    """Collective: the block either succeeds on every rank or raises on every rank — the first
-    failing rank with its own error, the others quietly (`PeerError`), so a launcher prints one line."""
-    failure: BaseException | None = None
-    try:
-        yield
-    except BaseException as e:  # noqa: BLE001 - re-raised below, after the other ranks heard of it
-        if not dist.active:
-            raise
-        failure = e
-    if not dist.active:
-        return
-    errors = dist.gather(None if failure is None else (str(failure) or type(failure).__name__))
-    first = next((r for r, e in enumerate(errors) if e), None)
-    if first is None:
-        return
-    if first == dist.rank:
-        raise failure
-    raise PeerError(f"rank {first} failed: {errors[first]}")
-
-
 # ---------------------------------------------------------------------------
 # the stage
 # ---------------------------------------------------------------------------
@@ -249,6 +88,7 @@ def pretrain(
     compile: bool = False,
     activation_checkpointing: bool = False,
     dist: DistContext | None = None,
+    draw_loss: DrawLoss | None = None,
     on_progress: OnProgress | None = None,
 ) -> TrainResult:
     """Pretrain (or resume pretraining) an iGPT; the output directory is locked for the whole run.
@@ -275,6 +115,10 @@ def pretrain(
     (in `grad_accum` micro-batches, the last one synchronising), so N ranks train the model
     one process does, up to float summation order. Rank 0 writes every file.
 
+    Watching: rank 0 appends a line per logged step to `OUT/metrics.jsonl` (and TensorBoard
+    events when installed); `draw_loss(records, fh)`, when given, draws `OUT/loss.png` at each
+    evaluation (the CLI passes its matplotlib drawer).
+
     Progress: one event per step (`info` holds the smoothed loss and learning rate, updated
     at each logged step); every evaluation record is also a log `message` (one JSON line).
     """
@@ -282,7 +126,7 @@ def pretrain(
     dist = DistContext.from_env() if dist is None else dist
     out = Path(out_dir)
     given = cfg
-    opts = _Options(grad_accum, bool(compile), bool(activation_checkpointing))
+    opts = Options(grad_accum, bool(compile), bool(activation_checkpointing), draw_loss)
     try:
         if dist.active and not resume:  # wrong on every rank alike: said before the rendezvous, by rank 0
             try:
@@ -297,13 +141,14 @@ def pretrain(
             dist.agree({"train_tokens": str(train_tokens), "out": str(out), "val_tokens": str(val_tokens),
                         "init": str(init), "cfg": asdict(given) if isinstance(given, TrainConfig) else given,
                         "device": str(device), "dtype": str(getattr(dtype, "value", dtype)), "resume": resume,
-                        "options": asdict(opts)}, "training flags")
+                        "options": [opts.grad_accum, opts.compile, opts.activation_checkpointing]},
+                       "training flags")
         except InputError as e:
             if not dist.is_main:
                 raise PeerError(str(e)) from None
             raise
         with contextlib.ExitStack() as stack:
-            with _all_or_none(dist):
+            with all_or_none(dist):
                 data = load_tokens(train_tokens)  # the input first: a missing or bad file is the first thing said
                 check_output_path(out, overwrite=False, directory=True)
                 if not resume:
@@ -312,19 +157,19 @@ def pretrain(
                         total_steps(cfg, 1)  # raises: how long to train
                 if not out.resolve().name:
                     raise InputError(f"{out}: cannot train into the root directory")
-                split_batch(opts.grad_accum if _is_count(opts.grad_accum) else 1, 1, opts.grad_accum)  # its type
+                split_batch(opts.grad_accum if is_count(opts.grad_accum) else 1, 1, opts.grad_accum)  # its type
                 init_dir = resolve_init(init) if init is not None and dist.is_main and not resume else None
                 check_distinct({"out": out}, {"train_tokens": train_tokens, "val_tokens": val_tokens,
                                               "init": init_dir})
                 if dist.is_main:  # `-o .` too: the lock sits next to the directory
                     stack.enter_context(output_lock(out.resolve()))
             init_dir = dist.broadcast(init_dir)  # resolved (downloaded, converted) once, by rank 0
-            with _all_or_none(dist):
+            with all_or_none(dist):
                 train_sha = sha256_file(train_tokens)
                 if resume:
-                    start = _resumed(out, given, data, train_sha, train_tokens, val_tokens, init)
+                    start = resumed_run(out, given, data, train_sha, train_tokens, val_tokens, init)
                 else:
-                    start = _fresh(out, cfg, data, val_tokens,
+                    start = fresh_run(out, cfg, data, val_tokens,
                                    load_init(init, init_dir, data, given) if init is not None else None)
                 mc = start.model_config
                 K = len(data.palette)
@@ -347,34 +192,8 @@ def pretrain(
             dist.close()
 
 
-def _to_device(x: torch.Tensor, dev: torch.device) -> torch.Tensor:
-    if dev.type == "cuda":  # pinned host memory: the copy runs without blocking the host
-        return x.pin_memory().to(dev, non_blocking=True)
-    return x.to(dev)
-
-
-# torch.compile's backend (a test swaps in one that fails, as a machine without a compiler does)
-COMPILE_BACKEND = "inductor"
-
-
-def compiled_or_eager(model: IGPT, x: torch.Tensor, autocast: dict, scaler) -> tuple[torch.nn.Module, bool]:
-    """`torch.compile(model)` when it compiles and runs a training step here (tried on `x`, its
-    gradients then cleared), else `model` itself: (module to train, whether it is compiled).
-    A machine without a working compiler trains eagerly, silently."""
-    try:
-        compiled = torch.compile(model, backend=COMPILE_BACKEND)
-        with torch.autocast(**autocast):
-            loss = loss_on(compiled, x, model.config.sos_token)
-        scaler.scale(loss).backward()
-        return compiled, True
-    except Exception:  # noqa: BLE001 - no compiler, an unsupported op, …: eager is always right
-        return model, False
-    finally:
-        model.zero_grad(set_to_none=True)
-
-
-def _train(out: Path, data: TokenData, train_sha: str, start: _Start, dev: torch.device, compute: torch.dtype,
-           dist: DistContext, opts: _Options, on_progress: OnProgress | None) -> TrainResult:
+def _train(out: Path, data: TokenData, train_sha: str, start: Start, dev: torch.device, compute: torch.dtype,
+           dist: DistContext, opts: Options, on_progress: OnProgress | None) -> TrainResult:
     cfg, state, val = start.cfg, start.state, start.val
     main = dist.is_main
     state_path = out / STATE_FILE
@@ -405,7 +224,7 @@ def _train(out: Path, data: TokenData, train_sha: str, start: _Start, dev: torch
     autocast = dict(device_type=dev.type, dtype=compute, enabled=compute != torch.float32)
     runner, compiled = model, False
     if opts.compile:
-        runner, compiled = compiled_or_eager(model, _to_device(make_batch(data, step, cfg, (0, micro)), dev),
+        runner, compiled = compiled_or_eager(model, to_device(make_batch(data, step, cfg, (0, micro)), dev),
                                              autocast, scaler)
     if dist.active:
         from torch.nn.parallel import DistributedDataParallel
@@ -468,7 +287,7 @@ def _train(out: Path, data: TokenData, train_sha: str, start: _Start, dev: torch
     try:
         if main:
             with write_errors(out, "starting the metrics log"):
-                log = RunLog(out, step)
+                log = RunLog(out, step, opts.draw_loss)
         rep.start()
         t_window = time.time()
         while step < steps:
@@ -478,7 +297,7 @@ def _train(out: Path, data: TokenData, train_sha: str, start: _Start, dev: torch
             step_loss = None
             for j in range(opts.grad_accum):
                 a = first_image + j * micro
-                x = _to_device(make_batch(data, step, cfg, (a, a + micro)), dev)
+                x = to_device(make_batch(data, step, cfg, (a, a + micro)), dev)
                 last = j == opts.grad_accum - 1
                 with (runner.no_sync() if dist.active and not last else contextlib.nullcontext()):
                     with torch.autocast(**autocast):

@@ -5,18 +5,24 @@
 `val_loss` / `val_bits_per_dim` where the run evaluated); it is appended line by line and
 flushed, so `tail -f` follows it. A run that starts at step s (0 for a new run, the
 checkpoint's step for `--resume`) first drops every line past s (and a line a kill cut
-short), so the file never holds a step twice. `loss.png` (matplotlib's Agg canvas, written
-under a temporary name and renamed) is redrawn from the file at each evaluation. TensorBoard
+short), so the file never holds a step twice. `loss.png` is redrawn from the records at each
+evaluation (written under a temporary name and renamed) by the drawer the caller passes
+(`pretrain(draw_loss=)`; the CLI's matplotlib one: library code never draws). TensorBoard
 event files go to `OUT/tensorboard/` when the `tensorboard` package is importable (the
 `tensorboard` extra); nothing is written, and nothing is said, otherwise.
 """
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
+from typing import BinaryIO, Callable
 
 from .state import LOSS_PLOT, METRICS_FILE, TENSORBOARD_DIR, replace_file, write_text
+
+
+# draws the loss curves of metrics records as a PNG into a binary file (the CLI's matplotlib
+# `plots.write_loss_plot`: the library itself never draws)
+DrawLoss = Callable[[list, BinaryIO], None]
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -48,7 +54,8 @@ def _tensorboard_writer(log_dir: Path, start_step: int):
 class RunLog:
     """The watchable logs of a run directory, from `start_step` on."""
 
-    def __init__(self, out: Path, start_step: int):
+    def __init__(self, out: Path, start_step: int, draw_loss: DrawLoss | None = None):
+        self.draw_loss = draw_loss
         self.metrics = Path(out) / METRICS_FILE
         self.plot = Path(out) / LOSS_PLOT
         kept = [r for r in read_metrics(self.metrics) if r["step"] <= start_step]
@@ -71,32 +78,12 @@ class RunLog:
             self.tb.flush()
 
     def draw(self) -> None:
-        """Redraw `loss.png`: the training loss of every logged step and the validation losses."""
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-
-        fig = Figure(figsize=(6, 4), dpi=100)
-        FigureCanvasAgg(fig)
-        ax = fig.add_subplot()
-        train = [(r["step"], r["loss"]) for r in self.records if _finite(r.get("loss"))]
-        val = [(r["step"], r["val_loss"]) for r in self.records if _finite(r.get("val_loss"))]
-        if train:
-            ax.plot(*zip(*train), label="train", color="tab:blue", linewidth=1)
-        if val:
-            ax.plot(*zip(*val), label="validation", color="tab:orange", marker="o", markersize=3)
-        ax.set_xlabel("step")
-        ax.set_ylabel("loss (nats per token)")
-        ax.grid(alpha=0.3)
-        if train or val:
-            ax.legend()
-        fig.tight_layout()
-        replace_file(self.plot, lambda fh: fig.savefig(fh, format="png"))
+        """Redraw `loss.png` from every record so far, when the run was given a drawer."""
+        if self.draw_loss is not None:
+            replace_file(self.plot, lambda fh: self.draw_loss(self.records, fh))
 
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
             self.tb = None
 
-
-def _finite(v) -> bool:
-    return isinstance(v, (int, float)) and math.isfinite(v)
