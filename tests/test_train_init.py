@@ -10,7 +10,7 @@ from igpt_cli.model.resolve import BUNDLED
 from igpt_cli.train import TrainConfig, pretrain
 from igpt_cli.train.watch import read_metrics
 
-from helpers import assert_clean_failure, make_tokens, run_igpt
+from helpers import assert_clean_failure, invoke, make_tokens, run_igpt
 
 SHIPPED = BUNDLED["igpt-cifar8"]
 
@@ -79,3 +79,11 @@ def test_a_resumed_run_keeps_its_own_start(tmp_path, cifar8):
     assert "this run started from igpt-cifar8" in r.stderr
     r = run_igpt("train", cifar8, "-o", out, "--resume", "--init", "igpt-cifar8", "--steps", "2", "--quiet")
     assert r.returncode == 0, r.stderr
+
+
+def test_training_into_the_model_it_starts_from_is_refused(tmp_path, cifar8):
+    model = tmp_path / "model"
+    save_pretrained(IGPT(read_config(SHIPPED)), model)
+    r = invoke("train", cifar8, "--init", model, "-o", model, "--steps", "1")
+    assert_clean_failure(r, "would overwrite the input --init")
+    assert sorted(p.name for p in model.iterdir()) == ["config.json", "model.safetensors"]
