@@ -85,5 +85,5 @@ def test_training_into_the_model_it_starts_from_is_refused(tmp_path, cifar8):
     model = tmp_path / "model"
     save_pretrained(IGPT(read_config(SHIPPED)), model)
     r = invoke("train", cifar8, "--init", model, "-o", model, "--steps", "1")
-    assert_clean_failure(r, "would overwrite the input --init")
+    assert_clean_failure(r, "would overwrite the input init")
     assert sorted(p.name for p in model.iterdir()) == ["config.json", "model.safetensors"]
