@@ -37,7 +37,7 @@ def data(tmp_path_factory):
     tokens = make_tokens(d / "t.h5", 37, 4, palette=PAL16)
     val = make_tokens(d / "v.h5", 11, 4, palette=PAL16, seed=1)
     ref = d / "one"
-    r = run_igpt("train", tokens, "--val", val, "-o", ref, *FLAGS, "--steps", STEPS)
+    r = invoke("train", tokens, "--val", val, "-o", ref, *FLAGS, "--steps", STEPS)
     assert r.returncode == 0, r.stderr
     return dict(dir=d, tokens=tokens, val=val, ref=ref)
 
