@@ -19,7 +19,7 @@ from igpt_cli.model import load_pretrained
 from igpt_cli.train import TrainConfig, pretrain
 from igpt_cli.train.watch import read_metrics
 
-from helpers import ENV, assert_clean_failure, invoke, make_tokens, run_igpt
+from helpers import ENV, assert_clean_failure, invoke, make_tokens
 
 TORCHRUN = Path(sys.executable).with_name("torchrun")
 PAL16 = np.random.default_rng(5).uniform(-1, 1, (16, 3)).astype(np.float32)
