@@ -71,7 +71,7 @@ def test_training_lowers_validation_loss(tmp_path):
     assert hist[-1]["val_loss"] < hist[0]["val_loss"] - 0.2
     assert summary.val_bits_per_dim == pytest.approx(hist[-1]["val_loss"] / np.log(2), rel=1e-4)
     assert list(summary.to_dict()) == ["model_dir", "steps", "n_params", "height", "width", "seconds",
-                                       "train_loss", "val_loss", "val_bits_per_dim"]
+                                       "train_loss", "val_loss", "val_bits_per_dim", "world_size", "tokens_per_s"]
     # one progress event per step (plus the start), the evaluation records as log lines
     steps = [e.done for e in events if not e.message]
     assert steps == list(range(31)) and all(e.task == "train" and e.total == 30 for e in events)
@@ -150,3 +150,83 @@ def test_cli_killed_run_resumes_to_the_same_weights(tmp_path):
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["steps"] == 40
     assert (tmp_path / "ref" / "model.safetensors").read_bytes() == (tmp_path / "cut" / "model.safetensors").read_bytes()
+
+
+# --- data parallel pieces, validation subset, GPU-path options tested honestly on the CPU ---------------
+def test_slices_of_a_global_batch_are_the_global_batch(tmp_path):
+    data = load_tokens(write_tokens(tmp_path / "t.h5", n=37))
+    cfg = TrainConfig(batch_size=12, flip=True, seed=4)
+    for step in (0, 3, 7):  # 7 * 12 rows crosses an epoch boundary
+        whole = make_batch(data, step, cfg)
+        parts = torch.cat([make_batch(data, step, cfg, (a, a + 3)) for a in range(0, 12, 3)])
+        assert torch.equal(whole, parts)
+
+
+def test_validation_subset_is_seeded_and_class_balanced(tmp_path):
+    from igpt_cli.train.data import val_rows
+
+    path = write_tokens(tmp_path / "v.h5", n=60)
+    data = load_tokens(path)
+    data.labels = np.repeat(np.arange(3), 20)  # class-sorted, as quantize writes a folder
+    rows = val_rows(data, 12)
+    assert list(np.bincount(data.labels[rows])) == [4, 4, 4] and list(rows) == sorted(rows)
+    assert np.array_equal(rows, val_rows(data, 12)) and not np.array_equal(rows, np.arange(12))
+    data.labels = np.array([0] * 50 + [1] * 5 + [2] * 5)  # a class runs out: the others fill in
+    assert list(np.bincount(data.labels[val_rows(data, 21)])) == [11, 5, 5]
+    assert list(val_rows(data, 100)) == list(range(60))  # all of them
+    data.labels = None
+    assert len(set(val_rows(data, 12))) == 12
+
+
+def test_compile_falls_back_to_eager_where_no_compiler_works(tmp_path, monkeypatch):
+    import igpt_cli.train.step as loop
+
+    def no_compiler(gm, example_inputs):  # what inductor does without a working C++ compiler
+        raise RuntimeError("Compiler: cc is not found")
+
+    tok = write_tokens(tmp_path / "t.h5")
+    eager = pretrain(tok, tmp_path / "eager", TrainConfig(steps=3, **TINY), dtype="float32")
+    monkeypatch.setattr(loop, "COMPILE_BACKEND", no_compiler)
+    res = pretrain(tok, tmp_path / "c", TrainConfig(steps=3, **TINY), dtype="float32", compile=True)
+    assert res.compiled is False and eager.compiled is None
+    assert (tmp_path / "eager" / "model.safetensors").read_bytes() == (tmp_path / "c" / "model.safetensors").read_bytes()
+
+
+def test_activation_checkpointing_computes_the_same_gradients():
+    from igpt_cli.model import IGPT, IGPTConfig
+    from igpt_cli.train import loss_on
+
+    torch.manual_seed(0)
+    model = IGPT(IGPTConfig(vocab_size=17, n_positions=16, n_embd=32, n_layer=3, n_head=4)).train()
+    x = torch.randint(0, 16, (5, 16))
+    grads = []
+    for recompute in (False, True):
+        model.zero_grad()
+        model.activation_checkpointing = recompute
+        loss_on(model, x).backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_float16_trains_with_a_saved_loss_scale(tmp_path):
+    from igpt_cli.train.state import read_state
+
+    tok = write_tokens(tmp_path / "t.h5")
+    cfg = TrainConfig(steps=6, **TINY)
+    pretrain(tok, tmp_path / "full", cfg, dtype="float16")
+
+    def stop_at_3(ev):
+        if ev.task == "train" and ev.done == 3 and not ev.started:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(tok, tmp_path / "cut", cfg, dtype="float16", on_progress=stop_at_3)
+    scale = read_state(tmp_path / "cut" / "train_state.pt").grad_scaler
+    assert scale is not None and scale["scale"] > 1  # gradients were scaled (fp16 underflows otherwise)
+    pretrain(tok, tmp_path / "cut", resume=True)  # in the run's own float16, its scale restored
+    full, cut = load_pretrained(tmp_path / "full"), load_pretrained(tmp_path / "cut")
+    for a, b in zip(full.parameters(), cut.parameters()):
+        assert torch.equal(a, b)
+    assert all(torch.isfinite(p).all() for p in full.parameters())
+    assert read_state(tmp_path / "full" / "train_state.pt").compute_dtype == "float16"

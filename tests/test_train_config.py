@@ -26,7 +26,7 @@ def tok(tmp_path):
     ("steps", 0), ("steps", 2.5), ("epochs", 0.0), ("epochs", math.nan), ("epochs", math.inf),
     ("batch_size", 0), ("warmup_steps", -1), ("grad_clip", 0.0), ("grad_clip", math.nan),
     ("weight_decay", -0.1), ("weight_decay", math.inf), ("min_lr_ratio", 1.5), ("n_layer", 0), ("n_embd", 0),
-    ("n_head", 0), ("seed", -1), ("seed", 2**64), ("checkpoint_every", 0), ("eval_every", 0), ("eval_rows", 0),
+    ("n_head", 0), ("seed", -1), ("seed", 2**64), ("checkpoint_every", 0), ("eval_every", 0), ("val_images", 0), ("log_every", 0),
     ("flip", "yes"), ("n_layer", True),
 ])
 def test_out_of_range_settings_are_named_before_any_work(tmp_path, tok, field, value):

@@ -16,7 +16,7 @@ import pytest
 
 from igpt_cli.outputs import OutputError, lock_path_for, output_lock
 from igpt_cli.train import STATE_FILE, TrainConfig, pretrain
-from igpt_cli.train.state import RUN_FILES, read_state
+from igpt_cli.train.state import METRICS_FILE, RUN_FILES, read_state
 
 from helpers import ENV, ROOT, assert_clean_failure, make_tokens, run_igpt
 
@@ -89,9 +89,10 @@ def test_disk_full_keeps_the_last_checkpoint_resumable_and_leaves_no_temp_files(
 
     with pytest.raises(OutputError) as e:
         pretrain(tok, out, cfg, dtype="float32", on_progress=fill_before_step_6_checkpoint)
+    # (the metrics line of step 6 still fit: an append inside the file's last page)
     assert str(e.value) == (f"{out / STATE_FILE}: no space left on device (writing the checkpoint of step 6; "
                             "resume continues from step 3)")
-    assert sorted(os.listdir(out)) == sorted(RUN_FILES[:-2] + ("preprocessor_config.json",))  # no temp files
+    assert sorted(os.listdir(out)) == sorted(RUN_FILES[:-2] + ("preprocessor_config.json", METRICS_FILE))
     assert read_state(out / STATE_FILE).step == 3
     (small_fs / "filler").unlink()
     pretrain(tok, out, resume=True)

@@ -229,3 +229,18 @@ def test_cli_resume_with_other_flags_names_each_flag(tmp_path, tok):
     r = run_igpt("train", tok, "-o", cut, "--resume", "--steps", "120", "--batch-size", "4", "--quiet")
     assert r.returncode == 0, r.stderr  # a larger --steps (and the run's own values) extend the run
     assert json.loads(r.stdout)["steps"] == 120 and json.loads(r.stdout)["resumed_from"] == 3
+
+
+def test_a_state_written_before_val_images_and_log_every_still_resumes(tmp_path, tok):
+    pretrain(tok, tmp_path / "full", TrainConfig(steps=9, **TINY), dtype="float32")
+    cut = cut_run(tok, tmp_path / "cut")
+    state = torch.load(cut / STATE_FILE, weights_only=True)
+    cfg = json.loads(state["train_config"])
+    cfg["eval_rows"] = cfg.pop("val_images")  # the settings of igpt before this change
+    del cfg["log_every"]
+    for k in ("world_size", "init"):
+        del state[k]
+    torch.save({**state, "train_config": json.dumps(cfg)}, cut / STATE_FILE)
+    assert read_state(cut / STATE_FILE).cfg.val_images == TINY.get("val_images", 2000)
+    pretrain(tok, cut, resume=True)
+    assert weights(cut) == weights(tmp_path / "full")

@@ -89,3 +89,32 @@ def _save(fig, path: str | Path) -> Path:
         fig.savefig(tmp, format="jpeg" if fmt == "jpg" else fmt)
     plt.close(fig)
     return Path(path)
+
+
+def write_loss_plot(records: list[dict], fh) -> None:
+    """`igpt train`'s OUT/loss.png: the training loss of every logged step and the validation losses
+    (records of OUT/metrics.jsonl), as a PNG into the binary file `fh`."""
+    import math
+
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    def finite(v) -> bool:
+        return isinstance(v, (int, float)) and math.isfinite(v)
+
+    fig = Figure(figsize=(6, 4), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    train = [(r["step"], r["loss"]) for r in records if finite(r.get("loss"))]
+    val = [(r["step"], r["val_loss"]) for r in records if finite(r.get("val_loss"))]
+    if train:
+        ax.plot(*zip(*train), label="train", color="tab:blue", linewidth=1)
+    if val:
+        ax.plot(*zip(*val), label="validation", color="tab:orange", marker="o", markersize=3)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats per token)")
+    ax.grid(alpha=0.3)
+    if train or val:
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(fh, format="png")

@@ -17,17 +17,27 @@ def train_command(
     train_tokens: Annotated[Path, typer.Argument(help="Tokens file (igpt quantize) to pretrain on.")],
     out: Annotated[Path, typer.Option("-o", "--out", help="Model directory to write (Hugging Face ImageGPT layout).")],
     val_tokens: Annotated[Optional[Path], typer.Option("--val", help="Tokens file for validation loss (bits/dim).")] = None,
+    init: Annotated[Optional[str], typer.Option("--init", metavar="MODEL", help=(
+        "Continue pretraining this model (directory, bundled name, hub id or TF checkpoint prefix): "
+        "architecture and palette come from it."))] = None,
     n_layer: Annotated[int, typer.Option("--depth", min=1, help="Transformer blocks.")] = 8,
     n_embd: Annotated[int, typer.Option("--width", min=8, help="Embedding width.")] = 256,
     n_head: Annotated[int, typer.Option("--heads", min=1, help="Attention heads.")] = 8,
     steps: Annotated[Optional[int], typer.Option("--steps", min=1, help="Optimizer steps (or use --epochs).")] = None,
     epochs: Annotated[Optional[float], typer.Option("--epochs", min=0.0, help="Passes over the training tokens.")] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per step.")] = 64,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help=(
+        "Images per step, all processes together (the global batch under torchrun)."))] = 64,
+    grad_accum: Annotated[int, typer.Option("--grad-accum", min=1, help=(
+        "Split each process's share of a step into K micro-batches (the same step, less memory)."))] = 1,
     lr: Annotated[float, typer.Option("--lr", help="Peak learning rate (linear warm-up, cosine decay).")] = 3e-3,
     warmup_steps: Annotated[int, typer.Option("--warmup", min=0, help="Warm-up steps.")] = 100,
     no_flip: Annotated[bool, typer.Option("--no-flip", help="Disable random horizontal flips.")] = False,
     checkpoint_every: Annotated[int, typer.Option("--checkpoint-every", min=1, help="Steps between checkpoints.")] = 200,
     eval_every: Annotated[int, typer.Option("--eval-every", min=1, help="Steps between validation losses.")] = 200,
+    val_images: Annotated[int, typer.Option("--val-images", min=1, help=(
+        "Validation loss on this many --val images (a seeded, class-balanced subset; all if fewer)."))] = 2000,
+    log_every: Annotated[int, typer.Option("--log-every", min=1, help=(
+        "Steps between lines of OUT/metrics.jsonl (the loss is read from the device only then)."))] = 10,
     save_every: Annotated[Optional[int], typer.Option("--save-every", min=1, help=(
         "Keep the model every K steps as its own directory OUT/step-NNNNNN (a series for igpt sweep)."))] = None,
     save_at: Annotated[Optional[str], typer.Option("--save-at", metavar="STEPS", help=(
@@ -36,31 +46,48 @@ def train_command(
     device: Device = "auto",
     dtype: Annotated[ComputeDtype, typer.Option("--dtype", help="Autocast dtype (auto: bfloat16 where fast).")] = ComputeDtype.auto,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run saved in --out.")] = False,
+    compile: Annotated[bool, typer.Option("--compile", help=(
+        "torch.compile the model (falls back to eager where no compiler works)."))] = False,
+    activation_checkpointing: Annotated[bool, typer.Option("--activation-checkpointing", help=(
+        "Recompute block activations in the backward pass: less memory for large models."))] = False,
     quiet: Quiet = False,
 ) -> None:
     """Pretrain an iGPT on palette tokens (next-token prediction with the SOS shift).
 
+    Under torchrun (or srun) every process trains its share of each global batch
+    (DistributedDataParallel); rank 0 writes the run directory. OUT/metrics.jsonl and
+    OUT/loss.png follow the run.
+
     Example: igpt train train.h5 --val test.h5 -o my-igpt --depth 8 --width 192 --heads 6 --steps 2400
     """
+    from ..distributed import DistContext
     from ..train import pretrain
+    from .plots import write_loss_plot
 
     if not resume and steps is None and epochs is None:
         raise InputError("give --steps or --epochs")
     settings = dict(n_layer=n_layer, n_embd=n_embd, n_head=n_head, steps=steps, epochs=epochs,
                     batch_size=batch_size, lr=lr, warmup_steps=warmup_steps, flip=not no_flip,
                     checkpoint_every=checkpoint_every, eval_every=eval_every, seed=seed, save_every=save_every,
-                    save_at=_steps_list(save_at))
+                    save_at=_steps_list(save_at), val_images=val_images, log_every=log_every)
     # Only the flags the user typed: a new run takes the defaults for the rest; a resumed run
     # compares them with its own settings, and continues with its own when none is given.
     ctx = get_current_context()
     param = {"flip": "no_flip"}
     cfg = {k: v for k, v in settings.items()
            if getattr(ctx.get_parameter_source(param.get(k, k)), "name", "DEFAULT") not in ("DEFAULT", "DEFAULT_MAP")}
-    bar = ProgressBar.maybe(quiet)
-    with maybe_bar(bar):
-        result = pretrain(train_tokens, out, cfg, val_tokens=val_tokens, device=device, dtype=dtype.value,
-                          resume=resume, on_progress=bar)
-    print_json(result)
+    dist = DistContext.from_env()
+    bar = ProgressBar.maybe(quiet or not dist.is_main)
+    try:
+        with maybe_bar(bar):
+            result = pretrain(train_tokens, out, cfg, val_tokens=val_tokens, init=init, device=device,
+                              dtype=dtype.value, resume=resume, grad_accum=grad_accum, compile=compile,
+                              activation_checkpointing=activation_checkpointing, dist=dist,
+                              draw_loss=write_loss_plot, on_progress=bar)
+    finally:
+        dist.close()
+    if dist.is_main:
+        print_json(result)
 
 
 @handles_input_errors

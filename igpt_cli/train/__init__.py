@@ -18,14 +18,24 @@ a second run on it fails at once, naming the holder); every file is written unde
 temporary name and renamed, and a failed write (a full disk) is one line, with the
 temporary files removed and the last checkpoint intact (`state.py`).
 
-Modules: `config` (settings, schedule, memory), `data` (tokens, batches), `state`
-(the run state on disk), `loop` (`pretrain`).
+Data parallel: under torchrun (or srun) `pretrain` is DistributedDataParallel training;
+`batch_size` is the global batch, each rank takes a fixed slice of it (in `grad_accum`
+micro-batches), so N ranks train the model one process does, up to float summation order.
+Rank 0 writes the run directory.
+
+Watching: `OUT/metrics.jsonl` (a line per logged step), `OUT/loss.png`, TensorBoard when
+installed (`watch`). Continuing a model: `init=` (`init.py`).
+
+Modules: `config` (settings, schedule, memory), `data` (tokens, batches, the validation
+subset), `state` (the run state on disk), `init` (the model a run starts from), `watch`
+(metrics, plot), `loop` (`pretrain`).
 """
 from .config import TrainConfig, check_config, lr_at, total_steps
-from .data import TokenData, batch_indices, flip_mask, load_tokens, make_batch
-from .loop import TrainResult, evaluate, loss_on, make_optimizer, pretrain, write_preprocessor_config
+from .data import TokenData, batch_indices, flip_mask, load_tokens, make_batch, val_rows
+from .loop import (TrainResult, evaluate, loss_on, make_optimizer, pretrain, split_batch,
+                   write_preprocessor_config)
 from .state import STATE_FILE, TRAIN_META
 
 __all__ = ["TrainConfig", "TrainResult", "TokenData", "pretrain", "load_tokens", "lr_at", "batch_indices",
            "make_batch", "flip_mask", "total_steps", "check_config", "evaluate", "loss_on", "make_optimizer",
-           "write_preprocessor_config", "STATE_FILE", "TRAIN_META"]
+           "write_preprocessor_config", "STATE_FILE", "TRAIN_META", "split_batch", "val_rows"]

@@ -38,18 +38,19 @@ class TrainConfig:
     seed: int = 0
     checkpoint_every: int = 200
     eval_every: int = 200
-    eval_rows: int = 2000
+    val_images: int = 2000  # validation loss on a seeded, class-balanced subset of this many images
+    log_every: int = 10  # a metrics line (and one read of the loss from the device) every this many steps
     save_every: int | None = None  # keep a model directory OUT/step-NNNNNN every this many steps …
     save_at: tuple[int, ...] = ()  # … and at these steps (a checkpoint series for `igpt sweep`)
 
-# Settings that say what is kept, not how the model trains: a resumed run may change them.
-KEEPING = ("save_every", "save_at")
+# Settings that say what is kept or logged, not how the model trains: a resumed run may change them.
+KEEPING = ("save_every", "save_at", "log_every")
 
 
 FIELDS = tuple(f.name for f in fields(TrainConfig))
 # integer settings -> smallest allowed value
 _COUNTS = {"n_layer": 1, "n_embd": 1, "n_head": 1, "batch_size": 1, "warmup_steps": 0, "seed": 0,
-           "checkpoint_every": 1, "eval_every": 1, "eval_rows": 1}
+           "checkpoint_every": 1, "eval_every": 1, "val_images": 1, "log_every": 1}
 MAX_SEED = 2**63 - 1  # torch.manual_seed and numpy's SeedSequence take 0 .. 2**63-1 here
 
 

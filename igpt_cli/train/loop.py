@@ -1,31 +1,38 @@
-"""`pretrain`: the training loop, its checkpoints, and how a run starts or resumes."""
+"""`pretrain`: the training loop and its checkpoints (how a run starts: `start.py`; a step's pieces: `step.py`)."""
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import os
 import shutil
-import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .. import __version__
+from ..distributed import DistContext, PeerError
 from ..errors import InputError, ParameterError
-from ..model import IGPT, IGPTConfig, save_pretrained, sos_shift
-from ..outputs import check_output_path, output_lock
+from ..formats import sha256_file
+from ..model import IGPT, save_pretrained
+from ..outputs import check_distinct, check_output_path, output_lock
 from ..progress import OnProgress, Reporter
 from ..results import Result
 from ..runtime import resolve_device, resolve_dtype
-from .config import (TrainConfig, check_config, check_fits_memory, config_from, kept_at, lr_at, resumed_config,
-                     total_steps)
-from ..formats import sha256_file
-from .data import TokenData, check_val, load_tokens, make_batch
-from .state import (RUN_FILES, STATE_FILE, TRAIN_META, RunState, load_optimizer, load_weights, read_state,
-                    remove_temp_files, save_state, write_errors, write_text)
+from .config import check_config, check_fits_memory, config_from, kept_at, lr_at, total_steps, TrainConfig
+from .data import TokenData, load_tokens, make_batch, val_rows
+from .init import load_init, resolve_init
+from .start import Options, Start, all_or_none, fresh_run, is_count, resumed_run, split_batch
+from .state import (LOSS_PLOT, METRICS_FILE, STATE_FILE, TENSORBOARD_DIR, TRAIN_META, RunState, load_optimizer,
+                    load_weights, remove_temp_files, save_state, write_errors, write_text)
+from .step import compiled_or_eager, evaluate, loss_on, loss_sum, make_optimizer, to_device
+from .watch import DrawLoss, RunLog
+
+__all__ = ["TrainResult", "pretrain", "evaluate", "loss_on", "make_optimizer", "split_batch",
+           "write_preprocessor_config", "snapshot_name", "keep_model"]
 
 
 @dataclass
@@ -41,36 +48,12 @@ class TrainResult(Result):
     val_bits_per_dim: float | None = None
     resumed_from: int | None = None  # the step a resumed run continued from
     kept: list[str] | None = None  # the models kept by save_every / save_at (OUT/step-NNNNNN), all so far
-    _omit_if_none = ("train_loss", "val_loss", "val_bits_per_dim", "resumed_from", "kept")
-
-
-def loss_on(model: IGPT, tokens: torch.Tensor) -> torch.Tensor:
-    logits = model(sos_shift(tokens, model.config.sos_token))
-    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), tokens.reshape(-1))
-
-
-@torch.inference_mode()
-def evaluate(model: IGPT, tokens: np.ndarray, device, autocast_dtype, batch_size: int = 256) -> float:
-    """Mean next-token loss in nats over `tokens`."""
-    model.eval()
-    total, count = 0.0, 0
-    for i in range(0, len(tokens), batch_size):
-        x = torch.from_numpy(tokens[i:i + batch_size].astype(np.int64)).to(device)
-        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype != torch.float32):
-            total += loss_on(model, x).item() * x.numel()
-        count += x.numel()
-    model.train()
-    return total / count
-
-
-def make_optimizer(model: IGPT, cfg: TrainConfig) -> torch.optim.AdamW:
-    # Weight decay on weight matrices only: no decay on norms, biases, embeddings.
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        is_matrix = p.dim() == 2 and not name.startswith(("wte", "wpe"))
-        (decay if is_matrix else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95))
+    world_size: int = 1  # processes that trained this call (data-parallel ranks)
+    tokens_per_s: float | None = None  # training tokens per second of this call (all ranks together)
+    init: str | None = None  # the model a new run started from (init=)
+    compiled: bool | None = None  # compile=True: whether torch.compile worked here (else eager)
+    _omit_if_none = ("train_loss", "val_loss", "val_bits_per_dim", "resumed_from", "kept", "tokens_per_s", "init",
+                     "compiled")
 
 
 def write_preprocessor_config(model_dir: Path, palette: np.ndarray, height: int, width: int) -> None:
@@ -87,73 +70,7 @@ def write_preprocessor_config(model_dir: Path, palette: np.ndarray, height: int,
 
 
 # ---------------------------------------------------------------------------
-# starting and resuming
 # ---------------------------------------------------------------------------
-@dataclass
-class _Start:
-    """What the loop needs, from a new run or a resumed one."""
-    cfg: TrainConfig
-    model_config: IGPTConfig
-    val: TokenData | None
-    val_sha256: str
-    val_path: str
-    state: RunState | None  # the resumed run's state
-    schedule_steps: int | None = None
-
-
-def _fresh(out: Path, cfg: TrainConfig, data: TokenData, val_tokens) -> _Start:
-    if (out / STATE_FILE).exists():
-        raise InputError(f"{out}: holds a training run already (resume=True continues it)")
-    present = [n for n in RUN_FILES if (out / n).exists()]
-    if present:
-        raise InputError(f"{out}: holds a model already ({', '.join(present)}) and no training state to resume; "
-                         "train into a new or empty directory")
-    val = None
-    if val_tokens is not None:
-        val = load_tokens(val_tokens)
-        check_val(val, data)
-    model_config = IGPTConfig(vocab_size=len(data.palette) + 1, n_positions=data.height * data.width,
-                              n_embd=cfg.n_embd, n_layer=cfg.n_layer, n_head=cfg.n_head)
-    return _Start(cfg, model_config, val, sha256_file(val_tokens) if val is not None else "",
-                  str(Path(val_tokens).resolve()) if val is not None else "", None)
-
-
-def _resumed_val(state: RunState, val_tokens, data: TokenData) -> tuple[TokenData | None, str, str]:
-    """The validation file of a resumed run: the run's own (found again by its recorded path when
-    `val_tokens` is None), never another one. Returns (data, SHA-256, absolute path)."""
-    if state.version >= 2 and not state.val_sha256:
-        if val_tokens is not None:
-            raise ParameterError("val_tokens", str(val_tokens), "this run has no validation file; resume without "
-                                                                "one (or train into a new directory)")
-        return None, "", ""
-    if state.version < 2 and val_tokens is None:  # an old state recorded no file: take what is given
-        return None, "", ""
-    path = Path(val_tokens if val_tokens is not None else state.val_tokens)
-    if val_tokens is None and not path.is_file():
-        raise InputError(f"{path}: the validation file of this run is gone; pass val_tokens=FILE (the same file, moved)")
-    val = load_tokens(path)
-    sha = sha256_file(path)
-    if state.version >= 2 and sha != state.val_sha256:
-        raise ParameterError("val_tokens", str(path), f"not the validation file this run started with "
-                                                      f"({state.val_tokens}: its SHA-256 differs)")
-    check_val(val, data)
-    return val, sha, str(path.resolve())
-
-
-def _resumed(out: Path, given, data: TokenData, train_sha: str, train_tokens, val_tokens) -> _Start:
-    path = out / STATE_FILE
-    if not path.is_file():
-        raise InputError(f"{out}: nothing to resume (no {STATE_FILE})")
-    state = read_state(path)
-    if state.train_sha256 and state.train_sha256 != train_sha:
-        raise InputError(f"{train_tokens}: not the tokens file this run was trained on (its SHA-256 differs from "
-                         f"the one recorded in {path}); resume with the same file, or train into a new directory")
-    cfg = resumed_config(state.cfg, given, len(data.tokens), out)
-    val, val_sha, val_path = _resumed_val(state, val_tokens, data)
-    schedule = state.schedule_steps or total_steps(state.cfg, len(data.tokens))
-    return _Start(cfg, state.model_config, val, val_sha, val_path, state, schedule)
-
-
 # ---------------------------------------------------------------------------
 # the stage
 # ---------------------------------------------------------------------------
@@ -163,9 +80,15 @@ def pretrain(
     cfg: TrainConfig | dict | None = None,
     *,
     val_tokens: str | Path | None = None,
+    init: str | Path | None = None,
     device: str = "auto",
     dtype: str = "auto",
     resume: bool = False,
+    grad_accum: int = 1,
+    compile: bool = False,
+    activation_checkpointing: bool = False,
+    dist: DistContext | None = None,
+    draw_loss: DrawLoss | None = None,
     on_progress: OnProgress | None = None,
 ) -> TrainResult:
     """Pretrain (or resume pretraining) an iGPT; the output directory is locked for the whole run.
@@ -179,75 +102,155 @@ def pretrain(
     length the run was started with, so the first steps of an extended run are exactly
     the original run's, and the extra steps run at the floor rate `lr * min_lr_ratio`.
 
+    `init`: continue pretraining from a model (a directory, a bundled name, a hub id or an
+    OpenAI TensorFlow prefix): its architecture and palette are the run's; the tokens must
+    use its palette and image size; `n_layer`/`n_embd`/`n_head` given in a dict must match it.
+
     A resumed run must use the same tokens file (its SHA-256 is recorded in the state)
     and the same validation file: `val_tokens=None` finds the run's own again by its
     recorded path. `dtype="auto"` resumes in the run's own compute dtype (bit-for-bit on
     the CPU; on a GPU with `IGPT_DETERMINISTIC=1`, see `runtime.apply_deterministic_mode`).
 
-    Progress: one event per step (`info` holds the smoothed loss and learning rate); every
-    evaluation record is also a log `message` (one JSON line).
+    Data parallel (`dist`, default `DistContext.from_env()`: torchrun or srun): `batch_size`
+    is the global batch; each of the world's ranks computes the gradient of its equal slice
+    (in `grad_accum` micro-batches, the last one synchronising), so N ranks train the model
+    one process does, up to float summation order. Rank 0 writes every file.
+
+    Watching: rank 0 appends a line per logged step to `OUT/metrics.jsonl` (and TensorBoard
+    events when installed); `draw_loss(records, fh)`, when given, draws `OUT/loss.png` at each
+    evaluation (the CLI passes its matplotlib drawer).
+
+    Progress: one event per step (`info` holds the smoothed loss and learning rate, updated
+    at each logged step); every evaluation record is also a log `message` (one JSON line).
     """
+    own_dist = dist is None
+    dist = DistContext.from_env() if dist is None else dist
     out = Path(out_dir)
-    data = load_tokens(train_tokens)  # the input first: a missing or bad file is the first thing said
-    check_output_path(out, overwrite=False, directory=True)
     given = cfg
-    if not resume:
-        cfg = check_config(config_from(cfg))
-        if not cfg.steps and not cfg.epochs:
-            total_steps(cfg, 1)  # raises: how long to train
-    dev = resolve_device(device)
-    if not out.resolve().name:
-        raise InputError(f"{out}: cannot train into the root directory")
-    with output_lock(out.resolve()):  # `-o .` too: the lock sits next to the directory
-        train_sha = sha256_file(train_tokens)
-        start = _resumed(out, given, data, train_sha, train_tokens, val_tokens) if resume \
-            else _fresh(out, cfg, data, val_tokens)
-        mc = start.model_config
-        K = len(data.palette)
-        if mc.n_positions != data.height * data.width or mc.vocab_size != K + 1:
-            raise InputError(f"{train_tokens}: tokens ({data.height}x{data.width}, {K} colours) do not fit the "
-                             f"model in {out} ({mc.n_positions} positions, {mc.vocab_size - 1} colours)")
-        if start.state is not None and dtype == "auto":  # bit-for-bit continuation needs the run's own dtype
-            dtype = start.state.compute_dtype
-        compute = resolve_dtype(dtype, dev)
-        try:
-            check_fits_memory(mc, dev, start.cfg.batch_size)
-        except ParameterError as e:
-            if start.state is None:
+    opts = Options(grad_accum, bool(compile), bool(activation_checkpointing), draw_loss)
+    try:
+        if dist.active and not resume:  # wrong on every rank alike: said before the rendezvous, by rank 0
+            try:
+                split_batch(check_config(config_from(cfg)).batch_size, dist.world_size, opts.grad_accum)
+            except InputError as e:
+                if not dist.is_main:
+                    raise PeerError(str(e)) from None
                 raise
-            raise InputError(f"{out / STATE_FILE}: {e.problem}") from None  # the run's model, not a setting
-        return _train(out, data, train_sha, start, dev, compute, on_progress)
+        dev = dist.device_for(resolve_device(device))
+        dist.init(dev)
+        try:  # every rank runs rank 0's flags (torchrun starts one command, srun may not)
+            dist.agree({"train_tokens": str(train_tokens), "out": str(out), "val_tokens": str(val_tokens),
+                        "init": str(init), "cfg": asdict(given) if isinstance(given, TrainConfig) else given,
+                        "device": str(device), "dtype": str(getattr(dtype, "value", dtype)), "resume": resume,
+                        "options": [opts.grad_accum, opts.compile, opts.activation_checkpointing]},
+                       "training flags")
+        except InputError as e:
+            if not dist.is_main:
+                raise PeerError(str(e)) from None
+            raise
+        with contextlib.ExitStack() as stack:
+            with all_or_none(dist):
+                data = load_tokens(train_tokens)  # the input first: a missing or bad file is the first thing said
+                check_output_path(out, overwrite=False, directory=True)
+                if not resume:
+                    cfg = check_config(config_from(cfg))
+                    if not cfg.steps and not cfg.epochs:
+                        total_steps(cfg, 1)  # raises: how long to train
+                if not out.resolve().name:
+                    raise InputError(f"{out}: cannot train into the root directory")
+                split_batch(opts.grad_accum if is_count(opts.grad_accum) else 1, 1, opts.grad_accum)  # its type
+                init_dir = resolve_init(init) if init is not None and dist.is_main and not resume else None
+                check_distinct({"out": out}, {"train_tokens": train_tokens, "val_tokens": val_tokens,
+                                              "init": init_dir})
+                if dist.is_main:  # `-o .` too: the lock sits next to the directory
+                    stack.enter_context(output_lock(out.resolve()))
+            init_dir = dist.broadcast(init_dir)  # resolved (downloaded, converted) once, by rank 0
+            with all_or_none(dist):
+                train_sha = sha256_file(train_tokens)
+                if resume:
+                    start = resumed_run(out, given, data, train_sha, train_tokens, val_tokens, init)
+                else:
+                    start = fresh_run(out, cfg, data, val_tokens,
+                                   load_init(init, init_dir, data, given) if init is not None else None)
+                mc = start.model_config
+                K = len(data.palette)
+                if mc.n_positions != data.height * data.width or mc.vocab_size != K + 1:
+                    raise InputError(f"{train_tokens}: tokens ({data.height}x{data.width}, {K} colours) do not fit "
+                                     f"the model in {out} ({mc.n_positions} positions, {mc.vocab_size - 1} colours)")
+                if start.state is not None and dtype == "auto":  # bit-for-bit continuation needs the run's own dtype
+                    dtype = start.state.compute_dtype
+                compute = resolve_dtype(dtype, dev)
+                _, micro = split_batch(start.cfg.batch_size, dist.world_size, opts.grad_accum)
+                try:
+                    check_fits_memory(mc, dev, micro)
+                except ParameterError as e:
+                    if start.state is None:
+                        raise
+                    raise InputError(f"{out / STATE_FILE}: {e.problem}") from None  # the run's model, not a setting
+            return _train(out, data, train_sha, start, dev, compute, dist, opts, on_progress)
+    finally:
+        if own_dist:
+            dist.close()
 
 
-def _train(out: Path, data: TokenData, train_sha: str, start: _Start, dev: torch.device, compute: torch.dtype,
-           on_progress: OnProgress | None) -> TrainResult:
+def _train(out: Path, data: TokenData, train_sha: str, start: Start, dev: torch.device, compute: torch.dtype,
+           dist: DistContext, opts: Options, on_progress: OnProgress | None) -> TrainResult:
     cfg, state, val = start.cfg, start.state, start.val
+    main = dist.is_main
     state_path = out / STATE_FILE
     steps = total_steps(cfg, len(data.tokens))
     schedule = start.schedule_steps or steps
+    per_rank, micro = split_batch(cfg.batch_size, dist.world_size, opts.grad_accum)
+    first_image = dist.rank * per_rank  # this rank's slice of every global batch
     if state is None:
         torch.manual_seed(cfg.seed)
     model = IGPT(start.model_config)
     if state is not None:
         load_weights(model, state, state_path)
+    elif start.init is not None:
+        model.load_state_dict(start.init.weights)
     model.to(dev).train()
-    opt = make_optimizer(model, cfg)
+    model.activation_checkpointing = opts.activation_checkpointing
+    sos = model.config.sos_token
+    opt = make_optimizer(model, cfg, fused=dev.type == "cuda")
+    # float16 needs a loss scale (its gradients underflow otherwise); bfloat16 and float32 do not
+    scaler = torch.amp.GradScaler(dev.type, enabled=compute == torch.float16)
     step, saved, history = 0, None, []
     if state is not None:
         load_optimizer(opt, state, state_path)
+        if scaler.is_enabled() and state.grad_scaler:
+            scaler.load_state_dict(state.grad_scaler)
         step = saved = state.step
         history = state.history
+    autocast = dict(device_type=dev.type, dtype=compute, enabled=compute != torch.float32)
+    runner, compiled = model, False
+    if opts.compile:
+        runner, compiled = compiled_or_eager(model, to_device(make_batch(data, step, cfg, (0, micro)), dev),
+                                             autocast, scaler)
+    if dist.active:
+        from torch.nn.parallel import DistributedDataParallel
+
+        runner = DistributedDataParallel(runner, device_ids=[dev.index] if dev.type == "cuda" else None)
     created = not out.exists()
-    with write_errors(out, "creating the model directory"):
-        out.mkdir(exist_ok=True)
+    if main:
+        with write_errors(out, "creating the model directory"):
+            out.mkdir(exist_ok=True)
     dtype_name = str(compute).removeprefix("torch.")
+    val_mine = val.tokens[val_rows(val, cfg.val_images)[dist.rank::dist.world_size]] if val is not None else None
+    # the training loss stays on the device between logged steps (no host sync per step)
+    ema = torch.tensor(state.loss_ema if state is not None and state.loss_ema is not None else math.nan,
+                       device=dev)
+    have_ema = state is not None and state.loss_ema is not None
+    window, window_steps = torch.zeros((), device=dev), 0
 
     def checkpoint() -> None:
         nonlocal saved
         if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
             raise _diverged(cfg, step, "the weights are not finite", saved)
         run = RunState(step, cfg, model.config, model.state_dict(), opt.state_dict(), dtype_name, history,
-                       schedule, train_sha, start.val_sha256, start.val_path, loss_ema)
+                       schedule, train_sha, start.val_sha256, start.val_path, float(ema) if have_ema else None,
+                       world_size=dist.world_size, grad_scaler=scaler.state_dict() if scaler.is_enabled() else None,
+                       init=init_name)
         # The state first: it alone is what a resume needs; a failure below it leaves it intact.
         then = f"resume continues from step {saved}" if saved is not None else "nothing was saved yet"
         with write_errors(state_path, f"writing the checkpoint of step {step}; {then}"):
@@ -259,7 +262,8 @@ def _train(out: Path, data: TokenData, train_sha: str, start: _Start, dev: torch
             meta = {"igpt_version": __version__, "train_tokens": str(data.path),
                     "val_tokens": str(val.path) if val is not None else "", "train_sha256": train_sha,
                     "step": step, "steps": steps, "history": history, "class_names": data.class_names,
-                    "config": asdict(cfg), "compute_dtype": dtype_name}
+                    "config": asdict(cfg), "compute_dtype": dtype_name, "world_size": dist.world_size,
+                    **({"init": init_name} if init_name else {})}
             write_text(out / TRAIN_META, json.dumps(meta, indent=1) + "\n")
 
     def save_step() -> None:
@@ -270,52 +274,105 @@ def _train(out: Path, data: TokenData, train_sha: str, start: _Start, dev: torch
             keep_model(out / snapshot_name(step), model, data, step, history)
         checkpoint()
 
-    autocast = dict(device_type=dev.type, dtype=compute, enabled=compute != torch.float32)
-    rep = Reporter(on_progress, "train", total=steps, unit="step", done=step)
+    def validation_loss() -> float:
+        total, count = loss_sum(model, val_mine, dev, compute) if len(val_mine) else (0.0, 0)
+        sums = dist.gather((total, count))
+        return sum(t for t, _ in sums) / sum(c for _, c in sums)
+
+    init_name = start.init.name if start.init is not None else (state.init if state is not None else "")
+    rep = Reporter(on_progress if main else None, "train", total=steps, unit="step", done=step)
+    log = None
     t0 = time.time()
-    loss_ema = state.loss_ema if state is not None else None
+    tokens_per_step = cfg.batch_size * data.height * data.width
+    first_step, info = step, ""
     try:
+        if main:
+            with write_errors(out, "starting the metrics log"):
+                log = RunLog(out, step, opts.draw_loss)
         rep.start()
+        t_window = time.time()
         while step < steps:
             lr = lr_at(step, schedule, cfg)
             for g in opt.param_groups:
                 g["lr"] = lr
-            x = make_batch(data, step, cfg).to(dev)
-            with torch.autocast(**autocast):
-                loss = loss_on(model, x)
-            value = loss.item()
-            if not math.isfinite(value):
-                raise _diverged(cfg, step + 1, f"the loss is {value}", saved)
-            loss.backward()
+            step_loss = None
+            for j in range(opts.grad_accum):
+                a = first_image + j * micro
+                x = to_device(make_batch(data, step, cfg, (a, a + micro)), dev)
+                last = j == opts.grad_accum - 1
+                with (runner.no_sync() if dist.active and not last else contextlib.nullcontext()):
+                    with torch.autocast(**autocast):
+                        loss = loss_on(runner, x, sos) / opts.grad_accum
+                    scaler.scale(loss).backward()
+                step_loss = loss.detach() if step_loss is None else step_loss + loss.detach()
+            scaler.unscale_(opt)  # a no-op without float16
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            opt.step()
+            scaler.step(opt)
+            scaler.update()
             opt.zero_grad(set_to_none=True)
             step += 1
-            loss_ema = value if loss_ema is None else 0.95 * loss_ema + 0.05 * value
-            if step % cfg.eval_every == 0 or step == steps:
-                record = {"step": step, "train_loss": round(loss_ema, 5), "lr": lr,
-                          "seconds": round(time.time() - t0, 1)}
-                if val is not None:
-                    v = evaluate(model, val.tokens[:cfg.eval_rows], dev, compute)
-                    record.update(val_loss=round(v, 5), val_bits_per_dim=round(v / math.log(2), 5))
-                history.append(record)
-                rep.log(json.dumps(record))
-            bpd = loss_ema / math.log(2)
-            rep.advance(1, info=f"loss {loss_ema:.3f} nats ({bpd:.3f} bits/dim) lr {lr:.2e}")
-            if step % cfg.checkpoint_every == 0 or step == steps or kept_at(cfg, step):
+            if dist.active:  # the global batch's loss, on the device (the collective queues, nothing waits)
+                import torch.distributed as tdist
+
+                tdist.all_reduce(step_loss)
+                step_loss = step_loss / dist.world_size
+            window = window + step_loss
+            window_steps += 1
+            ema = step_loss if not have_ema else 0.95 * ema + 0.05 * step_loss
+            have_ema = True
+            evaluating = step % cfg.eval_every == 0 or step == steps
+            if evaluating or step % cfg.log_every == 0:
+                mean = float(window) / window_steps  # the one host sync between logged steps
+                if not math.isfinite(mean):
+                    raise _diverged(cfg, step, f"the loss is {mean}", saved)
+                smooth = float(ema)
+                record = {"step": step, "loss": round(mean, 6), "lr": lr,
+                          "tokens_per_s": round(window_steps * tokens_per_step / max(time.time() - t_window, 1e-9),
+                                                1)}
+                window, window_steps = torch.zeros((), device=dev), 0
+                if evaluating:
+                    entry = {"step": step, "train_loss": round(smooth, 5), "lr": lr,
+                             "seconds": round(time.time() - t0, 1)}
+                    if val is not None:
+                        v = validation_loss()
+                        entry.update(val_loss=round(v, 5), val_bits_per_dim=round(v / math.log(2), 5))
+                        record.update(val_loss=round(v, 6), val_bits_per_dim=round(v / math.log(2), 6))
+                    history.append(entry)
+                    rep.log(json.dumps(entry))
+                if log is not None:
+                    then = f"resume continues from step {saved}" if saved is not None else "nothing was saved yet"
+                    with write_errors(out / METRICS_FILE, f"logging step {step}; {then}"):
+                        log.log(record)
+                        if evaluating:
+                            log.draw()
+                info = f"loss {smooth:.3f} nats ({smooth / math.log(2):.3f} bits/dim) lr {lr:.2e}"
+                t_window = time.time()
+            rep.advance(1, info=info)
+            if main and (step % cfg.checkpoint_every == 0 or step == steps or kept_at(cfg, step)):
                 save_step()
     except KeyboardInterrupt:
-        _cleanup_on_failure(out, created, save_step if saved != step else None)
+        if main:
+            _cleanup_on_failure(out, created, save_step if saved != step else None)
         raise
     except BaseException:
-        _cleanup_on_failure(out, created)
+        if main:
+            _cleanup_on_failure(out, created)
         raise
+    finally:
+        if log is not None:
+            log.close()
+    seconds = time.time() - t0
     last = history[-1] if history else {}
     return TrainResult(model_dir=str(out), steps=steps, n_params=model.num_params(), height=data.height,
-                       width=data.width, seconds=round(time.time() - t0, 1), train_loss=last.get("train_loss"),
+                       width=data.width, seconds=round(seconds, 1), train_loss=last.get("train_loss"),
                        val_loss=last.get("val_loss"), val_bits_per_dim=last.get("val_bits_per_dim"),
                        resumed_from=state.step if state is not None else None,
-                       kept=sorted(str(d) for d in out.glob("step-*") if d.is_dir()) or None)
+                       kept=sorted(str(d) for d in out.glob("step-*") if d.is_dir()) or None,
+                       world_size=dist.world_size,
+                       tokens_per_s=round((step - first_step) * tokens_per_step / seconds, 1)
+                       if step > first_step and seconds > 0 else None,
+                       init=start.init.name if start.init is not None else None,
+                       compiled=compiled if opts.compile else None)
 
 
 def snapshot_name(step: int) -> str:
@@ -339,7 +396,8 @@ def keep_model(final: Path, model: IGPT, data: TokenData, step: int, history: li
 
 
 def _cleanup_on_failure(out: Path, created: bool, save=None) -> None:
-    """Save (Ctrl-C) or not; remove temp files, and the directory if this run made it and left it empty."""
+    """Save (Ctrl-C) or not; remove temp files, and — when this run made the directory and saved
+    nothing in it — its logs and the directory."""
     try:
         if save is not None:
             save()
@@ -347,8 +405,12 @@ def _cleanup_on_failure(out: Path, created: bool, save=None) -> None:
         remove_temp_files(out)
         for tmp in out.glob(".step-*.tmp"):
             shutil.rmtree(tmp, ignore_errors=True)
-        if created and out.is_dir() and not any(out.iterdir()):
-            out.rmdir()
+        if created and out.is_dir() and not (out / STATE_FILE).exists():
+            for name in (METRICS_FILE, LOSS_PLOT):
+                (out / name).unlink(missing_ok=True)
+            shutil.rmtree(out / TENSORBOARD_DIR, ignore_errors=True)
+            if not any(out.iterdir()):
+                out.rmdir()
 
 
 def _diverged(cfg: TrainConfig, step: int, what: str, saved: int | None) -> ParameterError:

@@ -8,7 +8,10 @@ a hostile, truncated, foreign or old file is one line naming the file and the pr
 
 Format versions: 2 (this one) added `format`, `format_version`, `train_sha256`,
 `val_sha256`, `val_tokens`, `schedule_steps` and `loss_ema`; a version-1 state (igpt 0.1 before
-them) is still resumed, without the tokens-file check it cannot do.
+them) is still resumed, without the tokens-file check it cannot do. Optional keys, absent from
+older version-2 states: `world_size` (the processes that trained it, information only: a run
+resumes on any number), `grad_scaler` (float16 training's loss scale), `init` (the model a
+`--init` run started from). A state's `eval_rows` setting is read as `val_images`.
 """
 from __future__ import annotations
 
@@ -38,8 +41,11 @@ STATE_VERSION = 2
 RUN_FILES = (STATE_FILE, TRAIN_META, "config.json", "model.safetensors", "pytorch_model.bin",
              "preprocessor_config.json")
 # temp files of a checkpoint (ours, and save_pretrained's): removed when a checkpoint fails
+METRICS_FILE = "metrics.jsonl"  # one JSON line per logged step (rank 0 writes it)
+LOSS_PLOT = "loss.png"  # training and validation loss curves, redrawn at each evaluation
+TENSORBOARD_DIR = "tensorboard"  # event files, when the tensorboard package is installed
 TEMP_FILES = (STATE_FILE + ".tmp", ".model.safetensors.tmp", ".config.json.tmp", ".preprocessor_config.json.tmp",
-              f".{TRAIN_META}.tmp")
+              f".{TRAIN_META}.tmp", f".{METRICS_FILE}.tmp", f".{LOSS_PLOT}.tmp")
 
 _V1_KEYS = {"model": dict, "model_config": str, "optimizer": dict, "step": int, "train_config": str,
             "compute_dtype": str, "history": str}
@@ -60,6 +66,9 @@ class RunState:
     val_sha256: str = ""
     val_tokens: str = ""
     loss_ema: float | None = None  # the smoothed training loss, so a resumed run logs what an uninterrupted one does
+    world_size: int = 1
+    grad_scaler: dict | None = None  # torch.amp.GradScaler's state (float16 training only)
+    init: str = ""  # the model the run started from (train --init), "" for random weights
     version: int = STATE_VERSION
 
     def to_save(self) -> dict:
@@ -68,7 +77,8 @@ class RunState:
                 "step": self.step, "train_config": json.dumps(asdict(self.cfg)), "compute_dtype": self.compute_dtype,
                 "history": json.dumps(self.history), "schedule_steps": self.schedule_steps,
                 "train_sha256": self.train_sha256, "val_sha256": self.val_sha256, "val_tokens": self.val_tokens,
-                "loss_ema": self.loss_ema}
+                "loss_ema": self.loss_ema, "world_size": self.world_size, "init": self.init,
+                **({"grad_scaler": self.grad_scaler} if self.grad_scaler is not None else {})}
 
 
 # ---------------------------------------------------------------------------
@@ -163,7 +173,7 @@ def read_state(path: Path) -> RunState:
         raise bad(f"wrong type of {', '.join(wrong)}")
     try:
         model_config = IGPTConfig(**_json_dict(raw["model_config"], IGPTConfig))
-        cfg = check_config(TrainConfig(**_json_dict(raw["train_config"], TrainConfig)))
+        cfg = check_config(TrainConfig(**_renamed(json.loads(raw["train_config"]), TrainConfig)))
         history = json.loads(raw["history"])
     except InputError as e:
         raise bad(f"train_config: {e}") from None
@@ -186,13 +196,26 @@ def read_state(path: Path) -> RunState:
     extra = {k: raw[k] for k in ("schedule_steps", "train_sha256", "val_sha256", "val_tokens") if k in raw}
     if isinstance(raw.get("loss_ema"), float) and math.isfinite(raw["loss_ema"]):
         extra["loss_ema"] = raw["loss_ema"]
+    if isinstance(raw.get("world_size"), int) and raw["world_size"] >= 1:
+        extra["world_size"] = raw["world_size"]
+    if isinstance(raw.get("grad_scaler"), dict):
+        extra["grad_scaler"] = raw["grad_scaler"]
+    if isinstance(raw.get("init"), str):
+        extra["init"] = raw["init"]
     return RunState(step=raw["step"], cfg=cfg, model_config=model_config, model=raw["model"],
                     optimizer=raw["optimizer"], compute_dtype=raw["compute_dtype"], history=history,
                     version=version, **extra)
 
 
-def _json_dict(text: str, cls) -> dict:
-    d = json.loads(text)
+def _renamed(d, cls) -> dict:
+    """Settings saved under an older name: `eval_rows` is now `val_images`."""
+    if isinstance(d, dict) and "eval_rows" in d and "val_images" not in d:
+        d = {("val_images" if k == "eval_rows" else k): v for k, v in d.items()}
+    return _json_dict(d, cls)
+
+
+def _json_dict(text, cls) -> dict:
+    d = json.loads(text) if isinstance(text, str) else text
     if not isinstance(d, dict):
         raise ValueError(f"{cls.__name__} is not a JSON object")
     names = {f.name for f in fields(cls)}
