@@ -8,13 +8,14 @@ is one line on stderr and exit status 2, never a traceback. Command functions ar
 from __future__ import annotations
 
 import signal
+import sys
 from typing import Annotated
 
 import typer
 from typer.core import TyperGroup
 
 from .. import __version__
-from .ui import click_errors, err, raise_interrupted, raise_terminated
+from .ui import click_errors, err, quiet_unraisable, raise_interrupted, raise_terminated
 
 
 class OneLineErrors(TyperGroup):
@@ -71,6 +72,7 @@ def main() -> None:
     """Console-script entry point (`igpt`): SIGTERM unwinds like Ctrl-C, so temp files are removed."""
     signal.signal(signal.SIGTERM, raise_terminated)
     signal.signal(signal.SIGINT, raise_interrupted)
+    sys.unraisablehook = quiet_unraisable
     app(prog_name="igpt")
 
 

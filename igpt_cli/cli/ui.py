@@ -9,6 +9,7 @@ import errno
 import functools
 import json
 import re
+import sys
 from pathlib import Path
 
 import typer
@@ -81,6 +82,15 @@ def raise_interrupted(signum, frame):
     """SIGINT handler: Python's own, plus the same safety net as `raise_terminated`."""
     progress.request_stop(KeyboardInterrupt)
     raise KeyboardInterrupt()
+
+
+def quiet_unraisable(unraisable) -> None:
+    """`sys.unraisablehook`: a Ctrl-C or SIGTERM that lands in a destructor or a weakref callback
+    cannot propagate there (Python would print "Exception ignored in: …"); it is dropped, and the
+    stop request left by the handler ends the run at the library's next progress event."""
+    if isinstance(unraisable.exc_value, KeyboardInterrupt):
+        return
+    sys.__unraisablehook__(unraisable)
 
 
 def os_error_line(e: OSError) -> str:
