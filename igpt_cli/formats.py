@@ -25,6 +25,7 @@ import numpy as np
 
 from . import __version__, outputs
 from .errors import InputError, ParameterError
+from .jsonfile import loads_bounded
 from .provenance import provenance
 
 TOKENS_FORMAT = "igpt-tokens"
@@ -170,7 +171,7 @@ def json_attr(f: h5py.File, key: str, path: str | Path | None = None, *, kind: t
     if not isinstance(v, str):
         raise FormatError(f"{where}: attr {key} is not JSON text ({type(v).__name__})")
     try:
-        d = json.loads(v)
+        d = loads_bounded(v, f"{where}: attr {key}")
     except ValueError:
         short = v if len(v) < 40 else v[:37] + "…"
         raise FormatError(f"{where}: attr {key} is not valid JSON ({short!r})") from None

@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import json
 from pathlib import Path
 
 import numpy as np
 
 from .errors import InputError, ParameterError, check_positive
+from .jsonfile import read_json
 
 DEFAULT_PALETTE = Path(__file__).parent / "assets" / "palette_igpt512.npy"
 # The complete colour -> token table of the official palette (all 2^24 colours, 0.8 MB
@@ -96,9 +96,9 @@ class Palette:
             return cls(arr, source=str(p))
         if p.suffix == ".json":
             try:
-                d = json.loads(p.read_text())
-            except (ValueError, OSError, UnicodeDecodeError) as e:
-                raise PaletteError(f"{p}: not a readable JSON file ({e})") from None
+                d = read_json(p, "palette (preprocessor config)")
+            except InputError as e:
+                raise PaletteError(str(e)) from None
             if not isinstance(d, dict) or d.get("clusters") is None:
                 raise PaletteError(f"{p}: no 'clusters' key (not an ImageGPT preprocessor config)")
             return cls(d["clusters"], source=str(p))

@@ -16,7 +16,6 @@ compressed ones in one pass reading only the sidecars), then read in order.
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path
@@ -27,6 +26,7 @@ import numpy as np
 from ._tar import FastTarUnsupported, is_plain_tar, scan_plain_tar, walk_tar
 from .base import TAR_SUFFIXES, DataError, EmptyDatasetError, is_unsafe_name
 from .encoded import EncodedImages, Member
+from ..jsonfile import loads_bounded, read_bounded, read_json
 
 IMAGE_EXT_ORDER = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm", "pgm", "pbm")
 SIDECARS = ("cls", "json", "txt")
@@ -119,9 +119,10 @@ class WebDataset(EncodedImages):
     def _class_file(self, folder: Path) -> list[str]:
         try:
             if (folder / "classes.txt").is_file():
-                return [s.strip() for s in (folder / "classes.txt").read_text().splitlines() if s.strip()]
+                text = read_bounded(folder / "classes.txt", "class list").decode("utf-8")
+                return [s.strip() for s in text.splitlines() if s.strip()]
             if (folder / "classes.json").is_file():
-                names = json.loads((folder / "classes.json").read_text())
+                names = read_json(folder / "classes.json", "class list")
                 if isinstance(names, dict):  # {"cat": 0, …} or {"0": "cat", …}
                     pairs = [(v, k) if isinstance(v, int) else (int(k), v) for k, v in names.items()]
                     names = [name for _, name in sorted(pairs)]
@@ -158,7 +159,7 @@ class WebDataset(EncodedImages):
 
         def from_json(fields):
             try:
-                d = json.loads(files["json"][3])
+                d = loads_bounded(files["json"][3], f"{shard}: {key}.json")
             except ValueError as e:
                 raise DataError(f"{shard}: {key}.json is not JSON ({e})") from None
             return next((d[k] for k in fields if isinstance(d, dict) and k in d), None)

@@ -29,6 +29,7 @@ from .. import formats, outputs
 from ..choices import POOLS, RESIZE_MODES, SITES, STORE_DTYPES
 from ..data import DEFAULT_SIZE, images_per_batch, open_dataset
 from ..errors import InputError, ParameterError, check_choice, check_positive
+from ..jsonfile import read_json
 from ..layers import parse_layers
 from ..model import find_weights, read_config, resolve_model_dir
 from ..palette import Palette
@@ -47,10 +48,7 @@ def model_image_settings(model_dir: Path) -> tuple[int | None, Palette | None]:
     pre = model_dir / "preprocessor_config.json"
     size, palette = cfg.side, None
     if pre.is_file():
-        try:
-            d = json.loads(pre.read_text())
-        except (OSError, ValueError) as e:
-            raise InputError(f"{pre}: unreadable ({e})") from None
+        d = read_json(pre, "preprocessor config")
         s = d.get("size") if isinstance(d, dict) else None
         h, w = (s.get("height"), s.get("width")) if isinstance(s, dict) else (s, s)
         if isinstance(h, int) and h == w:

@@ -31,6 +31,7 @@ import numpy as np
 
 from .. import formats, outputs
 from ..errors import InputError, check_positive
+from ..jsonfile import read_json
 from ..model import IGPT, IGPTConfig, KVCache, read_config, resolve_model_dir
 from ..palette import Palette, PaletteError
 from ..progress import OnProgress, Reporter
@@ -260,7 +261,7 @@ def sample_file(model: str | Path, n: int, out: str | Path, *, png: str | Path |
 def _image_size(m: _Checked) -> tuple[int, int]:
     """height, width of the model's images: preprocessor_config.json's size, else the square side."""
     try:
-        size = json.loads((m.dir / "preprocessor_config.json").read_text()).get("size") or {}
+        size = read_json(m.dir / "preprocessor_config.json", "preprocessor config").get("size") or {}
         h, w = int(size["height"]), int(size["width"])
         if h * w == m.cfg.n_positions:
             return h, w

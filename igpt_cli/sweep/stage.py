@@ -30,6 +30,7 @@ import numpy as np
 
 from ..errors import InputError, check_positive
 from ..formats import sha256_file
+from ..jsonfile import read_json
 from ..layers import parse_layers
 from ..model import find_weights, read_config, resolve_model_dir
 from ..outputs import atomic_output, output_lock
@@ -100,7 +101,7 @@ def _check_tokens(param: str, path) -> Path:
 
 def _read_result(path: Path) -> dict | None:
     try:
-        return json.loads(path.read_text())
+        return read_json(path, "sweep result")
     except (OSError, ValueError):
         return None  # torn or unreadable: recomputed (it is written atomically, so this is rare)
 
