@@ -23,13 +23,14 @@ class JSONFileError(InputError):
     """A JSON file (or attribute) that is not a regular file, too large, or not JSON."""
 
 
-def read_json(path: str | Path, what: str = "JSON file", *, max_bytes: int = MAX_JSON_BYTES) -> Any:
-    """The JSON value in the regular file `path` (at most `max_bytes`), or JSONFileError."""
+def read_json(path: str | Path, what: str = "JSON file", *, max_bytes: int | None = None) -> Any:
+    """The JSON value in the regular file `path` (at most `max_bytes`, default MAX_JSON_BYTES), or JSONFileError."""
     return _parse(read_bounded(path, what, max_bytes=max_bytes), f"{path}: the {what}")
 
 
-def read_bounded(path: str | Path, what: str, *, max_bytes: int = MAX_JSON_BYTES) -> bytes:
+def read_bounded(path: str | Path, what: str, *, max_bytes: int | None = None) -> bytes:
     """The bytes of the regular file `path` (at most `max_bytes`), or JSONFileError."""
+    max_bytes = MAX_JSON_BYTES if max_bytes is None else max_bytes
     path = Path(path)
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
@@ -52,8 +53,9 @@ def read_bounded(path: str | Path, what: str, *, max_bytes: int = MAX_JSON_BYTES
     return data
 
 
-def loads_bounded(text: str | bytes, what: str, *, max_bytes: int = MAX_JSON_BYTES) -> Any:
+def loads_bounded(text: str | bytes, what: str, *, max_bytes: int | None = None) -> Any:
     """json.loads of `text` (at most `max_bytes` long), or JSONFileError naming `what`."""
+    max_bytes = MAX_JSON_BYTES if max_bytes is None else max_bytes
     if len(text) > max_bytes:
         raise JSONFileError(f"{what}: {len(text):,} bytes of JSON, more than {max_bytes:,}; refused")
     return _parse(text, what)
