@@ -15,7 +15,7 @@ import typer
 from typer.core import TyperGroup
 
 from .. import __version__
-from .ui import click_errors, err, quiet_unraisable, raise_interrupted, raise_terminated
+from .ui import click_errors, err, quiet_unraisable, raise_interrupted, raise_terminated, stdout_closed
 
 
 class OneLineErrors(TyperGroup):
@@ -73,7 +73,10 @@ def main() -> None:
     signal.signal(signal.SIGTERM, raise_terminated)
     signal.signal(signal.SIGINT, raise_interrupted)
     sys.unraisablehook = quiet_unraisable
-    app(prog_name="igpt")
+    try:
+        app(prog_name="igpt")
+    except BrokenPipeError:  # outside a command (help, usage): the same quiet end
+        sys.exit(stdout_closed())
 
 
 # Commands live in one module per theme, each adding its own with `register(app)`; the order

@@ -207,13 +207,19 @@ class HFDataset(EncodedImages):
                     None)
 
     def _record_batches(self, f: Path, columns: list[str]) -> Iterator:
+        """Record batches of `columns` of `f`; a file cut short or damaged is a DataError naming it."""
+        pa = self._pa
         r = self._open(f)
-        if hasattr(r, "iter_batches"):
-            yield from r.iter_batches(batch_size=ROWS_PER_READ, columns=columns)
-            return
-        for b in r:
-            for start in range(0, b.num_rows, ROWS_PER_READ):
-                yield b.select(columns).slice(start, ROWS_PER_READ)
+        try:
+            if hasattr(r, "iter_batches"):
+                yield from r.iter_batches(batch_size=ROWS_PER_READ, columns=columns)
+                return
+            for b in r:
+                for start in range(0, b.num_rows, ROWS_PER_READ):
+                    yield b.select(columns).slice(start, ROWS_PER_READ)
+        except (pa.ArrowException, OSError) as e:
+            raise DataError(f"{f}: truncated or corrupt {f.suffix[1:]} file ({' '.join(str(e).split())[:200]})"
+                            ) from None
 
     def _read_labels(self, features: dict) -> list[np.ndarray]:
         """The labels of each data file (int64, -1 for none); sets `class_names`."""

@@ -108,6 +108,10 @@ class WebDataset(EncodedImages):
             raise EmptyDatasetError(f"{self.path}: no images in {len(shards)} WebDataset shard"
                                     f"{'s' if len(shards) > 1 else ''}")
         labels = self._label_indices([r[4] for r in raw])
+        unlabeled = sum(r[4] is None for r in raw)
+        if unlabeled:
+            self.warnings.append(f"{self.path}: {unlabeled} of {len(raw)} samples have no label (no .cls, .json "
+                                 "or numeric .txt); they get label -1 (unlabeled)")
         self._entries = [(i, name, off, size, int(y)) for (i, name, off, size, _), y in zip(raw, labels)]
         if self.selecting:
             order = self._plan(labels)
@@ -198,6 +202,8 @@ class WebDataset(EncodedImages):
                     raise DataError(f"{self.path}: label {v!r} is not in classes.txt / classes.json")
                 out[j] = index[v]
             elif isinstance(v, int):
+                if not -1 <= v < LABEL_MAX:
+                    raise DataError(f"{self.path}: label {v} is not -1 or a class index")
                 out[j] = v
             else:
                 raise DataError(f"{self.path}: label {v!r} is neither a class index nor a class name")
@@ -227,6 +233,9 @@ class WebDataset(EncodedImages):
 
     def _where(self, name: str) -> str:
         return os.path.join(str(self._shards[0].parent), name)
+
+
+LABEL_MAX = 1 << 31  # class indices beyond this are not class indices (and would not fit int64 at 2**63)
 
 
 def _int_or_name(s: str) -> object:

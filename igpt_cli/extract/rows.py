@@ -183,7 +183,7 @@ def shrink_partial(f: h5py.File, path: Path, n: int, block: int = 4096) -> h5py.
     of = create_partial(small, dims=dims, labels=f["labels"][:n], sources=f["sources"].asstr()[:n],
                         store_dtype=str(dtype), attrs={})
     try:
-        of.attrs.update(attrs)
+        of.attrs.update(formats.storable_attrs(attrs))
         for layer, ds in of["features"].items():
             for i in range(0, n, block):
                 ds[i:i + block] = f["features"][layer][i:min(i + block, n)]

@@ -39,6 +39,7 @@ def mismatch(f: h5py.File, identity: dict) -> str | None:
     """Why the partial file `f` cannot be resumed by a run with `identity` (None: it can)."""
     for key, want in identity.items():
         have = _plain(f.attrs.get(key))
+        want = formats.storable_text(want)
         if have != want:
             short = lambda v: str(v) if len(str(v)) < 60 else str(v)[:57] + "…"  # noqa: E731
             return f"{key} differs (partial file: {short(have)}, this run: {short(want)})"
@@ -73,8 +74,8 @@ def _create(tmp: Path, layout: Callable[[h5py.File], None], identity: dict, attr
     f = h5py.File(tmp, "w")
     try:
         layout(f)
-        f.attrs.update(attrs)
-        f.attrs.update(identity)
+        f.attrs.update(formats.storable_attrs(attrs))
+        f.attrs.update(formats.storable_attrs(identity))
         f.attrs.update(n_done=0, complete=False)
         f.flush()
     except BaseException:
