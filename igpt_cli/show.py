@@ -26,6 +26,7 @@ from .errors import ParameterError, check_positive
 from .formats import FormatError
 from .outputs import atomic_output, check_output_path
 from .results import Result
+from .seeds import check_seed
 from .show_sources import Images, open_images
 
 # output extension -> PIL format of `show_tokens`
@@ -129,7 +130,7 @@ def show_tokens(path: str | Path, out: str | Path, *, n: int = 64, cols: int | N
     check_positive("scale", scale)
     check_positive("cols", cols)
     check_positive("per_class", per_class)
-    check_positive("seed", seed, minimum=0)
+    check_seed(seed)
     fmt = image_format(out)
     out = check_output_path(out, overwrite)
     with contextlib.ExitStack() as stack:
