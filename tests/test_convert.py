@@ -274,3 +274,14 @@ def test_a_corrupted_cache_entry_is_rebuilt_not_used(tmp_path, monkeypatch):
     converted_model_dir(PREFIX["ar"])
     assert weights.stat().st_mtime_ns != mtime and json.loads((d / "igpt_cache.json").read_text())["source"]["shards"]
     assert sorted(p.name for p in d.parent.iterdir()) == [d.name]  # nothing staged or set aside is left
+
+
+def test_convert_refuses_an_output_that_is_one_of_the_checkpoints_files(tmp_path):
+    import os
+
+    prefix = copy_checkpoint(tmp_path)
+    os.symlink(f"{prefix}.index", tmp_path / "out")
+    before = Path(f"{prefix}.index").read_bytes()
+    r = invoke("convert", prefix, "-o", tmp_path / "out")
+    assert_clean_failure(r)
+    assert Path(f"{prefix}.index").read_bytes() == before

@@ -37,7 +37,7 @@ import torch
 from ..errors import InputError
 from ..formats import sha256_file
 from ..jsonfile import read_json
-from ..outputs import check_output_path
+from ..outputs import check_distinct, check_output_path
 from ..palette import DEFAULT_PALETTE, Palette, PaletteError
 from ..progress import OnProgress, Reporter
 from ..results import Result
@@ -223,6 +223,8 @@ def convert_checkpoint(prefix: str | Path, out: str | Path, *, clusters: str | P
     ckpt = TFCheckpoint(prefix)
     cfg = tf_config(ckpt)
     palette_path, official = find_clusters(prefix, clusters)
+    check_distinct({"out": out}, {"index": f"{prefix}.index", "clusters": palette_path,
+                                  **{f"shard {i}": p for i, p in enumerate(ckpt.shards)}})
     centers = load_clusters(palette_path, cfg.vocab_size - 1)
     tensors = hf_weights(ckpt, cfg)
     reporter = Reporter(on_progress, "convert", len(tensors), "tensor")
