@@ -329,6 +329,8 @@ def converted_model_dir(prefix: str | Path, on_progress: OnProgress | None = Non
         convert_checkpoint(prefix, staging, on_progress=on_progress)
         record = json.dumps(_entry_record(staging, source), indent=2) + "\n"
         (staging / CACHE_RECORD).write_text(record)
+        if (final.exists() or final.is_symlink()) and _entry_problem(final, source) is None:
+            return final  # another process rebuilt it meanwhile (this one's is removed below)
         if final.exists() or final.is_symlink():  # a stale entry: moved aside, then removed
             old = final.with_name(f".{final.name}.old.{os.getpid()}")
             os.rename(final, old)
