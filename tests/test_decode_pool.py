@@ -87,13 +87,15 @@ def test_an_interrupt_at_any_moment_ends_the_iteration_and_the_workers(cifar_tar
     assert landed == 10
 
 
-def test_ctrl_c_during_quantize_exits_130_with_one_line_and_no_stray_files(cifar_tar, tmp_path):
+@pytest.mark.parametrize("command", ["quantize", "features"])
+def test_ctrl_c_during_decoding_exits_130_with_one_line_and_no_stray_files(cifar_tar, tmp_path, command):
     # 5000 images (500 per class): past encoded.POOL_MIN_IMAGES, so the decode pool runs
     rng = random.Random(1)
-    for i in range(3):
+    extra = ["--size", "8"] if command == "quantize" else ["-m", "igpt-cifar8", "-l", "1"]
+    for i in range(2):
         out = tmp_path / f"o{i}.h5"
-        proc = subprocess.Popen([sys.executable, "-m", "igpt_cli", "quantize", str(cifar_tar), "--split", "test",
-                                 "--limit-per-class", "500", "--size", "8", "-o", str(out)], env=ENV, text=True,
+        proc = subprocess.Popen([sys.executable, "-m", "igpt_cli", command, str(cifar_tar), "--split", "test",
+                                 "--limit-per-class", "500", *extra, "-o", str(out)], env=ENV, text=True,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         tmp = tmp_path / f".o{i}.h5.tmp"
         deadline = time.monotonic() + 60
@@ -105,10 +107,13 @@ def test_ctrl_c_during_quantize_exits_130_with_one_line_and_no_stray_files(cifar
             _, stderr = proc.communicate(timeout=20)  # a hang guard, not a speed measurement
         except subprocess.TimeoutExpired:
             proc.kill()
-            pytest.fail("quantize did not end after Ctrl-C")
+            pytest.fail(f"{command} did not end after Ctrl-C")
         assert proc.returncode == 130, stderr
         assert stderr.strip() == "interrupted"
-        assert sorted(p.name for p in tmp_path.iterdir()) == []
+        kept = [f".o{i}.h5.tmp"] if command == "features" and (tmp_path / f".o{i}.h5.tmp").exists() else []
+        assert sorted(p.name for p in tmp_path.iterdir()) == kept  # features keeps its resumable partial
+        for p in kept:
+            (tmp_path / p).unlink()
 
 
 def test_a_worker_that_dies_is_one_error_not_a_hang():
