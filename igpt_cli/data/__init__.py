@@ -19,7 +19,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-
 from ..choices import FORMATS, RESIZE_MODES, SPLIT_CHOICES, SPLIT_NAMES
 from ..errors import ParameterError, check_choice, check_positive
 from ..seeds import check_seed
