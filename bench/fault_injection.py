@@ -796,8 +796,8 @@ def round3_cases(p: dict[str, Path]) -> list[Case]:
               ("complete", ["complete", p["tokens_big"], "-m", M, "-n", "4", "-o", f"{O}/o.h5"], "128k"),
               ("score", ["score", p["tokens_big"], "-m", M, "-o", f"{O}/o.h5"], "32k"),
               ("features", ["features", DEMO_TAR, "-m", M, "-o", f"{O}/o.h5"], "128k"),
-              ("probe", ["probe", p["feats_model"], "--save-probes", f"{O}/p.h5", "-q"], "32k"),
-              ("predict", ["predict", p["feats_test"], "--probes", p["probes"], "-o", f"{O}/o.h5"], "32k"),
+              ("probe", ["probe", p["feats_model"], "--save-probes", f"{O}/p.h5", "-q"], "8k"),
+              ("predict", ["predict", p["feats"], "--probes", p["probes"], "-o", f"{O}/o.h5"], "8k"),
               ("show", ["show", p["tokens_big"], "-o", f"{O}/o.png", "--n", "1000"], "32k"),
               ("convert", ["convert", p["tf_good"], "-o", f"{O}/out"], "32k"))],
         # 6. malformed probes, NaN features

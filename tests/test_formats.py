@@ -199,3 +199,8 @@ def test_non_utf8_image_names_and_output_names_are_stored_not_a_crash(tmp_path):
         assert f.attrs["tokens_file"].endswith("t\\xff.h5") and f["sources"].asstr()[0] == "train/cat/a\\xff.png"
     r = igpt("info", feats)
     assert r.returncode == 0 and b"Traceback" not in r.stderr, r.stderr
+    direct = tmp_path / "direct.h5"  # images straight to features: the same names
+    r = igpt("features", tmp_path / "imgs", "-m", "igpt-cifar8", "-l", "1", "-o", direct, "-q")
+    assert r.returncode == 0 and b"Traceback" not in r.stderr, r.stderr
+    with h5py.File(direct, "r") as f:
+        assert f["sources"].asstr()[:].tolist() == ["train/cat/a\\xff.png", "train/cat/b.png"]

@@ -77,6 +77,8 @@ def fill_rows(source: Source, tokens: h5py.Dataset, out: h5py.File, start: int, 
             for layer, ds in dsets.items():
                 ds[i - out_offset:j - out_offset] = feats[layer].astype(ds.dtype, copy=False)
             for name, block in (columns(i, j) if columns is not None else {}).items():
+                if out[name].dtype.kind == "O":  # text (sources): names that are not UTF-8 made storable
+                    block = formats.storable_names(block)
                 out[name][i - out_offset:j - out_offset] = block
             out.flush()  # data first …
             out.attrs["n_done"] = j - out_offset
