@@ -18,6 +18,7 @@ from pathlib import Path
 
 from .extract import extract_features
 from .model import read_config
+from .outputs import check_distinct
 from .probe import ProbeReport, probe_files
 from .progress import OnProgress, Reporter
 from .quantize import quantize_dataset
@@ -68,6 +69,20 @@ class DemoResult(Result):
     kept: bool              # whether the intermediate files were kept (out_dir given)
 
 
+DEMO_FILES = ("train.h5", "test.h5", "train-feats.h5", "train-pixels.h5", "test-feats.h5", "test-pixels.h5",
+              "probe.json", "probe-pixels.json", "completions.png")  # what run_demo writes into out_dir
+
+
+def check_demo_paths(out_dir: str | Path | None, model: str | Path | None, others: dict | None = None) -> None:
+    """Before any work: none of the demo's outputs (its files in `out_dir`, and `others`, e.g. the
+    command's plot) is one of its inputs (the model's files, the shipped data) or another output."""
+    model_dir = Path(model) if model else SHIPPED_MODEL
+    outs = {name: Path(out_dir) / name for name in DEMO_FILES} if out_dir is not None else {}
+    outs.update(others or {})
+    ins = {f"model {p.name}": p for p in sorted(model_dir.iterdir())} if model_dir.is_dir() else {}
+    check_distinct(outs, dict(ins, data=DEMO_DATA))
+
+
 def run_demo(out_dir: str | Path | None = None, *, model: str | Path | None = None,
              completions: str | Path | None = None, on_progress: OnProgress | None = None) -> DemoResult:
     """Run quantize → extract → probe on the shipped data and model.
@@ -77,6 +92,7 @@ def run_demo(out_dir: str | Path | None = None, *, model: str | Path | None = No
     the completion figure (default `out_dir/completions.png`; none without `out_dir`).
     Stage progress and one log line per step go to `on_progress`.
     """
+    check_demo_paths(out_dir, model, {"completions": completions})
     model = Path(model) if model else SHIPPED_MODEL
     side = read_config(model).side
     log = Reporter(on_progress, "demo").log

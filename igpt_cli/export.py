@@ -22,7 +22,7 @@ import torch
 
 from .errors import InputError, ParameterError
 from .model import load_pretrained, save_pretrained
-from .outputs import OutputError, check_output_path, output_lock, temp_path_for
+from .outputs import OutputError, check_distinct, check_output_path, output_lock, temp_path_for
 from .train.state import write_errors
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -44,6 +44,9 @@ def export_model(run_dir: str | Path, out_dir: str | Path, dtype: torch.dtype = 
     check_output_path(out, overwrite, directory=True)
     if out.exists() and out.resolve() == run_dir.resolve():
         raise ParameterError("out_dir", str(out), "is the run directory itself; export to another directory")
+    check_distinct({"out_dir": out}, {"run_dir": run_dir})
+    if os.path.realpath(run_dir).startswith(os.path.realpath(out) + os.sep):  # replacing out would delete the run
+        raise ParameterError("out_dir", str(out), f"holds the run directory {run_dir}; export to another directory")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise OutputError(f"{out}: exists and is not empty (pass overwrite=True to replace it)")
     tmp = temp_path_for(out)

@@ -25,6 +25,7 @@ import numpy as np
 
 from . import __version__, outputs
 from .errors import InputError, ParameterError
+from .jsonfile import loads_bounded
 from .provenance import provenance
 
 TOKENS_FORMAT = "igpt-tokens"
@@ -51,6 +52,37 @@ class FormatError(InputError):
     """A file that is not the igpt file it should be."""
 
 
+def storable_text(s):
+    """`s` as HDF5 can store it (UTF-8), other values unchanged. A name read from the file system or
+    typed on the command line may hold bytes that are not UTF-8 (Python keeps each as a lone
+    surrogate, `surrogateescape`); they are stored as the four characters `\\xNN`, never a crash."""
+    if not isinstance(s, str):
+        return s
+    try:
+        s.encode("utf-8")
+        return s
+    except UnicodeEncodeError:
+        try:
+            return s.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        except UnicodeEncodeError:  # a surrogate that no file system byte stands for
+            return s.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def storable_attrs(attrs: dict) -> dict:
+    """`attrs` with every text value made storable (`storable_text`): what `h5py` attrs receive."""
+    return {k: storable_text(v) for k, v in attrs.items()}
+
+
+def storable_names(names) -> np.ndarray:
+    """A 1-D object array of names (`sources`) made storable (`storable_text`)."""
+    arr = np.asarray(names, dtype=object)
+    try:
+        "\n".join(arr.tolist()).encode("utf-8")  # the common case: all of them are UTF-8 already
+        return arr
+    except (UnicodeEncodeError, TypeError):
+        return np.array([storable_text(s) for s in arr.tolist()], dtype=object)
+
+
 MAX_COMMAND = 4000  # characters of the command line kept in a file (a shell glob can expand to megabytes)
 
 
@@ -62,7 +94,7 @@ def stamp_provenance(f: h5py.File, device: str | None = None) -> None:
              for k, v in provenance(device=device or _device_in_use()).items()}
     if len(attrs["command"]) > MAX_COMMAND:
         attrs["command"] = attrs["command"][:MAX_COMMAND] + f" … ({len(attrs['command'])} characters)"
-    f.attrs.update(attrs)
+    f.attrs.update(storable_attrs(attrs))
 
 
 def _device_in_use() -> str | None:
@@ -171,7 +203,7 @@ def json_attr(f: h5py.File, key: str, path: str | Path | None = None, *, kind: t
     if not isinstance(v, str):
         raise FormatError(f"{where}: attr {key} is not JSON text ({type(v).__name__})")
     try:
-        d = json.loads(v)
+        d = loads_bounded(v, f"{where}: attr {key}")
     except ValueError:
         short = v if len(v) < 40 else v[:37] + "…"
         raise FormatError(f"{where}: attr {key} is not valid JSON ({short!r})") from None
@@ -218,7 +250,7 @@ def create_tokens_file(
         width=width,
         class_names=json.dumps(list(class_names)),
         split=split,
-        source=str(source),
+        source=storable_text(str(source)),
         resize=resize,
         igpt_version=__version__,
     )
@@ -231,6 +263,8 @@ def append_rows(f: h5py.File, **columns: np.ndarray) -> int:
     k = len(next(iter(columns.values())))
     for name, block in columns.items():
         ds = f[name]
+        if ds.dtype.kind == "O":  # text (sources)
+            block = storable_names(block)
         ds.resize(n + k, axis=0)
         ds[n:n + k] = block
     return n + k
@@ -334,9 +368,9 @@ def create_features_file(
     for layer, d in sorted(dims.items()):
         _chunked_preallocated(g, str(layer), (n, d), store_dtype, chunk_rows(d * np.dtype(store_dtype).itemsize))
     f.create_dataset("labels", data=np.asarray(labels, dtype=np.int64))
-    f.create_dataset("sources", data=np.asarray(sources, dtype=object), dtype=STR_DTYPE)
+    f.create_dataset("sources", data=storable_names(sources), dtype=STR_DTYPE)
     f.attrs.update(format=FEATURES_FORMAT, format_version=FEATURES_VERSION, igpt_version=__version__)
-    f.attrs.update({k: (json.dumps(v) if isinstance(v, (list, dict)) else v) for k, v in attrs.items()})
+    f.attrs.update(storable_attrs({k: (json.dumps(v) if isinstance(v, (list, dict)) else v) for k, v in attrs.items()}))
     f.attrs.update(n_total=n, n_done=0, complete=False)
     stamp_provenance(f, device)
 
@@ -346,7 +380,7 @@ def identity_mismatch(have: dict, identity: dict) -> str | None:
     (None: it can). Lists and dicts compare as the JSON they are stored as; an absent key matches
     only an absent (None) one. The one identity check of every resumable stage (`igpt_cli.stage`)."""
     for key, want in identity.items():
-        want = json.dumps(want) if isinstance(want, (list, dict, tuple)) else want
+        want = storable_text(json.dumps(want) if isinstance(want, (list, dict, tuple)) else want)
         if have.get(key) != want:
             old = str(have.get(key))
             old = old if len(old) < 60 else old[:57] + "…"
@@ -453,6 +487,6 @@ def create_scores_file(f: h5py.File, *, labels: np.ndarray, sources: np.ndarray,
     for name in ("nats_per_token", "bits_per_token"):
         f.create_dataset(name, data=np.full(n, np.nan))
     f.create_dataset("labels", data=np.asarray(labels, dtype=np.int64))
-    f.create_dataset("sources", data=np.asarray(sources, dtype=object), dtype=STR_DTYPE)
+    f.create_dataset("sources", data=storable_names(sources), dtype=STR_DTYPE)
     f.attrs.update(format=SCORES_FORMAT, format_version=SCORES_VERSION, igpt_version=__version__)
     stamp_provenance(f, device)

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import json
 from pathlib import Path
 
 import numpy as np
 
 from .errors import InputError, ParameterError, check_positive
+from .jsonfile import read_json
+from .seeds import random_state
 
 DEFAULT_PALETTE = Path(__file__).parent / "assets" / "palette_igpt512.npy"
 # The complete colour -> token table of the official palette (all 2^24 colours, 0.8 MB
@@ -96,9 +97,9 @@ class Palette:
             return cls(arr, source=str(p))
         if p.suffix == ".json":
             try:
-                d = json.loads(p.read_text())
-            except (ValueError, OSError, UnicodeDecodeError) as e:
-                raise PaletteError(f"{p}: not a readable JSON file ({e})") from None
+                d = read_json(p, "palette (preprocessor config)")
+            except InputError as e:
+                raise PaletteError(str(e)) from None
             if not isinstance(d, dict) or d.get("clusters") is None:
                 raise PaletteError(f"{p}: no 'clusters' key (not an ImageGPT preprocessor config)")
             return cls(d["clusters"], source=str(p))
@@ -287,7 +288,7 @@ def fit_palette(pixel_batches, k: int = 512, sample_pixels: int = 1_000_000, see
         raise InputError("no pixels to fit a palette on")
     x = sample[:n].astype(np.float32) / 127.5 - 1.0
     k_eff = min(k, len(np.unique(sample[:n], axis=0)))  # no more colours than distinct pixels
-    km = MiniBatchKMeans(n_clusters=k_eff, batch_size=batch_size, random_state=seed, n_init=1)
+    km = MiniBatchKMeans(n_clusters=k_eff, batch_size=batch_size, random_state=random_state(seed), n_init=1)
     km.fit(x)
     return Palette(np.clip(km.cluster_centers_, -1.0, 1.0), source=f"fit(k={k_eff}, pixels={n})")
 

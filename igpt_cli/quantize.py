@@ -24,11 +24,12 @@ from typing import Iterator, Optional
 import h5py
 import numpy as np
 
-from .data import (DEFAULT_SIZE, EmptyDatasetError, check_dataset_parameters, describe_sources, images_per_batch,
-                   open_dataset)
+from .data import (DEFAULT_SIZE, IMAGE_EXTS, TAR_SUFFIXES, EmptyDatasetError, check_dataset_parameters,
+                   describe_sources, images_per_batch, open_dataset)
 from .errors import ParameterError, check_positive
 from .formats import append_rows, create_tokens_file
-from .outputs import atomic_output, check_free_space, check_output_path, disk_full, is_disk_full
+from .outputs import (OutputError, atomic_output, check_distinct, check_free_space, check_output_path, disk_full,
+                      is_disk_full)
 from .palette import Palette, check_fit_parameters, fit_palette
 from .progress import OnProgress, Reporter
 from .results import Result
@@ -72,6 +73,27 @@ class PaletteFitResult(_Warnings):
 
 def _palette(palette) -> Palette:
     return palette if isinstance(palette, Palette) else Palette.load(palette)
+
+
+DATA_SUFFIXES = (*IMAGE_EXTS, *TAR_SUFFIXES, ".zip", ".npz", ".npy", ".parquet", ".arrow")  # what a reader reads
+
+
+def _check_outputs(out: Path, src, ds, palette=None) -> None:
+    """`out` is none of the dataset's inputs (the paths `src` names, an @list file, the palette file)
+    and, when it exists, not a file a reader would take from an input directory (an image the run
+    reads), however it is spelled (outputs.check_distinct)."""
+    items = list(src) if isinstance(src, (list, tuple)) else [src]
+    inputs = {("src" if len(ds.paths) == 1 else f"src[{i}]"): p for i, p in enumerate(ds.paths)}
+    inputs.update({os.fspath(s): os.fspath(s)[1:] for s in items if os.fspath(s).startswith("@")})
+    if isinstance(palette, (str, Path)):
+        inputs["palette"] = palette
+    check_distinct({"out": out}, inputs)
+    if out.exists() and out.name.lower().endswith(DATA_SUFFIXES):
+        real = os.path.realpath(out)
+        for p in ds.paths:
+            if p.is_dir() and real.startswith(os.path.realpath(p) + os.sep):
+                raise OutputError(f"{out}: out would overwrite a file inside the input directory {p}, which the "
+                                  "run reads; write it to another file")
 
 
 def _report_warnings(ds, progress: Reporter, done: int = 0) -> int:
@@ -170,6 +192,7 @@ def quantize_dataset(
     ds = open_dataset(src, split=split, size=image_size, resize=resize, fmt=fmt, limit=limit, skip_bad=skip_bad,
                       limit_per_class=limit_per_class, shuffle=shuffle, seed=seed, max_pixels=max_pixels,
                       image_column=image_column, label_column=label_column)
+    _check_outputs(out, src, ds, palette)
     split, resize = ds.split, ds.resize  # plain strings (Enum members accepted)
     tokens_in = getattr(ds, "token_batches", None)  # pre-quantized: copied, not re-quantized
     if tokens_in is not None:
@@ -252,6 +275,7 @@ def fit_palette_file(
     out = check_output_path(out, overwrite)
     ds = open_dataset(src, split=split, size=size, resize=resize, fmt=fmt, limit=limit, skip_bad=skip_bad,
                       limit_per_class=limit_per_class, shuffle=shuffle, seed=seed, max_pixels=max_pixels)
+    _check_outputs(out, src, ds)
     progress = Reporter(on_progress, "palette", total=ds.n, unit="image")
     progress.start()
     logged = _report_warnings(ds, progress)

@@ -24,8 +24,9 @@ import numpy as np
 
 from .errors import ParameterError, check_positive
 from .formats import FormatError
-from .outputs import atomic_output, check_output_path
+from .outputs import atomic_output, check_distinct, check_output_path
 from .results import Result
+from .seeds import check_seed
 from .show_sources import Images, open_images
 
 # output extension -> PIL format of `show_tokens`
@@ -129,11 +130,13 @@ def show_tokens(path: str | Path, out: str | Path, *, n: int = 64, cols: int | N
     check_positive("scale", scale)
     check_positive("cols", cols)
     check_positive("per_class", per_class)
-    check_positive("seed", seed, minimum=0)
+    check_seed(seed)
     fmt = image_format(out)
     out = check_output_path(out, overwrite)
     with contextlib.ExitStack() as stack:
         images = open_images(path, stack)
+        origin = images.origin if images.origin and Path(images.origin).exists() else None
+        check_distinct({"out": out}, {"path": path, "origin": origin})  # a features file's images: its tokens file
         h, w = images.height, images.width
         groups, row_labels = select_rows(images, n=n, cols=cols, shuffle=shuffle, seed=seed, per_class=per_class)
         if not groups:

@@ -121,7 +121,8 @@ def merge_path(out: str | Path) -> Path:
 
 
 def _encode(v):
-    return json.dumps(v) if isinstance(v, (list, dict, tuple)) else v
+    """An attr value as stored: lists and dicts as JSON, text made storable (`formats.storable_text`)."""
+    return formats.storable_text(json.dumps(v) if isinstance(v, (list, dict, tuple)) else v)
 
 
 def file_identity(spec: StageFile, batch_size: int, start: int = 0, stop: int | None = None) -> dict:
@@ -250,6 +251,8 @@ def fill(f: h5py.File, compute: Compute, start: int, stop: int, batch_size: int,
             cols = compute(i, j)
             k = len(next(iter(cols.values()))) if cols else 0
             for name, block in cols.items():
+                if f[name].dtype.kind == "O":  # text (sources): names that are not UTF-8 made storable
+                    block = formats.storable_names(block)
                 f[name][i - offset:i - offset + k] = block
             f.flush()  # data first …
             f.attrs["n_done"] = i - offset + k

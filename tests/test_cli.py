@@ -176,3 +176,25 @@ def test_probe_quiet_prints_nothing_and_outputs_need_overwrite(pixel_feats, tmp_
 @pytest.mark.parametrize("command", ["quantize", "extract", "probe", "train", "demo", "info", "show"])
 def test_every_command_takes_quiet(command):
     assert "--quiet" in invoke(command, "-h").stdout
+
+
+@pytest.mark.parametrize("command", ["extract", "info", "models"])
+def test_a_closed_stdout_ends_quietly_after_the_work_is_done(tmp_path, command):
+    """`igpt … | head`: the reader went away; no error line, SIGPIPE's exit status, the output complete."""
+    import os
+
+    tokens = make_tokens(tmp_path / "t.h5", 5, 8)
+    out = tmp_path / "f.h5"
+    args = {"extract": ["extract", tokens, "-m", "pixels", "-o", out, "-q"], "info": ["info", tokens, "--json"],
+            "models": ["models", "--json"]}[command]
+    r_end, w_end = os.pipe()
+    os.close(r_end)  # nobody reads: the first write to stdout fails with EPIPE
+    try:
+        p = subprocess.run([sys.executable, "-m", "igpt_cli", *map(str, args)], stdout=w_end, stderr=subprocess.PIPE,
+                           text=True, env=ENV, timeout=120)
+    finally:
+        os.close(w_end)
+    assert p.returncode == 141 and p.stderr == "", (p.returncode, p.stderr)
+    if command == "extract":
+        r = run_igpt("info", out, "--json")
+        assert r.returncode == 0 and json.loads(r.stdout)["n"] == 5

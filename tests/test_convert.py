@@ -217,3 +217,71 @@ def test_library_refuses_a_bert_model_instance_for_generation():
         score_images(np.zeros((1, 16), np.uint16), bert)
     with pytest.raises(CheckpointError, match="not autoregressive"):
         sample_images(bert, 1)
+
+
+# --- the conversion cache is verified on every use (issue: a corrupted copy of a cached checkpoint) ----
+def _flip_inside_tensor(prefix: Path, name: str) -> None:
+    from igpt_cli.model.tf_checkpoint import TFCheckpoint
+
+    e = TFCheckpoint(prefix).entries[name]
+    shard = Path(f"{prefix}.data-{e.shard_id:05d}-of-00002")
+    data = bytearray(shard.read_bytes())
+    data[e.offset + e.size // 2] ^= 0x55
+    shard.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage, needle", [
+    ("flipped", "checksum mismatch"),
+    ("deleted-shard", "missing data shard"),
+    ("no-shards", "missing data shard"),
+])
+@pytest.mark.parametrize("command", ["extract", "score"])
+def test_a_damaged_copy_of_a_cached_checkpoint_is_refused(tmp_path, monkeypatch, damage, needle, command):
+    monkeypatch.setenv("IGPT_CACHE", str(tmp_path / "cache"))
+    converted_model_dir(PREFIX["ar"])  # the good checkpoint fills the cache
+    (tmp_path / "copy").mkdir()
+    prefix = copy_checkpoint(tmp_path / "copy")  # same .index, same clusters: the same cache key
+    if damage == "flipped":
+        _flip_inside_tensor(prefix, "model/h1/mlp/c_fc/w")
+    else:
+        for i in ([1] if damage == "deleted-shard" else [0, 1]):
+            Path(f"{prefix}.data-0000{i}-of-00002").unlink()
+    tokens = make_tokens(tmp_path / "t.h5", 3, 4, palette=np.load(DEFAULT_PALETTE))
+    out = tmp_path / "o.h5"
+    r = invoke(command, tokens, "-m", prefix, "-o", out, "-q", "--device", "cpu")
+    assert_clean_failure(r, needle, out=out)
+
+
+def test_a_corrupted_cache_entry_is_rebuilt_not_used(tmp_path, monkeypatch):
+    monkeypatch.setenv("IGPT_CACHE", str(tmp_path / "cache"))
+    d = converted_model_dir(PREFIX["ar"])
+    want = load_pretrained(d).state_dict()
+    weights = d / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[len(data) - 40] ^= 0x55  # inside the last tensor's values: still a valid safetensors file
+    weights.write_bytes(bytes(data))
+    assert any(not torch.equal(v, load_pretrained(d).state_dict()[k]) for k, v in want.items())
+    events = []
+    assert converted_model_dir(PREFIX["ar"], on_progress=events.append) == d
+    assert any("not used" in (ev.message or "") for ev in events)
+    got = load_pretrained(d).state_dict()
+    assert all(torch.equal(v, got[k]) for k, v in want.items())
+    # an edited record (another source) is no more trusted than edited weights
+    record = json.loads((d / "igpt_cache.json").read_text())
+    record["source"]["shards"] = {}
+    (d / "igpt_cache.json").write_text(json.dumps(record))
+    mtime = weights.stat().st_mtime_ns
+    converted_model_dir(PREFIX["ar"])
+    assert weights.stat().st_mtime_ns != mtime and json.loads((d / "igpt_cache.json").read_text())["source"]["shards"]
+    assert sorted(p.name for p in d.parent.iterdir()) == [d.name]  # nothing staged or set aside is left
+
+
+def test_convert_refuses_an_output_that_is_one_of_the_checkpoints_files(tmp_path):
+    import os
+
+    prefix = copy_checkpoint(tmp_path)
+    os.symlink(f"{prefix}.index", tmp_path / "out")
+    before = Path(f"{prefix}.index").read_bytes()
+    r = invoke("convert", prefix, "-o", tmp_path / "out")
+    assert_clean_failure(r)
+    assert Path(f"{prefix}.index").read_bytes() == before

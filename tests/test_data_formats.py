@@ -209,3 +209,47 @@ def test_pre_quantized_bad_input(tmp_path):
     assert_bad_input(invoke("quantize", src, "-o", out), out, "row 2 is not one-hot")
     np.save(tmp_path / "cifar10_trY.npy", np.eye(10)[y])
     assert_bad_input(invoke("quantize", src, "-o", out, "--size", "16"), out, "--size 16")
+
+
+@pytest.mark.parametrize("command", ["quantize", "features"])
+def test_an_arrow_file_cut_in_half_is_one_line_naming_it(folder, tmp_path, command):
+    hf_splits(folder)["test"].save_to_disk(str(tmp_path / "one"))
+    arrow = next((tmp_path / "one").glob("*.arrow"))
+    data = arrow.read_bytes()
+    arrow.write_bytes(data[: len(data) // 2])
+    out = tmp_path / "o.h5"
+    extra = ["--size", SIZE] if command == "quantize" else ["-m", "igpt-cifar8", "-l", "1"]
+    r = invoke(command, tmp_path / "one", "-o", out, "-q", *extra)
+    assert_bad_input(r, out, str(arrow))
+    assert "truncated or corrupt arrow file" in r.stderr or "not a readable arrow file" in r.stderr
+    assert not out.exists()
+
+
+def test_webdataset_label_too_large_and_samples_without_labels(folder, tmp_path):
+    import io
+
+    png = next((folder / "train").glob("*/*.png")).read_bytes()
+
+    def shard(path, samples):
+        with tarfile.open(path, "w") as tf:
+            for key, files in samples:
+                for ext, data in files.items():
+                    info = tarfile.TarInfo(f"{key}.{ext}")
+                    info.size = len(data)
+                    tf.addfile(info, io.BytesIO(data))
+        return path
+
+    huge = shard(tmp_path / "huge.tar", [("a", {"png": png, "cls": b"99999999999999999999"}),
+                                          ("b", {"png": png, "cls": b"0"})])
+    for command in ("quantize", "features"):
+        extra = ["--size", SIZE] if command == "quantize" else ["-m", "igpt-cifar8", "-l", "1"]
+        r = invoke(command, huge, "-o", tmp_path / "o.h5", "-q", *extra)
+        assert_bad_input(r, tmp_path / "o.h5", "label 99999999999999999999 is not -1 or a class index")
+    missing = shard(tmp_path / "missing.tar", [("a", {"png": png, "cls": b"1"}), ("b", {"png": png}),
+                                               ("c", {"png": png, "cls": b"0"})])
+    ds = open_dataset(missing, size=SIZE)
+    assert ds.warnings == [f"{missing}: 1 of 3 samples have no label (no .cls, .json or numeric .txt); "
+                           "they get label -1 (unlabeled)"]
+    r = invoke("quantize", missing, "-o", tmp_path / "m.h5", "--size", SIZE)
+    assert r.returncode == 0 and "1 of 3 samples have no label" in r.stderr
+    assert read_tokens(tmp_path / "m.h5")[1].tolist() == [1, -1, 0]

@@ -49,3 +49,18 @@ def test_demo_refuses_to_overwrite_an_earlier_demo_without_overwrite(tmp_path):
     r = run_igpt("demo", "--out", tmp_path / "demo", cwd=tmp_path)
     assert_clean_failure(r, "--overwrite")
     assert (tmp_path / "demo" / "train.h5").read_text() == "precious"
+
+
+def test_demo_refuses_a_plot_or_completions_that_is_an_input_or_another_output(tmp_path):
+    from helpers import assert_clean_failure, invoke
+
+    data_copy = tmp_path / "model"
+    import shutil
+
+    shutil.copytree(SHIPPED_MODEL, data_copy)
+    before = (data_copy / "config.json").read_bytes()
+    r = invoke("demo", "--model", data_copy, "--plot", data_copy / "config.json", "--overwrite", "-q")
+    assert_clean_failure(r, "plot would overwrite the input model config.json")
+    assert (data_copy / "config.json").read_bytes() == before
+    r = invoke("demo", "--out", tmp_path / "d", "--plot", tmp_path / "d" / "train.h5", "-q")
+    assert_clean_failure(r, "name the same file")

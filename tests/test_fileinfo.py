@@ -400,3 +400,20 @@ def test_info_on_a_scores_file(tmp_path):
         f["bits_per_token"][:2] = [3.0, 4.0]
     d = file_info(path).to_dict()
     assert d["kind"] == "igpt-scores" and d["summary"] == {"n_scored": 2, "mean_bits_per_token": 3.5}
+
+
+def test_show_refuses_to_draw_over_its_input_or_the_tokens_behind_features(tmp_path, tokens_file):
+    import os
+
+    from helpers import assert_clean_failure, invoke
+
+    before = tokens_file.read_bytes()
+    os.symlink(tokens_file, tmp_path / "alias.png")
+    r = invoke("show", tokens_file, "-o", tmp_path / "alias.png", "--overwrite")
+    assert_clean_failure(r, "would overwrite the input path")
+    feats = tmp_path / "f.h5"
+    assert invoke("extract", tokens_file, "-m", "pixels", "-o", feats, "-q").returncode == 0
+    os.link(tokens_file, tmp_path / "hard.png")
+    r = invoke("show", feats, "-o", tmp_path / "hard.png", "--overwrite")
+    assert_clean_failure(r, "would overwrite the input origin")
+    assert tokens_file.read_bytes() == before

@@ -158,3 +158,48 @@ def test_complete_features_need_matching_rows(tmp_path):
         f["features/3"] = data[3][:5]
     with pytest.raises(formats.FormatError, match="features/3 has 5 rows but labels has 6"):
         formats.load_features(path, 0)
+
+
+# --- names that are not UTF-8 (file system bytes, command lines) --------------------------------
+def test_storable_text_writes_undecodable_bytes_as_escapes():
+    name = b"cat\xff.png".decode("utf-8", "surrogateescape")  # as os.listdir gives it
+    assert formats.storable_text(name) == "cat\\xff.png"
+    assert formats.storable_text("chat·é.png") == "chat·é.png" and formats.storable_text(3) == 3
+    assert formats.storable_text("\ud800") == "\\ud800"  # a surrogate no byte stands for
+    arr = formats.storable_names(["a", name])
+    assert arr.tolist() == ["a", "cat\\xff.png"]
+
+
+def test_non_utf8_image_names_and_output_names_are_stored_not_a_crash(tmp_path):
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    from helpers import ENV, read_tokens
+
+    d = tmp_path / "imgs" / "train" / "cat"
+    d.mkdir(parents=True)
+    odd = b"a\xff.png".decode("utf-8", "surrogateescape")
+    Image.new("RGB", (8, 8), (10, 20, 30)).save(d / odd, format="PNG")
+    Image.new("RGB", (8, 8), (200, 20, 30)).save(d / "b.png")
+    out = tmp_path / b"t\xff.h5".decode("utf-8", "surrogateescape")
+
+    def igpt(*args):
+        return subprocess.run([sys.executable, "-m", "igpt_cli", *map(str, args)], capture_output=True, env=ENV)
+
+    r = igpt("quantize", tmp_path / "imgs", "--size", "8", "-o", out, "-q")
+    assert r.returncode == 0 and b"Traceback" not in r.stderr, r.stderr
+    assert read_tokens(out)[2] == ["train/cat/a\\xff.png", "train/cat/b.png"]
+    feats = tmp_path / b"f\xfe.h5".decode("utf-8", "surrogateescape")
+    r = igpt("extract", out, "-m", "igpt-cifar8", "-l", "1", "-o", feats, "-q")
+    assert r.returncode == 0 and b"Traceback" not in r.stderr, r.stderr
+    with h5py.File(feats, "r") as f:
+        assert f.attrs["tokens_file"].endswith("t\\xff.h5") and f["sources"].asstr()[0] == "train/cat/a\\xff.png"
+    r = igpt("info", feats)
+    assert r.returncode == 0 and b"Traceback" not in r.stderr, r.stderr
+    direct = tmp_path / "direct.h5"  # images straight to features: the same names
+    r = igpt("features", tmp_path / "imgs", "-m", "igpt-cifar8", "-l", "1", "-o", direct, "-q")
+    assert r.returncode == 0 and b"Traceback" not in r.stderr, r.stderr
+    with h5py.File(direct, "r") as f:
+        assert f["sources"].asstr()[:].tolist() == ["train/cat/a\\xff.png", "train/cat/b.png"]

@@ -253,8 +253,8 @@ def test_bad_config_values_name_config_json_and_the_key(tmp_path, change, messag
 def test_config_not_an_object_or_not_json(tmp_path):
     from igpt_cli.model import CheckpointError, read_config
 
-    for text, needle in (("[1, 2]", "expected a JSON object, not list"), ("{n_embd: 3", "unreadable config"),
-                         (b"\xff\xfe", "unreadable config")):
+    for text, needle in (("[1, 2]", "expected a JSON object, not list"), ("{n_embd: 3", "model config is not valid JSON"),
+                         (b"\xff\xfe", "model config is not UTF-8")):
         p = tmp_path / "config.json"
         p.write_bytes(text if isinstance(text, bytes) else text.encode())
         with pytest.raises(CheckpointError, match=needle):

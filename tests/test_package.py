@@ -113,7 +113,7 @@ def test_modules_are_short_or_say_why():
 # entry; a new top-level module or package needs one line here.
 TIERS = {
     "formats": [  # file schemas and the vocabulary every layer shares; no model, no torch work
-        "", "formats", "errors", "outputs", "provenance", "choices", "progress", "results",
+        "", "formats", "errors", "outputs", "provenance", "choices", "progress", "results", "jsonfile", "seeds",
     ],
     "core": [  # the model, data readers, palettes, devices, processes, and the stage kernel
         "model", "palette", "data", "layers", "runtime", "distributed", "stage", "runner",

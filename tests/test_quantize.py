@@ -282,3 +282,43 @@ def test_error_after_the_progress_bar_started_is_exactly_one_line(tmp_path, ds):
     assert r.stderr == (f"error: {ds / 'train/dog/0001.png'}: cannot read image (not a known image format, or "
                         "corrupt); --skip-bad skips such files\n"), r.stderr
     assert sorted(os.listdir(tmp_path)) == ["ds"]
+
+
+# --- an output that is one of the inputs (however it is spelled) is refused before any work --------
+@pytest.mark.parametrize("spelling", ["same", "dot-slash", "symlink", "hardlink"])
+@pytest.mark.parametrize("command", ["quantize", "palette"])
+def test_output_that_is_an_input_is_refused(tmp_path, monkeypatch, command, spelling):
+    monkeypatch.chdir(tmp_path)
+    folder = make_image_folder(tmp_path / "ds", per_class=1)
+    src = Path("one.png")
+    src.write_bytes(next((folder / "train").glob("*/*.png")).read_bytes())
+    before = src.read_bytes()
+    out = {"same": "one.png", "dot-slash": "./one.png", "symlink": "link.png", "hardlink": "hard.png"}[spelling]
+    if spelling == "symlink":
+        os.symlink("one.png", "link.png")
+    elif spelling == "hardlink":
+        os.link("one.png", "hard.png")
+    args = ["quantize", src, "--size", "8"] if command == "quantize" else ["palette", "fit", src, "-k", "2"]
+    r = invoke(*args, "-o", out, "--overwrite", "-q")
+    assert_bad_input(r, Path("nothing"), "would overwrite the input src")
+    assert src.read_bytes() == before
+
+
+def test_quantize_refuses_an_output_that_replaces_an_image_it_reads_or_its_list_or_palette(tmp_path):
+    folder = make_image_folder(tmp_path / "ds", per_class=1)
+    image = next((folder / "train").glob("*/*.png"))
+    before = image.read_bytes()
+    r = invoke("quantize", folder, "--size", "8", "-o", image, "--overwrite", "-q")
+    assert_bad_input(r, Path("nothing"), "inside the input directory")
+    assert image.read_bytes() == before
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"{image}\n")
+    r = invoke("quantize", f"@{listing}", "--size", "8", "-o", listing, "--overwrite", "-q")
+    assert_bad_input(r, Path("nothing"), f"input @{listing}")
+    np.save(tmp_path / "pal.npy", Palette.default().centers)
+    r = invoke("quantize", image, "--size", "8", "--palette", tmp_path / "pal.npy", "-o", tmp_path / "pal.npy",
+               "--overwrite", "-q")
+    assert_bad_input(r, Path("nothing"), "input palette")
+    # a tokens file beside the images, rewritten by a rerun, is not one of them
+    for _ in range(2):
+        assert invoke("quantize", folder, "--size", "8", "-o", folder / "t.h5", "--overwrite", "-q").returncode == 0

@@ -85,3 +85,12 @@ def test_cli_prints_one_line_errors(tmp_path, run):
     assert_clean_failure(export_cli(run, tmp_path / "ship"), "pass overwrite=True")
     assert export_cli(run, tmp_path / "ship", "--overwrite").returncode == 0
     assert np.isfinite(load_pretrained(tmp_path / "ship").wte.weight.detach().numpy()).all()
+
+
+def test_export_refuses_an_output_that_is_the_run_or_holds_it(tmp_path, run):
+    os.symlink(run, tmp_path / "alias")
+    before = sorted(p.name for p in run.iterdir())
+    for out, needle in ((tmp_path / "alias", "is the run directory itself"), (tmp_path, "holds the run directory")):
+        r = export_cli(run, out, "--overwrite")
+        assert_clean_failure(r, needle)
+        assert sorted(p.name for p in run.iterdir()) == before

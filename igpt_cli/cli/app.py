@@ -8,13 +8,14 @@ is one line on stderr and exit status 2, never a traceback. Command functions ar
 from __future__ import annotations
 
 import signal
+import sys
 from typing import Annotated
 
 import typer
 from typer.core import TyperGroup
 
 from .. import __version__
-from .ui import click_errors, err, raise_interrupted, raise_terminated
+from .ui import click_errors, err, quiet_unraisable, raise_interrupted, raise_terminated, stdout_closed
 
 
 class OneLineErrors(TyperGroup):
@@ -71,7 +72,11 @@ def main() -> None:
     """Console-script entry point (`igpt`): SIGTERM unwinds like Ctrl-C, so temp files are removed."""
     signal.signal(signal.SIGTERM, raise_terminated)
     signal.signal(signal.SIGINT, raise_interrupted)
-    app(prog_name="igpt")
+    sys.unraisablehook = quiet_unraisable
+    try:
+        app(prog_name="igpt")
+    except BrokenPipeError:  # outside a command (help, usage): the same quiet end
+        sys.exit(stdout_closed())
 
 
 # Commands live in one module per theme, each adding its own with `register(app)`; the order

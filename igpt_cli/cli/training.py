@@ -108,7 +108,7 @@ def demo_command(
     Example: igpt demo --out demo-out
     """
     from .. import outputs
-    from ..demo import run_demo
+    from ..demo import check_demo_paths, run_demo
     from .plots import check_plot_path, write_probe_plot
 
     plot_path = plot or (out / "probe.png" if out else Path("igpt-demo.png"))
@@ -119,6 +119,7 @@ def demo_command(
         if not overwrite and out.is_dir() and any(out.iterdir()):
             raise InputError(f"{out}: holds files already (pass overwrite=True to replace the demo's files)")
         out.mkdir(parents=True, exist_ok=True)
+    check_demo_paths(out, model, {"plot": plot_path, "completions": completions})
     check_plot_path(plot_path, overwrite)
     if completions is not None:
         outputs.check_output_path(completions, overwrite)

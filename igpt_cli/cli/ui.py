@@ -9,6 +9,7 @@ import errno
 import functools
 import json
 import re
+import sys
 from pathlib import Path
 
 import typer
@@ -83,6 +84,33 @@ def raise_interrupted(signum, frame):
     raise KeyboardInterrupt()
 
 
+def quiet_unraisable(unraisable) -> None:
+    """`sys.unraisablehook`: a Ctrl-C or SIGTERM that lands in a destructor or a weakref callback
+    cannot propagate there (Python would print "Exception ignored in: …"); it is dropped, and the
+    stop request left by the handler ends the run at the library's next progress event."""
+    if isinstance(unraisable.exc_value, KeyboardInterrupt):
+        return
+    sys.__unraisablehook__(unraisable)
+
+
+SIGPIPE_EXIT = 128 + 13  # how a shell reports a Unix tool ended by SIGPIPE (`yes | head`)
+
+
+def stdout_closed() -> int:
+    """The reader of stdout went away (`igpt … | head`): what the command wrote to files is complete;
+    say nothing (as Unix tools do), point stdout at /dev/null so that the interpreter's last flush
+    cannot complain either, and return the exit status of a tool ended by SIGPIPE."""
+    import os
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass
+    return SIGPIPE_EXIT
+
+
 def os_error_line(e: OSError) -> str:
     """One line for an OSError that escaped the library (disk full, permissions, I/O errors)."""
     where = e.filename or ""
@@ -118,6 +146,8 @@ def handles_input_errors(fn):
             raise typer.Exit(130)
         except MemoryError:
             fail("out of memory (try a smaller --batch-size or fewer images)")
+        except BrokenPipeError:
+            raise typer.Exit(stdout_closed())
         except OSError as e:
             fail(os_error_line(e))
 

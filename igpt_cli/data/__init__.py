@@ -19,10 +19,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
-
 from ..choices import FORMATS, RESIZE_MODES, SPLIT_CHOICES, SPLIT_NAMES
 from ..errors import ParameterError, check_choice, check_positive
+from ..seeds import check_seed
 from .arrays import ArrayDataset
 from .base import (DEFAULT_MAX_PIXELS, DEFAULT_SIZE, IMAGE_EXTS, MAX_SIZE, TAR_SUFFIXES, BadImageError, Batch, DataError,
                    Dataset, EmptyDatasetError, images_per_batch, SplitError, TruncatedArchiveError, UnknownFormatError, decode_image)
@@ -78,8 +77,7 @@ def check_dataset_parameters(*, size: int = 32, limit: int | None = None, limit_
     check_positive("limit", limit)
     check_positive("limit_per_class", limit_per_class)
     check_positive("max_pixels", max_pixels)
-    if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
-        raise ParameterError("seed", seed, "must be a non-negative integer")
+    check_seed(seed)
 
 
 def open_dataset(src: "str | Path | list[str | Path]", split: str = "all", size: int = DEFAULT_SIZE, resize: str = "bilinear",

@@ -1,20 +1,18 @@
 """Datasets of encoded images (JPEG, PNG, … bytes): image folders, lists of files,
 WebDataset shards, Hugging Face datasets. A reader lists its images and their labels up
 front, then yields `(name, bytes or the error reading them, label)` from `_members` in
-reading order; this base decodes them in chunks (in a small process pool for large
+reading order; this base decodes them in chunks (in a pool of processes, one per core, for large
 datasets), skips or refuses the unreadable ones (`skip_bad`) and forms the batches.
 """
 from __future__ import annotations
 
-import os
 import re
-import signal
-import sys
 from typing import Iterator
 
 import numpy as np
 
 from .base import BadImageError, Batch, DataError, Dataset, decode_image
+from .decode_pool import DecodePool, pool_size
 
 POOL_MIN_IMAGES = 4096  # below this many images a decode pool costs more than it saves
 
@@ -24,8 +22,9 @@ Member = tuple[str, "bytes | Exception", int]
 
 
 def decode_workers(n_images: int | None) -> int:
-    """Decode processes for a dataset of `n_images`: 0 (decode in this process) for small ones."""
-    return min(2, os.cpu_count() or 1) if (n_images or 0) >= POOL_MIN_IMAGES else 0
+    """Decode processes for a dataset of `n_images`: 0 (decode in this process) for small ones,
+    else one per available core (`decode_pool.pool_size`)."""
+    return pool_size() if (n_images or 0) >= POOL_MIN_IMAGES else 0
 
 
 class EncodedImages(Dataset):
@@ -78,31 +77,19 @@ class EncodedImages(Dataset):
             yield chunk
 
     def _decoded(self, batch_size: int) -> Iterator[tuple[Chunk, tuple]]:
-        """(chunk, `_decode_chunk` result) pairs in order; decoding runs in a small process
-        pool for large datasets (`decode_workers`)."""
+        """(chunk, `_decode_chunk` result) pairs in order; decoding runs in a pool of processes
+        (`decode_pool.DecodePool`, one per core) for large datasets (`decode_workers`)."""
         args = (self.size, self.resize, self.max_pixels)
         workers = decode_workers(self.n)
         if workers <= 1:
             for chunk in self._chunks(batch_size):
                 yield chunk, _decode_chunk(chunk, *args)
             return
-        import multiprocessing as mp
-        from collections import deque
-
-        # fork: no re-import of __main__ (works from scripts without a main guard); the
-        # workers only run _decode_chunk. Progress callbacks run in this process. Leaving
-        # the block for any reason (an error, Ctrl-C, SIGTERM, the consumer stopping)
-        # terminates the workers, which end silently (`_quiet_worker`).
-        with mp.get_context("fork").Pool(workers, initializer=_quiet_worker) as pool:
-            pending: deque = deque()
-            for chunk in self._chunks(batch_size):
-                pending.append((chunk, pool.apply_async(_decode_chunk, (chunk, *args))))
-                if len(pending) > 2 * workers:
-                    c, r = pending.popleft()
-                    yield c, r.get()
-            while pending:
-                c, r = pending.popleft()
-                yield c, r.get()
+        # leaving this block for any reason (an error, Ctrl-C, SIGTERM, the consumer stopping)
+        # kills the workers at once (see decode_pool)
+        with DecodePool(workers) as pool:
+            for (chunk, *_), result in pool.map_ordered(_decode_chunk, ((c, *args) for c in self._chunks(batch_size))):
+                yield chunk, result
 
     def _batches(self, batch_size: int) -> Iterator[Batch]:
         for chunk, (imgs, errors) in self._decoded(batch_size):
@@ -117,16 +104,6 @@ class EncodedImages(Dataset):
             if chunk:
                 yield (imgs, np.asarray([label for _, _, label in chunk], dtype=np.int64),
                        [self._source(n) for n, _, _ in chunk])
-
-
-def _quiet_worker() -> None:
-    """Decode workers never speak: Ctrl-C reaches the whole process group but only the
-    parent acts on it; SIGTERM (how the parent's pool ends them) kills them without a
-    handler the parent may have installed; and a worker whose parent died (a broken pipe)
-    prints no traceback. Their results and errors travel back through the pool."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    sys.stderr = open(os.devnull, "w")  # noqa: SIM115 - for the life of the worker
 
 
 def _decode_chunk(chunk: Chunk, size: int, resize: str, max_pixels: int | None = None

@@ -23,7 +23,6 @@ in storage order (a shuffled selection too: the planned rows, in storage order).
 """
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Iterator
@@ -34,6 +33,7 @@ from ..choices import SPLIT_NAMES
 from ..errors import ParameterError
 from .base import DataError, EmptyDatasetError
 from .encoded import EncodedImages, Member
+from ..jsonfile import loads_bounded, read_json
 
 IMAGE_NAMES = ("image", "img", "images", "picture", "photo", "pixel_values", "png", "jpg", "jpeg", "webp")
 LABEL_NAMES = ("label", "labels", "fine_label", "fine_labels", "class", "label_id", "target", "y", "cls")
@@ -74,13 +74,13 @@ def _data_files(root: Path) -> list[tuple[Path, str | None]]:
         return [(root, _split_of(root, root.parent))]
     if (root / "dataset_dict.json").is_file():
         try:
-            splits = json.loads((root / "dataset_dict.json").read_text())["splits"]
+            splits = read_json(root / "dataset_dict.json", "DatasetDict index")["splits"]
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise DataError(f"{root / 'dataset_dict.json'}: not a DatasetDict index ({e})") from None
         return [(f, s) for s in splits for f, _ in _data_files(root / s)]
     if (root / "state.json").is_file():
         try:
-            state = json.loads((root / "state.json").read_text())
+            state = read_json(root / "state.json", "save_to_disk state")
             files = [root / d["filename"] for d in state["_data_files"]]
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise DataError(f"{root / 'state.json'}: not a save_to_disk state file ({e})") from None
@@ -166,10 +166,10 @@ class HFDataset(EncodedImages):
         meta = (schema.metadata or {}).get(b"huggingface")
         try:
             if meta:
-                return json.loads(meta)["info"]["features"]
+                return loads_bounded(meta, f"{f}: huggingface metadata")["info"]["features"]
             info = f.parent / "dataset_info.json"
             if info.is_file():
-                return json.loads(info.read_text()).get("features") or {}
+                return read_json(info, "dataset info").get("features") or {}
         except (ValueError, KeyError, TypeError, OSError):
             pass
         return {}
@@ -207,13 +207,19 @@ class HFDataset(EncodedImages):
                     None)
 
     def _record_batches(self, f: Path, columns: list[str]) -> Iterator:
+        """Record batches of `columns` of `f`; a file cut short or damaged is a DataError naming it."""
+        pa = self._pa
         r = self._open(f)
-        if hasattr(r, "iter_batches"):
-            yield from r.iter_batches(batch_size=ROWS_PER_READ, columns=columns)
-            return
-        for b in r:
-            for start in range(0, b.num_rows, ROWS_PER_READ):
-                yield b.select(columns).slice(start, ROWS_PER_READ)
+        try:
+            if hasattr(r, "iter_batches"):
+                yield from r.iter_batches(batch_size=ROWS_PER_READ, columns=columns)
+                return
+            for b in r:
+                for start in range(0, b.num_rows, ROWS_PER_READ):
+                    yield b.select(columns).slice(start, ROWS_PER_READ)
+        except (pa.ArrowException, OSError) as e:
+            raise DataError(f"{f}: truncated or corrupt {f.suffix[1:]} file ({' '.join(str(e).split())[:200]})"
+                            ) from None
 
     def _read_labels(self, features: dict) -> list[np.ndarray]:
         """The labels of each data file (int64, -1 for none); sets `class_names`."""

@@ -16,7 +16,6 @@ compressed ones in one pass reading only the sidecars), then read in order.
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path
@@ -27,6 +26,7 @@ import numpy as np
 from ._tar import FastTarUnsupported, is_plain_tar, scan_plain_tar, walk_tar
 from .base import TAR_SUFFIXES, DataError, EmptyDatasetError, is_unsafe_name
 from .encoded import EncodedImages, Member
+from ..jsonfile import loads_bounded, read_bounded, read_json
 
 IMAGE_EXT_ORDER = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm", "pgm", "pbm")
 SIDECARS = ("cls", "json", "txt")
@@ -108,6 +108,10 @@ class WebDataset(EncodedImages):
             raise EmptyDatasetError(f"{self.path}: no images in {len(shards)} WebDataset shard"
                                     f"{'s' if len(shards) > 1 else ''}")
         labels = self._label_indices([r[4] for r in raw])
+        unlabeled = sum(r[4] is None for r in raw)
+        if unlabeled:
+            self.warnings.append(f"{self.path}: {unlabeled} of {len(raw)} samples have no label (no .cls, .json "
+                                 "or numeric .txt); they get label -1 (unlabeled)")
         self._entries = [(i, name, off, size, int(y)) for (i, name, off, size, _), y in zip(raw, labels)]
         if self.selecting:
             order = self._plan(labels)
@@ -119,9 +123,10 @@ class WebDataset(EncodedImages):
     def _class_file(self, folder: Path) -> list[str]:
         try:
             if (folder / "classes.txt").is_file():
-                return [s.strip() for s in (folder / "classes.txt").read_text().splitlines() if s.strip()]
+                text = read_bounded(folder / "classes.txt", "class list").decode("utf-8")
+                return [s.strip() for s in text.splitlines() if s.strip()]
             if (folder / "classes.json").is_file():
-                names = json.loads((folder / "classes.json").read_text())
+                names = read_json(folder / "classes.json", "class list")
                 if isinstance(names, dict):  # {"cat": 0, …} or {"0": "cat", …}
                     pairs = [(v, k) if isinstance(v, int) else (int(k), v) for k, v in names.items()]
                     names = [name for _, name in sorted(pairs)]
@@ -158,7 +163,7 @@ class WebDataset(EncodedImages):
 
         def from_json(fields):
             try:
-                d = json.loads(files["json"][3])
+                d = loads_bounded(files["json"][3], f"{shard}: {key}.json")
             except ValueError as e:
                 raise DataError(f"{shard}: {key}.json is not JSON ({e})") from None
             return next((d[k] for k in fields if isinstance(d, dict) and k in d), None)
@@ -197,6 +202,8 @@ class WebDataset(EncodedImages):
                     raise DataError(f"{self.path}: label {v!r} is not in classes.txt / classes.json")
                 out[j] = index[v]
             elif isinstance(v, int):
+                if not -1 <= v < LABEL_MAX:
+                    raise DataError(f"{self.path}: label {v} is not -1 or a class index")
                 out[j] = v
             else:
                 raise DataError(f"{self.path}: label {v!r} is neither a class index nor a class name")
@@ -226,6 +233,9 @@ class WebDataset(EncodedImages):
 
     def _where(self, name: str) -> str:
         return os.path.join(str(self._shards[0].parent), name)
+
+
+LABEL_MAX = 1 << 31  # class indices beyond this are not class indices (and would not fit int64 at 2**63)
 
 
 def _int_or_name(s: str) -> object:

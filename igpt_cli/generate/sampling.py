@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .. import seeds
 from ..errors import ParameterError
 
 
@@ -49,9 +50,9 @@ class Sampling:
 
 
 def check_seed(seed) -> int:
-    if seed is None or int(seed) < 0:
+    if seed is None:
         raise ParameterError("seed", seed, "must be an integer >= 0")
-    return int(seed)
+    return seeds.check_seed(seed)
 
 
 def row_uniforms(seed: int, rows, length: int) -> np.ndarray:

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from ..errors import InputError
+from ..jsonfile import read_json
 from .igpt import IGPT, OBJECTIVES, IGPTConfig
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
@@ -118,9 +119,9 @@ def config_to_hf(cfg: IGPTConfig) -> dict:
 def read_config(model_dir: str | Path) -> IGPTConfig:
     path = Path(model_dir) / "config.json"
     try:
-        d = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: unreadable config ({e})") from None
+        d = read_json(path, "model config")
+    except InputError as e:
+        raise CheckpointError(str(e)) from None
     try:
         return config_from_hf(d)
     except CheckpointError as e:

@@ -35,7 +35,9 @@ import numpy as np
 import torch
 
 from ..errors import InputError
-from ..outputs import check_output_path
+from ..formats import sha256_file
+from ..jsonfile import read_json
+from ..outputs import check_distinct, check_output_path
 from ..palette import DEFAULT_PALETTE, Palette, PaletteError
 from ..progress import OnProgress, Reporter
 from ..results import Result
@@ -221,6 +223,8 @@ def convert_checkpoint(prefix: str | Path, out: str | Path, *, clusters: str | P
     ckpt = TFCheckpoint(prefix)
     cfg = tf_config(ckpt)
     palette_path, official = find_clusters(prefix, clusters)
+    check_distinct({"out": out}, {"index": f"{prefix}.index", "clusters": palette_path,
+                                  **{f"shard {i}": p for i, p in enumerate(ckpt.shards)}})
     centers = load_clusters(palette_path, cfg.vocab_size - 1)
     tensors = hf_weights(ckpt, cfg)
     reporter = Reporter(on_progress, "convert", len(tensors), "tensor")
@@ -243,24 +247,99 @@ def convert_checkpoint(prefix: str | Path, out: str | Path, *, clusters: str | P
                          used, ckpt.num_shards)
 
 
+def model_tensor_names(cfg: IGPTConfig) -> list[str]:
+    """The checkpoint tensors the converted model is made of (what `hf_weights` reads; Adam slots and
+    step counters are not among them)."""
+    names = ["model/wte", "model/wpe", "model/ln_f/g", "model/wtet"] + (["model/sos"] if cfg.autoregressive else [])
+    for i in range(cfg.n_layer):
+        p = f"model/h{i}/"
+        names += [p + n for n in ("ln_1/g", "attn/q_proj", "attn/k_proj", "attn/v_proj", "attn/c_proj", "ln_2/g",
+                                  "mlp/c_fc/w", "mlp/c_proj/w")]
+    return names
+
+
+CACHE_RECORD = "igpt_cache.json"  # in each cache entry: where it came from and the digests of its files
+CACHE_FILES = ("config.json", "model.safetensors", "preprocessor_config.json")
+
+
+def _source_identity(ckpt: TFCheckpoint, palette_path: Path) -> dict:
+    """What a cache entry was converted from: the index's digest, each shard's name and size, the clusters' digest."""
+    return {"index_sha256": sha256_file(Path(f"{ckpt.prefix}.index")),
+            "shards": {p.name: p.stat().st_size for p in ckpt.shards},
+            "clusters_sha256": sha256_file(palette_path) if palette_path.is_file() else None}
+
+
+def _entry_record(entry: Path, source: dict) -> dict:
+    return {"format": "igpt-converted-cache", "format_version": 1, "source": source,
+            "sha256": {name: sha256_file(entry / name) for name in CACHE_FILES}}
+
+
+def _entry_problem(entry: Path, source: dict) -> str | None:
+    """Why the cache entry `entry` cannot be used for `source` (None: it can): missing files, a record
+    of another source, or a file whose digest is not the recorded one."""
+    if not entry.is_dir():
+        return "absent"
+    try:
+        record = read_json(entry / CACHE_RECORD, "cache record")
+    except InputError as e:
+        return str(e)
+    if not isinstance(record, dict) or record.get("source") != source or not isinstance(record.get("sha256"), dict):
+        return "its record names another checkpoint"
+    for name in CACHE_FILES:
+        path = entry / name
+        try:
+            if not path.is_file() or path.is_symlink() or sha256_file(path) != record["sha256"].get(name):
+                return f"{name} does not match its recorded digest"
+        except OSError as e:
+            return f"{name}: {e.strerror}"
+    return None
+
+
 def converted_model_dir(prefix: str | Path, on_progress: OnProgress | None = None) -> Path:
     """The Hugging Face directory of TF checkpoint `prefix`, converted once into
-    `$IGPT_CACHE/converted/<sha256 of the index and clusters>/` and reused after."""
+    `$IGPT_CACHE/converted/<sha256 of the index and clusters>/` and reused after.
+
+    Every use verifies the checkpoint (its shards exist with the sizes the index implies and the
+    CRC32C of every tensor the model is made of) and the cache entry (the digests recorded when it
+    was written, and the source it was written from); an entry that does not match is rebuilt.
+    Progress: task "verify" (unit "tensor"), then "convert" when it is (re)built."""
     prefix = Path(prefix)
+    ckpt = TFCheckpoint(prefix)  # the index, and every shard with the size it implies
+    cfg = tf_config(ckpt)
     palette_path, _ = find_clusters(prefix, None)
-    h = hashlib.sha256(Path(f"{prefix}.index").read_bytes())
-    h.update(palette_path.read_bytes() if palette_path.is_file() else b"")
-    final = cache_root() / "converted" / h.hexdigest()[:24]
-    if (final / "model.safetensors").is_file():
+    source = _source_identity(ckpt, palette_path)
+    key = hashlib.sha256(f"{source['index_sha256']} {source['clusters_sha256']}".encode()).hexdigest()[:24]
+    final = cache_root() / "converted" / key
+    problem = _entry_problem(final, source)
+    if problem is None:
+        names = model_tensor_names(cfg)
+        reporter = Reporter(on_progress, "verify", len(names), "tensor")
+        reporter.start()
+        for name in names:  # a conversion reads (and checks) them all itself
+            ckpt.read(name)
+            reporter.advance(1, info=name)
         return final
+    if problem != "absent":
+        Reporter(on_progress, "convert", None).log(f"{final}: cached conversion of {prefix} not used ({problem}); "
+                                                   "converting again")
     final.parent.mkdir(parents=True, exist_ok=True)
-    staging = final.with_name(f"{final.name}.{os.getpid()}")
+    staging = final.with_name(f".{final.name}.{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
-    convert_checkpoint(prefix, staging, on_progress=on_progress)
     try:
-        os.rename(staging, final)
-    except OSError:  # another process converted it first
+        convert_checkpoint(prefix, staging, on_progress=on_progress)
+        record = json.dumps(_entry_record(staging, source), indent=2) + "\n"
+        (staging / CACHE_RECORD).write_text(record)
+        if (final.exists() or final.is_symlink()) and _entry_problem(final, source) is None:
+            return final  # another process rebuilt it meanwhile (this one's is removed below)
+        if final.exists() or final.is_symlink():  # a stale entry: moved aside, then removed
+            old = final.with_name(f".{final.name}.old.{os.getpid()}")
+            os.rename(final, old)
+            shutil.rmtree(old, ignore_errors=True)
+        try:
+            os.rename(staging, final)
+        except OSError:  # another process put a (verified) entry there first
+            if _entry_problem(final, source) is not None:
+                raise
+    finally:
         shutil.rmtree(staging, ignore_errors=True)
-        if not (final / "model.safetensors").is_file():
-            raise
     return final

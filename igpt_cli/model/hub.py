@@ -14,16 +14,17 @@ iGPT models in the cache for `igpt models`.
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path
 
+from ..jsonfile import loads_bounded, read_json
 from .checkpoint import CheckpointError
 
 CONFIG_FILES = ["config.json", "preprocessor_config.json"]
 SAFETENSORS = "*.safetensors"
 PYTORCH_BIN = "pytorch_model.bin"
+SAFETENSORS_HEADER_MAX = 100 << 20  # the safetensors format's own limit on its JSON header
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
@@ -99,7 +100,7 @@ def model_summary(name: str, model_dir: Path, *, source: str, revision: str | No
     from .checkpoint import find_weights, read_config
 
     try:
-        raw = json.loads((model_dir / "config.json").read_text())
+        raw = read_json(model_dir / "config.json", "model config")
         if raw.get("model_type", "imagegpt") != "imagegpt":
             return None
         cfg = read_config(model_dir)
@@ -121,12 +122,16 @@ def _parameters(weights: Path) -> int | None:
     try:
         with open(weights, "rb") as fh:
             n = int.from_bytes(fh.read(8), "little")
-            header = json.loads(fh.read(n))
+            if not 0 < n <= SAFETENSORS_HEADER_MAX:
+                return None
+            header = loads_bounded(fh.read(n), f"{weights}: header", max_bytes=SAFETENSORS_HEADER_MAX)
     except (OSError, ValueError):
+        return None
+    if not isinstance(header, dict):
         return None
     total = 0
     for k, v in header.items():
-        if k != "__metadata__":
+        if k != "__metadata__" and isinstance(v, dict):
             size = 1
             for s in v.get("shape", []):
                 size *= int(s)

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..jsonfile import read_json
 from ..errors import InputError, ParameterError
 from ..palette import Palette, PaletteError
 from ..runtime import resolve_device, resolve_dtype
@@ -151,10 +152,7 @@ def model_palette(model_dir: Path) -> Palette | None:
     pre = model_dir / "preprocessor_config.json"
     if not pre.is_file():
         return None
-    try:
-        d = json.loads(pre.read_text())
-    except (OSError, ValueError, UnicodeDecodeError) as e:
-        raise InputError(f"{pre}: unreadable ({e})") from None
+    d = read_json(pre, "preprocessor config")
     if not isinstance(d, dict) or d.get("clusters") is None:
         return None
     try:
@@ -180,8 +178,8 @@ def model_image_settings(model_dir: Path) -> tuple[int | None, Palette | None]:
 
 def _preprocessor_size(model_dir: Path) -> tuple[int | None, int | None]:
     try:
-        s = json.loads((model_dir / "preprocessor_config.json").read_text()).get("size")
-    except (OSError, ValueError, UnicodeDecodeError, AttributeError):
+        s = read_json(model_dir / "preprocessor_config.json", "preprocessor config").get("size")
+    except (InputError, AttributeError):
         return None, None
     h, w = (s.get("height"), s.get("width")) if isinstance(s, dict) else (s, s)
     ok = isinstance(h, int) and isinstance(w, int) and not isinstance(h, bool) and h > 0 and w > 0

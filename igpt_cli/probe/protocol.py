@@ -27,6 +27,7 @@ from sklearn.base import clone
 
 from ..errors import InputError, ParameterError
 from ..results import Result
+from ..seeds import random_state
 from .estimator import MAX_ITER, TOL, LinearProbe
 
 COARSE_GRID = tuple(float(c) for c in np.logspace(-4, 2, 7))
@@ -110,7 +111,7 @@ def stratified_split(y: np.ndarray, fraction: float, seed: int, *, min_rest_per_
     if len(y) - n_held < min_rest_per_class * n_classes:
         raise InputError(f"{what}: too few rows ({len(y)}) to hold out a stratified {fraction:g} {split} "
                          f"split over {n_classes} classes")
-    rest, held = train_test_split(np.arange(len(y)), test_size=n_held, stratify=y, random_state=seed)
+    rest, held = train_test_split(np.arange(len(y)), test_size=n_held, stratify=y, random_state=random_state(seed))
     return np.sort(rest), np.sort(held)
 
 

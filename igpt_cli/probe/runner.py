@@ -23,6 +23,7 @@ from ..formats import FEATURES_FORMAT, check_complete_features, feature_layers, 
 from ..layers import format_layers, parse_layers
 from ..progress import OnProgress, Reporter
 from ..results import Result
+from ..seeds import check_seed
 from .estimator import DEFAULT_SOLVER, MAX_ITER, TOL, LinearProbe, resolve_probe_device
 from .protocol import COARSE_GRID, REFINE_STEPS, VAL_FRACTION, LayerResult, check_labels, probe_layer, \
     stratified_split
@@ -175,6 +176,7 @@ def probe_files(train: str | Path, test: str | Path | None = None, layers: Seque
     `LayerResult` as the event's `result`.
     """
     check_positive("jobs", jobs, allow_none=False)
+    check_seed(seed)
     max_memory = parse_bytes(max_memory)
     if estimator is None:
         solver = check_choice("solver", solver, PROBE_SOLVERS)

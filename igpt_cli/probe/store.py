@@ -40,7 +40,7 @@ def save_probes(report, path: str | Path, *, overwrite: bool = False, device: st
                      layers=json.dumps([r.layer for r in report.layers]), class_names=json.dumps(report.class_names),
                      best_layer=-1 if report.best_layer is None else report.best_layer, model=str(report.model),
                      **{k: getattr(report, k) for k in MATCH if getattr(report, k) is not None})
-        f.attrs.update({k: v for k, v in attrs.items() if v is not None})
+        f.attrs.update(formats.storable_attrs({k: v for k, v in attrs.items() if v is not None}))
         formats.stamp_provenance(f, device)
         for r in report.layers:
             g = f.create_group(f"probes/{r.layer}")
@@ -139,8 +139,9 @@ def predict_file(features: str | Path, probes: str | Path, layer: int | None = N
     unseen = sorted(set(labels[labelled & ~known].tolist()))
     if output is not None:
         with atomic_output(output) as tmp, h5py.File(tmp, "w") as f:
-            f.attrs.update(dict(format=PREDICTIONS_FORMAT, format_version=PREDICTIONS_VERSION, features=str(fp),
-                                probes=str(pp), layer=layer, class_names=json.dumps(names)))
+            f.attrs.update(formats.storable_attrs(dict(format=PREDICTIONS_FORMAT, format_version=PREDICTIONS_VERSION,
+                                                       features=str(fp), probes=str(pp), layer=layer,
+                                                       class_names=json.dumps(names))))
             formats.stamp_provenance(f)
             f.create_dataset("pred", data=pred.astype(np.int64))
             f.create_dataset("pred_name", data=np.array([name_of(int(c)) for c in pred], dtype=object),

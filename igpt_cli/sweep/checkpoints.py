@@ -17,13 +17,13 @@ checkpoint gets a step: `step` in its `train_meta.json`, else the number in its 
 from __future__ import annotations
 
 import glob
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 from ..errors import InputError
+from ..jsonfile import read_json
 
 STEP_DIR = "step-*"
 _STEP_IN_NAME = re.compile(r"(?:step-|ckpt-)(\d+)$")
@@ -44,7 +44,7 @@ def read_step(path: Path) -> int | None:
     meta = path / "train_meta.json"
     if meta.is_file():
         try:
-            step = json.loads(meta.read_text()).get("step")
+            step = read_json(meta, "training record").get("step")
             if isinstance(step, int):
                 return step
         except (OSError, ValueError, AttributeError):
@@ -56,7 +56,7 @@ def read_step(path: Path) -> int | None:
 def _finished_step(run: Path) -> int | None:
     """The last step of a finished training run (its model is final), else None (still training)."""
     try:
-        meta = json.loads((run / "train_meta.json").read_text())
+        meta = read_json(run / "train_meta.json", "training record")
     except (OSError, ValueError):
         return None
     step, steps = (meta.get("step"), meta.get("steps")) if isinstance(meta, dict) else (None, None)

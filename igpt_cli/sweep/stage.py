@@ -30,6 +30,8 @@ import numpy as np
 
 from ..errors import InputError, check_positive
 from ..formats import sha256_file
+from ..jsonfile import read_json
+from ..seeds import check_seed
 from ..layers import parse_layers
 from ..model import find_weights, read_config, resolve_model_dir
 from ..outputs import atomic_output, output_lock
@@ -100,7 +102,7 @@ def _check_tokens(param: str, path) -> Path:
 
 def _read_result(path: Path) -> dict | None:
     try:
-        return json.loads(path.read_text())
+        return read_json(path, "sweep result")
     except (OSError, ValueError):
         return None  # torn or unreadable: recomputed (it is written atomically, so this is rare)
 
@@ -148,6 +150,7 @@ def run_sweep(
     score_on = _check_tokens("score_on", score_on) if score_on is not None else test
     check_positive("jobs", jobs, allow_none=False)
     check_positive("batch_size", batch_size)
+    check_seed(seed)
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise InputError(f"{out}: exists and is not a directory")
