@@ -77,7 +77,10 @@ class IGPTConfig:
 
 
 class LayerNorm(nn.Module):
-    """iGPT's layer norm: x / sqrt(mean(x^2) + eps) * weight — no mean-centring, no bias."""
+    """iGPT's layer norm: x / sqrt(mean(x^2) + eps) * weight — no mean-centring, no bias.
+
+    That is an RMS norm, so it runs as PyTorch's `F.rms_norm` (one fused kernel; the
+    statistics are float32 inside it whatever the compute dtype, the output is x's dtype)."""
 
     def __init__(self, dim: int, eps: float = 1e-5):
         super().__init__()
@@ -85,9 +88,8 @@ class LayerNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()  # statistics in float32 whatever the compute dtype
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return xf.to(x.dtype) * self.weight
+        w = self.weight if self.weight.dtype == x.dtype else self.weight.to(x.dtype)  # (autocast: fp32 weight)
+        return F.rms_norm(x, (x.shape[-1],), w, self.eps)
 
 
 class KVCache:
@@ -151,15 +153,27 @@ class CausalSelfAttention(nn.Module):
         return self.c_proj(y.transpose(1, 2).reshape(B, T, C))  # [B, T, C]
 
 
+GELU_SCALE = 1.702  # quick_gelu(h) = h * sigmoid(1.702 h) = silu(1.702 h) / 1.702
+
+
 class MLP(nn.Module):
+    """c_proj(quick_gelu(c_fc(x))) with one element-wise pass over the wide hidden tensor: the
+    1.702 scale rides in c_fc's product (`addmm` alpha/beta: 1.702 (x W^T + b)) and its inverse
+    in c_proj's, so quick_gelu is a plain SiLU (in place when no gradient is recorded)."""
+
     def __init__(self, cfg: IGPTConfig):
         super().__init__()
         self.c_fc = nn.Linear(cfg.n_embd, cfg.mlp_width)
         self.c_proj = nn.Linear(cfg.mlp_width, cfg.n_embd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.c_fc(x)  # [B, T, mlp_width]
-        return self.c_proj(h * torch.sigmoid(1.702 * h))  # quick_gelu, back to [B, T, C]
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])  # [B*T, C]
+        fc, proj = self.c_fc, self.c_proj
+        h = torch.addmm(fc.bias.to(x.dtype), x, fc.weight.to(x.dtype).t(), beta=GELU_SCALE, alpha=GELU_SCALE)
+        h = F.silu(h, inplace=not torch.is_grad_enabled())  # [B*T, mlp_width] = 1.702 quick_gelu(c_fc(x))
+        y = torch.addmm(proj.bias.to(h.dtype), h, proj.weight.to(h.dtype).t(), alpha=1.0 / GELU_SCALE)
+        return y.view(*shape[:-1], y.shape[-1])  # [B, T, C]
 
 
 class Block(nn.Module):
@@ -187,6 +201,7 @@ class IGPT(nn.Module):
         self.h = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.ln_f = LayerNorm(cfg.n_embd, cfg.layer_norm_epsilon)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size - 1, bias=False)  # predicts colours, never SOS
+        self._compiled_block = None  # torch.compile'd `run_block` (`compile_blocks`), else None: eager
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # GPT-2 scaled init of residual projections
             if name.endswith("c_proj.weight"):
@@ -198,6 +213,27 @@ class IGPT(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
+
+    def compile_blocks(self, enabled: bool = True, **compile_kw) -> None:
+        """Run the blocks through `torch.compile` (one graph serves every block; inductor fuses
+        the norms, the activation and the residual adds), or eagerly again with `enabled=False`.
+
+        Opt-in: the first call compiles (tens of seconds on a CPU, see the README's performance
+        section), which pays only on long runs. Where compilation is unavailable (no C++
+        compiler for inductor on a CPU, no Triton on a GPU, an inductor error), the first
+        call falls back to eager blocks, silently and for good. Only full-sequence forwards
+        (features, scores, training) use it; cached decoding steps stay eager."""
+        self._compiled_block = torch.compile(run_block, **compile_kw) if enabled else None
+
+    def _block(self, i: int, x: torch.Tensor, ln_1x: torch.Tensor | None = None) -> torch.Tensor:
+        """Block i on x (no cache), compiled when `compile_blocks` asked for it and it works."""
+        compiled = self._compiled_block
+        if compiled is not None:
+            try:
+                return compiled(self.h[i], x, ln_1x)
+            except Exception:  # compilation unavailable here: eager from now on (the block is pure, rerun it)
+                self._compiled_block = None
+        return self.h[i](x, ln_1x)
 
     def embed(self, idx: torch.Tensor, start: int = 0, keep: torch.Tensor | None = None) -> torch.Tensor:
         """Token + position embeddings: tokens [B, T] at positions start.. -> [B, T, C].
@@ -229,7 +265,7 @@ class IGPT(nn.Module):
             raise ParameterError("cache", "KVCache", "a BERT-objective model is not autoregressive")
         x = self.embed(idx, pos, keep)  # [B, T, C]
         for i, block in enumerate(self.h):
-            x = block(x, kv=None if cache is None else (cache.k[i], cache.v[i]), pos=pos)
+            x = self._block(i, x) if cache is None else block(x, kv=(cache.k[i], cache.v[i]), pos=pos)
         if cache is not None:
             cache.pos = pos + T
         if last_only:
@@ -268,7 +304,7 @@ class IGPT(nn.Module):
                     tap = self.h[i].ln_1(x) if site == "ln" else x  # [B, T, C]
                 out[i] = tap if pool is None else pool_tokens(tap, pool)  # [B, T, C] or [B, C] float32
             if i < deepest:  # early exit: no block beyond the deepest tap runs
-                x = self.h[i](x, tap if site == "ln" else None)  # reuse ln_1(x) when tapped
+                x = self._block(i, x, tap if site == "ln" else None)  # reuse ln_1(x) when tapped
         return out
 
     def keep_for(self, idx: torch.Tensor, bert_mask: float | torch.Tensor | None) -> torch.Tensor | None:
@@ -289,6 +325,11 @@ class IGPT(nn.Module):
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+def run_block(block: Block, x: torch.Tensor, ln_1x: torch.Tensor | None) -> torch.Tensor:
+    """`block(x, ln_1x)`: the function `IGPT.compile_blocks` compiles (one graph for every block)."""
+    return block(x, ln_1x)
 
 
 def sos_shift(tokens: torch.Tensor, sos_token: int | None) -> torch.Tensor:

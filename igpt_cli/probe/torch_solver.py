@@ -10,7 +10,8 @@ when the relative decrease of f is below 64 eps (scipy's ftol), or at `max_iter`
 All C values share each pass over X: their weights are stacked into one [n_C * K, D]
 matrix, so one product X @ W^T gives every C's scores, one E^T @ X every C's gradient.
 Each C runs its own L-BFGS (float64 state, history 10 like scipy's, backtracking line
-search) and leaves the batch when it stops. Products are float32 (TF32 on CUDA).
+search) and leaves the batch when it stops. Products are float32 (TF32 on CUDA when
+`tol` >= TF32_MIN_TOL; `matmul_precision`).
 
 L-BFGS runs on the same preconditioned parametrisation as the numpy solver, written in
 the eigenbasis of the feature covariance S = V diag(e) V^T:  W = (U * r_C) V^T with
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import threading
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -73,18 +75,65 @@ def gram(rows, device: torch.device) -> np.ndarray:
     return (S / rows.n).cpu().numpy()
 
 
-@contextlib.contextmanager
-def fast_matmul(device: torch.device):
-    """TF32 float32 products on CUDA for the duration (restored after)."""
+# TF32 products round to ~2^-11 relative: below this tolerance the line search can stall on that noise
+# (converged=False, coefficients ~1e-3 off), so tighter fits keep full FP32 products
+TF32_MIN_TOL = 1e-5
+
+_precision_lock = threading.Lock()
+_precision_users: list[str] = []      # the precision each fit running now asked for
+_precision_saved: list = []           # what the process had before the first of them
+
+
+def _cuda_matmul():
+    return torch.backends.cuda.matmul
+
+
+def _set_cuda_precision(value) -> None:
+    m = _cuda_matmul()
+    if hasattr(m, "fp32_precision"):  # the current API (the legacy allow_tf32 warns, and raises once it is used)
+        m.fp32_precision = value
+    else:  # pragma: no cover - torch without fp32_precision
+        m.allow_tf32 = value == "tf32"
+
+
+def _get_cuda_precision():
+    m = _cuda_matmul()
+    return m.fp32_precision if hasattr(m, "fp32_precision") else ("tf32" if m.allow_tf32 else "ieee")
+
+
+def matmul_precision_for(device: torch.device, tol: float) -> str | None:
+    """The float32 product precision a fit to `tol` uses: "tf32" on CUDA unless `tol` is below
+    TF32_MIN_TOL ("ieee"); None off CUDA (nothing to set)."""
     if device.type != "cuda":
+        return None
+    return "tf32" if tol >= TF32_MIN_TOL else "ieee"
+
+
+@contextlib.contextmanager
+def matmul_precision(device: torch.device, tol: float):
+    """CUDA float32 products at `matmul_precision_for(device, tol)` while any fit runs, process-wide.
+
+    The flag is the process's, not a thread's: fits running at once in threads (`--jobs`) share
+    one setting, taken by the first to start and restored when the last one ends; while any of
+    them asked for full FP32 it stays FP32 (never looser than a fit asked for)."""
+    want = matmul_precision_for(device, tol)
+    if want is None:
         yield
         return
-    old = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = True
+    with _precision_lock:
+        if not _precision_users:
+            _precision_saved[:] = [_get_cuda_precision()]
+        _precision_users.append(want)
+        _set_cuda_precision("ieee" if "ieee" in _precision_users else "tf32")
     try:
         yield
     finally:
-        torch.backends.cuda.matmul.allow_tf32 = old
+        with _precision_lock:
+            _precision_users.remove(want)
+            if _precision_users:
+                _set_cuda_precision("ieee" if "ieee" in _precision_users else "tf32")
+            else:
+                _set_cuda_precision(_precision_saved.pop())
 
 
 @dataclass
@@ -199,7 +248,7 @@ def fit_many(rows, y: np.ndarray, k: int, Cs, *, tol: float, max_iter: int, eig:
         bp0 = torch.zeros(k, **f64) if b0 is None else b0 / bs
         states.append(_LBFGS(x=torch.cat([U0.reshape(-1), bp0])))
 
-    with torch.no_grad(), fast_matmul(device):
+    with torch.no_grad(), matmul_precision(device, tol):
         while True:
             active = [i for i, s in enumerate(states) if not s.done]
             if not active:
