@@ -199,6 +199,34 @@ def test_cached_logits_equal_full_forward_and_transformers(tmp_path, chunks):
     np.testing.assert_allclose(last.numpy(), full[:, 9].numpy(), atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("chunks", [[1], [7, 5]], ids=["token-by-token", "chunked-prefill"])
+def test_static_cache_has_fixed_shapes_and_the_same_logits(tmp_path, chunks):
+    """A static cache (attention over all positions, masked: what a CUDA graph needs) gives the
+    sliced cache's logits, transformers' too, and every step reads and writes the same buffers."""
+    from helpers import hf_causal_model
+
+    from igpt_cli.model.igpt import KVCache
+
+    hf, d = hf_causal_model(tmp_path, n_layer=3, n_embd=64, n_head=4, n_positions=64)
+    model = load_pretrained(d)
+    idx = sos_shift(torch.randint(0, 512, (3, 64), generator=torch.Generator().manual_seed(2)), 512)
+    with torch.inference_mode():
+        ref = hf(input_ids=idx).logits
+    cache = KVCache(model.config, 3, static=True)
+    ptrs = cache.k.data_ptr(), cache.v.data_ptr()
+    shapes, out, pos = set(), [], 0
+    with torch.inference_mode():
+        for k in list(chunks) + [1] * (64 - sum(chunks)):
+            out.append(model(idx[:, pos:pos + k], cache))
+            pos += k
+            shapes.add(tuple(cache.k.shape))
+    assert cache.pos == int(cache.position) == 64 and shapes == {(3, 3, 4, 64, 16)}
+    assert (cache.k.data_ptr(), cache.v.data_ptr()) == ptrs
+    np.testing.assert_allclose(torch.cat(out, 1).numpy(), ref.numpy(), atol=1e-4, rtol=0)
+    cache.reset()
+    assert cache.pos == int(cache.position) == 0
+
+
 def test_cache_is_preallocated_and_refuses_overflow():
     from igpt_cli.model.igpt import KVCache
 

@@ -90,13 +90,20 @@ def _available_memory(device: torch.device) -> float:
         return 1 << 30
 
 
+def cache_dtype_for(device: torch.device, dtype: torch.dtype) -> torch.dtype:
+    """The KV cache's dtype for a model computing in `dtype` on `device`: float32 on a CPU
+    (a CPU's bfloat16 attention over a cache runs ~10x slower than its float32 one, measured
+    in bench/bench_decode.py; the keys and values are stored exactly either way), else `dtype`."""
+    return torch.float32 if device.type == "cpu" and dtype in (torch.bfloat16, torch.float16) else dtype
+
+
 def auto_decode_batch(cfg: IGPTConfig, device: torch.device, dtype: torch.dtype) -> int:
     """Rows decoded at once, chosen from memory: each row holds a KV cache of all positions
     plus the activations of its prompt's one full forward."""
     elt = torch.finfo(dtype).bits // 8
     T, C = cfg.n_positions, cfg.n_embd
     prefill = T * C * (8 + 2 * cfg.mlp_width // C) * elt + cfg.n_head * T * T * 4 + T * cfg.vocab_size * 4
-    per_row = KVCache.bytes_for(cfg, 1, dtype) + prefill
+    per_row = KVCache.bytes_for(cfg, 1, cache_dtype_for(device, dtype)) + prefill
     cap = 512 if device.type == "cuda" else 64  # a CPU's matmuls are saturated well before 64 rows
     return int(max(1, min(cap, _available_memory(device) // per_row)))
 
@@ -135,6 +142,9 @@ class Decoder:
     n_colours: int | None = None  # only tokens below this are drawn (the palette's size)
     reporter: Reporter | None = None  # advanced by B tokens per decoded step (every few steps)
     report_every: int = 16
+    # every step with the same shapes (`KVCache(static=True)`), what capturing the step in a CUDA
+    # graph needs; off by default: uncaptured, it reads the whole cache every step
+    static_cache: bool = False
     _cache: KVCache | None = field(default=None, repr=False)
 
     @property
@@ -146,11 +156,13 @@ class Decoder:
         return next(self.model.parameters()).dtype
 
     def cache_for(self, batch: int) -> KVCache:
-        """A cache of `batch` rows for all positions, reused between batches of the same size."""
+        """A cache of `batch` rows for all positions, reused between batches of the same size
+        (`cache_dtype_for`: float32 on a CPU; `static_cache`: the fixed-shape kind)."""
         c = self._cache
         if c is None or c.k.shape[1] != batch:
             self._cache = None  # free the old one first
-            c = self._cache = KVCache(self.model.config, batch, device=self.device, dtype=self.dtype)
+            c = self._cache = KVCache(self.model.config, batch, device=self.device, static=self.static_cache,
+                                      dtype=cache_dtype_for(self.device, self.dtype))
         c.reset()
         return c
 

@@ -19,8 +19,9 @@ it by default as OpenAI's evaluation did (`bert_keep_mask`, see there).
 Generation: `forward(idx, cache=KVCache(...))` runs the same blocks incrementally. The
 cache is preallocated for `n_positions` (keys and values of every layer, written in
 place, never grown by concatenation); each call appends the keys and values of its
-tokens at `cache.pos` and attends to everything before them. Without a cache (extract,
-train) nothing changes.
+tokens at `cache.pos` and attends to everything before them (a `static` cache: over all
+positions with a mask, so that every step has the same shapes). Without a cache
+(extract, train) nothing changes.
 
 Shapes: B images, T = n_positions tokens, C = n_embd channels, H heads.
 """
@@ -97,17 +98,30 @@ class KVCache:
 
     `k`, `v`: [n_layer, B, H, max_len, C/H]; positions `0 .. pos-1` are filled. A forward
     with the cache writes its T tokens at `pos .. pos+T-1` (in place) and advances `pos`.
+
+    `dtype` may be wider than the model's (a float32 cache for a bfloat16 model: keys and
+    values stored exactly, attention computed in float32, its output cast back).
+
+    `static=True`: every step has the same shapes, whatever its position (what a CUDA graph
+    or `torch.compile(mode="reduce-overhead")` needs): attention runs over all `max_len`
+    positions with a mask (the unfilled ones masked out, so the buffers start zeroed), the
+    new keys and values go in with `index_copy_`, and the position lives on the device too
+    (`position`, advanced in place). Same logits as the default (sliced) cache up to float
+    rounding; the sliced one reads only the filled part, which a CPU step prefers.
     """
 
     def __init__(self, cfg: IGPTConfig, batch: int, *, device=None, dtype: torch.dtype = torch.float32,
-                 max_len: int | None = None):
+                 max_len: int | None = None, static: bool = False):
         max_len = cfg.n_positions if max_len is None else max_len
         if not 1 <= max_len <= cfg.n_positions:
             raise ParameterError("max_len", max_len, f"must lie in 1..{cfg.n_positions} (n_positions)")
         shape = (cfg.n_layer, batch, cfg.n_head, max_len, cfg.n_embd // cfg.n_head)
-        self.k = torch.empty(shape, device=device, dtype=dtype)
-        self.v = torch.empty(shape, device=device, dtype=dtype)
-        self.max_len, self.pos = max_len, 0
+        alloc = torch.zeros if static else torch.empty  # masked positions still enter q.k: keep them finite
+        self.k = alloc(shape, device=device, dtype=dtype)
+        self.v = alloc(shape, device=device, dtype=dtype)
+        self.max_len, self.pos, self.static = max_len, 0, static
+        self.position = torch.zeros((), dtype=torch.int64, device=device) if static else None
+        self.keys = torch.arange(max_len, device=device) if static else None  # [max_len]
 
     @staticmethod
     def bytes_for(cfg: IGPTConfig, batch: int, dtype: torch.dtype, max_len: int | None = None) -> int:
@@ -121,6 +135,8 @@ class KVCache:
 
     def reset(self) -> None:
         self.pos = 0
+        if self.position is not None:
+            self.position.zero_()
 
 
 class CausalSelfAttention(nn.Module):
@@ -132,15 +148,23 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd)
 
     def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor] | None = None,
-                pos: int = 0) -> torch.Tensor:
-        """`kv`: this layer's (keys, values) cache buffers [B, H, max_len, C/H]; x holds positions pos.. ."""
+                pos: int = 0, static: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """`kv`: this layer's (keys, values) cache buffers [B, H, max_len, C/H]; x holds positions pos.. .
+        `static`: (positions [T], mask [T, max_len]) of a static cache (`KVCache(static=True)`)."""
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)  # 3 x [B, T, C]
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # [B, H, T, C/H]
         if kv is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)  # [B, H, T, C/H]
+        elif static is not None:  # fixed shapes: write at the device-side positions, attend over max_len, masked
+            positions, mask = static
+            kbuf, vbuf = kv
+            kbuf.index_copy_(2, positions, k.to(kbuf.dtype))
+            vbuf.index_copy_(2, positions, v.to(vbuf.dtype))
+            y = F.scaled_dot_product_attention(q.to(kbuf.dtype), kbuf, vbuf, attn_mask=mask).to(x.dtype)
         else:
             kbuf, vbuf = kv
+            q = q.to(kbuf.dtype)  # a float32 cache under a bfloat16 model: attention in float32
             kbuf[:, :, pos:pos + T] = k  # in place: the cache never grows
             vbuf[:, :, pos:pos + T] = v
             k, v = kbuf[:, :, :pos + T], vbuf[:, :, :pos + T]  # [B, H, pos+T, C/H]
@@ -150,6 +174,7 @@ class CausalSelfAttention(nn.Module):
                 keys = torch.arange(pos + T, device=x.device)
                 mask = keys[None, :] <= (pos + torch.arange(T, device=x.device))[:, None]  # [T, pos+T]
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            y = y.to(x.dtype)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, C))  # [B, T, C]
 
 
@@ -185,10 +210,12 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(self, x: torch.Tensor, ln_1x: torch.Tensor | None = None,
-                kv: tuple[torch.Tensor, torch.Tensor] | None = None, pos: int = 0) -> torch.Tensor:
+                kv: tuple[torch.Tensor, torch.Tensor] | None = None, pos: int = 0,
+                static: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """`ln_1x`: ln_1(x) when the caller already has it (a feature tap), so it is not recomputed.
-        `kv`, `pos`: this block's KV-cache buffers and the position of x's first token (generation)."""
-        x = x + self.attn(self.ln_1(x) if ln_1x is None else ln_1x, kv, pos)
+        `kv`, `pos`: this block's KV-cache buffers and the position of x's first token (generation);
+        `static`: a static cache's (positions, mask)."""
+        x = x + self.attn(self.ln_1(x) if ln_1x is None else ln_1x, kv, pos, static)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -235,10 +262,13 @@ class IGPT(nn.Module):
                 self._compiled_block = None
         return self.h[i](x, ln_1x)
 
-    def embed(self, idx: torch.Tensor, start: int = 0, keep: torch.Tensor | None = None) -> torch.Tensor:
-        """Token + position embeddings: tokens [B, T] at positions start.. -> [B, T, C].
+    def embed(self, idx: torch.Tensor, start: int | torch.Tensor = 0, keep: torch.Tensor | None = None
+              ) -> torch.Tensor:
+        """Token + position embeddings: tokens [B, T] at positions start.. -> [B, T, C]
+        (`start` may be the positions themselves, a tensor [T]).
         `keep` [B, T]: token embeddings where it is False (masked, BERT) are zeroed."""
-        pos = torch.arange(start, start + idx.shape[1], device=idx.device)
+        pos = start if isinstance(start, torch.Tensor) else torch.arange(start, start + idx.shape[1],
+                                                                         device=idx.device)
         tok = self.wte(idx)  # [B, T, C]
         if keep is not None:
             tok = tok * keep.to(device=tok.device, dtype=tok.dtype)[..., None]
@@ -263,11 +293,18 @@ class IGPT(nn.Module):
                                                               f"({pos} of {cache.max_len} positions used)")
         if cache is not None and not self.config.autoregressive:
             raise ParameterError("cache", "KVCache", "a BERT-objective model is not autoregressive")
-        x = self.embed(idx, pos, keep)  # [B, T, C]
+        static = None
+        if cache is not None and cache.static:  # positions and mask from the device-side position: fixed shapes
+            positions = cache.position + torch.arange(T, device=idx.device)  # [T]
+            static = positions, cache.keys[None, :] <= positions[:, None]  # [T], [T, max_len]
+        x = self.embed(idx, pos if static is None else static[0], keep)  # [B, T, C]
         for i, block in enumerate(self.h):
-            x = self._block(i, x) if cache is None else block(x, kv=(cache.k[i], cache.v[i]), pos=pos)
+            x = self._block(i, x) if cache is None else block(x, kv=(cache.k[i], cache.v[i]), pos=pos,
+                                                              static=static)
         if cache is not None:
             cache.pos = pos + T
+            if static is not None:
+                cache.position += T
         if last_only:
             x = x[:, -1]  # [B, C]
         return self.lm_head(self.ln_f(x))  # [B, T, vocab_size - 1] (or [B, vocab_size - 1])
