@@ -55,19 +55,26 @@ def one_blas_thread():
     return contextlib.nullcontext()
 
 
-def covariance_eig(X: np.ndarray, device=None) -> tuple[np.ndarray, np.ndarray]:
-    """Eigen-decomposition of X'X/n (the preconditioner of `LinearProbe.fit`; compute once per layer).
-    X may be a row source (`torch_solver.ArrayRows`, `stream.H5Rows`): accumulated on `device`."""
-    if is_rows(X):
-        from .torch_solver import gram
+def covariance_eig(X, device=None) -> tuple:
+    """Eigen-decomposition of X'X/n (the preconditioner of `LinearProbe.fit`; compute once per layer):
+    (eigenvalues clipped at 0 [D], eigenvectors [D, D]) float64.
 
-        S = gram(X, device)
-    else:
-        with one_blas_thread():
-            S = (X.T @ X).astype(np.float64) / len(X)   # [D, D]
+    With a `device` (the torch solver) both the products and `eigh` run there and the result
+    stays there (torch tensors); X may then be a row source (`torch_solver.ArrayRows`,
+    `stream.H5Rows`), accumulated chunk by chunk. Without one: numpy on one BLAS thread."""
+    if device is not None or is_rows(X):
+        from .torch_solver import as_rows, device_eig
+
+        return device_eig(as_rows(X), device if device is not None else resolve_probe_device("cpu"))
     with one_blas_thread():
+        S = (X.T @ X).astype(np.float64) / len(X)   # [D, D]
         evals, V = np.linalg.eigh(S)
     return np.clip(evals, 0.0, None), V
+
+
+def _numpy(a) -> np.ndarray:
+    """A numpy array of a numpy array or a (device) tensor."""
+    return a.detach().cpu().numpy() if hasattr(a, "detach") else np.asarray(a)
 
 
 def is_rows(X) -> bool:
@@ -273,7 +280,7 @@ def _fit_logreg(X: np.ndarray, y: np.ndarray, n_classes: int, C: float, *,
     rows = np.arange(n)
     with one_blas_thread():
         if precondition:
-            evals, V = eig if eig is not None else covariance_eig(X)
+            evals, V = (_numpy(m) for m in eig) if eig is not None else covariance_eig(X)
             a = (k - 1) / k**2 if k > 1 else 0.25
             r = 1.0 / np.sqrt(a * evals + lam)
             R = (V * r) @ V.T                     # [D, D];  W = V' R  (V' : [K, D], row-wise)
