@@ -378,14 +378,16 @@ def sos_shift(tokens: torch.Tensor, sos_token: int | None) -> torch.Tensor:
     return torch.cat([sos, tokens[:, :-1]], dim=1)
 
 
-def bert_keep_mask(tokens: torch.Tensor, prob: float = BERT_MASK_PROB, seed: int = 0) -> torch.Tensor:
-    """OpenAI's BERT input mask, reproducibly: bool [B, T], False (masked) with probability `prob`.
+def bert_keep_mask(tokens: torch.Tensor | np.ndarray, prob: float = BERT_MASK_PROB, seed: int = 0) -> torch.Tensor:
+    """OpenAI's BERT input mask, reproducibly: bool [B, T] on the host, False (masked) with probability `prob`.
 
     The original draws `uniform > prob` afresh on every run; here each row's uniforms come
     from a generator seeded with (`seed`, the row's tokens), so an image gets the same mask
-    whatever its batch, position in the file or device.
+    whatever its batch, position in the file or device. Give the host's token array where
+    there is one (the feature sources do): a device tensor has to be copied back first.
     """
-    rows = tokens.detach().to("cpu", torch.int64).numpy()  # [B, T]
+    rows = np.asarray(tokens, dtype=np.int64) if isinstance(tokens, np.ndarray) else \
+        tokens.detach().to("cpu", torch.int64).numpy()  # [B, T]
     u = np.stack([np.random.default_rng([seed, *row.tolist()]).random(rows.shape[1]) for row in rows]) \
         if len(rows) else np.zeros(rows.shape)
     return torch.from_numpy(u > prob)  # [B, T]
