@@ -399,3 +399,31 @@ def test_objective_round_trips_through_config_json(tmp_path):
     (tmp_path / "b" / "config.json").write_text(json.dumps(d))
     with pytest.raises(Exception, match="igpt_objective='masked'"):
         load_pretrained(tmp_path / "b")
+
+
+# ---------------------------------------------------------------------------
+# torch.compile'd blocks (opt-in)
+# ---------------------------------------------------------------------------
+def test_compiled_blocks_give_the_eager_features(small):
+    eager = load_pretrained(small["dir"])
+    compiled = load_pretrained(small["dir"])
+    compiled.compile_blocks()
+    a, b = ours(eager, small["t"][:3], range(5)), ours(compiled, small["t"][:3], range(5))
+    assert compiled._compiled_block is not None  # it really ran compiled (a C++ compiler is here)
+    for layer in range(5):
+        np.testing.assert_allclose(b[layer], a[layer], atol=1e-5, rtol=0)
+
+
+def test_compile_falls_back_to_eager_silently_without_a_compiler(small, monkeypatch, capfd):
+    import torch._inductor.config as inductor
+
+    monkeypatch.setattr(inductor.cpp, "cxx", ("no-such-c++-compiler",))  # as on a machine without one
+    eager = load_pretrained(small["dir"])
+    model = load_pretrained(small["dir"])
+    model.compile_blocks()
+    got = ours(model, small["t"][:3], [2, 4])
+    assert model._compiled_block is None  # gave up on compiling, for good
+    ref = ours(eager, small["t"][:3], [2, 4])
+    for layer in (2, 4):
+        np.testing.assert_array_equal(got[layer], ref[layer])
+    assert capfd.readouterr().err == ""

@@ -145,6 +145,7 @@ def extract_image_features(
     batch_size: int | None = None,
     device: str = "auto",
     dtype: str = "auto",
+    compile: bool = False,
     sos: bool = True,
     site: str = "ln",
     pool: str = "mean",
@@ -221,6 +222,8 @@ def extract_image_features(
                              partial=outputs.temp_path_for(out))
     if weights is not None:
         source.model = load_model(model_dir, source.device, source.dtype)
+        if compile:  # torch.compile'd blocks (eager where unavailable)
+            source.model.compile_blocks()
         source.sha256 = formats.sha256_file(weights)
     bs = min(batch_size or (auto_batch_size(source.model, source.device, source.dtype)
                             if isinstance(source, ModelSource) else 256), n_total)

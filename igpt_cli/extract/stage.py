@@ -91,6 +91,7 @@ def extract_features(
     on_progress: OnProgress | None = None,
     dist: DistContext | None = None,
     revision: str | None = None,
+    compile: bool = False,
 ) -> ExtractResult:
     """Run the extract stage. Raises InputError on bad input, before any work starts.
 
@@ -99,7 +100,8 @@ def extract_features(
     "pixels" for the raw-pixel baseline. `layers`: specs as in `igpt_cli.layers`
     (default all). Progress and resume notices go to `on_progress` (task "extract",
     unit "image"). `dist` (a DistContext with world_size > 1): extract this rank's
-    shard into a part file, and on rank 0 merge the parts into `out`.
+    shard into a part file, and on rank 0 merge the parts into `out`. `compile`: run the
+    model's blocks through `torch.compile` (`IGPT.compile_blocks`; eager where unavailable).
     """
     t_start = time.perf_counter()
     tokens_path, out = Path(tokens_path), Path(out)
@@ -123,7 +125,8 @@ def extract_features(
             source, run, n = _extract_open(tf, tokens_path, model, layers, out, batch_size=batch_size,
                                            device=device, dtype=dtype, sos=sos, site=site, pool=pool, limit=limit,
                                            store_dtype=store_dtype, overwrite=overwrite, restart=restart,
-                                           on_progress=on_progress, dist=dist if sharded else None)
+                                           on_progress=on_progress, dist=dist if sharded else None,
+                                           compile=compile)
     seconds = time.perf_counter() - t_start
     # images_per_s: the model's rate in the row loop; for the pixel baseline, whose loop is a
     # table lookup, the rate of the whole stage (reading, hashing, writing), which is what it costs
@@ -140,7 +143,7 @@ def extract_features(
 
 
 def _extract_open(tf: h5py.File, tokens_path: Path, model, layers, out: Path, *, batch_size, device, dtype, sos,
-                  site, pool, limit, store_dtype, overwrite, restart, on_progress, dist):
+                  site, pool, limit, store_dtype, overwrite, restart, on_progress, dist, compile=False):
     """`extract_features` on the open tokens file `tf`: checks, the source, then the run.
 
     Returns (the feature source, the RowsRun, rows in the features file)."""
@@ -173,6 +176,8 @@ def _extract_open(tf: h5py.File, tokens_path: Path, model, layers, out: Path, *,
     formats.check_token_values(tok, len(palette), tokens_path, n_total)
     if weights is not None:
         source.model = load_model(model_dir, source.device, source.dtype)
+        if compile:
+            source.model.compile_blocks()
         source.sha256 = formats.sha256_file(weights)
 
     bs = batch_size or (auto_batch_size(source.model, source.device, source.dtype)
