@@ -8,8 +8,10 @@ written per second, median of several), then the decode step of `igpt_cli`'s mod
 (imagegpt-small shape: 24 x 512, 8 heads, 1,024 positions, random weights; the step the
 `Decoder` runs: model forward with the KV cache, LM head on the last position, then
 `pick_tokens` with top-k 50 / top-p 0.9 sampling) at batch 1 and 16 and at three positions
-(cache filled with random keys and values), median of `--steps` steps, as bytes moved per
-second and % of the measured bandwidth. `--static`: the fixed-shape (CUDA-graph-ready) cache.
+(cache filled with random keys and values; the Decoder's own cache, so its dtype), median of
+`--steps` steps, as bytes moved per second and % of the measured bandwidth. On a shared
+machine run it with OMP_NUM_THREADS=1: a busy machine makes every multi-threaded step wait
+for its slowest thread. `--static`: the fixed-shape (CUDA-graph-ready) cache.
 `--profile`: the top ops of a batch-1 step. `--code DIR` imports igpt_cli from another
 checkout (e.g. the main branch: "before").
 
@@ -54,9 +56,9 @@ def main() -> None:
     sys.path.insert(0, args.code)
     import torch
 
-    from igpt_cli.generate.decode import cpu_threads_for
+    from igpt_cli.generate.decode import Decoder, cpu_threads_for
     from igpt_cli.generate.sampling import Sampling, pick_tokens
-    from igpt_cli.model import IGPT, IGPTConfig, KVCache
+    from igpt_cli.model import IGPT, IGPTConfig
 
     bw = copy_bandwidth(torch)
     info = machine() | {"threads": torch.get_num_threads(), "torch": torch.__version__, "code": args.code,
@@ -72,8 +74,10 @@ def main() -> None:
         elt = torch.finfo(dt).bits // 8
         weight_bytes = sum(p.numel() for n, p in model.named_parameters() if not n.startswith(("wte", "wpe"))) * elt
         for B in (int(b) for b in args.batches.split(",")):
-            extra = {"static": True} if args.static else {}
-            cache = KVCache(cfg, B, dtype=dt, **extra)
+            dec = Decoder(model, sampling)  # the cache the Decoder itself uses (its dtype: `cache_dtype_for`)
+            if args.static:
+                dec.static_cache = True
+            cache = dec.cache_for(B)
             cache.k.normal_()
             cache.v.normal_()
             tok = torch.randint(0, 512, (B, 1))
@@ -92,9 +96,10 @@ def main() -> None:
                             times.append(time.perf_counter() - t0)
                 t = statistics.median(times)
                 read_len = cfg.n_positions if args.static else pos + 1
-                kv_bytes = 2 * cfg.n_layer * B * read_len * cfg.n_embd * elt
+                kv_bytes = 2 * cfg.n_layer * B * read_len * cfg.n_embd * cache.k.element_size()
                 moved = weight_bytes + kv_bytes
-                row = {"dtype": dt_name, "batch": B, "position": pos, "static": args.static,
+                row = {"dtype": dt_name, "cache_dtype": str(cache.k.dtype).removeprefix("torch."), "batch": B,
+                       "position": pos, "static": args.static,
                        "step_ms": round(1e3 * t, 2), "tokens_per_s": round(B / t, 1),
                        "mbytes_per_step": round(moved / 1e6, 1), "gb_s": round(moved / t / 1e9, 2),
                        "pct_bandwidth": round(100 * moved / t / bw, 1)}
@@ -104,7 +109,7 @@ def main() -> None:
         from torch.profiler import ProfilerActivity, profile
 
         model = IGPT(cfg).to(torch.bfloat16).eval().requires_grad_(False)
-        cache = KVCache(cfg, 1, dtype=torch.bfloat16)
+        cache = Decoder(model, sampling).cache_for(1)
         tok = torch.randint(0, 512, (1, 1))
         with torch.inference_mode(), cpu_threads_for(cfg, 1, torch.device("cpu"), torch.bfloat16):
             cache.pos = 512

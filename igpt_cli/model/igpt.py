@@ -195,9 +195,9 @@ class MLP(nn.Module):
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # [B*T, C]
         fc, proj = self.c_fc, self.c_proj
-        h = torch.addmm(fc.bias.to(x.dtype), x, fc.weight.to(x.dtype).t(), beta=GELU_SCALE, alpha=GELU_SCALE)
-        h = F.silu(h, inplace=not torch.is_grad_enabled())  # [B*T, mlp_width] = 1.702 quick_gelu(c_fc(x))
-        y = torch.addmm(proj.bias.to(h.dtype), h, proj.weight.to(h.dtype).t(), alpha=1.0 / GELU_SCALE)
+        h = torch.addmm(fc.bias, x, fc.weight.t(), beta=GELU_SCALE, alpha=GELU_SCALE)  # [B*T, mlp_width]
+        h = F.silu(h, inplace=not torch.is_grad_enabled())  # = 1.702 quick_gelu(c_fc(x))
+        y = torch.addmm(proj.bias, h, proj.weight.t(), alpha=1.0 / GELU_SCALE)  # c_proj(quick_gelu(c_fc(x)))
         return y.view(*shape[:-1], y.shape[-1])  # [B, T, C]
 
 
