@@ -142,7 +142,8 @@ def compare_together(args, base_tr, ytr, base_te, yte) -> None:
                 res = probe_layers(tr, ytr, te, yte, args.seed)
             timings[name].append((time.perf_counter() - w0, time.process_time() - c0, res))
     for name, runs in timings.items():
-        print(f"{name}: wall {statistics.median(r[0] for r in runs):.1f} s, CPU {statistics.median(r[1] for r in runs):.1f} s "
+        print(f"{name}: wall {statistics.median(r[0] for r in runs):.1f} s, "
+              f"CPU {statistics.median(r[1] for r in runs):.1f} s "
               f"(runs: {', '.join(f'{r[0]:.1f}' for r in runs)} s wall)")
     a, b = timings["one at a time"][0][2], timings["all at once"][0][2]
     same = all((x.c, x.val_acc, x.test_acc) == (y.c, y.val_acc, y.test_acc) for x, y in zip(a, b))

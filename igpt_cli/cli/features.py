@@ -8,8 +8,8 @@ from typing import Annotated, Optional
 import typer
 
 from ..choices import ComputeDtype, Pool, Resize, Site, Split, StoreDtype
-from .options import (Compile, Device, Dtype, FormatOpt, ImageColumn, LabelColumn, LayerSpec, LimitOpt, LimitPerClass, MaxPixels,
-                      ModelOpt, Overwrite, Quiet, Restart, Revision, Shuffle, SkipBad, SplitOpt)
+from .options import (Compile, Device, Dtype, FormatOpt, ImageColumn, LabelColumn, LayerSpec, LimitOpt, LimitPerClass,
+                      MaxPixels, ModelOpt, Overwrite, Quiet, Restart, Revision, Shuffle, SkipBad, SplitOpt)
 from .ui import ProgressBar, handles_input_errors, maybe_bar, print_json, render_models
 
 BatchSize = Annotated[Optional[int], typer.Option("--batch-size", "-b", help="Images per batch (default: auto).")]

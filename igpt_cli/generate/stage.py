@@ -36,7 +36,7 @@ from ..palette import Palette, PaletteError
 from ..progress import OnProgress, Reporter
 from ..results import Result
 from ..runtime import resolve_device, resolve_dtype
-from .decode import LN2, Decoder, auto_decode_batch, check_generative, keep_tokens_for, nll_rows
+from .decode import LN2, Decoder, auto_decode_batch, cache_dtype_for, check_generative, keep_tokens_for, nll_rows
 from .figures import completion_grid, sample_grid, write_png
 from .partial import preallocate, run_batches
 from .sampling import Sampling, check_seed
@@ -252,7 +252,7 @@ def sample_file(model: str | Path, n: int, out: str | Path, *, png: str | Path |
         out=str(out), png=str(png) if png is not None else None, model=str(m.dir), n=n, height=height, width=width,
         temperature=float(temperature), top_k=top_k, top_p=float(top_p), seed=seed, computed=n - resumed,
         resumed_from=resumed, device=str(m.device), compute_dtype=_dtype_name(m.dtype), batch_size=bs,
-        kv_cache_bytes=KVCache.bytes_for(cfg, bs, m.dtype),
+        kv_cache_bytes=KVCache.bytes_for(cfg, bs, cache_dtype_for(m.device, m.dtype)),
         tokens_per_s=round((n - resumed) * T / loop_s, 2) if loop_s > 0 and n > resumed else None,
         seconds=round(time.perf_counter() - t_start, 3))
 
@@ -328,7 +328,7 @@ def complete_file(tokens_path: str | Path, model: str | Path, out: str | Path, *
         out=str(out), png=str(png) if png is not None else None, model=str(m.dir), n=rows, height=height,
         width=width, temperature=float(temperature), top_k=top_k, top_p=float(top_p), seed=seed,
         computed=rows - resumed, resumed_from=resumed, device=str(m.device), compute_dtype=_dtype_name(m.dtype),
-        batch_size=bs, kv_cache_bytes=KVCache.bytes_for(m.cfg, bs, m.dtype),
+        batch_size=bs, kv_cache_bytes=KVCache.bytes_for(m.cfg, bs, cache_dtype_for(m.device, m.dtype)),
         tokens_per_s=round((rows - resumed) * (T - keep) / loop_s, 2) if loop_s > 0 and rows > resumed and T > keep
         else None,
         seconds=round(time.perf_counter() - t_start, 3), tokens_file=str(tokens_path), n_images=n_img,

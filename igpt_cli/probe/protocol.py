@@ -299,7 +299,8 @@ def _layer_result(layer: int, search: CSearch, final, pred: np.ndarray, y_train:
         n_passes=search.passes + _n_iter(final),
         test_acc_ci=wilson_interval(int(correct.sum()), len(correct)), confusion=confusion.tolist(),
     )
-    result.classifier = dict(mean=mean, scale=scale, coef=np.asarray(final.coef_), intercept=np.asarray(final.intercept_),
+    result.classifier = dict(mean=mean, scale=scale, coef=np.asarray(final.coef_),
+                             intercept=np.asarray(final.intercept_),
                              classes=np.asarray(final.classes_), c=float(best["c"]))
     return result
 

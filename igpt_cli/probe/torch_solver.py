@@ -10,8 +10,11 @@ when the relative decrease of f is below 64 eps (scipy's ftol), or at `max_iter`
 All C values share each pass over X: their weights are stacked into one [n_C * K, D]
 matrix, so one product X @ W^T gives every C's scores, one E^T @ X every C's gradient.
 Each C runs its own L-BFGS (float64 state, history 10 like scipy's, backtracking line
-search) and leaves the batch when it stops. Products are float32 (TF32 on CUDA when
-`tol` >= TF32_MIN_TOL; `matmul_precision`).
+search) and leaves the batch when it stops; all of them live in one `BatchedLBFGS`
+(state stacked on the device, one host read per iteration). Several layers of the same
+rows fit at once the same way (`fit_problems`: every layer's C values in one optimiser,
+each layer's pass serving its own). Products are float32 (TF32 on CUDA when `tol` >=
+TF32_MIN_TOL; `matmul_precision`); the preconditioner comes from `device_eig`.
 
 L-BFGS runs on the same preconditioned parametrisation as the numpy solver, written in
 the eigenbasis of the feature covariance S = V diag(e) V^T:  W = (U * r_C) V^T with
