@@ -388,6 +388,19 @@ def bert_keep_mask(tokens: torch.Tensor | np.ndarray, prob: float = BERT_MASK_PR
     """
     rows = np.asarray(tokens, dtype=np.int64) if isinstance(tokens, np.ndarray) else \
         tokens.detach().to("cpu", torch.int64).numpy()  # [B, T]
-    u = np.stack([np.random.default_rng([seed, *row.tolist()]).random(rows.shape[1]) for row in rows]) \
-        if len(rows) else np.zeros(rows.shape)
-    return torch.from_numpy(u > prob)  # [B, T]
+    return torch.from_numpy(_row_keyed_uniforms(seed, rows) > prob)  # [B, T]
+
+
+def _row_keyed_uniforms(seed: int, rows: np.ndarray) -> np.ndarray:
+    """Uniforms [B, T] in [0, 1), row b's from `np.random.default_rng([seed, *rows[b]])`.
+
+    The entropy goes to NumPy as one uint32 array per row, not a Python list: the same seed
+    words (every value below 2**32 is one word either way), so the same numbers, ~30x faster."""
+    B, T = rows.shape
+    if not len(rows):
+        return np.zeros(rows.shape)
+    if 0 <= seed < 2 ** 32 and rows.min() >= 0 and rows.max() < 2 ** 32:
+        entropy = np.empty((B, T + 1), dtype=np.uint32)
+        entropy[:, 0], entropy[:, 1:] = seed, rows
+        return np.stack([np.random.default_rng(e).random(T) for e in entropy])
+    return np.stack([np.random.default_rng([seed, *row.tolist()]).random(T) for row in rows])
