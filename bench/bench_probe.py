@@ -75,7 +75,8 @@ def main() -> None:
 
     t = time.perf_counter()
     xtr, ytr, xte, yte, _ = load_cifar_pixels()
-    xtr, ytr = xtr[: args.n_train], ytr[: args.n_train]
+    keep = np.sort(np.random.default_rng(0).permutation(len(ytr))[: args.n_train])  # the tar is sorted by class
+    xtr, ytr = xtr[keep], ytr[keep]
     rng = np.random.default_rng(0)
     P = (rng.standard_normal((32 * 32 * 3, args.dim)) / np.sqrt(32 * 32 * 3)).astype(np.float32)
     flat = lambda x: x.reshape(len(x), -1).astype(np.float32) / 127.5 - 1
