@@ -10,6 +10,11 @@ the data generation, and compares the test accuracy with a plain scikit-learn
     python bench/bench_probe.py                     # 25 layers, 50k train / 10k test
     python bench/bench_probe.py --layers 3 --parity 1
     python bench/bench_probe.py --files train-feats.h5 test-feats.h5   # real features
+    python bench/bench_probe.py --layers 6 --n-train 10000 --together   # all layers at once vs one at a time
+
+`--together`: the same layers probed one at a time (`probe_layer`) and all at once
+(`probe_layers`: every layer's C values in one batched optimisation), wall and CPU time of
+each (medians of `--reps`), and whether both chose the same C with the same accuracies.
 """
 from __future__ import annotations
 
@@ -50,6 +55,8 @@ def main() -> None:
     ap.add_argument("--parity", type=int, default=2, help="layers to compare with plain scikit-learn")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--only", type=int, nargs="*", help="probe only these layers (of --layers)")
+    ap.add_argument("--together", action="store_true", help="all layers at once vs one layer at a time")
+    ap.add_argument("--reps", type=int, default=1, help="repetitions of each --together timing (median)")
     ap.add_argument("--files", nargs=2, metavar=("TRAIN", "TEST"), help="probe real features files instead")
     args = ap.parse_args()
 
@@ -68,7 +75,8 @@ def main() -> None:
 
     t = time.perf_counter()
     xtr, ytr, xte, yte, _ = load_cifar_pixels()
-    xtr, ytr = xtr[: args.n_train], ytr[: args.n_train]
+    keep = np.sort(np.random.default_rng(0).permutation(len(ytr))[: args.n_train])  # the tar is sorted by class
+    xtr, ytr = xtr[keep], ytr[keep]
     rng = np.random.default_rng(0)
     P = (rng.standard_normal((32 * 32 * 3, args.dim)) / np.sqrt(32 * 32 * 3)).astype(np.float32)
     flat = lambda x: x.reshape(len(x), -1).astype(np.float32) / 127.5 - 1
@@ -76,6 +84,10 @@ def main() -> None:
     base_te = flat(xte) @ P
     print(f"data: {len(ytr)} train / {len(yte)} test, {args.layers} layers x {args.dim} dims "
           f"(prepared in {time.perf_counter() - t:.0f} s)", flush=True)
+
+    if args.together:
+        compare_together(args, base_tr, ytr, base_te, yte)
+        return
 
     probe_s = cpu_s = 0.0
     results = []
@@ -112,6 +124,32 @@ def main() -> None:
           f"best layer {best.layer} test {best.test_acc:.4f}")
     if deltas:
         print(f"accuracy delta vs plain scikit-learn at the chosen C: max |delta| = {max(map(abs, deltas)):.2f} points")
+
+
+def compare_together(args, base_tr, ytr, base_te, yte) -> None:
+    import statistics
+
+    from igpt_cli.probe import probe_layers
+
+    feats = {l: stand_in_layer(base_tr, base_te, l, args.layers) for l in range(args.layers)}
+    tr, te = {l: a for l, (a, _) in feats.items()}, {l: b for l, (_, b) in feats.items()}
+    timings = {"one at a time": [], "all at once": []}
+    for _ in range(args.reps):
+        for name in timings:
+            w0, c0 = time.perf_counter(), time.process_time()
+            if name == "one at a time":
+                res = [probe_layer(tr[l], ytr, te[l], yte, args.seed, layer=l) for l in tr]
+            else:
+                res = probe_layers(tr, ytr, te, yte, args.seed)
+            timings[name].append((time.perf_counter() - w0, time.process_time() - c0, res))
+    for name, runs in timings.items():
+        print(f"{name}: wall {statistics.median(r[0] for r in runs):.1f} s, "
+              f"CPU {statistics.median(r[1] for r in runs):.1f} s "
+              f"(runs: {', '.join(f'{r[0]:.1f}' for r in runs)} s wall)")
+    a, b = timings["one at a time"][0][2], timings["all at once"][0][2]
+    same = all((x.c, x.val_acc, x.test_acc) == (y.c, y.val_acc, y.test_acc) for x, y in zip(a, b))
+    print(f"same chosen C and accuracies in every layer: {same}; chosen C {[x.c for x in b]}; "
+          f"test acc {[round(x.test_acc, 4) for x in b]}; load average now {os.getloadavg()[0]:.1f}")
 
 
 if __name__ == "__main__":

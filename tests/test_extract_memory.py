@@ -88,3 +88,24 @@ def test_features_from_images_equals_quantize_then_extract(env, tmp_path):
         features_from_images(images.astype(np.float32), model_dir)
     with pytest.raises(ParameterError, match="resize='nearest'"):
         features_from_images(images, model_dir, resize="nearest")
+
+
+def test_bert_model_mask_is_drawn_from_the_host_tokens_with_unchanged_results():
+    """A BERT model's features: the mask now comes from the host's token array (no copy back from the
+    device), and is the one `forward_intermediates` draws from the tokens itself (results unchanged)."""
+    import torch
+
+    from igpt_cli import features_from_tokens
+    from igpt_cli.model import IGPT, IGPTConfig
+    from igpt_cli.model.igpt import bert_keep_mask
+
+    torch.manual_seed(0)
+    model = IGPT(IGPTConfig(n_positions=16, n_embd=32, n_layer=2, n_head=2, objective="bert")).eval()
+    tokens = np.random.default_rng(3).integers(0, 512, (5, 16)).astype(np.uint16)
+    got = features_from_tokens(tokens, model, [1, 2], batch_size=2)
+    idx = torch.from_numpy(tokens.astype(np.int64))
+    with torch.inference_mode():
+        ref = model.forward_intermediates(idx, [1, 2])   # draws the mask from the (device) tokens
+    for layer in (1, 2):
+        np.testing.assert_array_equal(got[layer], ref[layer].numpy())
+    assert torch.equal(bert_keep_mask(tokens), bert_keep_mask(idx))

@@ -199,6 +199,34 @@ def test_cached_logits_equal_full_forward_and_transformers(tmp_path, chunks):
     np.testing.assert_allclose(last.numpy(), full[:, 9].numpy(), atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("chunks", [[1], [7, 5]], ids=["token-by-token", "chunked-prefill"])
+def test_static_cache_has_fixed_shapes_and_the_same_logits(tmp_path, chunks):
+    """A static cache (attention over all positions, masked: what a CUDA graph needs) gives the
+    sliced cache's logits, transformers' too, and every step reads and writes the same buffers."""
+    from helpers import hf_causal_model
+
+    from igpt_cli.model.igpt import KVCache
+
+    hf, d = hf_causal_model(tmp_path, n_layer=3, n_embd=64, n_head=4, n_positions=64)
+    model = load_pretrained(d)
+    idx = sos_shift(torch.randint(0, 512, (3, 64), generator=torch.Generator().manual_seed(2)), 512)
+    with torch.inference_mode():
+        ref = hf(input_ids=idx).logits
+    cache = KVCache(model.config, 3, static=True)
+    ptrs = cache.k.data_ptr(), cache.v.data_ptr()
+    shapes, out, pos = set(), [], 0
+    with torch.inference_mode():
+        for k in list(chunks) + [1] * (64 - sum(chunks)):
+            out.append(model(idx[:, pos:pos + k], cache))
+            pos += k
+            shapes.add(tuple(cache.k.shape))
+    assert cache.pos == int(cache.position) == 64 and shapes == {(3, 3, 4, 64, 16)}
+    assert (cache.k.data_ptr(), cache.v.data_ptr()) == ptrs
+    np.testing.assert_allclose(torch.cat(out, 1).numpy(), ref.numpy(), atol=1e-4, rtol=0)
+    cache.reset()
+    assert cache.pos == int(cache.position) == 0
+
+
 def test_cache_is_preallocated_and_refuses_overflow():
     from igpt_cli.model.igpt import KVCache
 
@@ -371,3 +399,43 @@ def test_objective_round_trips_through_config_json(tmp_path):
     (tmp_path / "b" / "config.json").write_text(json.dumps(d))
     with pytest.raises(Exception, match="igpt_objective='masked'"):
         load_pretrained(tmp_path / "b")
+
+
+# ---------------------------------------------------------------------------
+# torch.compile'd blocks (opt-in)
+# ---------------------------------------------------------------------------
+def test_compiled_blocks_give_the_eager_features(small):
+    eager = load_pretrained(small["dir"])
+    compiled = load_pretrained(small["dir"])
+    compiled.compile_blocks()
+    a, b = ours(eager, small["t"][:3], range(5)), ours(compiled, small["t"][:3], range(5))
+    assert compiled._compiled_block is not None  # it really ran compiled (a C++ compiler is here)
+    for layer in range(5):
+        np.testing.assert_allclose(b[layer], a[layer], atol=1e-5, rtol=0)
+
+
+def test_compile_falls_back_to_eager_silently_without_a_compiler(small, monkeypatch, capfd):
+    import torch._inductor.config as inductor
+
+    monkeypatch.setattr(inductor.cpp, "cxx", ("no-such-c++-compiler",))  # as on a machine without one
+    eager = load_pretrained(small["dir"])
+    model = load_pretrained(small["dir"])
+    model.compile_blocks()
+    got = ours(model, small["t"][:3], [2, 4])
+    assert model._compiled_block is None  # gave up on compiling, for good
+    ref = ours(eager, small["t"][:3], [2, 4])
+    for layer in (2, 4):
+        np.testing.assert_array_equal(got[layer], ref[layer])
+    assert capfd.readouterr().err == ""
+
+
+@pytest.mark.parametrize("seed", [0, 5, 2 ** 32 - 1, 2 ** 32])
+def test_bert_mask_is_numpys_row_keyed_draw(seed):
+    """The mask's uniforms are exactly `np.random.default_rng([seed, *row]).random(T)` for each row
+    (the entropy handed over as a uint32 array, ~30x faster than the Python list, same words)."""
+    from igpt_cli.model.igpt import bert_keep_mask
+
+    rows = np.random.default_rng(seed % 97).integers(0, 512, (7, 33))
+    ref = np.stack([np.random.default_rng([seed, *r.tolist()]).random(33) for r in rows]) > 0.15
+    np.testing.assert_array_equal(bert_keep_mask(rows, 0.15, seed).numpy(), ref)
+    np.testing.assert_array_equal(bert_keep_mask(torch.from_numpy(rows), 0.15, seed).numpy(), ref)

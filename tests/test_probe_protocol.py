@@ -106,3 +106,32 @@ def test_stratified_split_too_few_rows():
         stratified_split(y, 0.5, seed=0, min_rest_per_class=2, what="train.h5", split="test")
     with pytest.raises(InputError, match="training split: too few rows"):
         stratified_split(y, 0.9, seed=0)
+
+
+def test_layers_at_once_choose_what_one_layer_at_a_time_chooses():
+    """probe_layers runs every layer's search and final fit in one batched optimisation: same chosen C,
+    validation/test accuracy and coefficients (within float rounding) as probe_layer on each layer."""
+    from igpt_cli.probe import probe_layers
+
+    rng = np.random.default_rng(5)
+    X, y = overlapping_classes(603, d=12, k=3, seed=2)      # odd row count
+    Xt, yt = overlapping_classes(301, d=12, k=3, seed=3)
+    # three "layers": the features more or less mixed with noise, so their best C differ
+    layers = {l: (X + s * rng.standard_normal(X.shape).astype(np.float32),
+                  Xt + s * rng.standard_normal(Xt.shape).astype(np.float32))
+              for l, s in ((0, 0.0), (4, 1.5), (7, 4.0))}
+    est = LinearProbe(solver="torch", device="cpu")
+    together = probe_layers({l: a for l, (a, _) in layers.items()}, y, {l: b for l, (_, b) in layers.items()}, yt,
+                            seed=1, estimator=est)
+    assert [r.layer for r in together] == [0, 4, 7]
+    chosen = set()
+    for r in together:
+        alone = probe_layer(layers[r.layer][0], y, layers[r.layer][1], yt, seed=1, estimator=est, layer=r.layer)
+        chosen.add(r.c)
+        assert (r.c, r.val_acc, r.test_acc, r.n_passes) == (alone.c, alone.val_acc, alone.test_acc, alone.n_passes)
+        assert r.c_search == alone.c_search and r.confusion == alone.confusion
+        np.testing.assert_allclose(r.classifier["coef"], alone.classifier["coef"], atol=1e-9, rtol=0)
+    assert len(chosen) > 1   # the layers really differ
+    # an estimator that cannot batch layers: one layer at a time, same protocol
+    scipy = probe_layers({0: layers[0][0]}, y, {0: layers[0][1]}, yt, seed=1, estimator=LinearProbe(solver="scipy"))
+    assert scipy[0].c == probe_layer(layers[0][0], y, layers[0][1], yt, seed=1, estimator=LinearProbe(solver="scipy")).c

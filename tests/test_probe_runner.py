@@ -339,3 +339,13 @@ def test_bad_damaged_features_file(tmp_path, case):
             f["labels"] = y.astype(np.float32)
     assert_clean_failure(cli(path), needle)
     assert str(path) in cli(path).stderr.replace("\n", "")
+
+
+def test_layers_are_grouped_by_memory_and_width():
+    from igpt_cli.probe.runner import LAYER_GROUP_COPIES, layer_groups
+
+    per_layer = LAYER_GROUP_COPIES * 100 * 8 * 4   # 100 rows of 8 dims
+    dims = {0: 8, 1: 8, 2: 8, 3: 16, 4: 16}
+    assert layer_groups([0, 1, 2, 3, 4], 100, dims, 2 * per_layer) == [[0, 1], [2], [3], [4]]
+    assert layer_groups([0, 1, 2, 3, 4], 100, dims, 100 * per_layer) == [[0, 1, 2], [3, 4]]  # same width only
+    assert layer_groups([2], 100, dims, 1) == [[2]]   # a layer alone is always a group

@@ -69,3 +69,68 @@ def test_report_has_wilson_interval_and_confusion():
     assert cm.shape == (3, 3) and cm.sum() == len(yte)
     assert np.trace(cm) / cm.sum() == pytest.approx(r.test_acc)
     assert wilson_interval(81, 100) == pytest.approx([0.7222, 0.8749], abs=1e-4)   # the textbook example
+
+
+# ---------------------------------------------------------------------------
+# CUDA float32 product precision (a process-wide flag: set through the current API, guarded)
+# ---------------------------------------------------------------------------
+def test_precision_is_tf32_only_for_loose_tolerances_and_restored_after():
+    import warnings
+
+    import torch
+
+    from igpt_cli.probe.torch_solver import TF32_MIN_TOL, matmul_precision, matmul_precision_for
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert matmul_precision_for(cpu, 1e-4) is None          # nothing to set off CUDA
+    assert matmul_precision_for(cuda, 1e-4) == "tf32"
+    assert matmul_precision_for(cuda, TF32_MIN_TOL / 10) == "ieee"   # tight tolerances keep FP32 products
+    flag = torch.backends.cuda.matmul
+    before = flag.fp32_precision
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                       # the legacy allow_tf32 flag warns: not used
+        with matmul_precision(cuda, 1e-4):
+            assert flag.fp32_precision == "tf32"
+        assert flag.fp32_precision == before
+        with matmul_precision(cpu, 1e-4):
+            assert flag.fp32_precision == before
+
+
+def test_precision_of_fits_running_at_once_is_shared_and_never_looser_than_asked():
+    """`--jobs 2`: two fits in threads overlap; the flag is set once, FP32 wins while any fit asked
+    for it, and the process's value comes back when the last fit ends (not when the first one does)."""
+    import threading
+
+    import torch
+
+    from igpt_cli.probe.torch_solver import matmul_precision
+
+    cuda, flag = torch.device("cuda"), torch.backends.cuda.matmul
+    before = flag.fp32_precision
+    seen = []
+    a_in, b_in, a_saw_b, b_out = (threading.Event() for _ in range(4))
+
+    def fit_a():  # loose tolerance: TF32, outlives fit b
+        with matmul_precision(cuda, 1e-4):
+            seen.append(("a alone", flag.fp32_precision))
+            a_in.set()
+            b_in.wait()
+            seen.append(("a with b", flag.fp32_precision))
+            a_saw_b.set()
+            b_out.wait()
+            seen.append(("a after b", flag.fp32_precision))
+
+    def fit_b():  # tight tolerance: FP32
+        a_in.wait()
+        with matmul_precision(cuda, 1e-6):
+            b_in.set()
+            a_saw_b.wait()
+        b_out.set()
+
+    threads = [threading.Thread(target=fit_a), threading.Thread(target=fit_b)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert seen == [("a alone", "tf32"), ("a with b", "ieee"), ("a after b", "tf32")]
+    assert flag.fp32_precision == before

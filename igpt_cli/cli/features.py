@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from ..choices import ComputeDtype, Pool, Resize, Site, Split, StoreDtype
-from .options import (Device, Dtype, FormatOpt, ImageColumn, LabelColumn, LayerSpec, LimitOpt, LimitPerClass, MaxPixels,
+from .options import (Compile, Device, Dtype, FormatOpt, ImageColumn, LabelColumn, LayerSpec, LimitOpt, LimitPerClass, MaxPixels,
                       ModelOpt, Overwrite, Quiet, Restart, Revision, Shuffle, SkipBad, SplitOpt)
 from .ui import handles_input_errors, launched_run, print_json, render_models
 
@@ -29,6 +29,7 @@ def extract_command(
     batch_size: BatchSize = None,
     device: Device = "auto",
     dtype: Dtype = ComputeDtype.auto,
+    compile: Compile = False,
     no_sos: NoSos = False,
     site: SiteOpt = Site.ln,
     pool: PoolOpt = Pool.mean,
@@ -51,7 +52,8 @@ def extract_command(
         result = extract_features(tokens, model, layers or None, out, batch_size=batch_size, device=device,
                                   dtype=dtype.value, sos=not no_sos, site=site.value, pool=pool.value,
                                   limit=limit, store_dtype=store_dtype.value, overwrite=overwrite,
-                                  restart=restart, on_progress=bar, dist=dist, revision=revision)
+                                  restart=restart, on_progress=bar, dist=dist, revision=revision,
+                                  compile=compile)
     if dist.is_main:
         print_json(result)
 
@@ -85,6 +87,7 @@ def features_command(
     batch_size: BatchSize = None,
     device: Device = "auto",
     dtype: Dtype = ComputeDtype.auto,
+    compile: Compile = False,
     no_sos: NoSos = False,
     site: SiteOpt = Site.ln,
     pool: PoolOpt = Pool.mean,
@@ -108,7 +111,7 @@ def features_command(
             limit=limit, limit_per_class=limit_per_class, shuffle=shuffle, seed=seed,
             fmt=fmt.value if fmt else None, image_column=image_column, label_column=label_column,
             skip_bad=skip_bad, max_pixels=max_pixels, batch_size=batch_size, device=device, dtype=dtype.value,
-            sos=not no_sos, site=site.value, pool=pool.value, store_dtype=store_dtype.value,
+            compile=compile, sos=not no_sos, site=site.value, pool=pool.value, store_dtype=store_dtype.value,
             overwrite=overwrite, restart=restart, on_progress=bar, dist=dist)
     if dist.is_main:
         print_json(result)

@@ -8,6 +8,9 @@ import typer
 from ..choices import ComputeDtype, DatasetFormat, Resize, Split
 
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or progress lines.")]
+Compile = Annotated[bool, typer.Option("--compile", help=(
+    "Run the model through torch.compile: faster on long runs, the first batch compiles (tens of seconds "
+    "on a CPU); eager where compilation is unavailable."))]
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace an existing output file.")]
 LayerSpec = Annotated[Optional[list[str]], typer.Option(
     "--layer", "-l", help="Layer(s): 12, 8-16, -1, 0,4,8 or all (repeatable). Default: all.")]

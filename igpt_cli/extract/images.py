@@ -134,6 +134,7 @@ def extract_image_features(
     batch_size: int | None = None,
     device: str = "auto",
     dtype: str = "auto",
+    compile: bool = False,
     sos: bool = True,
     site: str = "ln",
     pool: str = "mean",
@@ -205,7 +206,7 @@ def extract_image_features(
         outputs.check_free_space(out, features_bytes(n_total, source.dims if m is None else
                                                      {layer: m.cfg.n_embd for layer in source.layers}, store_dtype),
                                  partial=outputs.temp_path_for(out))
-    auto_bs = load_source(source, m) if m is not None else 256
+    auto_bs = load_source(source, m, compile=compile) if m is not None else 256
     bs = min(batch_size or auto_bs, n_total)
     # skip_bad is no part of the identity: a run without it stops at the first bad image, so its rows
     # are those a run with it computes, and the rerun its error suggests (skip_bad=True) resumes it

@@ -37,6 +37,7 @@ def features_from_tokens(
     device: str = "auto",
     dtype: str = "auto",
     on_progress: OnProgress | None = None,
+    compile: bool = False,
 ) -> dict[int, np.ndarray]:
     """iGPT features of palette-token images: `{layer: [N, n_embd] float32}`.
 
@@ -45,7 +46,8 @@ def features_from_tokens(
     `pool=None` returns the token maps `{layer: [N, T, n_embd]}` (float32) instead.
     For an IGPT, device and dtype "auto" use it where and as it is; other values move
     and cast it in place (`nn.Module.to`). Progress goes to `on_progress`
-    (task "extract", unit "image").
+    (task "extract", unit "image"). `compile`: run the blocks through `torch.compile`
+    (`IGPT.compile_blocks`: the first batch compiles, eager where compilation is unavailable).
     """
     site = check_choice("site", site, SITES)
     pool = None if pool is None else check_choice("pool", pool, POOLS)
@@ -53,6 +55,8 @@ def features_from_tokens(
     net, dev, cdt = ready_model(model, device, dtype)
     cfg = net.config
     tokens = check_tokens_array(tokens, cfg)
+    if compile:
+        net.compile_blocks()
     layers = parse_layers(layers, range(cfg.n_layer + 1))
     source = ModelSource(net, dev, cdt, layers, site, bool(sos) and net.config.autoregressive, pool=pool)
     n = len(tokens)

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from ..model import IGPT, config_to_hf, sos_shift
+from ..model.igpt import bert_keep_mask
 
 PIXELS = "pixels"
 
@@ -46,8 +47,11 @@ class ModelSource:
         idx = torch.from_numpy(tokens.astype(np.int64, copy=False)).to(self.device, non_blocking=True)  # [B, T]
         if self.sos:
             idx = sos_shift(idx, self.model.config.sos_token)
+        keep = None  # a BERT model's input mask, drawn from the host's tokens (no copy back from the device)
+        if not self.model.config.autoregressive:
+            keep = bert_keep_mask(tokens).to(self.device, non_blocking=True)
         with torch.inference_mode():
-            feats = self.model.forward_intermediates(idx, self.layers, site=self.site, pool=self.pool)
+            feats = self.model.forward_intermediates(idx, self.layers, site=self.site, pool=self.pool, bert_mask=keep)
         return {k: v.float().cpu().numpy() for k, v in feats.items()}
 
 

@@ -129,9 +129,12 @@ def model_source(model, layers, *, device, dtype, site, sos, pool, dist, revisio
     return source, m
 
 
-def load_source(source, m) -> int:
-    """Load the model of a ModelSource (after every check passed); returns its automatic batch size."""
+def load_source(source, m, *, compile: bool = False) -> int:
+    """Load the model of a ModelSource (after every check passed); returns its automatic batch size.
+    `compile`: its blocks through `torch.compile` (`IGPT.compile_blocks`; eager where unavailable)."""
     source.model = m.load()
+    if compile:
+        source.model.compile_blocks()
     source.sha256 = m.sha256
     return feature_batch_size(m.cfg, m.device, m.dtype)
 
@@ -158,6 +161,7 @@ def extract_features(
     on_progress: OnProgress | None = None,
     dist: DistContext | None = None,
     revision: str | None = None,
+    compile: bool = False,
 ) -> ExtractResult:
     """Run the extract stage. Raises InputError on bad input, before any work starts.
 
@@ -166,7 +170,8 @@ def extract_features(
     "pixels" for the raw-pixel baseline. `layers`: specs as in `igpt_cli.layers`
     (default all). Progress and resume notices go to `on_progress` (task "extract",
     unit "image"). `dist` (a DistContext with world_size > 1): extract this rank's
-    shard into a part file, and on rank 0 merge the parts into `out` (`igpt_cli.stage`).
+    shard into a part file, and on rank 0 merge the parts into `out` (`igpt_cli.stage`). `compile`: run
+    the model's blocks through `torch.compile` (`IGPT.compile_blocks`; eager where unavailable).
     """
     t_start = time.perf_counter()
     tokens_path, out = Path(tokens_path), Path(out)
@@ -198,7 +203,7 @@ def extract_features(
             outputs.check_free_space(out, features_bytes(n_total, dims, store_dtype),
                                      partial=outputs.temp_path_for(out))
         formats.check_token_values(tok, len(palette), tokens_path, n_total)
-        auto_bs = load_source(source, m) if m is not None else 256
+        auto_bs = load_source(source, m, compile=compile) if m is not None else 256
         bs = min(batch_size or auto_bs, n_total)
         identity = dict(
             layers=source.layers, site=source.site, sos=source.sos, pool=source.pool,

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from ..errors import InputError, ParameterError, check_positive
 from ..model import IGPT, IGPTConfig, KVCache, sos_shift
-from ..model.runtime import check_tokens_array, decode_batch_size, feature_batch_size, ready_model
+from ..model.runtime import cache_dtype_for, check_tokens_array, decode_batch_size, feature_batch_size, ready_model
 from ..progress import OnProgress, Reporter
 from .sampling import Sampling, check_seed, pick_tokens, row_uniforms
 
@@ -68,6 +68,9 @@ class Decoder:
     n_colours: int | None = None  # only tokens below this are drawn (the palette's size)
     reporter: Reporter | None = None  # advanced by B tokens per decoded step (every few steps)
     report_every: int = 16
+    # every step with the same shapes (`KVCache(static=True)`), what capturing the step in a CUDA
+    # graph needs; off by default: uncaptured, it reads the whole cache every step
+    static_cache: bool = False
     _cache: KVCache | None = field(default=None, repr=False)
 
     @property
@@ -79,11 +82,13 @@ class Decoder:
         return next(self.model.parameters()).dtype
 
     def cache_for(self, batch: int) -> KVCache:
-        """A cache of `batch` rows for all positions, reused between batches of the same size."""
+        """A cache of `batch` rows for all positions, reused between batches of the same size
+        (`cache_dtype_for`: float32 on a CPU; `static_cache`: the fixed-shape kind)."""
         c = self._cache
         if c is None or c.k.shape[1] != batch:
             self._cache = None  # free the old one first
-            c = self._cache = KVCache(self.model.config, batch, device=self.device, dtype=self.dtype)
+            c = self._cache = KVCache(self.model.config, batch, device=self.device, static=self.static_cache,
+                                      dtype=cache_dtype_for(self.device, self.dtype))
         c.reset()
         return c
 

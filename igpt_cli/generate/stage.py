@@ -37,7 +37,7 @@ from .. import formats, outputs
 from ..distributed import DistContext
 from ..errors import InputError, check_positive
 from ..model import KVCache
-from ..model.runtime import OpenedModel, decode_batch_size, feature_batch_size, open_model
+from ..model.runtime import OpenedModel, cache_dtype_for, decode_batch_size, feature_batch_size, open_model
 from ..palette import Palette
 from ..progress import OnProgress, Reporter
 from ..results import Result
@@ -222,7 +222,7 @@ def sample_file(model: str | Path, n: int, out: str | Path, *, png: str | Path |
         out=str(out), png=str(png) if png is not None else None, model=str(m.dir), n=n, height=height, width=width,
         temperature=float(temperature), top_k=top_k, top_p=float(top_p), seed=seed, computed=run.computed,
         resumed_from=run.resumed_from, device=str(m.device), compute_dtype=m.dtype_name, batch_size=run.batch_size,
-        kv_cache_bytes=KVCache.bytes_for(cfg, run.batch_size, m.dtype),
+        kv_cache_bytes=KVCache.bytes_for(cfg, run.batch_size, cache_dtype_for(m.device, m.dtype)),
         tokens_per_s=round(run.computed * T / run.loop_seconds, 2) if run.loop_seconds > 0 and run.computed
         else None,
         seconds=round(time.perf_counter() - t_start, 3))
@@ -284,7 +284,7 @@ def complete_file(tokens_path: str | Path, model: str | Path, out: str | Path, *
         out=str(out), png=str(png) if png is not None else None, model=str(m.dir), n=rows, height=height,
         width=width, temperature=float(temperature), top_k=top_k, top_p=float(top_p), seed=seed,
         computed=run.computed, resumed_from=run.resumed_from, device=str(m.device), compute_dtype=m.dtype_name,
-        batch_size=run.batch_size, kv_cache_bytes=KVCache.bytes_for(m.cfg, run.batch_size, m.dtype),
+        batch_size=run.batch_size, kv_cache_bytes=KVCache.bytes_for(m.cfg, run.batch_size, cache_dtype_for(m.device, m.dtype)),
         tokens_per_s=round(run.computed * (T - keep) / run.loop_seconds, 2)
         if run.loop_seconds > 0 and run.computed and T > keep else None,
         seconds=round(time.perf_counter() - t_start, 3), tokens_file=str(tokens_path), n_images=n_img,

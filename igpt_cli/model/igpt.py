@@ -19,8 +19,9 @@ it by default as OpenAI's evaluation did (`bert_keep_mask`, see there).
 Generation: `forward(idx, cache=KVCache(...))` runs the same blocks incrementally. The
 cache is preallocated for `n_positions` (keys and values of every layer, written in
 place, never grown by concatenation); each call appends the keys and values of its
-tokens at `cache.pos` and attends to everything before them. Without a cache (extract,
-train) nothing changes.
+tokens at `cache.pos` and attends to everything before them (a `static` cache: over all
+positions with a mask, so that every step has the same shapes). Without a cache
+(extract, train) nothing changes.
 
 Shapes: B images, T = n_positions tokens, C = n_embd channels, H heads.
 """
@@ -78,7 +79,10 @@ class IGPTConfig:
 
 
 class LayerNorm(nn.Module):
-    """iGPT's layer norm: x / sqrt(mean(x^2) + eps) * weight — no mean-centring, no bias."""
+    """iGPT's layer norm: x / sqrt(mean(x^2) + eps) * weight — no mean-centring, no bias.
+
+    That is an RMS norm, so it runs as PyTorch's `F.rms_norm` (one fused kernel; the
+    statistics are float32 inside it whatever the compute dtype, the output is x's dtype)."""
 
     def __init__(self, dim: int, eps: float = 1e-5):
         super().__init__()
@@ -86,9 +90,8 @@ class LayerNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()  # statistics in float32 whatever the compute dtype
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return xf.to(x.dtype) * self.weight
+        w = self.weight if self.weight.dtype == x.dtype else self.weight.to(x.dtype)  # (autocast: fp32 weight)
+        return F.rms_norm(x, (x.shape[-1],), w, self.eps)
 
 
 class KVCache:
@@ -96,17 +99,30 @@ class KVCache:
 
     `k`, `v`: [n_layer, B, H, max_len, C/H]; positions `0 .. pos-1` are filled. A forward
     with the cache writes its T tokens at `pos .. pos+T-1` (in place) and advances `pos`.
+
+    `dtype` may be wider than the model's (a float32 cache for a bfloat16 model: keys and
+    values stored exactly, attention computed in float32, its output cast back).
+
+    `static=True`: every step has the same shapes, whatever its position (what a CUDA graph
+    or `torch.compile(mode="reduce-overhead")` needs): attention runs over all `max_len`
+    positions with a mask (the unfilled ones masked out, so the buffers start zeroed), the
+    new keys and values go in with `index_copy_`, and the position lives on the device too
+    (`position`, advanced in place). Same logits as the default (sliced) cache up to float
+    rounding; the sliced one reads only the filled part, which a CPU step prefers.
     """
 
     def __init__(self, cfg: IGPTConfig, batch: int, *, device=None, dtype: torch.dtype = torch.float32,
-                 max_len: int | None = None):
+                 max_len: int | None = None, static: bool = False):
         max_len = cfg.n_positions if max_len is None else max_len
         if not 1 <= max_len <= cfg.n_positions:
             raise ParameterError("max_len", max_len, f"must lie in 1..{cfg.n_positions} (n_positions)")
         shape = (cfg.n_layer, batch, cfg.n_head, max_len, cfg.n_embd // cfg.n_head)
-        self.k = torch.empty(shape, device=device, dtype=dtype)
-        self.v = torch.empty(shape, device=device, dtype=dtype)
-        self.max_len, self.pos = max_len, 0
+        alloc = torch.zeros if static else torch.empty  # masked positions still enter q.k: keep them finite
+        self.k = alloc(shape, device=device, dtype=dtype)
+        self.v = alloc(shape, device=device, dtype=dtype)
+        self.max_len, self.pos, self.static = max_len, 0, static
+        self.position = torch.zeros((), dtype=torch.int64, device=device) if static else None
+        self.keys = torch.arange(max_len, device=device) if static else None  # [max_len]
 
     @staticmethod
     def bytes_for(cfg: IGPTConfig, batch: int, dtype: torch.dtype, max_len: int | None = None) -> int:
@@ -120,6 +136,8 @@ class KVCache:
 
     def reset(self) -> None:
         self.pos = 0
+        if self.position is not None:
+            self.position.zero_()
 
 
 class CausalSelfAttention(nn.Module):
@@ -131,15 +149,23 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd)
 
     def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor] | None = None,
-                pos: int = 0) -> torch.Tensor:
-        """`kv`: this layer's (keys, values) cache buffers [B, H, max_len, C/H]; x holds positions pos.. ."""
+                pos: int = 0, static: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """`kv`: this layer's (keys, values) cache buffers [B, H, max_len, C/H]; x holds positions pos.. .
+        `static`: (positions [T], mask [T, max_len]) of a static cache (`KVCache(static=True)`)."""
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)  # 3 x [B, T, C]
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # [B, H, T, C/H]
         if kv is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)  # [B, H, T, C/H]
+        elif static is not None:  # fixed shapes: write at the device-side positions, attend over max_len, masked
+            positions, mask = static
+            kbuf, vbuf = kv
+            kbuf.index_copy_(2, positions, k.to(kbuf.dtype))
+            vbuf.index_copy_(2, positions, v.to(vbuf.dtype))
+            y = F.scaled_dot_product_attention(q.to(kbuf.dtype), kbuf, vbuf, attn_mask=mask).to(x.dtype)
         else:
             kbuf, vbuf = kv
+            q = q.to(kbuf.dtype)  # a float32 cache under a bfloat16 model: attention in float32
             kbuf[:, :, pos:pos + T] = k  # in place: the cache never grows
             vbuf[:, :, pos:pos + T] = v
             k, v = kbuf[:, :, :pos + T], vbuf[:, :, :pos + T]  # [B, H, pos+T, C/H]
@@ -149,18 +175,31 @@ class CausalSelfAttention(nn.Module):
                 keys = torch.arange(pos + T, device=x.device)
                 mask = keys[None, :] <= (pos + torch.arange(T, device=x.device))[:, None]  # [T, pos+T]
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            y = y.to(x.dtype)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, C))  # [B, T, C]
 
 
+GELU_SCALE = 1.702  # quick_gelu(h) = h * sigmoid(1.702 h) = silu(1.702 h) / 1.702
+
+
 class MLP(nn.Module):
+    """c_proj(quick_gelu(c_fc(x))) with one element-wise pass over the wide hidden tensor: the
+    1.702 scale rides in c_fc's product (`addmm` alpha/beta: 1.702 (x W^T + b)) and its inverse
+    in c_proj's, so quick_gelu is a plain SiLU (in place when no gradient is recorded)."""
+
     def __init__(self, cfg: IGPTConfig):
         super().__init__()
         self.c_fc = nn.Linear(cfg.n_embd, cfg.mlp_width)
         self.c_proj = nn.Linear(cfg.mlp_width, cfg.n_embd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.c_fc(x)  # [B, T, mlp_width]
-        return self.c_proj(h * torch.sigmoid(1.702 * h))  # quick_gelu, back to [B, T, C]
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])  # [B*T, C]
+        fc, proj = self.c_fc, self.c_proj
+        h = torch.addmm(fc.bias, x, fc.weight.t(), beta=GELU_SCALE, alpha=GELU_SCALE)  # [B*T, mlp_width]
+        h = F.silu(h, inplace=not torch.is_grad_enabled())  # = 1.702 quick_gelu(c_fc(x))
+        y = torch.addmm(proj.bias, h, proj.weight.t(), alpha=1.0 / GELU_SCALE)  # c_proj(quick_gelu(c_fc(x)))
+        return y.view(*shape[:-1], y.shape[-1])  # [B, T, C]
 
 
 class Block(nn.Module):
@@ -172,10 +211,12 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(self, x: torch.Tensor, ln_1x: torch.Tensor | None = None,
-                kv: tuple[torch.Tensor, torch.Tensor] | None = None, pos: int = 0) -> torch.Tensor:
+                kv: tuple[torch.Tensor, torch.Tensor] | None = None, pos: int = 0,
+                static: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """`ln_1x`: ln_1(x) when the caller already has it (a feature tap), so it is not recomputed.
-        `kv`, `pos`: this block's KV-cache buffers and the position of x's first token (generation)."""
-        x = x + self.attn(self.ln_1(x) if ln_1x is None else ln_1x, kv, pos)
+        `kv`, `pos`: this block's KV-cache buffers and the position of x's first token (generation);
+        `static`: a static cache's (positions, mask)."""
+        x = x + self.attn(self.ln_1(x) if ln_1x is None else ln_1x, kv, pos, static)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -191,6 +232,7 @@ class IGPT(nn.Module):
         # training only: recompute each block's activations in the backward pass instead of keeping
         # them (activation checkpointing: memory of one block's activations, ~1/3 more compute)
         self.activation_checkpointing = False
+        self._compiled_block = None  # torch.compile'd `run_block` (`compile_blocks`), else None: eager
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # GPT-2 scaled init of residual projections
             if name.endswith("c_proj.weight"):
@@ -203,10 +245,34 @@ class IGPT(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
-    def embed(self, idx: torch.Tensor, start: int = 0, keep: torch.Tensor | None = None) -> torch.Tensor:
-        """Token + position embeddings: tokens [B, T] at positions start.. -> [B, T, C].
+    def compile_blocks(self, enabled: bool = True, **compile_kw) -> None:
+        """Run the blocks through `torch.compile` (one graph serves every block; inductor fuses
+        the norms, the activation and the residual adds), or eagerly again with `enabled=False`.
+
+        Opt-in: the first call compiles (tens of seconds on a CPU, see the README's performance
+        section), which pays only on long runs. Where compilation is unavailable (no C++
+        compiler for inductor on a CPU, no Triton on a GPU, an inductor error), the first
+        call falls back to eager blocks, silently and for good. Only full-sequence forwards
+        (features, scores, training) use it; cached decoding steps stay eager."""
+        self._compiled_block = torch.compile(run_block, **compile_kw) if enabled else None
+
+    def _block(self, i: int, x: torch.Tensor, ln_1x: torch.Tensor | None = None) -> torch.Tensor:
+        """Block i on x (no cache), compiled when `compile_blocks` asked for it and it works."""
+        compiled = self._compiled_block
+        if compiled is not None:
+            try:
+                return compiled(self.h[i], x, ln_1x)
+            except Exception:  # compilation unavailable here: eager from now on (the block is pure, rerun it)
+                self._compiled_block = None
+        return self.h[i](x, ln_1x)
+
+    def embed(self, idx: torch.Tensor, start: int | torch.Tensor = 0, keep: torch.Tensor | None = None
+              ) -> torch.Tensor:
+        """Token + position embeddings: tokens [B, T] at positions start.. -> [B, T, C]
+        (`start` may be the positions themselves, a tensor [T]).
         `keep` [B, T]: token embeddings where it is False (masked, BERT) are zeroed."""
-        pos = torch.arange(start, start + idx.shape[1], device=idx.device)
+        pos = start if isinstance(start, torch.Tensor) else torch.arange(start, start + idx.shape[1],
+                                                                         device=idx.device)
         tok = self.wte(idx)  # [B, T, C]
         if keep is not None:
             tok = tok * keep.to(device=tok.device, dtype=tok.dtype)[..., None]
@@ -231,15 +297,23 @@ class IGPT(nn.Module):
                                                               f"({pos} of {cache.max_len} positions used)")
         if cache is not None and not self.config.autoregressive:
             raise ParameterError("cache", "KVCache", "a BERT-objective model is not autoregressive")
-        x = self.embed(idx, pos, keep)  # [B, T, C]
+        static = None
+        if cache is not None and cache.static:  # positions and mask from the device-side position: fixed shapes
+            positions = cache.position + torch.arange(T, device=idx.device)  # [T]
+            static = positions, cache.keys[None, :] <= positions[:, None]  # [T], [T, max_len]
+        x = self.embed(idx, pos if static is None else static[0], keep)  # [B, T, C]
         recompute = self.activation_checkpointing and self.training and cache is None and torch.is_grad_enabled()
         for i, block in enumerate(self.h):
             if recompute:
                 x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
+            elif cache is None:
+                x = self._block(i, x)
             else:
-                x = block(x, kv=None if cache is None else (cache.k[i], cache.v[i]), pos=pos)
+                x = block(x, kv=(cache.k[i], cache.v[i]), pos=pos, static=static)
         if cache is not None:
             cache.pos = pos + T
+            if static is not None:
+                cache.position += T
         if last_only:
             x = x[:, -1]  # [B, C]
         return self.lm_head(self.ln_f(x))  # [B, T, vocab_size - 1] (or [B, vocab_size - 1])
@@ -276,7 +350,7 @@ class IGPT(nn.Module):
                     tap = self.h[i].ln_1(x) if site == "ln" else x  # [B, T, C]
                 out[i] = tap if pool is None else pool_tokens(tap, pool)  # [B, T, C] or [B, C] float32
             if i < deepest:  # early exit: no block beyond the deepest tap runs
-                x = self.h[i](x, tap if site == "ln" else None)  # reuse ln_1(x) when tapped
+                x = self._block(i, x, tap if site == "ln" else None)  # reuse ln_1(x) when tapped
         return out
 
     def keep_for(self, idx: torch.Tensor, bert_mask: float | torch.Tensor | None) -> torch.Tensor | None:
@@ -299,6 +373,11 @@ class IGPT(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
 
+def run_block(block: Block, x: torch.Tensor, ln_1x: torch.Tensor | None) -> torch.Tensor:
+    """`block(x, ln_1x)`: the function `IGPT.compile_blocks` compiles (one graph for every block)."""
+    return block(x, ln_1x)
+
+
 def sos_shift(tokens: torch.Tensor, sos_token: int | None) -> torch.Tensor:
     """[t_0 … t_{n-1}] -> [SOS, t_0 … t_{n-2}], the input the original iGPT sees: [B, T] -> [B, T].
     `sos_token` None (a BERT model's `config.sos_token`): the tokens themselves, unshifted."""
@@ -308,14 +387,29 @@ def sos_shift(tokens: torch.Tensor, sos_token: int | None) -> torch.Tensor:
     return torch.cat([sos, tokens[:, :-1]], dim=1)
 
 
-def bert_keep_mask(tokens: torch.Tensor, prob: float = BERT_MASK_PROB, seed: int = 0) -> torch.Tensor:
-    """OpenAI's BERT input mask, reproducibly: bool [B, T], False (masked) with probability `prob`.
+def bert_keep_mask(tokens: torch.Tensor | np.ndarray, prob: float = BERT_MASK_PROB, seed: int = 0) -> torch.Tensor:
+    """OpenAI's BERT input mask, reproducibly: bool [B, T] on the host, False (masked) with probability `prob`.
 
     The original draws `uniform > prob` afresh on every run; here each row's uniforms come
     from a generator seeded with (`seed`, the row's tokens), so an image gets the same mask
-    whatever its batch, position in the file or device.
+    whatever its batch, position in the file or device. Give the host's token array where
+    there is one (the feature sources do): a device tensor has to be copied back first.
     """
-    rows = tokens.detach().to("cpu", torch.int64).numpy()  # [B, T]
-    u = np.stack([np.random.default_rng([seed, *row.tolist()]).random(rows.shape[1]) for row in rows]) \
-        if len(rows) else np.zeros(rows.shape)
-    return torch.from_numpy(u > prob)  # [B, T]
+    rows = np.asarray(tokens, dtype=np.int64) if isinstance(tokens, np.ndarray) else \
+        tokens.detach().to("cpu", torch.int64).numpy()  # [B, T]
+    return torch.from_numpy(_row_keyed_uniforms(seed, rows) > prob)  # [B, T]
+
+
+def _row_keyed_uniforms(seed: int, rows: np.ndarray) -> np.ndarray:
+    """Uniforms [B, T] in [0, 1), row b's from `np.random.default_rng([seed, *rows[b]])`.
+
+    The entropy goes to NumPy as one uint32 array per row, not a Python list: the same seed
+    words (every value below 2**32 is one word either way), so the same numbers, ~30x faster."""
+    B, T = rows.shape
+    if not len(rows):
+        return np.zeros(rows.shape)
+    if 0 <= seed < 2 ** 32 and rows.min() >= 0 and rows.max() < 2 ** 32:
+        entropy = np.empty((B, T + 1), dtype=np.uint32)
+        entropy[:, 0], entropy[:, 1:] = seed, rows
+        return np.stack([np.random.default_rng(e).random(T) for e in entropy])
+    return np.stack([np.random.default_rng([seed, *row.tolist()]).random(T) for row in rows])

@@ -102,13 +102,20 @@ def feature_batch_size(cfg: IGPTConfig, device: torch.device, dtype: torch.dtype
     return min(8, by_mem)
 
 
+def cache_dtype_for(device: torch.device, dtype: torch.dtype) -> torch.dtype:
+    """The KV cache's dtype for a model computing in `dtype` on `device`: float32 on a CPU
+    (a CPU's bfloat16 attention over a cache runs ~10x slower than its float32 one, measured
+    in bench/bench_decode.py; the keys and values are stored exactly either way), else `dtype`."""
+    return torch.float32 if device.type == "cpu" and dtype in (torch.bfloat16, torch.float16) else dtype
+
+
 def decode_batch_size(cfg: IGPTConfig, device: torch.device, dtype: torch.dtype) -> int:
     """Rows decoded at once (sample, complete): each holds a KV cache of all positions plus the
     activations of its prompt's one full forward."""
     elt = torch.finfo(dtype).bits // 8
     T, C = cfg.n_positions, cfg.n_embd
     prefill = T * C * (8 + 2 * cfg.mlp_width // C) * elt + cfg.n_head * T * T * 4 + T * cfg.vocab_size * 4
-    per_row = KVCache.bytes_for(cfg, 1, dtype) + prefill
+    per_row = KVCache.bytes_for(cfg, 1, cache_dtype_for(device, dtype)) + prefill
     cap = 512 if device.type == "cuda" else 64  # a CPU's matmuls are saturated well before 64 rows
     return int(max(1, min(cap, _budget(device) // per_row)))
 

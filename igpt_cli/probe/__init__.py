@@ -14,7 +14,8 @@ Layers of this package, each importing only the ones before it:
 from __future__ import annotations
 
 from .estimator import MAX_ITER, TOL, LinearProbe
-from .protocol import (COARSE_GRID, REFINE_STEPS, VAL_FRACTION, CSearch, LayerResult, probe_layer, search_c,
+from .protocol import (COARSE_GRID, REFINE_STEPS, VAL_FRACTION, CSearch, LayerResult, probe_layer, probe_layers,
+                       search_c,
                        standardize, stratified_split)
 from .report import write_csv
 from .runner import FeatureSource, ProbeReport, check_compatible, inspect_features, probe_files
@@ -22,7 +23,7 @@ from .store import PredictionReport, load_probes, predict_file, save_probes
 
 __all__ = [
     "LinearProbe", "TOL", "MAX_ITER",
-    "probe_layer", "LayerResult", "standardize", "stratified_split", "search_c", "CSearch",
+    "probe_layer", "probe_layers", "LayerResult", "standardize", "stratified_split", "search_c", "CSearch",
     "COARSE_GRID", "REFINE_STEPS", "VAL_FRACTION",
     "probe_files", "ProbeReport", "FeatureSource", "inspect_features", "check_compatible",
     "write_csv", "save_probes", "load_probes", "predict_file", "PredictionReport",

@@ -55,19 +55,26 @@ def one_blas_thread():
     return contextlib.nullcontext()
 
 
-def covariance_eig(X: np.ndarray, device=None) -> tuple[np.ndarray, np.ndarray]:
-    """Eigen-decomposition of X'X/n (the preconditioner of `LinearProbe.fit`; compute once per layer).
-    X may be a row source (`torch_solver.ArrayRows`, `stream.H5Rows`): accumulated on `device`."""
-    if is_rows(X):
-        from .torch_solver import gram
+def covariance_eig(X, device=None) -> tuple:
+    """Eigen-decomposition of X'X/n (the preconditioner of `LinearProbe.fit`; compute once per layer):
+    (eigenvalues clipped at 0 [D], eigenvectors [D, D]) float64.
 
-        S = gram(X, device)
-    else:
-        with one_blas_thread():
-            S = (X.T @ X).astype(np.float64) / len(X)   # [D, D]
+    With a `device` (the torch solver) both the products and `eigh` run there and the result
+    stays there (torch tensors); X may then be a row source (`torch_solver.ArrayRows`,
+    `stream.H5Rows`), accumulated chunk by chunk. Without one: numpy on one BLAS thread."""
+    if device is not None or is_rows(X):
+        from .torch_solver import as_rows, device_eig
+
+        return device_eig(as_rows(X), device if device is not None else resolve_probe_device("cpu"))
     with one_blas_thread():
+        S = (X.T @ X).astype(np.float64) / len(X)   # [D, D]
         evals, V = np.linalg.eigh(S)
     return np.clip(evals, 0.0, None), V
+
+
+def _numpy(a) -> np.ndarray:
+    """A numpy array of a numpy array or a (device) tensor."""
+    return a.detach().cpu().numpy() if hasattr(a, "detach") else np.asarray(a)
 
 
 def is_rows(X) -> bool:
@@ -136,12 +143,48 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
         every C at once (one pass over X per iteration for all of them); the others fit
         them one after the other, a C without a warm start starting from the previous C's
         solution (today's warm start along the grid)."""
+        if self.solver == "torch":
+            return self.fit_paths([(Cs, X, coef_init, intercept_init, covariance_eig)], y)[0]
+        X, y, d, classes, y_index, k, W0, b0 = self._prepare(Cs, X, y, coef_init, intercept_init)
+        solved, prev = [], None
+        for c, w, b in zip(Cs, W0, b0):
+            if w is None and b is None and prev is not None:
+                w, b = prev[0], prev[1]
+            fit = _fit_sklearn if self.solver == "sklearn" else _fit_logreg
+            prev = fit(X, y_index, k, float(c), coef_init=w, intercept_init=b, tol=self.tol,
+                       max_iter=self.max_iter, precondition=self.precondition, eig=covariance_eig)
+            solved.append(prev)
+        return self._fitted(Cs, solved, d, classes)
+
+    def fit_paths(self, paths, y) -> list[list[LinearProbe]]:
+        """`fit_path` for several feature sets of the same rows (layers) at once, torch solver only:
+        `paths` is a list of (Cs, X, coef_init, intercept_init, covariance_eig), one per layer;
+        every C of every layer runs in one batched L-BFGS (`torch_solver.fit_problems`), each
+        stopping on its own, so each gets the result `fit_path` gives it alone."""
+        from .torch_solver import Problem, as_rows, fit_problems
+
+        if self.solver != "torch":
+            raise ParameterError("solver", self.solver, "fitting several layers at once needs solver 'torch'")
+        dev = resolve_probe_device(self.device)
+        problems, shapes = [], []
+        for Cs, X, coef_init, intercept_init, eig in paths:
+            X, y_i, d, classes, y_index, k, W0, b0 = self._prepare(Cs, X, y, coef_init, intercept_init)
+            if not self.precondition:
+                eig = (np.ones(d), np.eye(d))
+            elif eig is None:
+                eig = _covariance_eig(X, dev)
+            problems.append(Problem(as_rows(X), eig, list(Cs), W0, b0))
+            shapes.append((Cs, d, classes))
+        solved = fit_problems(problems, y_index, k, tol=self.tol, max_iter=self.max_iter, device=dev)
+        return [self._fitted(Cs, out, d, classes) for (Cs, d, classes), out in zip(shapes, solved)]
+
+    def _prepare(self, Cs, X, y, coef_init, intercept_init):
+        """Checked inputs of a fit: (X, y, d, classes, class indices of y, K, warm W per C, warm b per C)."""
         check_choice("solver", self.solver, SOLVERS)
         for c in Cs:
             if not c > 0:
                 raise ParameterError("C", c, "must be positive")
-        rows = is_rows(X)
-        if rows:
+        if is_rows(X):
             if self.solver != "torch":
                 raise ParameterError("solver", self.solver, "streamed features need solver 'torch'")
             y = np.asarray(y)
@@ -161,25 +204,10 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
                 raise ParameterError("coef_init", np.shape(w), f"expected shape ({k}, {d})")
             if b is not None and np.shape(b) != (k,):
                 raise ParameterError("intercept_init", np.shape(b), f"expected shape ({k},)")
-        if self.solver == "torch":
-            from .torch_solver import as_rows, fit_many
+        return X, y, d, classes, y_index, k, W0, b0
 
-            dev = resolve_probe_device(self.device)
-            src = as_rows(X)
-            eig = covariance_eig if covariance_eig is not None else _covariance_eig(X, dev)
-            if not self.precondition:
-                eig = (np.ones(d), np.eye(d))
-            solved = fit_many(src, y_index, k, Cs, tol=self.tol, max_iter=self.max_iter, eig=eig, device=dev,
-                              coef_init=W0, intercept_init=b0)
-        else:
-            solved, prev = [], None
-            for c, w, b in zip(Cs, W0, b0):
-                if w is None and b is None and prev is not None:
-                    w, b = prev[0], prev[1]
-                fit = _fit_sklearn if self.solver == "sklearn" else _fit_logreg
-                prev = fit(X, y_index, k, float(c), coef_init=w, intercept_init=b, tol=self.tol,
-                           max_iter=self.max_iter, precondition=self.precondition, eig=covariance_eig)
-                solved.append(prev)
+    def _fitted(self, Cs, solved, d: int, classes) -> list[LinearProbe]:
+        """Fitted clones, one per C, from the solver's (W, b, evaluations, converged)."""
         out = []
         for c, (W, b, n_eval, conv) in zip(Cs, solved):
             est = clone(self).set_params(C=c)
@@ -273,7 +301,7 @@ def _fit_logreg(X: np.ndarray, y: np.ndarray, n_classes: int, C: float, *,
     rows = np.arange(n)
     with one_blas_thread():
         if precondition:
-            evals, V = eig if eig is not None else covariance_eig(X)
+            evals, V = (_numpy(m) for m in eig) if eig is not None else covariance_eig(X)
             a = (k - 1) / k**2 if k > 1 else 0.25
             r = 1.0 / np.sqrt(a * evals + lam)
             R = (V * r) @ V.T                     # [D, D];  W = V' R  (V' : [K, D], row-wise)

@@ -177,29 +177,37 @@ def search_c(estimator, X_fit: np.ndarray, y_fit: np.ndarray, X_val: np.ndarray,
     if context is None:
         context = estimator.fit_context(X_fit) if hasattr(estimator, "fit_context") else {}
     search = CSearch(entries=[], fits={}, not_converged=0)
-
-    def run(cs: list[float], warms: list, stage: str) -> None:
-        fits = _fit_many(estimator, cs, X_fit, y_fit, warms, context)
-        batched = hasattr(estimator, "fit_path") and getattr(estimator, "solver", None) == "torch"
-        search.passes += max(map(_n_iter, fits)) if batched else sum(map(_n_iter, fits))
-        for c, est in zip(cs, fits):
-            search.fits[c] = est
-            search.not_converged += not _converged(est)
-            search.entries.append({"c": c, "val_acc": float(np.mean(est.predict(X_val) == y_val)), "stage": stage})
-
     coarse = sorted(grid)
-    run(coarse, [None] * len(coarse), "coarse")
+    _record(search, estimator, coarse, _fit_many(estimator, coarse, X_fit, y_fit, [None] * len(coarse), context),
+            X_val, y_val, "coarse")
+    refine_cs, warms = _refine_plan(search, refine)
+    if refine_cs:
+        _record(search, estimator, refine_cs, _fit_many(estimator, refine_cs, X_fit, y_fit, warms, context),
+                X_val, y_val, "refine")
+    return search
+
+
+def _record(search: CSearch, estimator, cs: list[float], fits: list, X_val, y_val: np.ndarray, stage: str) -> None:
+    """Score the fits of one stage of the search on the validation rows and add them to `search`."""
+    batched = hasattr(estimator, "fit_path") and getattr(estimator, "solver", None) == "torch"
+    search.passes += max(map(_n_iter, fits)) if batched else sum(map(_n_iter, fits))
+    for c, est in zip(cs, fits):
+        search.fits[c] = est
+        search.not_converged += not _converged(est)
+        search.entries.append({"c": c, "val_acc": float(np.mean(est.predict(X_val) == y_val)), "stage": stage})
+
+
+def _refine_plan(search: CSearch, refine: Sequence[float]) -> tuple[list[float], list]:
+    """The refinement Cs (the best coarse C times 10**step, skipping Cs already tried) and their warm
+    starts: each from the next smaller C fitted so far."""
     c_best = search.best["c"]
-    refine_cs = []
+    refine_cs: list[float] = []
     for step in sorted(refine):
         c = float(c_best * 10.0 ** step)
         if not any(math.isclose(c, r["c"], rel_tol=1e-9) for r in search.entries + [{"c": x} for x in refine_cs]):
             refine_cs.append(c)
-    # each refinement warm-starts from the next smaller C fitted so far
     warms = [search.fits[max(below)] if (below := [cc for cc in search.fits if cc < c]) else None for c in refine_cs]
-    if refine_cs:
-        run(refine_cs, warms, "refine")
-    return search
+    return refine_cs, warms
 
 
 # ---------------------------------------------------------------------------
@@ -246,7 +254,6 @@ def probe_layer(X_train: np.ndarray, y_train: np.ndarray, X_test: np.ndarray, y_
     y_train = np.asarray(y_train, dtype=np.int64)
     y_test = np.asarray(y_test, dtype=np.int64)
     check_labels(y_train, class_names=class_names)
-    classes = np.unique(y_train)
 
     # --- choose C on a stratified 10 % of the training set -------------------
     fit_idx, v_idx = stratified_split(y_train, VAL_FRACTION, seed)
@@ -261,6 +268,16 @@ def probe_layer(X_train: np.ndarray, y_train: np.ndarray, X_test: np.ndarray, y_
     Xtr, Xte = apply_standardization(X_train, mean, scale), apply_standardization(X_test, mean, scale)
     final = _fit_at(estimator, best["c"], Xtr, y_train, warm=search.fits[best["c"]], context=context)
     pred = np.asarray(final.predict(Xte))
+    return _layer_result(layer, search, final, pred, y_train, y_test, int(X_train.shape[1]), len(v_idx), mean, scale,
+                         class_names, time.perf_counter() - t0)
+
+
+def _layer_result(layer: int, search: CSearch, final, pred: np.ndarray, y_train: np.ndarray, y_test: np.ndarray,
+                  dim: int, n_val: int, mean: np.ndarray, scale: np.ndarray, class_names, seconds: float
+                  ) -> LayerResult:
+    """The LayerResult of a finished search and final fit (test predictions `pred`), with its classifier."""
+    best = search.best
+    classes = np.unique(y_train)
     correct = pred == y_test
     names = list(class_names) if class_names else []
     per_class: dict[str, float | None] = {}
@@ -274,8 +291,8 @@ def probe_layer(X_train: np.ndarray, y_train: np.ndarray, X_test: np.ndarray, y_
     result = LayerResult(
         layer=int(layer), c=float(best["c"]), val_acc=float(best["val_acc"]),
         test_acc=float(correct.mean()) if len(correct) else float("nan"),
-        per_class_acc=per_class, n_train=int(len(y_train)), n_val=int(len(v_idx)),
-        n_test=int(len(y_test)), dim=int(X_train.shape[1]), seconds=round(time.perf_counter() - t0, 3),
+        per_class_acc=per_class, n_train=int(len(y_train)), n_val=int(n_val),
+        n_test=int(len(y_test)), dim=int(dim), seconds=round(seconds, 3),
         n_iter=_n_iter(final), converged=_converged(final),
         not_converged_fits=search.not_converged + (not _converged(final)),
         evals=sum(_n_iter(f) for f in search.fits.values()) + _n_iter(final),
@@ -283,9 +300,77 @@ def probe_layer(X_train: np.ndarray, y_train: np.ndarray, X_test: np.ndarray, y_
         n_passes=search.passes + _n_iter(final),
         test_acc_ci=wilson_interval(int(correct.sum()), len(correct)), confusion=confusion.tolist(),
     )
-    result.classifier = dict(mean=mean, scale=scale, coef=np.asarray(final.coef_), intercept=np.asarray(final.intercept_),
+    result.classifier = dict(mean=mean, scale=scale, coef=np.asarray(final.coef_),
+                             intercept=np.asarray(final.intercept_),
                              classes=np.asarray(final.classes_), c=float(best["c"]))
     return result
+
+
+# ---------------------------------------------------------------------------
+# Several layers at once
+# ---------------------------------------------------------------------------
+
+def fits_layers_at_once(estimator) -> bool:
+    """Whether `estimator` fits several layers in one batched optimisation (`LinearProbe.fit_paths`)."""
+    return hasattr(estimator, "fit_paths") and getattr(estimator, "solver", None) == "torch"
+
+
+def probe_layers(X_train: dict, y_train: np.ndarray, X_test: dict, y_test: np.ndarray, seed: int = 0, *,
+                 estimator=None, class_names: Sequence[str] | None = None, grid: Sequence[float] = COARSE_GRID,
+                 refine: Sequence[float] = REFINE_STEPS, tol: float | None = None,
+                 max_iter: int | None = None) -> list[LayerResult]:
+    """`probe_layer` on several layers at once (`{layer: [N, D]}` train and test features, same rows):
+    the same protocol, in lockstep, so every stage (coarse grid, refinement, final fit) of every
+    layer is one batched optimisation (`LinearProbe.fit_paths`: all layers' C values share each
+    iteration, each stopping on its own) — the same chosen C and coefficients as one layer at a
+    time. Estimators without `fit_paths` run `probe_layer` per layer. A layer's `seconds` is its
+    share of the whole (total / layers)."""
+    estimator = _default_estimator(estimator, tol, max_iter)
+    layers = list(X_train)
+    if not fits_layers_at_once(estimator) or len(layers) < 2:
+        return [probe_layer(X_train[l], y_train, X_test[l], y_test, seed, estimator=estimator, layer=l,
+                            class_names=class_names, grid=grid, refine=refine) for l in layers]
+    t0 = time.perf_counter()
+    y_train = np.asarray(y_train, dtype=np.int64)
+    y_test = np.asarray(y_test, dtype=np.int64)
+    check_labels(y_train, class_names=class_names)
+    fit_idx, v_idx = stratified_split(y_train, VAL_FRACTION, seed)
+    y_fit, y_val = y_train[fit_idx], y_train[v_idx]
+    split = {l: standardize(take(X_train[l], fit_idx), take(X_train[l], v_idx)) for l in layers}   # (Xf, Xv)
+    context = {l: estimator.fit_context(split[l][0]) for l in layers}
+    searches = {l: CSearch(entries=[], fits={}, not_converged=0) for l in layers}
+
+    def stage(cs: dict, warms: dict, X: dict, y: np.ndarray) -> dict:
+        todo = [l for l in layers if cs[l]]
+        fitted = estimator.fit_paths([(cs[l], X[l], [w.coef_ if w is not None else None for w in warms[l]],
+                                       [w.intercept_ if w is not None else None for w in warms[l]],
+                                       context[l].get("covariance_eig")) for l in todo], y)
+        return dict(zip(todo, fitted))
+
+    coarse = sorted(grid)
+    fitted = stage({l: coarse for l in layers}, {l: [None] * len(coarse) for l in layers},
+                   {l: split[l][0] for l in layers}, y_fit)
+    for l in layers:
+        _record(searches[l], estimator, coarse, fitted[l], split[l][1], y_val, "coarse")
+    plans = {l: _refine_plan(searches[l], refine) for l in layers}
+    fitted = stage({l: plans[l][0] for l in layers}, {l: plans[l][1] for l in layers},
+                   {l: split[l][0] for l in layers}, y_fit)
+    for l, fits in fitted.items():
+        _record(searches[l], estimator, plans[l][0], fits, split[l][1], y_val, "refine")
+    del split
+
+    stats = {l: moments(X_train[l]) for l in layers}
+    full = {l: apply_standardization(X_train[l], *stats[l]) for l in layers}
+    best = {l: searches[l].best["c"] for l in layers}
+    finals = stage({l: [best[l]] for l in layers}, {l: [searches[l].fits[best[l]]] for l in layers}, full, y_train)
+    del full
+    seconds = (time.perf_counter() - t0) / len(layers)
+    out = []
+    for l in layers:
+        pred = np.asarray(finals[l][0].predict(apply_standardization(X_test[l], *stats[l])))
+        out.append(_layer_result(l, searches[l], finals[l][0], pred, y_train, y_test, int(X_train[l].shape[1]),
+                                 len(v_idx), *stats[l], class_names, seconds))
+    return out
 
 
 def _default_estimator(estimator, tol: float | None, max_iter: int | None):

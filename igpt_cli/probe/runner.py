@@ -3,10 +3,13 @@
 Checks the files (complete, labelled, finite, train and test from the same model, site,
 pooling and layers), holds out a stratified test split when there is no test file, runs
 `probe_layer` on every requested layer (one layer in memory at a time, or `jobs` layers
-in parallel threads) and reports each finished layer as a progress event.
+in parallel threads; with the torch solver and `jobs` 1, as many layers as fit in memory
+together in one batched optimisation, `probe_layers`) and reports each finished layer as
+a progress event.
 """
 from __future__ import annotations
 
+import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -25,8 +28,8 @@ from ..progress import OnProgress, Reporter
 from ..results import Result
 from ..seeds import check_seed
 from .estimator import DEFAULT_SOLVER, MAX_ITER, TOL, LinearProbe, resolve_probe_device
-from .protocol import COARSE_GRID, REFINE_STEPS, VAL_FRACTION, LayerResult, check_labels, probe_layer, \
-    stratified_split
+from .protocol import COARSE_GRID, REFINE_STEPS, VAL_FRACTION, LayerResult, check_labels, fits_layers_at_once, \
+    probe_layer, probe_layers, stratified_split
 from .stream import H5Rows, parse_bytes, plan_memory
 
 # attrs that must agree between the train and test features files (`read_attrs` gives a
@@ -93,6 +96,47 @@ def _read_layer(src: FeatureSource, layer: int) -> np.ndarray:
         bad = int((~np.isfinite(X)).any(axis=1).sum())
         raise InputError(f"{src.path}: layer {layer} has NaN/inf features in {bad} rows")
     return X
+
+
+# ---------------------------------------------------------------------------
+# Several layers at once (the torch solver, layers held in memory together)
+# ---------------------------------------------------------------------------
+
+LAYER_GROUP_COPIES = 5   # per layer in a group: raw train+test, the search's standardised split, the final copy, slack
+MEMORY_FRACTION = 0.25   # of the available memory, without max_memory
+
+
+def layer_groups(layers: list[int], n_rows: int, dims: dict[int, int], max_memory: int | None) -> list[list[int]]:
+    """Consecutive layers grouped so that each group's features (LAYER_GROUP_COPIES copies of each
+    layer's rows) fit in `max_memory` bytes (default: MEMORY_FRACTION of the available memory)."""
+    if max_memory is None:
+        try:
+            max_memory = int(MEMORY_FRACTION * os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+        except (ValueError, OSError, AttributeError):  # pragma: no cover
+            max_memory = 1 << 30
+    groups: list[list[int]] = []
+    used = 0
+    for l in layers:
+        need = LAYER_GROUP_COPIES * n_rows * dims[l] * 4
+        if groups and used + need <= max_memory and dims[l] == dims[groups[-1][0]]:
+            groups[-1].append(l)
+            used += need
+        else:
+            groups.append([l])
+            used = need
+    return groups
+
+
+def probe_layer_group(tr: FeatureSource, te: FeatureSource | None, layers: list[int], tr_idx, te_idx,
+                      y_train: np.ndarray, y_test: np.ndarray, seed: int, estimator, probe_kw: dict) -> list:
+    """`probe_layers` on `layers` read from the files (test rows: the test file's, or the held-out ones)."""
+    X_train, X_test = {}, {}
+    for l in layers:
+        X = _read_layer(tr, l)
+        X_train[l], X_test[l] = (X[tr_idx], X[te_idx]) if te is None else (X, _read_layer(te, l))
+        del X
+    return probe_layers(X_train, y_train, X_test, y_test, seed, estimator=estimator, class_names=tr.class_names,
+                        **probe_kw)
 
 
 # ---------------------------------------------------------------------------
@@ -244,7 +288,12 @@ def probe_files(train: str | Path, test: str | Path | None = None, layers: Seque
 
     progress.start()
     t0 = time.perf_counter()
-    if jobs == 1:
+    groups = layer_groups(sel, n_rows, tr.dims, max_memory) if jobs == 1 and fits_layers_at_once(estimator) \
+        and all(c is None for c in chunks.values()) else None
+    if groups is not None:  # several layers in memory at once: one batched optimisation per group
+        results = [finish(r) for g in groups
+                   for r in probe_layer_group(tr, te, g, tr_idx, te_idx, y_train, y_test, seed, estimator, probe_kw)]
+    elif jobs == 1:
         results = [run_layer(l) for l in sel]
     else:
         from threadpoolctl import threadpool_limits

@@ -10,7 +10,11 @@ when the relative decrease of f is below 64 eps (scipy's ftol), or at `max_iter`
 All C values share each pass over X: their weights are stacked into one [n_C * K, D]
 matrix, so one product X @ W^T gives every C's scores, one E^T @ X every C's gradient.
 Each C runs its own L-BFGS (float64 state, history 10 like scipy's, backtracking line
-search) and leaves the batch when it stops. Products are float32 (TF32 on CUDA).
+search) and leaves the batch when it stops; all of them live in one `BatchedLBFGS`
+(state stacked on the device, one host read per iteration). Several layers of the same
+rows fit at once the same way (`fit_problems`: every layer's C values in one optimiser,
+each layer's pass serving its own). Products are float32 (TF32 on CUDA when `tol` >=
+TF32_MIN_TOL; `matmul_precision`); the preconditioner comes from `device_eig`.
 
 L-BFGS runs on the same preconditioned parametrisation as the numpy solver, written in
 the eigenbasis of the feature covariance S = V diag(e) V^T:  W = (U * r_C) V^T with
@@ -26,7 +30,8 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass, field
+import threading
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -65,111 +70,220 @@ def as_rows(X):
     return X if hasattr(X, "chunks") else ArrayRows(X)
 
 
-def gram(rows, device: torch.device) -> np.ndarray:
-    """X^T X / n [D, D] float64, accumulated chunk by chunk."""
+def gram(rows, device: torch.device) -> torch.Tensor:
+    """X^T X / n [D, D] float64 on `device`, accumulated chunk by chunk (float32 products)."""
     S = torch.zeros(rows.d, rows.d, dtype=torch.float64, device=device)
     for Xc in rows.chunks(device):
         S += (Xc.T @ Xc).double()
-    return (S / rows.n).cpu().numpy()
+    return S / rows.n
+
+
+def device_eig(rows, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The preconditioner on `device`: (eigenvalues clipped at 0 [D], eigenvectors [D, D]) of X^T X / n,
+    float64, with no trip through the host (`torch.linalg.eigh` where the products ran)."""
+    evals, V = torch.linalg.eigh(gram(rows, device))
+    return evals.clamp(min=0.0), V
+
+
+# TF32 products round to ~2^-11 relative: below this tolerance the line search can stall on that noise
+# (converged=False, coefficients ~1e-3 off), so tighter fits keep full FP32 products
+TF32_MIN_TOL = 1e-5
+
+_precision_lock = threading.Lock()
+_precision_users: list[str] = []      # the precision each fit running now asked for
+_precision_saved: list = []           # what the process had before the first of them
+
+
+def _cuda_matmul():
+    return torch.backends.cuda.matmul
+
+
+def _set_cuda_precision(value) -> None:
+    m = _cuda_matmul()
+    if hasattr(m, "fp32_precision"):  # the current API (the legacy allow_tf32 warns, and raises once it is used)
+        m.fp32_precision = value
+    else:  # pragma: no cover - torch without fp32_precision
+        m.allow_tf32 = value == "tf32"
+
+
+def _get_cuda_precision():
+    m = _cuda_matmul()
+    return m.fp32_precision if hasattr(m, "fp32_precision") else ("tf32" if m.allow_tf32 else "ieee")
+
+
+def matmul_precision_for(device: torch.device, tol: float) -> str | None:
+    """The float32 product precision a fit to `tol` uses: "tf32" on CUDA unless `tol` is below
+    TF32_MIN_TOL ("ieee"); None off CUDA (nothing to set)."""
+    if device.type != "cuda":
+        return None
+    return "tf32" if tol >= TF32_MIN_TOL else "ieee"
 
 
 @contextlib.contextmanager
-def fast_matmul(device: torch.device):
-    """TF32 float32 products on CUDA for the duration (restored after)."""
-    if device.type != "cuda":
+def matmul_precision(device: torch.device, tol: float):
+    """CUDA float32 products at `matmul_precision_for(device, tol)` while any fit runs, process-wide.
+
+    The flag is the process's, not a thread's: fits running at once in threads (`--jobs`) share
+    one setting, taken by the first to start and restored when the last one ends; while any of
+    them asked for full FP32 it stays FP32 (never looser than a fit asked for)."""
+    want = matmul_precision_for(device, tol)
+    if want is None:
         yield
         return
-    old = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = True
+    with _precision_lock:
+        if not _precision_users:
+            _precision_saved[:] = [_get_cuda_precision()]
+        _precision_users.append(want)
+        _set_cuda_precision("ieee" if "ieee" in _precision_users else "tf32")
     try:
         yield
     finally:
-        torch.backends.cuda.matmul.allow_tf32 = old
+        with _precision_lock:
+            _precision_users.remove(want)
+            if _precision_users:
+                _set_cuda_precision("ieee" if "ieee" in _precision_users else "tf32")
+            else:
+                _set_cuda_precision(_precision_saved.pop())
+
+
+class BatchedLBFGS:
+    """L-BFGS for P independent problems at once, all state on the device (float64).
+
+    Each problem (a layer and a C) keeps its own iterate `x` [P, n], gradient, search
+    direction, step `t`, history of the last HISTORY (s, y) pairs (ring buffers [P, H, n])
+    and stopping state; one `update` takes the objective and gradient of every active
+    problem's trial point and advances each: accept, backtrack (safeguarded quadratic,
+    Armijo 1e-4) or stop (max |gradient| <= tol at any evaluated point, as scikit-learn;
+    relative decrease below FTOL, as scipy; `max_iter`; a failed line search). The logic
+    is scipy's/the former per-C loop's, written with masks instead of branches, so an
+    iteration issues the same kernels for every problem and needs no host round trip;
+    the caller reads the `done` flags once per iteration (`active`).
+    """
+
+    def __init__(self, x0: torch.Tensor, tol: float, max_iter: int):
+        P, n = x0.shape
+        dev, f64 = x0.device, dict(dtype=torch.float64, device=x0.device)
+        self.tol, self.max_iter = tol, max_iter
+        self.x = x0.clone()
+        self.d = torch.zeros(P, n, **f64)
+        self.g = torch.zeros(P, n, **f64)
+        self.f = torch.full((P,), math.inf, **f64)
+        self.t = torch.zeros(P, **f64)
+        self.S = torch.zeros(P, HISTORY, n, **f64)
+        self.Y = torch.zeros(P, HISTORY, n, **f64)
+        self.n_hist = torch.zeros(P, dtype=torch.int64, device=dev)   # pairs stored (<= HISTORY)
+        self.head = torch.zeros(P, dtype=torch.int64, device=dev)     # ring slot the next pair goes to
+        self.started = torch.zeros(P, dtype=torch.bool, device=dev)
+        self.done = torch.zeros(P, dtype=torch.bool, device=dev)
+        self.converged = torch.ones(P, dtype=torch.bool, device=dev)
+        self.n_iter = torch.zeros(P, dtype=torch.int64, device=dev)
+        self.n_eval = torch.zeros(P, dtype=torch.int64, device=dev)
+        self.n_ls = torch.zeros(P, dtype=torch.int64, device=dev)
+
+    def active(self) -> list[int]:
+        """Indices of the problems still running (the one host read of an iteration)."""
+        return torch.nonzero(~self.done).flatten().tolist()
+
+    def trial(self, idx: torch.Tensor) -> torch.Tensor:
+        """Trial points [A, n] of problems `idx` (the start: x itself)."""
+        return self.x[idx] + self.t[idx, None] * self.d[idx]
+
+    def _direction(self, i: torch.Tensor, n_hist: torch.Tensor) -> torch.Tensor:
+        """The two-loop recursion, -H g, for problems i, each with its own `n_hist` newest pairs
+        (the newest in ring slot head - 1)."""
+        g, head = self.g[i], self.head[i]
+        q = -g
+        saved = []
+        for j in range(HISTORY):                        # newest to oldest
+            slot = (head - 1 - j) % HISTORY
+            s, y = self.S[i, slot], self.Y[i, slot]
+            valid = j < n_hist
+            ys = (y * s).sum(1)
+            a = torch.where(valid, (s * q).sum(1) / torch.where(valid, ys, 1.0), 0.0)
+            q = q - a[:, None] * y
+            saved.append((s, y, ys, a, valid))
+        s, y = saved[0][0], saved[0][1]                  # the newest pair scales the initial Hessian
+        has = n_hist > 0
+        gamma = torch.where(has, (s * y).sum(1) / torch.where(has, (y * y).sum(1), 1.0), 1.0)
+        q = q * gamma[:, None]
+        for s, y, ys, a, valid in reversed(saved):       # oldest to newest
+            b = torch.where(valid, (y * q).sum(1) / torch.where(valid, ys, 1.0), 0.0)
+            q = q + ((a - b) * valid)[:, None] * s
+        return q
+
+    def _new_direction(self, i: torch.Tensor, which: torch.Tensor) -> None:
+        """A new search direction and first step for problems i[which]."""
+        d = self._direction(i, self.n_hist[i])
+        ascent = (d * self.g[i]).sum(1) >= 0             # not a descent direction: steepest descent, no history
+        d = torch.where(ascent[:, None], -self.g[i], d)
+        n_hist = torch.where(ascent, 0, self.n_hist[i])
+        t0 = torch.where(n_hist > 0, 1.0, torch.clamp(1.0 / torch.linalg.vector_norm(self.g[i], dim=1), max=1.0))
+        self.d[i] = torch.where(which[:, None], d, self.d[i])
+        self.n_hist[i] = torch.where(which, n_hist, self.n_hist[i])
+        self.t[i] = torch.where(which, t0, self.t[i])
+        self.n_ls[i] = torch.where(which, 0, self.n_ls[i])
+
+    def update(self, idx: list[int], f: torch.Tensor, g: torch.Tensor, gmax: torch.Tensor) -> None:
+        """Take the objective f [A], gradient g [A, n] and max |gradient| gmax [A] (in the scale of the
+        stopping rule) at the trial points of problems `idx` (the active ones)."""
+        i = torch.as_tensor(idx, dtype=torch.int64, device=self.x.device)
+        self.n_eval[i] += 1
+        x_trial = self.trial(i)
+        f_cur, g_cur, d, t = self.f[i], self.g[i], self.d[i], self.t[i]
+        first = ~self.started[i]
+        small = gmax <= self.tol
+        slope = (g_cur * d).sum(1)
+        armijo = f <= f_cur + 1e-4 * t * slope
+        # the starting point: take it; stop if it already satisfies the gradient rule
+        # a later point: stop at any point that satisfies it (scikit-learn's rule)
+        stop_small = small
+        later = ~first & ~small
+        backtrack = later & ~armijo
+        accept = later & armijo
+        # --- backtracking ----------------------------------------------------------------
+        n_ls = self.n_ls[i] + backtrack
+        ls_fail = backtrack & ((n_ls > MAX_LINE_SEARCH) | ~torch.isfinite(f_cur))
+        denom = torch.where(torch.isfinite(f), 2.0 * (f - f_cur - t * slope), math.inf)
+        t_q = torch.where(denom > 0, -slope * t * t / torch.where(denom > 0, denom, 1.0), 0.5 * t)
+        t_back = torch.minimum(torch.maximum(t_q, 0.1 * t), 0.5 * t)
+        # --- accepting: store the (s, y) pair when the curvature is positive enough -------------
+        s_new, y_new = t[:, None] * d, g - g_cur
+        keep_pair = accept & ((s_new * y_new).sum(1) > 1e-10 * (y_new * y_new).sum(1))
+        head = self.head[i]
+        self.S[i, head] = torch.where(keep_pair[:, None], s_new, self.S[i, head])
+        self.Y[i, head] = torch.where(keep_pair[:, None], y_new, self.Y[i, head])
+        self.head[i] = torch.where(keep_pair, (head + 1) % HISTORY, head)
+        self.n_hist[i] = torch.where(keep_pair, torch.clamp(self.n_hist[i] + 1, max=HISTORY), self.n_hist[i])
+        n_iter = self.n_iter[i] + accept
+        rel = (f_cur - f) / torch.maximum(torch.maximum(f_cur.abs(), f.abs()), torch.ones_like(f))
+        flat = accept & (rel <= FTOL)
+        out_of_iter = accept & ~flat & (n_iter >= self.max_iter)
+        # --- the new state ---------------------------------------------------------------
+        moved = accept | (stop_small & ~first)           # x becomes the trial point
+        take = moved | first                             # f and g become the evaluated ones
+        self.x[i] = torch.where(moved[:, None], x_trial, self.x[i])
+        self.f[i] = torch.where(take, f, f_cur)
+        self.g[i] = torch.where(take[:, None], g, g_cur)
+        self.n_iter[i] = n_iter
+        self.n_ls[i] = n_ls
+        self.t[i] = torch.where(backtrack & ~ls_fail, t_back, t)
+        done = stop_small | ls_fail | flat | out_of_iter
+        self.done[i] = done
+        self.converged[i] = self.converged[i] & ~(ls_fail | out_of_iter)
+        self.started[i] = True
+        self._new_direction(i, ~done & (first | accept))
 
 
 @dataclass
-class _LBFGS:
-    """One C's optimiser state (float64, flat parameter vector [K*D + K] in the preconditioned space)."""
-    x: torch.Tensor
-    t: float = 0.0                      # current trial step along d
-    d: torch.Tensor | None = None       # search direction
-    f: float = math.inf
-    g: torch.Tensor | None = None
-    s_hist: list = field(default_factory=list)
-    y_hist: list = field(default_factory=list)
-    n_iter: int = 0
-    n_eval: int = 0
-    n_ls: int = 0
-    done: bool = False
-    converged: bool = True
-
-    def trial(self) -> torch.Tensor:
-        return self.x if self.d is None else self.x + self.t * self.d
-
-    def direction(self) -> torch.Tensor:
-        """The two-loop recursion: -H g from the stored (s, y) pairs."""
-        q = -self.g
-        alphas = []
-        for s, y in zip(reversed(self.s_hist), reversed(self.y_hist)):
-            a = torch.dot(s, q) / torch.dot(y, s)
-            alphas.append(a)
-            q = q - a * y
-        if self.s_hist:
-            s, y = self.s_hist[-1], self.y_hist[-1]
-            q = q * (torch.dot(s, y) / torch.dot(y, y))
-        for (s, y), a in zip(zip(self.s_hist, self.y_hist), reversed(alphas)):
-            b = torch.dot(y, q) / torch.dot(y, s)
-            q = q + (a - b) * s
-        return q
-
-    def new_direction(self) -> None:
-        self.d = self.direction()
-        if torch.dot(self.d, self.g) >= 0:        # not a descent direction: restart from steepest descent
-            self.s_hist.clear()
-            self.y_hist.clear()
-            self.d = -self.g
-        self.t = 1.0 if self.s_hist else min(1.0, 1.0 / float(torch.linalg.vector_norm(self.g)))
-        self.n_ls = 0
-
-    def update(self, f: float, g: torch.Tensor, gmax: float, tol: float, max_iter: int) -> None:
-        """Take the result of evaluating the trial point: accept, backtrack or stop."""
-        self.n_eval += 1
-        if self.d is None:                        # the starting point
-            self.f, self.g = f, g
-            if gmax <= tol:
-                self.done = True
-            else:
-                self.new_direction()
-            return
-        slope = float(torch.dot(self.g, self.d))
-        if gmax <= tol:                           # scikit-learn's rule, checked at every evaluated point
-            self.x, self.f, self.g, self.done = self.trial(), f, g, True
-            return
-        if not (f <= self.f + 1e-4 * self.t * slope):   # Armijo fails: backtrack (safeguarded quadratic)
-            self.n_ls += 1
-            if self.n_ls > MAX_LINE_SEARCH or not math.isfinite(self.f):
-                self.done, self.converged = True, False
-                return
-            denom = 2.0 * (f - self.f - self.t * slope) if math.isfinite(f) else math.inf
-            t_q = -slope * self.t ** 2 / denom if denom > 0 else 0.5 * self.t
-            self.t = min(max(t_q, 0.1 * self.t), 0.5 * self.t)
-            return
-        s, y = self.t * self.d, g - self.g
-        if torch.dot(s, y) > 1e-10 * torch.dot(y, y):
-            self.s_hist.append(s)
-            self.y_hist.append(y)
-            if len(self.s_hist) > HISTORY:
-                self.s_hist.pop(0)
-                self.y_hist.pop(0)
-        f_old = self.f
-        self.x, self.f, self.g = self.trial(), f, g
-        self.n_iter += 1
-        if (f_old - f) / max(abs(f_old), abs(f), 1.0) <= FTOL:
-            self.done = True
-        elif self.n_iter >= max_iter:
-            self.done, self.converged = True, False
-        else:
-            self.new_direction()
+class Problem:
+    """One layer's fits: its rows (a row source), preconditioner `eig` = (eigenvalues [D],
+    eigenvectors [D, D]) of X^T X / n (numpy or torch), the C values, and per C an optional
+    warm start ([K, D] / [K])."""
+    rows: object
+    eig: tuple
+    Cs: list
+    coef_init: list | None = None
+    intercept_init: list | None = None
 
 
 def fit_many(rows, y: np.ndarray, k: int, Cs, *, tol: float, max_iter: int, eig: tuple[np.ndarray, np.ndarray],
@@ -181,48 +295,79 @@ def fit_many(rows, y: np.ndarray, k: int, Cs, *, tol: float, max_iter: int, eig:
     `intercept_init`: per C a [K, D] / [K] warm start or None. Returns per C
     (W [K, D] float64, b [K] float64, passes over the data, converged).
     """
-    n, d = rows.n, rows.d
-    Cs = [float(c) for c in Cs]
+    return fit_problems([Problem(rows, eig, list(Cs), coef_init, intercept_init)], y, k, tol=tol,
+                        max_iter=max_iter, device=device)[0]
+
+
+def fit_problems(problems: list[Problem], y: np.ndarray, k: int, *, tol: float, max_iter: int,
+                 device: torch.device) -> list[list[tuple]]:
+    """Every C of every problem (layer) at once: one optimiser state for all of them (stacked
+    [sum of C, K*D + K]), one pass over each layer's rows per iteration serving all its C
+    still running, one host read per iteration. Each (layer, C) stops on its own criterion,
+    so its result is the one it gets alone. The layers share the labels `y` (same rows).
+    Returns per problem, per C: (W [K, D], b [K] float64 numpy, passes over the data, converged)."""
     a = (k - 1) / k ** 2 if k > 1 else 0.25
     bs = 1.0 / math.sqrt(a)
     f64 = dict(dtype=torch.float64, device=device)
-    evals, V = (torch.as_tensor(np.asarray(m), **f64) for m in eig)
-    lams = [1.0 / (c * n) for c in Cs]
-    r = torch.stack([1.0 / torch.sqrt(a * evals.clamp(min=0) + lam) for lam in lams])   # [n_C, D]
     y_t = torch.as_tensor(np.asarray(y), dtype=torch.int64, device=device)
-    states = []
-    for i in range(len(Cs)):
-        W0 = None if coef_init is None or coef_init[i] is None else torch.as_tensor(np.asarray(coef_init[i]), **f64)
-        b0 = None if intercept_init is None or intercept_init[i] is None else \
-            torch.as_tensor(np.asarray(intercept_init[i]), **f64)
-        U0 = torch.zeros(k, d, **f64) if W0 is None else (W0 @ V) / r[i]
-        bp0 = torch.zeros(k, **f64) if b0 is None else b0 / bs
-        states.append(_LBFGS(x=torch.cat([U0.reshape(-1), bp0])))
+    owner, lams, r_rows, x0, Vs = [], [], [], [], []
+    for pi, prob in enumerate(problems):
+        n, d = prob.rows.n, prob.rows.d
+        evals, V = (torch.as_tensor(m, **f64) for m in prob.eig)
+        Vs.append(V)
+        W0s = prob.coef_init or [None] * len(prob.Cs)
+        b0s = prob.intercept_init or [None] * len(prob.Cs)
+        for c, W0, b0 in zip(prob.Cs, W0s, b0s):
+            lam = 1.0 / (float(c) * n)
+            r = 1.0 / torch.sqrt(a * evals.clamp(min=0) + lam)                         # [D]
+            U0 = torch.zeros(k, d, **f64) if W0 is None else (torch.as_tensor(np.asarray(W0), **f64) @ V) / r
+            bp0 = torch.zeros(k, **f64) if b0 is None else torch.as_tensor(np.asarray(b0), **f64) / bs
+            owner.append(pi)
+            lams.append(lam)
+            r_rows.append(r)
+            x0.append(torch.cat([U0.reshape(-1), bp0]))
+    if len({len(x) for x in x0}) > 1:
+        raise ValueError("fit_problems: every problem must have the same feature dimension")
+    if not x0:
+        return [[] for _ in problems]
+    d = problems[0].rows.d
+    lam_t = torch.as_tensor(lams, **f64)                  # [P]
+    r_all = torch.stack(r_rows)                           # [P, D]
+    owner_arr = np.asarray(owner)
+    opt = BatchedLBFGS(torch.stack(x0), tol, max_iter)
 
-    with torch.no_grad(), fast_matmul(device):
+    with torch.no_grad(), matmul_precision(device, tol):
         while True:
-            active = [i for i, s in enumerate(states) if not s.done]
+            active = opt.active()
             if not active:
                 break
-            X_pts = torch.stack([states[i].trial() for i in active])          # [A, K*D + K]
-            U, bp = X_pts[:, :k * d].reshape(-1, k, d), X_pts[:, k * d:]      # [A, K, D], [A, K]
-            W = (U * r[active, None, :]) @ V.T                                 # [A, K, D]
-            b = bp * bs
-            loss, gW, gb = _pass(rows, y_t, W, b, device)                     # one pass serves every active C
-            lam = torch.as_tensor([lams[i] for i in active], **f64)
-            loss = loss + 0.5 * lam * (W * W).sum(dim=(1, 2))
-            gW = gW + lam[:, None, None] * W
-            gmax = torch.maximum(gW.abs().amax(dim=(1, 2)), gb.abs().amax(dim=1)).tolist()
-            gU = (gW @ V) * r[active, None, :]
-            g = torch.cat([gU.reshape(len(active), -1), gb * bs], dim=1)     # [A, K*D + K]
-            for j, i in enumerate(active):
-                states[i].update(float(loss[j]), g[j], gmax[j], tol, max_iter)
+            f_all, g_all, gmax_all, order = [], [], [], []
+            for pi in sorted(set(owner_arr[active].tolist())):     # one pass over each layer's rows
+                mine = [p for p in active if owner_arr[p] == pi]
+                idx = torch.as_tensor(mine, dtype=torch.int64, device=device)
+                X_pts = opt.trial(idx)                                           # [A, K*D + K]
+                U, bp = X_pts[:, :k * d].reshape(-1, k, d), X_pts[:, k * d:]     # [A, K, D], [A, K]
+                r = r_all[idx]
+                W = (U * r[:, None, :]) @ Vs[pi].T                               # [A, K, D]
+                b = bp * bs
+                loss, gW, gb = _pass(problems[pi].rows, y_t, W, b, device)      # one pass serves every active C
+                lam = lam_t[idx]
+                loss = loss + 0.5 * lam * (W * W).sum(dim=(1, 2))
+                gW = gW + lam[:, None, None] * W
+                gmax = torch.maximum(gW.abs().amax(dim=(1, 2)), gb.abs().amax(dim=1))
+                gU = (gW @ Vs[pi]) * r[:, None, :]
+                f_all.append(loss)
+                g_all.append(torch.cat([gU.reshape(len(mine), -1), gb * bs], dim=1))   # [A, K*D + K]
+                gmax_all.append(gmax)
+                order.extend(mine)
+            opt.update(order, torch.cat(f_all), torch.cat(g_all), torch.cat(gmax_all))
 
-    out = []
-    for i, s in enumerate(states):
-        U, bp = s.x[:k * d].reshape(k, d), s.x[k * d:]
-        W = (U * r[i]) @ V.T
-        out.append((W.cpu().numpy(), (bp * bs).cpu().numpy(), s.n_eval, s.converged))
+    out, P = [[] for _ in problems], 0
+    n_eval, conv = opt.n_eval.tolist(), opt.converged.tolist()
+    for p, pi in enumerate(owner):
+        U, bp = opt.x[p, :k * d].reshape(k, d), opt.x[p, k * d:]
+        W = (U * r_all[p]) @ Vs[pi].T
+        out[pi].append((W.cpu().numpy(), (bp * bs).cpu().numpy(), n_eval[p], conv[p]))
     return out
 
 
