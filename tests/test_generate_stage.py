@@ -242,7 +242,8 @@ def test_interrupted_score_resumes(demo_tokens, tmp_path):
 # ---------------------------------------------------------------------------
 # the commands
 # ---------------------------------------------------------------------------
-def test_commands_print_json_and_write_files(demo_tokens, tmp_path):
+def test_commands_print_json_and_write_files(demo_tokens, tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["pytest", "sample"])  # in-process: the command line recorded is this one
     r = invoke("complete", demo_tokens, "-m", SHIPPED_MODEL, "--keep-fraction", "0.5", "-n", "2", "-o",
                tmp_path / "c.h5", "--png", tmp_path / "c.png", "-q", "--limit", "4")
     assert r.returncode == 0, r.stderr
