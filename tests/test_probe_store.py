@@ -40,7 +40,7 @@ def test_streamed_equals_in_memory(files, saved):
 def test_save_then_predict_reproduces_test_accuracy_exactly(files, saved, tmp_path):
     rep, path = saved
     attrs, probes = load_probes(path)
-    assert attrs["format"] == "igpt-probes" and attrs["format_version"] == 1 and "created_utc" in attrs
+    assert attrs["format"] == "igpt-probes" and attrs["format_version"] == 2 and "created_utc" in attrs
     assert sorted(probes) == [r.layer for r in rep.layers] and attrs["class_names"] == rep.class_names
     for r in rep.layers:
         out = tmp_path / f"pred{r.layer}.h5"
