@@ -339,3 +339,48 @@ def test_bad_damaged_features_file(tmp_path, case):
             f["labels"] = y.astype(np.float32)
     assert_clean_failure(cli(path), needle)
     assert str(path) in cli(path).stderr.replace("\n", "")
+
+
+def test_files_with_other_layer_sets_pair_on_the_layers_both_hold(pair, tmp_path):
+    """`igpt probe train.h5 --test test-l1.h5 --layer 1`: the test file holds only layer 1 (issue 22.5)."""
+    feats, y = make_data(90, seed=1)
+    only1 = write_features(tmp_path / "test-l1.h5", {1: feats[1]}, y)
+    rep = probe_files(pair[0], only1, ["1"])
+    ref = probe_files(pair[0], pair[1], ["1"])
+    assert [r.layer for r in rep.layers] == [1] and strip(rep) == strip(ref)
+    r = cli(pair[0], "--test", only1, "--layer", "-1", "--json", "-q")   # -1: the last layer both hold
+    assert r.returncode == 0, r.stderr and [x["layer"] for x in json.loads(r.stdout)["layers"]] == [1]
+    assert_clean_failure(cli(pair[0], "--test", only1), "--layer 1")          # no --layer: a hint, not a guess
+    assert_clean_failure(cli(pair[0], "--test", only1, "--layer", "0"), "layer 0: out of range")
+
+
+def test_device_recorded_is_the_one_the_fits_ran_on(pair):
+    """scipy and scikit-learn solvers are numpy code: the report says cpu whatever --device says."""
+    rep = probe_files(pair[0], pair[1], ["1"], solver="scipy", device="cpu")
+    assert rep.protocol["device"] == "cpu" and rep.world_size == 1
+    assert probe_files(pair[0], pair[1], ["1"], solver="torch", device="cpu").protocol["device"] == "cpu"
+
+
+@pytest.mark.parametrize("flag", ["--save-probes", "--csv", "--plot", "--plot-confusion"])
+def test_an_output_that_is_an_input_is_refused(pair, tmp_path, flag):
+    """Issue 20.1: probe --save-probes = the train features, --csv = the test features (by any name)."""
+    train, test = pair
+    before = {p: p.read_bytes() for p in (train, test)}
+    link = tmp_path / "link.h5"
+    link.symlink_to(test)
+    for out, needle in ((train, "would overwrite the input TRAIN_FEATS.h5"), (test, "would overwrite the input --test"),
+                        (link, "would overwrite the input --test")):
+        for extra in ((), ("--overwrite",)):
+            assert_clean_failure(cli(train, "--test", test, "--layer", "1", flag, out, *extra, "-q"), needle)
+    assert {p: p.read_bytes() for p in (train, test)} == before
+
+
+def test_a_plot_named_like_an_input_is_refused(tmp_path):
+    feats, y = make_data(90)
+    train = write_features(tmp_path / "feats.png", feats, y)   # an input whose name looks like a picture
+    before = train.read_bytes()
+    assert_clean_failure(cli(train, "--layer", "1", "--plot", f"{tmp_path}/./feats.png", "--overwrite", "-q"),
+                         "would overwrite the input TRAIN_FEATS.h5")
+    assert train.read_bytes() == before
+    with pytest.raises(OutputError, match="save_probes would overwrite the input train"):
+        probe_files(train, None, ["1"], save_probes=tmp_path / "feats.png", overwrite=True)

@@ -54,6 +54,8 @@ def probe_command(
 
     dist = DistContext.from_env()
     try:
+        outputs.check_distinct({"--save-probes": save_probes, "--csv": csv_out, "--plot": plot_out,
+                                "--plot-confusion": plot_confusion}, {"TRAIN_FEATS.h5": train, "--test": test})
         if plot_out is not None:
             check_plot_path(plot_out, overwrite, param="plot_out")
         if plot_confusion is not None:
@@ -71,9 +73,7 @@ def probe_command(
             with maybe_bar(bar):
                 report = probe_files(train, test, layers, test_fraction=test_fraction, seed=seed, jobs=jobs,
                                      on_progress=bar, solver=solver.value, device=device, max_memory=max_memory,
-                                     save_probes=save_probes, overwrite=overwrite, dist=dist,
-                                     also_writes={"--csv": csv_out, "--plot": plot_out,
-                                                  "--plot-confusion": plot_confusion})
+                                     save_probes=save_probes, overwrite=overwrite, dist=dist)
     finally:
         dist.close()
     if not dist.is_main:   # rank 0 alone writes and prints the one report

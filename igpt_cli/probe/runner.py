@@ -172,7 +172,7 @@ def probe_files(train: str | Path, test: str | Path | None = None, layers: Seque
                 test_fraction: float = 0.2, seed: int = 0, jobs: int = 1, estimator=None,
                 on_progress: OnProgress | None = None, solver: str = "auto", device: str = "auto",
                 max_memory: int | str | None = None, save_probes: str | Path | None = None,
-                overwrite: bool = False, also_writes: dict | None = None, dist: DistContext | None = None,
+                overwrite: bool = False, dist: DistContext | None = None,
                 **probe_kw) -> ProbeReport:
     """Probe every requested layer of a features file.
 
@@ -184,10 +184,8 @@ def probe_files(train: str | Path, test: str | Path | None = None, layers: Seque
     CPU and GPU and the one that streams) on `device` (auto | cpu | cuda).
     `max_memory` (bytes, or "512M", "2G"): a layer that does not fit is streamed from the
     file in row chunks (torch solver). `save_probes`: write each layer's chosen classifier
-    there (`store.save_probes`). `also_writes`: {name: path} of outputs the caller writes
-    from the report (a CSV, a plot), checked with `save_probes` against the inputs before
-    any work. Progress: one "probe" event per finished layer, its `LayerResult` as the
-    event's `result`.
+    there (`store.save_probes`; never one of the inputs). Progress: one "probe" event per
+    finished layer, its `LayerResult` as the event's `result`.
 
     `dist` (a `DistContext` with world size > 1, e.g. under torchrun): the layers are spread
     over the ranks (each on its own GPU where there are GPUs), every rank must run the same
@@ -219,7 +217,7 @@ def probe_files(train: str | Path, test: str | Path | None = None, layers: Seque
     run = (lambda fn: ctx.run_checked(fn)) if ctx is not None else (lambda fn: fn())
     plan = run(lambda: _plan(train, test, layers, test_fraction=test_fraction, seed=seed, estimator=estimator,
                              auto=auto, max_memory=max_memory, save_probes=save_probes, overwrite=overwrite,
-                             also_writes=also_writes, n_c=len(probe_kw.get("grid", COARSE_GRID))))
+                             n_c=len(probe_kw.get("grid", COARSE_GRID))))
     tr, te, sel = plan["train"], plan["test"], plan["layers"]
     tr_idx, te_idx, y_train, y_test, chunks = (plan[k] for k in ("tr_idx", "te_idx", "y_train", "y_test", "chunks"))
     mine = sel[ctx.rank::ctx.world_size] if ctx is not None else sel
@@ -295,13 +293,13 @@ def probe_files(train: str | Path, test: str | Path | None = None, layers: Seque
 
 
 def _plan(train, test, layers, *, test_fraction: float, seed: int, estimator, auto: bool, max_memory,
-          save_probes, overwrite: bool, also_writes: dict | None, n_c: int) -> dict:
+          save_probes, overwrite: bool, n_c: int) -> dict:
     """Every check before any fit: outputs, inputs, layers, labels, splits and the memory plan."""
     from ..outputs import check_distinct, check_output_path
 
+    check_distinct({"save_probes": save_probes}, {"train": train, "test": test})
     if save_probes is not None:
         check_output_path(save_probes, overwrite)
-    check_distinct(dict({"save_probes": save_probes}, **(also_writes or {})), {"train": train, "test": test})
     if test is None and not 0 < test_fraction < 1:
         raise ParameterError("test_fraction", test_fraction, "must be between 0 and 1")
     tr = inspect_features(train)
@@ -314,7 +312,7 @@ def _plan(train, test, layers, *, test_fraction: float, seed: int, estimator, au
             check_compatible(tr, te)   # says which file lacks what
         if not layers and tr.layers != te.layers:
             raise InputError(f"{te.path}: has layers {format_layers(te.layers)}, {tr.path} has layers "
-                             f"{format_layers(tr.layers)}; name the layers to probe, e.g. layer={format_layers(both)} "
+                             f"{format_layers(tr.layers)}; name the layers to probe, e.g. layers={format_layers(both)} "
                              "(the layers both files hold)")
         sel = parse_layers(layers, both, where=f"{tr.path} with {te.path} (the layers both hold)")
         check_compatible(tr, te, sel)

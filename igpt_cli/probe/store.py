@@ -61,8 +61,8 @@ def save_probes(report, path: str | Path, *, overwrite: bool = False, device: st
 
     `device`: where the fits ran (recorded, and named in the provenance); `world_size`: the
     processes that fitted them."""
-    check_output_path(path, overwrite)
     check_distinct({"save_probes": path}, {"train": report.train, "test": report.test})
+    check_output_path(path, overwrite)
     arrays = {r.layer: r.classifier for r in report.layers}
     with atomic_output(path) as tmp, h5py.File(tmp, "w") as f:
         attrs = dict(format=PROBES_FORMAT, format_version=PROBES_VERSION, train=str(report.train),
@@ -255,8 +255,8 @@ def predict_file(features: str | Path, probes: str | Path, layer: int | str | No
     another model/site/pool, with other dims or NaN, and damaged probes files."""
     fp, pp = Path(features), Path(probes)
     if output is not None:
-        check_output_path(output, overwrite)
         check_distinct({"output": output}, {"features": fp, "probes": pp})
+        check_output_path(output, overwrite)
     pattrs, table = load_probes(pp)
     with open_igpt(fp, FEATURES_FORMAT) as f:
         attrs = formats.check_complete_features(f, fp)
