@@ -384,3 +384,83 @@ def test_a_plot_named_like_an_input_is_refused(tmp_path):
     assert train.read_bytes() == before
     with pytest.raises(OutputError, match="save_probes would overwrite the input train"):
         probe_files(train, None, ["1"], save_probes=tmp_path / "feats.png", overwrite=True)
+
+
+# ---------------------------------------------------------------------------
+# under torchrun (gloo on the CPU): layers spread over ranks, rank 0 writes the one report
+# ---------------------------------------------------------------------------
+
+TORCHRUN = Path(__import__("sys").executable).with_name("torchrun")
+
+
+def _torchrun_probe(k, *args):
+    import subprocess
+    import sys
+
+    from helpers import ENV
+
+    launcher = [str(TORCHRUN), "--standalone", f"--nproc-per-node={k}"] if k > 1 else [sys.executable]
+    return subprocess.run([*launcher, "-m", "igpt_cli", "probe", *map(str, args)], capture_output=True, text=True,
+                          env=ENV, timeout=600)
+
+
+def _without_timing(d: dict) -> dict:
+    d = {k: v for k, v in d.items() if k not in ("seconds", "world_size")}
+    d["layers"] = [{k: v for k, v in r.items() if k != "seconds"} for r in d["layers"]]
+    return d
+
+
+@pytest.fixture(scope="module")
+def five_layers(tmp_path_factory):
+    d = tmp_path_factory.mktemp("dist")
+    ftr, ytr = make_data(121, d=8, layers=(0, 1, 2, 3, 4), seed=0)
+    fte, yte = make_data(61, d=8, layers=(0, 1, 2, 3, 4), seed=1)
+    train, test = write_features(d / "train.h5", ftr, ytr), write_features(d / "test.h5", fte, yte)
+    outs = {}
+
+    def run(k):
+        o = d / f"k{k}"
+        o.mkdir()
+        r = _torchrun_probe(k, train, "--test", test, "--save-probes", o / "p.h5", "--csv", o / "r.csv", "--json",
+                            "-q", "--device", "cpu")
+        assert r.returncode == 0, r.stderr
+        outs[k] = (json.loads(r.stdout), o)   # the whole of stdout is one JSON document: rank 0 alone prints
+        return outs[k]
+
+    run(1)
+    return run, outs, (train, test)
+
+
+@pytest.mark.parametrize("k", [2, 3])
+def test_torchrun_equals_one_process(five_layers, k):
+    """5 layers over 2 or 3 ranks: the same report, CSV and saved probes (bit for bit) as one process."""
+    run, outs, _ = five_layers
+    doc, o = run(k)
+    ref, ro = outs[1]
+    assert doc["world_size"] == k and ref["world_size"] == 1
+    assert _without_timing(doc) == _without_timing(ref)
+    strip_s = lambda p: [row[:8] + row[9:] for row in csv.reader(p.open())]   # noqa: E731 - all but seconds
+    assert strip_s(o / "r.csv") == strip_s(ro / "r.csv")
+    with h5py.File(o / "p.h5") as a, h5py.File(ro / "p.h5") as b:
+        assert int(a.attrs["world_size"]) == k and int(b.attrs["world_size"]) == 1
+        assert a.attrs["probes_sha256"] == b.attrs["probes_sha256"] and a.attrs["device"] == "cpu"
+        for layer in b["probes"]:
+            for key in ("mean", "scale", "coef", "intercept", "classes"):
+                assert a[f"probes/{layer}/{key}"][()].tobytes() == b[f"probes/{layer}/{key}"][()].tobytes()
+    assert sorted(p.name for p in o.iterdir()) == ["p.h5", "r.csv"]
+
+
+def test_torchrun_bad_input_is_said_once(five_layers, tmp_path):
+    """A NaN in layer 3 (fitted by rank 1 of 2): every rank exits 2, the error is one line, nothing is written."""
+    _, _, (train, test) = five_layers
+    feats, y = make_data(61, d=8, layers=(0, 1, 2, 3, 4), seed=1)
+    feats[3][7, 1] = np.nan
+    bad = write_features(tmp_path / "bad.h5", feats, y)
+    r = _torchrun_probe(2, train, "--test", bad, "--save-probes", tmp_path / "p.h5", "-q", "--device", "cpu")
+    assert r.returncode != 0 and r.stdout == ""
+    lines = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "layer 3 has NaN/inf" in lines[0], r.stderr
+    assert "igpt_cli/" not in r.stderr and not (tmp_path / "p.h5").exists()   # no traceback of ours
+    r = _torchrun_probe(2, train, "--test", test, "--csv", test, "-q", "--device", "cpu")   # checked before any fit
+    lines = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "would overwrite the input --test" in lines[0], r.stderr
