@@ -105,7 +105,7 @@ def test_depth_curve_and_provenance(pair):
     assert list(d) == ["igpt_version", "train", "test", "test_mode", "test_fraction", "seed", "model",
                        "model_sha256", "model_config", "site", "pool", "sos", "compute_dtype", "tokens_file",
                        "tokens_sha256", "test_tokens_file", "class_names", "protocol", "best_layer",
-                       "best_test_layer", "not_converged_fits", "seconds", "world_size", "layers"]
+                       "best_test_layer", "not_converged_fits", "seconds", "world_size", "warnings", "layers"]
     assert d["layers"][0] == rep.layers[0].to_dict() and json.loads(rep.to_json(indent=2)) == d
 
 
@@ -464,3 +464,13 @@ def test_torchrun_bad_input_is_said_once(five_layers, tmp_path):
     r = _torchrun_probe(2, train, "--test", test, "--csv", test, "-q", "--device", "cpu")   # checked before any fit
     lines = [line for line in r.stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and "would overwrite the input --test" in lines[0], r.stderr
+
+
+def test_small_data_is_said(pair):
+    """Issue 22.3: 240 training rows: C chosen by 5-fold cross-validation, and the table says so."""
+    r = cli(pair[0], "--test", pair[1], "--layer", "1", "--json")
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    assert d["layers"][0]["selection"] == "5-fold" and d["layers"][0]["n_val"] == 240
+    assert any("5-fold cross-validation over the 240 training rows" in w for w in d["warnings"])
+    assert "warning: C chosen by stratified 5-fold" in " ".join(r.stderr.split())

@@ -244,6 +244,8 @@ def render_probe_table(report: dict, console: Console = err) -> None:
     if report["not_converged_fits"]:
         notes.append(f"{report['not_converged_fits']} fits stopped at max_iter before converging")
     console.print("; ".join(notes), highlight=False)
+    for w in report.get("warnings") or []:
+        console.print(f"[yellow]warning:[/] {w}", highlight=False, soft_wrap=True)
 
 
 _MAX_DATASET_LINES = 12  # `igpt info` lists a file's datasets one a line up to this many (--json: all)

@@ -24,8 +24,8 @@ from ..layers import format_layers, parse_layers
 from ..progress import OnProgress, Reporter
 from ..results import Result
 from .estimator import DEFAULT_SOLVER, MAX_ITER, TOL, LinearProbe, resolve_probe_device
-from .protocol import COARSE_GRID, REFINE_STEPS, VAL_FRACTION, LayerResult, check_labels, probe_layer, \
-    stratified_split
+from .protocol import (COARSE_GRID, EXTEND_DECADES, FEW_VAL_ROWS, KFOLD_BELOW, REFINE_STEPS, VAL_FRACTION,
+                       LayerResult, check_labels, probe_layer, stratified_split)
 from .stream import H5Rows, parse_bytes, plan_memory, read_layer
 
 if TYPE_CHECKING:
@@ -128,6 +128,7 @@ class ProbeReport(Result):
     not_converged_fits: int
     seconds: float
     world_size: int                 # processes the layers were spread over (torchrun); 1: one process
+    warnings: list[str]             # what makes the numbers less certain (small validation, C at the grid's edge)
     layers: list[LayerResult]
 
 
@@ -152,8 +153,31 @@ def _protocol(estimator, probe_kw: dict, device: str) -> dict:
         "c_refine_decades": list(probe_kw.get("refine", REFINE_STEPS)),
         "val_fraction": VAL_FRACTION,
         "tol": tol,
-        "selection": "max validation accuracy (ties: smaller C); refit on full train",
+        "selection": (f"stratified {VAL_FRACTION:g} validation split (max accuracy, ties: smaller C) from "
+                      f"{KFOLD_BELOW} training rows, else stratified k-fold (max accuracy, ties: lower validation "
+                      f"loss, then smaller C); a best C at the grid's edge extends it up to {EXTEND_DECADES} "
+                      "decades; refit on full train"),
     }
+
+
+def report_warnings(results: Sequence[LayerResult]) -> list[str]:
+    """Sentences for what makes a report's numbers less certain: few rows to choose C on, a C at the
+    edge of the grid."""
+    out = []
+    kfold = sorted({r.selection for r in results if r.selection != "holdout"})
+    if kfold:
+        n = min(r.n_train for r in results)
+        out.append(f"C chosen by stratified {'/'.join(kfold)} cross-validation over the {n} training rows "
+                   f"(fewer than {KFOLD_BELOW}: a 10 % validation split would be too small)")
+    few = [r for r in results if r.n_val < FEW_VAL_ROWS]
+    if few:
+        out.append(f"only {min(r.n_val for r in few)} rows validated C: its choice, and the probabilities, are "
+                   f"uncertain (at least {FEW_VAL_ROWS} labelled training rows make it meaningful)")
+    edge = [r.layer for r in results if r.c_at_edge]
+    if edge:
+        out.append(f"layer {format_layers(edge)}: the chosen C is at the edge of the grid even after extending it "
+                   f"{EXTEND_DECADES} decades; the best C may lie beyond it")
+    return out
 
 
 def fit_device(estimator, device) -> str:
@@ -283,6 +307,7 @@ def probe_files(train: str | Path, test: str | Path | None = None, layers: Seque
         not_converged_fits=int(sum(r.not_converged_fits for r in results)),
         seconds=round(wall, 3),
         world_size=ctx.world_size if ctx is not None else 1,
+        warnings=report_warnings(results),
         layers=results,
     )
     if save_probes is not None and (ctx is None or ctx.is_main):
