@@ -59,8 +59,8 @@ def save_probes(report, path: str | Path, *, overwrite: bool = False, device: st
                 world_size: int = 1) -> Path:
     """Write every layer's chosen classifier of a `ProbeReport` (from `probe_files`) to `path`.
 
-    `device`: where the fits ran (recorded, and named in the provenance); `world_size`: the
-    processes that fitted them."""
+    `device`: where the fits ran (recorded; "cuda:0,cuda:1" when ranks used several, the first
+    named in the provenance); `world_size`: the processes that fitted them."""
     check_distinct({"save_probes": path}, {"train": report.train, "test": report.test})
     check_output_path(path, overwrite)
     arrays = {r.layer: r.classifier for r in report.layers}
@@ -72,7 +72,7 @@ def save_probes(report, path: str | Path, *, overwrite: bool = False, device: st
                      probes_sha256=probes_digest(arrays),
                      **{k: getattr(report, k) for k in MATCH if getattr(report, k) is not None})
         f.attrs.update({k: v for k, v in attrs.items() if v is not None})
-        formats.stamp_provenance(f, device)
+        formats.stamp_provenance(f, None if device is None else str(device).split(",")[0])  # rank 0's device
         for r in report.layers:
             g = f.create_group(f"probes/{r.layer}")
             for key, value in r.classifier.items():
