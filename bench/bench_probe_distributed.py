@@ -4,7 +4,8 @@ Synthetic features (Gaussian classes whose separability depends on the layer), t
 search on every layer, the torch solver on the CPU. Each configuration runs the same
 command `--repeats` times; the table gives the median wall time of the whole command
 (process start, reading, fits, gathering, writing) and whether the saved probes are
-bit-identical to the one-process file (their recorded digest).
+bit-identical (their recorded digest) to a one-process run with as many threads per
+process (torch's CPU reductions depend on the thread count, not on the world size).
 
     PYTHONPATH=. .venv/bin/python bench/bench_probe_distributed.py [--layers 9] [--dim 192] [--train 3000] \
         [--test 1000] [--procs 2] [--threads 2] [--repeats 3]
@@ -69,12 +70,14 @@ def main() -> None:
         train = write_features(tmp / "train.h5", a.train, a.layers, a.dim, a.classes, 0)
         test = write_features(tmp / "test.h5", a.test, a.layers, a.dim, a.classes, 1)
         rows, digests = [], {}
-        for procs in (1, a.procs):
-            env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS=str(max(1, a.threads // procs)))
+        per_rank = max(1, a.threads // a.procs)
+        configs = [(1, a.threads)] + ([(1, per_rank)] if per_rank != a.threads else []) + [(a.procs, per_rank)]
+        for procs, threads in configs:
+            env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS=str(threads))
             launcher = [sys.executable] if procs == 1 else [str(torchrun), "--standalone", f"--nproc-per-node={procs}"]
             times = []
             for i in range(a.repeats):
-                out = tmp / f"p{procs}-{i}.h5"
+                out = tmp / f"p{procs}x{threads}-{i}.h5"
                 t0 = time.perf_counter()
                 r = subprocess.run([*launcher, "-m", "igpt_cli", "probe", str(train), "--test", str(test), "-q",
                                     "--device", "cpu", "--save-probes", str(out)], capture_output=True, text=True,
@@ -83,15 +86,15 @@ def main() -> None:
                 if r.returncode != 0:
                     sys.exit(r.stderr)
                 with h5py.File(out) as f:
-                    digests.setdefault(procs, set()).add(f.attrs["probes_sha256"])
-            rows.append((procs, env["OMP_NUM_THREADS"], statistics.median(times), times))
+                    digests.setdefault((procs, threads), set()).add(f.attrs["probes_sha256"])
+            rows.append((procs, threads, statistics.median(times), times))
     print(f"igpt probe, {a.layers} layers x {a.dim} dims, {a.train} / {a.test} rows, {a.classes} classes; "
           f"CPU: {cpu_name()} ({os.cpu_count()} cores); median of {a.repeats}")
-    print("| processes x threads | median wall s | runs (s) | speed-up | saved probes = 1 process |")
+    print("| processes x threads | median wall s | runs (s) | speed-up | saved probes = 1 process, same threads |")
     print("| --- | ---: | --- | ---: | --- |")
     base = rows[0][2]
     for procs, threads, med, times in rows:
-        same = digests[procs] == digests[1]
+        same = digests[(procs, threads)] == digests[(1, threads)]
         print(f"| {procs} x {threads} | {med:.1f} | {', '.join(f'{t:.1f}' for t in times)} | {base / med:.2f}x | "
               f"{'yes' if same else 'NO'} |")
 
