@@ -13,7 +13,7 @@ from helpers import assert_clean_failure, invoke, run_igpt
 from igpt_cli import formats
 from igpt_cli.errors import ParameterError
 from igpt_cli.outputs import OutputError
-from igpt_cli.probe import LayerResult, ProbeReport, probe_files, write_csv
+from igpt_cli.probe import LayerResult, LinearProbe, ProbeReport, probe_files, write_csv
 
 CLASSES = ["cat", "dog", "ship"]
 
@@ -359,6 +359,17 @@ def test_device_recorded_is_the_one_the_fits_ran_on(pair):
     rep = probe_files(pair[0], pair[1], ["1"], solver="scipy", device="cpu")
     assert rep.protocol["device"] == "cpu" and rep.world_size == 1
     assert probe_files(pair[0], pair[1], ["1"], solver="torch", device="cpu").protocol["device"] == "cpu"
+    import torch
+    from sklearn.linear_model import LogisticRegression
+
+    from igpt_cli.probe.runner import fit_device
+    from igpt_cli.sweep.stage import probe_device
+
+    gpu = torch.device("cuda", 1)   # only named, never used: where would each solver run?
+    assert fit_device(LinearProbe(solver="torch"), gpu) == "cuda:1"
+    assert fit_device(LinearProbe(solver="scipy"), gpu) == fit_device(LinearProbe(solver="sklearn"), gpu) == "cpu"
+    assert fit_device(LogisticRegression(), gpu) == "cpu"
+    assert probe_device(torch.device("mps")) == "cpu" and probe_device(gpu) == "cuda:1"   # the sweep's probe
 
 
 @pytest.mark.parametrize("flag", ["--save-probes", "--csv", "--plot", "--plot-confusion"])

@@ -118,8 +118,9 @@ class _Tokens:
     sha256: str
 
 
-def _check_tokens(param: str, path, *, labelled: bool) -> _Tokens:
-    """A valid tokens file with images (and, for the probe's files, every row labelled with >= 2 classes)."""
+def _check_tokens(param: str, path, *, labelled: bool, fit: bool = False) -> _Tokens:
+    """A valid tokens file with images; `labelled` (the probe's files): every row labelled; `fit` (the
+    probe's training file): also classes it can fit (>= 2, each with >= 2 rows)."""
     from ..probe.protocol import check_labels
 
     p = Path(path)
@@ -135,7 +136,8 @@ def _check_tokens(param: str, path, *, labelled: bool) -> _Tokens:
             if (labels < 0).any():
                 raise InputError(f"{p}: {int((labels < 0).sum())} rows are unlabelled ({param}); "
                                  "the probe needs labelled rows")
-            check_labels(labels, f"{p} ({param})", formats.class_names(f, p))
+            if fit:
+                check_labels(labels, f"{p} ({param})", formats.class_names(f, p))
     return _Tokens(param, p, height, width, len(palette), sha256_file(p))
 
 
@@ -197,7 +199,8 @@ def _plan(checkpoints, train, test, out: Path, score_on, spec, *, jobs: int, bat
     check_positive("batch_size", batch_size)
     if out.exists() and not out.is_dir():
         raise InputError(f"{out}: exists and is not a directory")
-    tokens = {"train": _check_tokens("train", train, labelled=True), "test": _check_tokens("test", test, labelled=True)}
+    tokens = {"train": _check_tokens("train", train, labelled=True, fit=True),
+              "test": _check_tokens("test", test, labelled=True)}
     tokens["score_on"] = _check_tokens("score_on", score_on, labelled=False) if score_on is not None \
         else tokens["test"]
     planned = []
