@@ -114,7 +114,7 @@ class _Tokens:
     path: Path
     height: int
     width: int
-    palette_size: int
+    palette: np.ndarray
     sha256: str
 
 
@@ -138,7 +138,7 @@ def _check_tokens(param: str, path, *, labelled: bool, fit: bool = False) -> _To
                                  "the probe needs labelled rows")
             if fit:
                 check_labels(labels, f"{p} ({param})", formats.class_names(f, p))
-    return _Tokens(param, p, height, width, len(palette), sha256_file(p))
+    return _Tokens(param, p, height, width, np.asarray(palette), sha256_file(p))
 
 
 def _read_result(path: Path) -> dict | None:
@@ -178,6 +178,24 @@ def _belongs(path: Path, model_sha256: str, tokens: _Tokens) -> bool:
     return a.get("model_sha256") == model_sha256 and a.get("tokens_sha256", tokens.sha256) == tokens.sha256
 
 
+def _open_checkpoint(path: str, on_progress):
+    """(model dir, weights file, config, check(tokens)) of a checkpoint that can score, nothing loaded:
+    the one model runtime's checks (`model.runtime.open_model`, whose `check_tokens` also compares
+    the palette's colours), or, in a tree without that runtime, the stages' own."""
+    try:
+        from ..model.runtime import open_model
+    except ImportError:   # before the model runtime: the checks score and extract ran
+        from ..extract.sources import check_model_fits
+        from ..generate.decode import check_generative
+
+        d = resolve_model_dir(path, on_progress=on_progress)
+        cfg = read_config(d)
+        return d, check_generative(d), cfg, \
+            lambda t: check_model_fits(cfg, t.height, t.width, len(t.palette), t.path)
+    m = open_model(path, device="cpu", quiet=on_progress is None, generative=True)   # cpu: nothing runs here
+    return m.dir, m.weights, m.cfg, lambda t: m.check_tokens(t.height, t.width, t.palette, t.path)
+
+
 @dataclass
 class _Planned:
     """One checkpoint, checked: where it resolved, its config, weights digest and folder."""
@@ -192,9 +210,6 @@ def _plan(checkpoints, train, test, out: Path, score_on, spec, *, jobs: int, bat
           on_progress) -> tuple[list[_Planned], dict, dict[str, _Tokens]]:
     """Every check before anything is computed: the tokens files, every checkpoint (loads, can score,
     has the layers, fits the tokens), the outputs against the inputs, earlier results' inputs."""
-    from ..extract.sources import check_model_fits
-    from ..generate.decode import check_generative
-
     check_positive("jobs", jobs, allow_none=False)
     check_positive("batch_size", batch_size)
     if out.exists() and not out.is_dir():
@@ -205,12 +220,10 @@ def _plan(checkpoints, train, test, out: Path, score_on, spec, *, jobs: int, bat
         else tokens["test"]
     planned = []
     for ck in expand_checkpoints(checkpoints):
-        d = resolve_model_dir(ck.path, on_progress=on_progress)
-        weights = check_generative(d)
-        cfg = read_config(d)
+        d, weights, cfg, check_tokens = _open_checkpoint(ck.path, on_progress)
         parse_layers(spec, range(cfg.n_layer + 1), where=str(ck.path))
         for t in tokens.values():
-            check_model_fits(cfg, t.height, t.width, t.palette_size, t.path)
+            check_tokens(t)
         ckdir = out / ck.family / ck.name
         if not ckdir.resolve().is_relative_to(out.resolve()):
             raise InputError(f"{ckdir}: leaves the output directory {out} (a symlink?); remove it or use another "
