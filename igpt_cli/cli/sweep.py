@@ -45,7 +45,7 @@ def sweep_command(
     """
     from ..distributed import DistContext
     from ..sweep import run_sweep
-    from ..sweep.stage import PLOT_FILES
+    from ..sweep.plan import PLOT_FILES
 
     dist = DistContext.from_env()
     bar = ProgressBar.maybe(quiet or not dist.is_main)

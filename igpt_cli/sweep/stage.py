@@ -29,7 +29,6 @@ same result as one process.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import math
 import shutil
@@ -42,20 +41,13 @@ import h5py
 import numpy as np
 
 from .. import formats
-from ..errors import InputError, check_positive
-from ..formats import sha256_file
-from ..layers import parse_layers
-from ..model import read_config, resolve_model_dir
-from ..outputs import atomic_output, check_distinct, output_lock
+from ..outputs import atomic_output, output_lock
 from ..progress import OnProgress, Reporter
 from ..provenance import provenance
 from ..results import Result
-from .checkpoints import Checkpoint, expand_checkpoints
+from .plan import RESULT_FILE, Planned, Tokens, plan_sweep, read_result, result_digest
 from .stats import Correlation, correlate
 
-RESULT_FILE = "result.json"
-STAGE_FILES = ("score.h5", "train.h5", "test.h5", RESULT_FILE)   # in OUT/<family>/<name>/
-PLOT_FILES = ("sweep-accuracy-vs-loss.png", "sweep-layers.png")   # in OUT, drawn by the command line
 FORMAT, FORMAT_VERSION = "igpt-sweep", 1
 
 
@@ -107,55 +99,6 @@ def _layer_spec(layers) -> str | int | list | None:
     return list(layers)
 
 
-@dataclass
-class _Tokens:
-    """A tokens file of the sweep, checked: its layout and digest."""
-    param: str
-    path: Path
-    height: int
-    width: int
-    palette: np.ndarray
-    sha256: str
-
-
-def _check_tokens(param: str, path, *, labelled: bool, fit: bool = False) -> _Tokens:
-    """A valid tokens file with images; `labelled` (the probe's files): every row labelled; `fit` (the
-    probe's training file): also classes it can fit (>= 2, each with >= 2 rows)."""
-    from ..probe.protocol import check_labels
-
-    p = Path(path)
-    if not p.is_file():
-        raise InputError(f"{p}: tokens file not found ({param})")
-    with formats.open_igpt(p, formats.TOKENS_FORMAT) as f:
-        tok, height, width, palette = formats.tokens_layout(f, p)
-        if tok.shape[0] == 0:
-            raise InputError(f"{p}: the tokens file holds no images ({param})")
-        formats.check_token_values(tok, len(palette), p, tok.shape[0])
-        if labelled:
-            labels = np.asarray(formats.read_dataset(f["labels"], path=p)) if "labels" in f else np.full(1, -1)
-            if (labels < 0).any():
-                raise InputError(f"{p}: {int((labels < 0).sum())} rows are unlabelled ({param}); "
-                                 "the probe needs labelled rows")
-            if fit:
-                check_labels(labels, f"{p} ({param})", formats.class_names(f, p))
-    return _Tokens(param, p, height, width, np.asarray(palette), sha256_file(p))
-
-
-def _read_result(path: Path) -> dict | None:
-    """A checkpoint's result.json, or None when it is torn, unreadable or fails its digest (edited)."""
-    try:
-        doc = json.loads(path.read_text())
-        ok = isinstance(doc, dict) and doc.get("digest") == _digest(doc.get("identity"), doc.get("result"))
-    except (OSError, ValueError, TypeError):
-        return None
-    return doc if ok else None
-
-
-def _digest(identity, result) -> str:
-    """SHA-256 of a result.json's identity and result (canonical JSON): an edited file is not reused."""
-    return hashlib.sha256(json.dumps({"identity": identity, "result": result}, sort_keys=True).encode()).hexdigest()
-
-
 def _scored(path: Path) -> float:
     """Mean nats per token of a complete scores file (as `score_file` computes it)."""
     with h5py.File(path, "r") as f:
@@ -168,7 +111,7 @@ def _params(cfg) -> int:
     return n_params(cfg)
 
 
-def _belongs(path: Path, model_sha256: str, tokens: _Tokens) -> bool:
+def _belongs(path: Path, model_sha256: str, tokens: Tokens) -> bool:
     """Whether a stage file left in a checkpoint's folder was computed from these weights and tokens."""
     try:
         with h5py.File(path, "r") as f:
@@ -176,77 +119,6 @@ def _belongs(path: Path, model_sha256: str, tokens: _Tokens) -> bool:
     except OSError:
         return False
     return a.get("model_sha256") == model_sha256 and a.get("tokens_sha256", tokens.sha256) == tokens.sha256
-
-
-def _open_checkpoint(path: str, on_progress):
-    """(model dir, weights file, config, check(tokens)) of a checkpoint that can score, nothing loaded:
-    the one model runtime's checks (`model.runtime.open_model`, whose `check_tokens` also compares
-    the palette's colours), or, in a tree without that runtime, the stages' own."""
-    try:
-        from ..model.runtime import open_model
-    except ImportError:   # before the model runtime: the checks score and extract ran
-        from ..extract.sources import check_model_fits
-        from ..generate.decode import check_generative
-
-        d = resolve_model_dir(path, on_progress=on_progress)
-        cfg = read_config(d)
-        return d, check_generative(d), cfg, \
-            lambda t: check_model_fits(cfg, t.height, t.width, len(t.palette), t.path)
-    m = open_model(path, device="cpu", quiet=on_progress is None, generative=True)   # cpu: nothing runs here
-    return m.dir, m.weights, m.cfg, lambda t: m.check_tokens(t.height, t.width, t.palette, t.path)
-
-
-@dataclass
-class _Planned:
-    """One checkpoint, checked: where it resolved, its config, weights digest and folder."""
-    ck: Checkpoint
-    model_dir: Path
-    cfg: object
-    model_sha256: str
-    ckdir: Path
-
-
-def _plan(checkpoints, train, test, out: Path, score_on, spec, *, jobs: int, batch_size, restart: bool, seed: int,
-          on_progress) -> tuple[list[_Planned], dict, dict[str, _Tokens]]:
-    """Every check before anything is computed: the tokens files, every checkpoint (loads, can score,
-    has the layers, fits the tokens), the outputs against the inputs, earlier results' inputs."""
-    check_positive("jobs", jobs, allow_none=False)
-    check_positive("batch_size", batch_size)
-    if out.exists() and not out.is_dir():
-        raise InputError(f"{out}: exists and is not a directory")
-    tokens = {"train": _check_tokens("train", train, labelled=True, fit=True),
-              "test": _check_tokens("test", test, labelled=True)}
-    tokens["score_on"] = _check_tokens("score_on", score_on, labelled=False) if score_on is not None \
-        else tokens["test"]
-    planned = []
-    for ck in expand_checkpoints(checkpoints):
-        d, weights, cfg, check_tokens = _open_checkpoint(ck.path, on_progress)
-        parse_layers(spec, range(cfg.n_layer + 1), where=str(ck.path))
-        for t in tokens.values():
-            check_tokens(t)
-        ckdir = out / ck.family / ck.name
-        if not ckdir.resolve().is_relative_to(out.resolve()):
-            raise InputError(f"{ckdir}: leaves the output directory {out} (a symlink?); remove it or use another "
-                             "output directory")
-        planned.append(_Planned(ck, d, cfg, sha256_file(weights), ckdir))
-    outs = {"sweep.json": out / "sweep.json", "sweep.csv": out / "sweep.csv", **{n: out / n for n in PLOT_FILES}}
-    for p in planned:
-        outs.update({f"{p.ck.family}/{p.ck.name}/{n}": p.ckdir / n for n in STAGE_FILES})
-    ins = {t.param: t.path for t in tokens.values()}
-    for p in planned:
-        ins.update({f"checkpoint {p.ck.path} ({f.name})": f for f in p.model_dir.iterdir() if f.is_file()})
-    check_distinct(outs, ins)
-    inputs = {"train_sha256": tokens["train"].sha256, "test_sha256": tokens["test"].sha256,
-              "score_on_sha256": tokens["score_on"].sha256, "layers": spec, "seed": seed}
-    if not restart:   # an earlier sweep's result of other inputs: refused now, not after hours of work
-        for p in planned:
-            done = _read_result(p.ckdir / RESULT_FILE)
-            identity = dict(inputs, model_sha256=p.model_sha256)
-            if done is not None and done.get("identity") != identity:
-                what = [k for k in identity if done.get("identity", {}).get(k) != identity[k]]
-                raise InputError(f"{p.ckdir}: holds the result of a sweep with other inputs ({', '.join(what)} "
-                                 "differ); use another output directory, or restart=True to recompute it")
-    return planned, inputs, tokens
 
 
 def run_sweep(
@@ -302,7 +174,7 @@ def run_sweep(
         def checked(now: bool):
             if not now:
                 return None
-            plan = _plan(checkpoints, train, test, out, score_on, spec, jobs=jobs, batch_size=batch_size,
+            plan = plan_sweep(checkpoints, train, test, out, score_on, spec, jobs=jobs, batch_size=batch_size,
                          restart=restart, seed=seed, on_progress=on_progress)
             if main:
                 out.mkdir(parents=True, exist_ok=True)
@@ -370,7 +242,7 @@ def probe_device(dev) -> str:
     return str(dev) if dev.type in ("cpu", "cuda") else "cpu"
 
 
-def _one(p: _Planned, out: Path, tokens: dict[str, _Tokens], inputs: dict, spec, *, seed: int, jobs: int,
+def _one(p: Planned, out: Path, tokens: dict[str, Tokens], inputs: dict, spec, *, seed: int, jobs: int,
          batch_size, device, dtype: str, restart: bool, on_progress, rep: Reporter) -> CheckpointResult:
     """One checkpoint: its result.json when done before with the same inputs, else computed and written."""
     from ..extract import extract_features
@@ -383,7 +255,7 @@ def _one(p: _Planned, out: Path, tokens: dict[str, _Tokens], inputs: dict, spec,
     if restart and ckdir.exists():
         shutil.rmtree(ckdir)
     elif (ckdir / RESULT_FILE).is_file():
-        done = _read_result(ckdir / RESULT_FILE)
+        done = read_result(ckdir / RESULT_FILE)
         if done is not None and done.get("identity") == identity:
             return _result_from(done["result"], reused=True)
         if done is None:
@@ -413,7 +285,7 @@ def _one(p: _Planned, out: Path, tokens: dict[str, _Tokens], inputs: dict, spec,
     body = result.to_dict()
     with atomic_output(ckdir / RESULT_FILE) as tmp:
         tmp.write_text(json.dumps({"format": FORMAT + "-checkpoint", "format_version": FORMAT_VERSION,
-                                   "identity": identity, "result": body, "digest": _digest(identity, body),
+                                   "identity": identity, "result": body, "digest": result_digest(identity, body),
                                    "provenance": dict(provenance(str(device)), probe_device=rep_.protocol["device"])},
                                   indent=1) + "\n")
     return result
