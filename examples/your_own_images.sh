@@ -38,13 +38,14 @@ PY
 # 5. where the features came from (provenance: command, versions, device, time)
 igpt info "$OUT/feats.h5" | grep -E '^  (command|created_utc|device_name|source|palette_sha256):'
 
-# 6. predictions for new photos: keep the probe, extract the new photos' features, apply it
-igpt probe "$OUT/feats.h5" --layer 6 --save-probes "$OUT/probes.h5" --overwrite -q > /dev/null
+# 6. predictions for new photos: keep the probes, extract the new photos' layer 6, apply its probe
+#    (predict uses the best layer the new features have, and says which)
+igpt probe "$OUT/feats.h5" --save-probes "$OUT/probes.h5" --overwrite -q > /dev/null
 igpt features "$OUT/new" -m igpt-cifar8 --layer 6 -o "$OUT/new-feats.h5" --overwrite -q
 igpt predict "$OUT/new-feats.h5" --probes "$OUT/probes.h5" -o "$OUT/predictions.h5" --overwrite --json \
   > "$OUT/predictions.json"
 python - "$OUT/predictions.json" <<'PY'
 import json, sys
 for p in json.load(open(sys.argv[1]))["predictions"]:
-    print(f"new photo {p['index']}: {p['name']} ({max(p['probabilities']):.0%})")
+    print(f"new photo {p['index']} ({p['source']}): {p['name']} ({max(p['probabilities']):.0%})")
 PY

@@ -191,6 +191,28 @@ class DistContext:
                        "start every rank with the same command")
                 raise InputError(msg) if self.rank == r else PeerError(msg)  # said once, by that rank
 
+    def run_checked(self, fn):
+        """Collective: `fn()` on every rank; if any rank raises an InputError, every rank raises.
+        The failing ranks re-raise their own error, except that a rank whose error is rank 0's (every
+        rank checked the same thing) stays quiet (PeerError) so the line is said once; the others
+        raise PeerError naming the first failing rank."""
+        error = None
+        try:
+            value = fn()
+        except InputError as e:
+            error = e
+        if self.active:
+            errors = self.gather(None if error is None else str(error))
+            failed = next(((r, e) for r, e in enumerate(errors) if e), None)
+            if failed is not None:
+                if error is not None and not self.is_main and errors[0] == str(error):
+                    raise PeerError(str(error))
+                if error is None:
+                    raise PeerError(f"rank {failed[0]} failed: {failed[1]}")
+        if error is not None:
+            raise error
+        return value
+
     def barrier(self) -> None:
         if self.active:
             import torch.distributed as dist

@@ -74,6 +74,9 @@ def test_your_own_images_example(tmp_path):
     assert "command: igpt features" in r.stdout and "source:" in r.stdout
     with h5py.File(tmp_path / "own" / "feats.h5") as f:
         assert f["features"]["4"].shape == (60, 192) and sorted(set(f["labels"][:])) == [0, 1, 2]
+    # the README's recipe as written: probes of layers 4 and 6, new features of layer 6 only (issue 22.1)
+    pred = json.loads((tmp_path / "own" / "predictions.json").read_text())
+    assert pred["layer"] == 6 and all(p["source"] for p in pred["predictions"]) and "new photo 0 (" in r.stdout
 
 
 def test_sweep_example(tmp_path):

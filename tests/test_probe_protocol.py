@@ -47,13 +47,13 @@ def test_probe_layer_deterministic_for_seed():
 
 
 def test_ties_go_to_the_smaller_c():
-    X, y = overlapping_classes(400, seed=5, k=2)
+    X, y = overlapping_classes(1000, seed=5, k=2)   # 1000 rows: C chosen on a 10 % hold-out (100 rows)
     X[:, 0] += 20 * y  # separable: every C but the smallest reaches validation accuracy 1
     r = probe_layer(X, y, X, y, seed=0)
     tied = [s for s in r.c_search if s["val_acc"] == 1.0]
     assert len(tied) >= 5 and r.val_acc == 1.0
-    assert r.c == min(s["c"] for s in tied) < min(c for c in COARSE_GRID if c in {s["c"] for s in tied})
-    assert r.c_search[[s["c"] for s in r.c_search].index(r.c)]["stage"] == "refine"  # refined below the coarse tie
+    assert r.c == min(s["c"] for s in tied) > min(s["c"] for s in r.c_search) and r.selection == "holdout"
+    assert not r.c_at_edge and "extend" not in {s["stage"] for s in r.c_search}   # a tie is no reason to extend
 
 
 def test_search_c_takes_any_estimator_with_c():
@@ -135,3 +135,40 @@ def test_layers_at_once_choose_what_one_layer_at_a_time_chooses():
     # an estimator that cannot batch layers: one layer at a time, same protocol
     scipy = probe_layers({0: layers[0][0]}, y, {0: layers[0][1]}, yt, seed=1, estimator=LinearProbe(solver="scipy"))
     assert scipy[0].c == probe_layer(layers[0][0], y, layers[0][1], yt, seed=1, estimator=LinearProbe(solver="scipy")).c
+
+
+def test_small_data_chooses_c_by_kfold_and_says_how():
+    """Issue 22.3: 40 training rows (4 validation rows in a 10 % split, where every C ties and the smallest
+    wins with probabilities near 1/K): C is chosen by stratified 5-fold cross-validation over all 40
+    rows, accuracy ties going to the lower validation loss."""
+    from sklearn.model_selection import StratifiedKFold
+
+    X, y = overlapping_classes(40, seed=7, k=2)
+    X[:, 0] += 4 * y                                  # well separated: the accuracy ties at many C
+    Xt, yt = overlapping_classes(200, seed=8, k=2)
+    Xt[:, 0] += 4 * yt
+    r = probe_layer(X, y, Xt, yt, seed=0)
+    assert r.selection == "5-fold" and r.n_val == 40
+    # the pooled accuracy and loss of one C, recomputed with scikit-learn's folds and a fresh LinearProbe
+    entry = next(e for e in r.c_search if e["c"] == 1.0)
+    correct = loss = 0.0
+    for fit, val in StratifiedKFold(5, shuffle=True, random_state=0).split(X, y):
+        A, B = standardize(X[np.sort(fit)], X[np.sort(val)])
+        est = LinearProbe(C=1.0).fit(A, y[np.sort(fit)])
+        correct += (est.predict(B) == y[np.sort(val)]).sum()
+        loss -= np.log(est.predict_proba(B)[np.arange(len(val)), y[np.sort(val)]]).sum()
+    assert entry["val_acc"] == pytest.approx(correct / 40) and entry["val_loss"] == pytest.approx(loss / 40, rel=1e-3)
+    tied = [e for e in r.c_search if e["val_acc"] == r.val_acc]
+    assert len(tied) >= 2 and r.c == min(tied, key=lambda e: (e["val_loss"], e["c"]))["c"]
+    assert r.c > min(COARSE_GRID)                     # not the smallest C by default any more
+
+
+def test_a_best_c_at_the_edge_extends_the_grid():
+    X, y = overlapping_classes(300, seed=9, k=3)       # 5-fold: ties go to the lower loss, which falls with C here
+    Xt, yt = overlapping_classes(100, seed=10, k=3)
+    r = probe_layer(X, y, Xt, yt, seed=0, grid=(1e-6, 1e-5))        # a grid far below the optimum
+    stages = [e["stage"] for e in r.c_search]
+    assert "extend" in stages and max(e["c"] for e in r.c_search) == pytest.approx(1e-5 * 10 ** 0.5 * 100)
+    assert r.c_at_edge and r.c == max(e["c"] for e in r.c_search)   # still rising: said, not hidden
+    wide = probe_layer(X, y, Xt, yt, seed=0)
+    assert "extend" not in {e["stage"] for e in wide.c_search} and not wide.c_at_edge

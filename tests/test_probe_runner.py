@@ -13,7 +13,7 @@ from helpers import assert_clean_failure, invoke, run_igpt
 from igpt_cli import formats
 from igpt_cli.errors import ParameterError
 from igpt_cli.outputs import OutputError
-from igpt_cli.probe import LayerResult, ProbeReport, probe_files, write_csv
+from igpt_cli.probe import LayerResult, LinearProbe, ProbeReport, probe_files, write_csv
 
 CLASSES = ["cat", "dog", "ship"]
 
@@ -105,7 +105,7 @@ def test_depth_curve_and_provenance(pair):
     assert list(d) == ["igpt_version", "train", "test", "test_mode", "test_fraction", "seed", "model",
                        "model_sha256", "model_config", "site", "pool", "sos", "compute_dtype", "tokens_file",
                        "tokens_sha256", "test_tokens_file", "class_names", "protocol", "best_layer",
-                       "best_test_layer", "not_converged_fits", "seconds", "layers"]
+                       "best_test_layer", "not_converged_fits", "seconds", "world_size", "warnings", "layers"]
     assert d["layers"][0] == rep.layers[0].to_dict() and json.loads(rep.to_json(indent=2)) == d
 
 
@@ -349,3 +349,149 @@ def test_layers_are_grouped_by_memory_and_width():
     assert layer_groups([0, 1, 2, 3, 4], 100, dims, 2 * per_layer) == [[0, 1], [2], [3], [4]]
     assert layer_groups([0, 1, 2, 3, 4], 100, dims, 100 * per_layer) == [[0, 1, 2], [3, 4]]  # same width only
     assert layer_groups([2], 100, dims, 1) == [[2]]   # a layer alone is always a group
+
+
+def test_files_with_other_layer_sets_pair_on_the_layers_both_hold(pair, tmp_path):
+    """`igpt probe train.h5 --test test-l1.h5 --layer 1`: the test file holds only layer 1 (issue 22.5)."""
+    feats, y = make_data(90, seed=1)
+    only1 = write_features(tmp_path / "test-l1.h5", {1: feats[1]}, y)
+    rep = probe_files(pair[0], only1, ["1"])
+    ref = probe_files(pair[0], pair[1], ["1"])
+    assert [r.layer for r in rep.layers] == [1] and strip(rep) == strip(ref)
+    r = cli(pair[0], "--test", only1, "--layer", "-1", "--json", "-q")   # -1: the last layer both hold
+    assert r.returncode == 0, r.stderr and [x["layer"] for x in json.loads(r.stdout)["layers"]] == [1]
+    assert_clean_failure(cli(pair[0], "--test", only1), "--layer 1")          # no --layer: a hint, not a guess
+    assert_clean_failure(cli(pair[0], "--test", only1, "--layer", "0"), "layer 0: out of range")
+
+
+def test_device_recorded_is_the_one_the_fits_ran_on(pair):
+    """scipy and scikit-learn solvers are numpy code: the report says cpu whatever --device says."""
+    rep = probe_files(pair[0], pair[1], ["1"], solver="scipy", device="cpu")
+    assert rep.protocol["device"] == "cpu" and rep.world_size == 1
+    assert probe_files(pair[0], pair[1], ["1"], solver="torch", device="cpu").protocol["device"] == "cpu"
+    import torch
+    from sklearn.linear_model import LogisticRegression
+
+    from igpt_cli.probe.runner import fit_device
+    from igpt_cli.sweep.stage import probe_device
+
+    gpu = torch.device("cuda", 1)   # only named, never used: where would each solver run?
+    assert fit_device(LinearProbe(solver="torch"), gpu) == "cuda:1"
+    assert fit_device(LinearProbe(solver="scipy"), gpu) == fit_device(LinearProbe(solver="sklearn"), gpu) == "cpu"
+    assert fit_device(LogisticRegression(), gpu) == "cpu"
+    assert probe_device(torch.device("mps")) == "cpu" and probe_device(gpu) == "cuda:1"   # the sweep's probe
+
+
+@pytest.mark.parametrize("flag", ["--save-probes", "--csv", "--plot", "--plot-confusion"])
+def test_an_output_that_is_an_input_is_refused(pair, tmp_path, flag):
+    """Issue 20.1: probe --save-probes = the train features, --csv = the test features (by any name)."""
+    train, test = pair
+    before = {p: p.read_bytes() for p in (train, test)}
+    link = tmp_path / "link.h5"
+    link.symlink_to(test)
+    for out, needle in ((train, "would overwrite the input TRAIN_FEATS.h5"), (test, "would overwrite the input --test"),
+                        (link, "would overwrite the input --test")):
+        for extra in ((), ("--overwrite",)):
+            assert_clean_failure(cli(train, "--test", test, "--layer", "1", flag, out, *extra, "-q"), needle)
+    assert {p: p.read_bytes() for p in (train, test)} == before
+
+
+def test_a_plot_named_like_an_input_is_refused(tmp_path):
+    feats, y = make_data(90)
+    train = write_features(tmp_path / "feats.png", feats, y)   # an input whose name looks like a picture
+    before = train.read_bytes()
+    assert_clean_failure(cli(train, "--layer", "1", "--plot", f"{tmp_path}/./feats.png", "--overwrite", "-q"),
+                         "would overwrite the input TRAIN_FEATS.h5")
+    assert train.read_bytes() == before
+    with pytest.raises(OutputError, match="save_probes would overwrite the input train"):
+        probe_files(train, None, ["1"], save_probes=tmp_path / "feats.png", overwrite=True)
+
+
+# ---------------------------------------------------------------------------
+# under torchrun (gloo on the CPU): layers spread over ranks, rank 0 writes the one report
+# ---------------------------------------------------------------------------
+
+TORCHRUN = Path(__import__("sys").executable).with_name("torchrun")
+
+
+def _torchrun_probe(k, *args):
+    import subprocess
+    import sys
+
+    from helpers import ENV
+
+    launcher = [str(TORCHRUN), "--standalone", f"--nproc-per-node={k}"] if k > 1 else [sys.executable]
+    return subprocess.run([*launcher, "-m", "igpt_cli", "probe", *map(str, args)], capture_output=True, text=True,
+                          env=ENV, timeout=600)
+
+
+def _without_timing(d: dict) -> dict:
+    d = {k: v for k, v in d.items() if k not in ("seconds", "world_size")}
+    d["layers"] = [{k: v for k, v in r.items() if k != "seconds"} for r in d["layers"]]
+    return d
+
+
+@pytest.fixture(scope="module")
+def five_layers(tmp_path_factory):
+    d = tmp_path_factory.mktemp("dist")
+    ftr, ytr = make_data(121, d=8, layers=(0, 1, 2, 3, 4), seed=0)
+    fte, yte = make_data(61, d=8, layers=(0, 1, 2, 3, 4), seed=1)
+    train, test = write_features(d / "train.h5", ftr, ytr), write_features(d / "test.h5", fte, yte)
+    outs = {}
+
+    def run(k):
+        o = d / f"k{k}"
+        o.mkdir()
+        r = _torchrun_probe(k, train, "--test", test, "--save-probes", o / "p.h5", "--csv", o / "r.csv", "--json",
+                            "-q", "--device", "cpu")
+        assert r.returncode == 0, r.stderr
+        outs[k] = (json.loads(r.stdout), o)   # the whole of stdout is one JSON document: rank 0 alone prints
+        return outs[k]
+
+    run(1)
+    return run, outs, (train, test)
+
+
+@pytest.mark.parametrize("k", [2, 3])
+def test_torchrun_equals_one_process(five_layers, k):
+    """5 layers over 2 or 3 ranks: the same report, CSV and saved probes (bit for bit) as one process."""
+    run, outs, _ = five_layers
+    doc, o = run(k)
+    ref, ro = outs[1]
+    assert doc["world_size"] == k and ref["world_size"] == 1
+    assert _without_timing(doc) == _without_timing(ref)
+    strip_s = lambda p: [row[:8] + row[9:] for row in csv.reader(p.open())]   # noqa: E731 - all but seconds
+    assert strip_s(o / "r.csv") == strip_s(ro / "r.csv")
+    with h5py.File(o / "p.h5") as a, h5py.File(ro / "p.h5") as b:
+        assert int(a.attrs["world_size"]) == k and int(b.attrs["world_size"]) == 1
+        assert a.attrs["probes_sha256"] == b.attrs["probes_sha256"] and a.attrs["device"] == "cpu"
+        for layer in b["probes"]:
+            for key in ("mean", "scale", "coef", "intercept", "classes"):
+                assert a[f"probes/{layer}/{key}"][()].tobytes() == b[f"probes/{layer}/{key}"][()].tobytes()
+    assert sorted(p.name for p in o.iterdir()) == ["p.h5", "r.csv"]
+
+
+def test_torchrun_bad_input_is_said_once(five_layers, tmp_path):
+    """A NaN in layer 3 (fitted by rank 1 of 2): every rank exits 2, the error is one line, nothing is written."""
+    _, _, (train, test) = five_layers
+    feats, y = make_data(61, d=8, layers=(0, 1, 2, 3, 4), seed=1)
+    feats[3][7, 1] = np.nan
+    bad = write_features(tmp_path / "bad.h5", feats, y)
+    r = _torchrun_probe(2, train, "--test", bad, "--save-probes", tmp_path / "p.h5", "-q", "--device", "cpu")
+    assert r.returncode != 0 and r.stdout == ""
+    lines = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "layer 3 has NaN/inf" in lines[0], r.stderr
+    assert "igpt_cli/" not in r.stderr and not (tmp_path / "p.h5").exists()   # no traceback of ours
+    r = _torchrun_probe(2, train, "--test", test, "--csv", test, "-q", "--device", "cpu")   # checked before any fit
+    lines = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "would overwrite the input --test" in lines[0], r.stderr
+
+
+def test_small_data_is_said(pair):
+    """Issue 22.3: 240 training rows: C chosen by 5-fold cross-validation, and the table says so."""
+    r = cli(pair[0], "--test", pair[1], "--layer", "1", "--json")
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    assert d["layers"][0]["selection"] == "5-fold" and d["layers"][0]["n_val"] == 240
+    assert any("5-fold cross-validation over the 240 training rows" in w for w in d["warnings"])
+    assert "warning: C chosen by stratified 5-fold" in " ".join(r.stderr.split())

@@ -1,6 +1,8 @@
 """Out-of-core probing (--max-memory), saved probes and `igpt predict`, and their bad input."""
 from __future__ import annotations
 
+import json
+
 import h5py
 import numpy as np
 import pytest
@@ -40,7 +42,7 @@ def test_streamed_equals_in_memory(files, saved):
 def test_save_then_predict_reproduces_test_accuracy_exactly(files, saved, tmp_path):
     rep, path = saved
     attrs, probes = load_probes(path)
-    assert attrs["format"] == "igpt-probes" and attrs["format_version"] == 1 and "created_utc" in attrs
+    assert attrs["format"] == "igpt-probes" and attrs["format_version"] == 2 and "created_utc" in attrs
     assert sorted(probes) == [r.layer for r in rep.layers] and attrs["class_names"] == rep.class_names
     for r in rep.layers:
         out = tmp_path / f"pred{r.layer}.h5"
@@ -95,3 +97,113 @@ def test_cli_plot_confusion(files, tmp_path):
                "--device", "cpu")
     assert r.exit_code == 0, r.stderr
     assert out.read_bytes()[:4] == b"\x89PNG"
+
+
+# ---------------------------------------------------------------------------
+# predict: outputs vs inputs, damaged probes, layer choice, traceable rows (issues 20.1, 20.6, 22.1, 22.2)
+# ---------------------------------------------------------------------------
+
+def _copy(src, dst):
+    dst.write_bytes(src.read_bytes())
+    return dst
+
+
+def test_predict_output_that_is_an_input_is_refused(files, saved, tmp_path):
+    _, path = saved
+    fte, probes = _copy(files[1], tmp_path / "fte.h5"), _copy(path, tmp_path / "p.h5")
+    before = {p: p.read_bytes() for p in (fte, probes)}
+    (tmp_path / "sub").mkdir()
+    link = tmp_path / "sub/alias.h5"
+    link.symlink_to(fte)
+    for out, needle in ((fte, "input features"), (probes, "input probes"), (link, "input features"),
+                        (tmp_path / "sub/../p.h5", "input probes")):
+        for extra in ((), ("--overwrite",)):
+            r = invoke("predict", fte, "--probes", probes, "-o", out, *extra)
+            assert_clean_failure(r, needle)
+    assert {p: p.read_bytes() for p in (fte, probes)} == before
+
+
+def _damage(path, case):
+    with h5py.File(path, "r+") as f:
+        g = f["probes/1"]
+        if case == "coef-columns":
+            c = g["coef"][()]
+            del g["coef"]
+            g["coef"] = c[:, :-3]
+        elif case == "scale-zeros":
+            s = g["scale"][()]
+            g["scale"][...] = np.zeros_like(s)
+        elif case == "class-names":
+            f.attrs["class_names"] = "[cat"
+        elif case == "no-group":
+            del f["probes"]
+        elif case == "nan-coef":
+            c = g["coef"][()]
+            c[0, 0] = np.nan
+            g["coef"][...] = c
+        elif case == "edited":
+            c = g["coef"][()]
+            g["coef"][...] = c * 1.5          # plausible numbers: only the digest tells
+        elif case == "no-digest":
+            del f.attrs["probes_sha256"]
+
+
+@pytest.mark.parametrize("case, needle", [
+    ("coef-columns", "coef is 3 x 13"), ("scale-zeros", "scale holds 16 values <= 0"),
+    ("class-names", "class_names is not valid JSON"), ("no-group", "no 'probes' group"),
+    ("nan-coef", "coef holds NaN"), ("edited", "do not match the digest"), ("no-digest", "no probes_sha256"),
+])
+def test_predict_on_damaged_probes_is_one_line(files, saved, tmp_path, case, needle):
+    _, path = saved
+    bad = _copy(path, tmp_path / "bad.h5")
+    _damage(bad, case)
+    out = tmp_path / "pred.h5"
+    r = invoke("predict", files[1], "--probes", bad, "-o", out, "--layer", "1")
+    assert_clean_failure(r, needle, out)
+
+
+def test_predict_on_nan_features_is_one_line(files, saved, tmp_path):
+    _, path = saved
+    fte, yte = make_data(30, d=16, seed=4)
+    fte[1][3, 2] = np.nan
+    nan = write_features(tmp_path / "nan.h5", fte, yte)
+    assert_clean_failure(invoke("predict", nan, "--probes", path, "-o", tmp_path / "p.h5", "--layer", "1"),
+                         "NaN/inf features in 1 rows", tmp_path / "p.h5")
+
+
+def test_predict_uses_the_best_layer_the_features_have(files, saved, tmp_path):
+    rep, path = saved
+    assert rep.best_layer == 1
+    fte, yte = make_data(40, d=16, seed=5)
+    other = {l: x for l, x in fte.items() if l != 1}                   # the probes' best layer is missing
+    feats = write_features(tmp_path / "no-best.h5", other, yte)
+    want = max((r for r in rep.layers if r.layer != 1), key=lambda r: (r.val_acc, -r.layer)).layer
+    p = predict_file(feats, path)
+    assert p.layer == want and "not in no-best.h5" in p.layer_choice
+    assert p.accuracy == predict_file(feats, path, want).accuracy
+    r = invoke("predict", feats, "--probes", path, "--json")
+    assert r.exit_code == 0 and json.loads(r.stdout)["layer"] == want and f"layer {want} (the best" in r.stderr
+    only6 = write_features(tmp_path / "l6.h5", {6: fte[0]}, yte)     # no layer in common: a hint
+    assert_clean_failure(invoke("predict", only6, "--probes", path, "--json"), "none in common")
+    assert_clean_failure(invoke("predict", feats, "--probes", path, "--layer", "1", "--json"),
+                         f"has no layer 1 (it has layers 0,2); choose one they share with --layer 2")
+    r = invoke("predict", feats, "--probes", path, "--layer", "-1", "--json")   # -1: the probes' last layer
+    assert r.exit_code == 0, r.stderr
+    assert json.loads(r.stdout)["layer"] == 2
+
+
+def test_predictions_carry_sources_and_print_a_table(files, saved, tmp_path):
+    _, path = saved
+    out = tmp_path / "pred.h5"
+    r = invoke("predict", files[1], "--probes", path, "-o", out, "--json")
+    d = json.loads(r.stdout)
+    rows = d["predictions"]
+    assert [x["source"] for x in rows[:3]] == ["img0", "img1", "img2"] and rows[0]["label"] >= 0
+    with h5py.File(out) as f, h5py.File(files[1]) as src:
+        assert list(f["sources"].asstr()[:]) == list(src["sources"].asstr()[:])
+        assert list(f["pred"][:]) == [x["class"] for x in rows]
+    r = invoke("predict", files[1], "--probes", path, "--layer", "1")   # neither -o nor --json: a table
+    assert r.exit_code == 0, r.stderr
+    lines = [line for line in r.stdout.splitlines() if "img" in line]
+    assert len(lines) == 200 and "img199" in lines[-1]
+    assert any(name in lines[0] for name in ("cat", "dog", "ship"))

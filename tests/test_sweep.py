@@ -190,3 +190,114 @@ def test_results_are_typed_and_the_package_is_callable(series, tmp_path):
     c = res.checkpoints[0]
     assert replace(c, seconds=0).to_dict()["layers"][0].keys() == {"layer", "val_acc", "test_acc", "c"}
     assert Path(res.files["csv"]).is_file() and res.correlations[0].pearson_r is None  # one point
+
+
+# ---------------------------------------------------------------------------
+# issue 20 (smaller items) and issue 24.7: checks first, folders inside -o, edited results, the device
+# ---------------------------------------------------------------------------
+
+def _no_work(monkeypatch):
+    import igpt_cli.extract
+    import igpt_cli.generate
+
+    monkeypatch.setattr(igpt_cli.generate, "score_file", lambda *a, **k: pytest.fail("computed before checking"))
+    monkeypatch.setattr(igpt_cli.extract, "extract_features", lambda *a, **k: pytest.fail("computed before checking"))
+
+
+def test_every_checkpoint_and_input_is_checked_before_anything_is_computed(series, tmp_path, monkeypatch):
+    from helpers import hf_model
+
+    d, train, test = series
+    _no_work(monkeypatch)
+    _, wide = hf_model(tmp_path, n_layer=2, n_embd=32, n_head=2)      # 8x8 positions, no LM head: the last one
+    out = tmp_path / "sw"
+    with pytest.raises(InputError, match="no LM head"):
+        run_sweep([d / "run/step-000002", wide], train, test, out, **F32)
+    unlabelled = make_tokens(tmp_path / "unl.h5", 12, 4, seed=3, high=16)
+    import h5py
+
+    with h5py.File(unlabelled, "r+") as f:
+        f["labels"][0] = -1
+    with pytest.raises(InputError, match="1 rows are unlabelled"):
+        run_sweep([d / "run"], unlabelled, test, out, **F32)
+    big = make_tokens(tmp_path / "big.h5", 12, 8, seed=3, high=16)   # 8x8 images for a 4x4 model
+    with pytest.raises(InputError, match="images are 8x8"):
+        run_sweep([d / "run"], train, test, out, score_on=big, **F32)
+    assert not out.exists()
+
+
+def test_a_family_cannot_leave_the_output_directory(series, tmp_path, monkeypatch):
+    d, train, test = series
+    _no_work(monkeypatch)
+    (tmp_path / "out").mkdir()
+    for fam in ("..", "."):
+        r = invoke("sweep", f"{fam}={d}/run/step-000002", "--train", train, "--test", test, "-o", tmp_path / "out/sw")
+        assert_clean_failure(r, f"family {fam!r} cannot name a folder")
+    (tmp_path / "out/sw").mkdir()
+    (tmp_path / "out/sw/run").symlink_to(tmp_path)                   # a planted link out of -o
+    with pytest.raises(InputError, match="leaves the output directory"):
+        run_sweep([d / "run/step-000002"], train, test, tmp_path / "out/sw", **F32)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_an_output_that_is_an_input_is_refused(series, tmp_path, monkeypatch):
+    d, train, test = series
+    _no_work(monkeypatch)
+    ckdir = tmp_path / "sw/run/step-000002"
+    ckdir.mkdir(parents=True)
+    mine = ckdir / "train.h5"                        # the user's tokens where the sweep writes features
+    mine.write_bytes(train.read_bytes())
+    r = invoke("sweep", str(d / "run/step-000002"), "--train", mine, "--test", test, "-o", tmp_path / "sw")
+    assert_clean_failure(r, "would overwrite the input train")
+    assert mine.read_bytes() == train.read_bytes()
+
+
+def test_an_edited_result_is_recomputed_and_the_probe_gets_the_device(series, tmp_path, monkeypatch):
+    d, train, test = series
+    import igpt_cli.probe
+
+    seen = []
+    real = igpt_cli.probe.probe_files
+    monkeypatch.setattr(igpt_cli.probe, "probe_files", lambda *a, **k: seen.append(k["device"]) or real(*a, **k))
+    ref = run_sweep([d / "run/step-000004"], train, test, tmp_path / "sw", dtype="float32", device="auto")
+    assert seen == ["cpu"]                           # "auto" resolved, and handed to the probe
+    doc_path = tmp_path / "sw/run/step-000004/result.json"
+    doc = json.loads(doc_path.read_text())
+    assert doc["provenance"]["probe_device"] == "cpu"
+    from igpt_cli.provenance import device_name
+
+    assert doc["provenance"]["device_name"] == device_name("cpu")
+    doc["result"]["best_test_acc"] = 0.99            # an edited result
+    doc_path.write_text(json.dumps(doc))
+    events = []
+    res = run_sweep([d / "run/step-000004"], train, test, tmp_path / "sw", dtype="float32", device="auto",
+                    on_progress=events.append)
+    assert res.computed == 1 and res.checkpoints[0].best_test_acc == ref.checkpoints[0].best_test_acc
+    assert any("edited or damaged" in (e.message or "") for e in events)
+    assert run_sweep([d / "run/step-000004"], train, test, tmp_path / "sw", dtype="float32").computed == 0
+
+
+def test_torchrun_equals_one_process(series, tmp_path):
+    """3 checkpoints over 2 ranks (gloo on the CPU): the same sweep.json and sweep.csv as one process."""
+    import subprocess
+    import sys
+
+    from helpers import ENV
+
+    d, train, test = series
+    torchrun = Path(sys.executable).with_name("torchrun")
+    docs = {}
+    for k, launcher in ((1, [sys.executable]), (2, [str(torchrun), "--standalone", "--nproc-per-node=2"])):
+        out = tmp_path / f"k{k}"
+        r = subprocess.run([*launcher, "-m", "igpt_cli", "sweep", str(d / "run"), "--train", str(train), "--test",
+                            str(test), "-o", str(out), "--dtype", "float32", "--device", "cpu", "--layer", "1-2", "-q"],
+                           capture_output=True, text=True, env=ENV, timeout=600)
+        assert r.returncode == 0, r.stderr
+        docs[k] = json.loads(r.stdout)             # rank 0 alone prints: stdout is one JSON document
+        saved = json.loads((out / "sweep.json").read_text())
+        assert saved["provenance"]["world_size"] == k
+    assert comparable(docs[2]) == comparable(docs[1]) and docs[2]["computed"] == 3
+    rows = {k: (tmp_path / f"k{k}/sweep.csv").read_text() for k in (1, 2)}
+    assert rows[1] == rows[2].replace(str(tmp_path / "k2"), str(tmp_path / "k1"))
+    for png in ("sweep-accuracy-vs-loss.png", "sweep-layers.png"):
+        assert (tmp_path / "k2" / png).is_file()

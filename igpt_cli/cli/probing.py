@@ -47,22 +47,37 @@ def probe_command(
     import warnings
 
     from .. import outputs
+    from ..distributed import DistContext, PeerError
+    from ..errors import InputError
     from ..probe import probe_files, write_csv
     from .plots import check_plot_path, write_confusion_plot, write_probe_plot
 
-    if plot_out is not None:
-        check_plot_path(plot_out, overwrite, param="plot_out")
-    if plot_confusion is not None:
-        check_plot_path(plot_confusion, overwrite, param="plot_confusion")
-    if csv_out is not None:
-        outputs.check_output_path(csv_out, overwrite)
-    bar = ProgressBar.maybe(quiet, on_result=probe_layer_line)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # counted in the report instead (not_converged_fits)
-        with maybe_bar(bar):
-            report = probe_files(train, test, layers, test_fraction=test_fraction, seed=seed, jobs=jobs,
-                                 on_progress=bar, solver=solver.value, device=device, max_memory=max_memory,
-                                 save_probes=save_probes, overwrite=overwrite)
+    dist = DistContext.from_env()
+    try:
+        outputs.check_distinct({"--save-probes": save_probes, "--csv": csv_out, "--plot": plot_out,
+                                "--plot-confusion": plot_confusion}, {"TRAIN_FEATS.h5": train, "--test": test})
+        if plot_out is not None:
+            check_plot_path(plot_out, overwrite, param="plot_out")
+        if plot_confusion is not None:
+            check_plot_path(plot_confusion, overwrite, param="plot_confusion")
+        if csv_out is not None:
+            outputs.check_output_path(csv_out, overwrite)
+    except InputError as e:
+        if not dist.is_main:   # every rank checks the same paths: rank 0 says it once
+            raise PeerError(str(e)) from None
+        raise
+    bar = ProgressBar.maybe(quiet or not dist.is_main, on_result=probe_layer_line)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # counted in the report instead (not_converged_fits)
+            with maybe_bar(bar):
+                report = probe_files(train, test, layers, test_fraction=test_fraction, seed=seed, jobs=jobs,
+                                     on_progress=bar, solver=solver.value, device=device, max_memory=max_memory,
+                                     save_probes=save_probes, overwrite=overwrite, dist=dist)
+    finally:
+        dist.close()
+    if not dist.is_main:   # rank 0 alone writes and prints the one report
+        return
     d = report.to_dict()
     if not quiet:
         render_probe_table(d)
@@ -76,33 +91,62 @@ def probe_command(
         typer.echo(json.dumps(d, indent=2, default=str))
 
 
+PREDICT_TABLE_ROWS = 1000  # predict without -o/--json prints at most this many rows (the rest: use -o or --json)
+
+
 @handles_input_errors
 def predict_command(
     features: Annotated[Path, typer.Argument(metavar="FEATS.h5", help="Features file to classify.")],
     probes: Annotated[Path, typer.Option("--probes", metavar="PROBES.h5", help="Probes saved by `igpt probe --save-probes`.")],
-    layer: Annotated[Optional[int], typer.Option("--layer", "-l", help="Which layer's probe (default: the best layer).")] = None,
+    layer: Annotated[Optional[str], typer.Option("--layer", "-l", metavar="N", help=(
+        "Which layer's probe: 6, or -1 for the last (default: the probes' best layer, or the best of the "
+        "layers FEATS has)."))] = None,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", metavar="OUT.h5", help=(
-        "Write predictions (class index, class name, probabilities) to this HDF5 file."))] = None,
+        "Write predictions (class index, class name, probabilities, sources) to this HDF5 file."))] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report with every row's prediction as JSON.")] = False,
     overwrite: Overwrite = False,
 ) -> None:
     """Apply saved probes to features: predicted class and probabilities per row, accuracy where labelled.
 
+    Without -o or --json, prints one row per image (source, predicted class, probability).
+
     Example: igpt predict test-feats.h5 --probes probes.h5 -o predictions.h5
     """
-    from ..errors import InputError
     from ..probe import predict_file
     from .ui import err, print_json
 
-    if output is None and not as_json:
-        raise InputError("nothing to do: give --output OUT.h5 and/or --json")
-    report = predict_file(features, probes, layer, output, overwrite=overwrite, as_list=as_json)
+    report = predict_file(features, probes, layer, output, overwrite=overwrite,
+                          as_list=as_json or output is None)
     acc = "n/a" if report.accuracy is None else f"{report.accuracy:.2%}"
-    err.print(f"layer {report.layer}: {report.n} rows, accuracy {acc} on {report.n_known} labelled rows"
+    err.print(f"layer {report.layer} ({report.layer_choice}): {report.n} rows, accuracy {acc} on "
+              f"{report.n_known} labelled rows"
               + (f"; {report.n_unseen} rows of classes the probes never saw ({', '.join(report.unseen_classes)})"
-                 if report.n_unseen else ""), highlight=False)
+                 if report.n_unseen else ""), highlight=False, soft_wrap=True)
     if as_json:
         print_json(report)
+    elif output is None:
+        render_predictions(report.to_dict())
+
+
+def render_predictions(d: dict) -> None:
+    """One row per image on stdout: index, source, predicted class and its probability, true label."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from .ui import err
+
+    rows = d["predictions"]
+    t = Table(title=f"igpt predict · {Path(d['features']).name} · layer {d['layer']}", title_justify="left")
+    for col, just in (("row", "right"), ("source", "left"), ("predicted", "left"), ("prob", "right"),
+                      ("label", "left")):
+        t.add_column(col, justify=just, overflow="fold")
+    for r in rows[:PREDICT_TABLE_ROWS]:
+        label = "" if r["label"] < 0 else str(r["label"])
+        t.add_row(str(r["index"]), r["source"] or "", r["name"], f"{max(r['probabilities']):.1%}", label)
+    Console(soft_wrap=False).print(t)
+    if len(rows) > PREDICT_TABLE_ROWS:
+        err.print(f"{len(rows) - PREDICT_TABLE_ROWS} more rows: write them all with -o OUT.h5 or --json",
+                  highlight=False)
 
 
 def register(app: typer.Typer) -> None:

@@ -10,7 +10,6 @@ from ..choices import ComputeDtype
 from .options import Device, Dtype, LayerSpec, Quiet, Restart
 from .ui import ProgressBar, err, handles_input_errors, maybe_bar, print_json
 
-LOSS_PLOT, LAYER_PLOT = "sweep-accuracy-vs-loss.png", "sweep-layers.png"
 
 
 @handles_input_errors
@@ -44,16 +43,24 @@ def sweep_command(
 
     Example: igpt sweep runs/big runs/small --train train.h5 --test test.h5 -o sweep/
     """
+    from ..distributed import DistContext
     from ..sweep import run_sweep
+    from ..sweep.plan import PLOT_FILES
 
-    bar = ProgressBar.maybe(quiet)
-    with maybe_bar(bar):
-        result = run_sweep(checkpoints, train, test, out, score_on=score_on, layers=layers or None, seed=seed,
-                           jobs=jobs, batch_size=batch_size, device=device, dtype=dtype.value,
-                           restart=restart, on_progress=bar)
+    dist = DistContext.from_env()
+    bar = ProgressBar.maybe(quiet or not dist.is_main)
+    try:
+        with maybe_bar(bar):
+            result = run_sweep(checkpoints, train, test, out, score_on=score_on, layers=layers or None, seed=seed,
+                               jobs=jobs, batch_size=batch_size, device=device, dtype=dtype.value,
+                               restart=restart, on_progress=bar, dist=dist)
+    finally:
+        dist.close()
+    if not dist.is_main:   # rank 0 alone draws, prints and writes
+        return
     d = result.to_dict()
-    d["files"].update(loss_plot=str(write_loss_plot(d, out / LOSS_PLOT)),
-                      layer_plot=str(write_layer_plot(d, out / LAYER_PLOT)))
+    loss_plot, layer_plot = (out / name for name in PLOT_FILES)
+    d["files"].update(loss_plot=str(write_loss_plot(d, loss_plot)), layer_plot=str(write_layer_plot(d, layer_plot)))
     if not quiet:
         render_sweep_table(d)
     print_json(d)

@@ -288,13 +288,19 @@ def render_probe_table(report: dict, console: Console = err) -> None:
                   f"{r['test_acc']:.2%}", _ci_text(r.get("test_acc_ci")), str(r.get("n_passes", "")),
                   f"{r['seconds']:.1f}", bar, style=style)
     console.print(t)
-    notes = [f"best layer (by validation accuracy): {report['best_layer']}", f"{report['seconds']:.1f} s"]
+    r0 = rows[0]
+    how = "a 10 % validation split" if r0.get("selection", "holdout") == "holdout" else \
+        f"{r0['selection']} cross-validation"
+    notes = [f"best layer (by validation accuracy): {report['best_layer']}",
+             f"C chosen on {r0['n_val']} rows ({how})", f"{report['seconds']:.1f} s"]
     if report["test_mode"] == "held_out":
         notes.append(f"no --test file: a stratified {report['test_fraction']:g} of {Path(report['train']).name} "
                      "is held out as the test set")
     if report["not_converged_fits"]:
         notes.append(f"{report['not_converged_fits']} fits stopped at max_iter before converging")
     console.print("; ".join(notes), highlight=False)
+    for w in report.get("warnings") or []:
+        console.print(f"[yellow]warning:[/] {w}", highlight=False, soft_wrap=True)
 
 
 _MAX_DATASET_LINES = 12  # `igpt info` lists a file's datasets one a line up to this many (--json: all)

@@ -4,19 +4,20 @@ Layers of this package, each importing only the ones before it:
 
 - `estimator`: `LinearProbe`, a scikit-learn classifier with exactly scikit-learn's
   multinomial lbfgs logistic-regression objective, several times faster;
-- `protocol`: standardisation, stratified splits, the C search and `probe_layer`, the
+- `protocol`: standardisation, stratified splits, the C search (a 10 % hold-out, or
+  stratified k-fold on small data; the grid extended past an edge) and `probe_layer`, the
   whole protocol on one layer's arrays;
-- `runner`: `probe_files`, the stage on features files, returning a `ProbeReport`;
+- `runner`: `probe_files`, the stage on features files, returning a `ProbeReport` (under
+  torchrun the layers are spread over the ranks);
 - `report`: the report as CSV (JSON is `ProbeReport.to_json`);
 - `torch_solver` (every C at once, CPU/CUDA), `stream` (layers read from HDF5 in chunks),
-  `store` (saved probes, `predict_file`).
+  `store` (saved probes, validated on read, `predict_file`).
 """
 from __future__ import annotations
 
 from .estimator import MAX_ITER, TOL, LinearProbe
-from .protocol import (COARSE_GRID, REFINE_STEPS, VAL_FRACTION, CSearch, LayerResult, probe_layer, probe_layers,
-                       search_c,
-                       standardize, stratified_split)
+from .protocol import (COARSE_GRID, EXTEND_DECADES, KFOLD_BELOW, REFINE_STEPS, VAL_FRACTION, CSearch, LayerResult,
+                       choose_c, probe_layer, probe_layers, search_c, standardize, stratified_split)
 from .report import write_csv
 from .runner import FeatureSource, ProbeReport, check_compatible, inspect_features, probe_files
 from .store import PredictionReport, load_probes, predict_file, save_probes
@@ -24,7 +25,7 @@ from .store import PredictionReport, load_probes, predict_file, save_probes
 __all__ = [
     "LinearProbe", "TOL", "MAX_ITER",
     "probe_layer", "probe_layers", "LayerResult", "standardize", "stratified_split", "search_c", "CSearch",
-    "COARSE_GRID", "REFINE_STEPS", "VAL_FRACTION",
+    "COARSE_GRID", "REFINE_STEPS", "VAL_FRACTION", "KFOLD_BELOW", "EXTEND_DECADES", "choose_c",
     "probe_files", "ProbeReport", "FeatureSource", "inspect_features", "check_compatible",
     "write_csv", "save_probes", "load_probes", "predict_file", "PredictionReport",
 ]

@@ -1,12 +1,19 @@
 """The linear-probe protocol on one layer's features (the CLIP / DINOv2 / iGPT one).
 
 1. standardise features with mean/std of the training rows only (the C search uses the
-   statistics of its 90 % fitting split, the final fit those of the whole training set);
+   statistics of its fitting rows, the final fit those of the whole training set);
 2. fit a classifier: by default `LinearProbe`, multinomial logistic regression with L2
    penalty, exactly scikit-learn's lbfgs objective (see `estimator.py`);
-3. choose C on a stratified 10 % validation split of the training set: a coarse log grid
-   (1e-4 .. 1e2, 7 points, warm-started along increasing C), then the two half-decade
-   neighbours of the best value; ties go to the smaller C;
+3. choose C on held-out training rows: a coarse log grid (1e-4 .. 1e2, 7 points,
+   warm-started along increasing C), then the two half-decade neighbours of the best
+   value; when the best C is at an edge of what was tried and strictly better than its
+   neighbour, the grid is extended a decade that way (up to `EXTEND_DECADES` times; a
+   C still at the edge is flagged, `c_at_edge`). The held-out rows are
+   - a stratified 10 % validation split ("holdout": max accuracy, ties: smaller C), or,
+     with fewer than `KFOLD_BELOW` training rows, where 10 % would be a handful of rows
+     whose accuracy ties at every C,
+   - stratified k-fold cross-validation over all training rows ("5-fold": every row
+     validates once; max accuracy, ties: lower validation log-loss, then smaller C);
 4. refit on the whole training set with the chosen C, report test accuracy.
 
 Nothing from the test set influences any choice. Any scikit-learn classifier with a `C`
@@ -33,6 +40,10 @@ from .estimator import MAX_ITER, TOL, LinearProbe
 COARSE_GRID = tuple(float(c) for c in np.logspace(-4, 2, 7))
 REFINE_STEPS = (-0.5, 0.5)  # decades around the best coarse C
 VAL_FRACTION = 0.1
+KFOLD_BELOW = 500   # fewer training rows: C is chosen by stratified k-fold cross-validation
+KFOLDS = 5
+EXTEND_DECADES = 2   # a best C at the edge of the grid: at most this many decades tried beyond it
+FEW_VAL_ROWS = 100   # fewer rows validated C: the report warns that its choice is uncertain
 
 
 def moments(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -121,17 +132,38 @@ def stratified_split(y: np.ndarray, fraction: float, seed: int, *, min_rest_per_
 
 @dataclass
 class CSearch:
-    """What `search_c` tried: one entry per fit, the fitted estimators by C, the winner."""
+    """What `search_c` tried: one entry per C, the fitted estimators by C, the winner.
 
-    entries: list[dict]     # {"c", "val_acc", "stage": "coarse" | "refine"}, in fitting order
-    fits: dict[float, Any]  # C -> fitted estimator (warm start for a refit at that C)
+    Each entry: {"c", "val_acc", "val_loss" (mean validation cross-entropy), "stage": "coarse" |
+    "refine" | "extend"}, pooled over the folds. `fits`: C -> the first fold's fitted estimator
+    (the warm start of a refit at that C)."""
+
+    entries: list[dict]
+    fits: dict[float, Any]
     not_converged: int      # fits that stopped before converging
     passes: int = 0         # passes over the fitting rows (one batched call: its longest fit)
+    by_loss: bool = False   # ties in accuracy go to the lower validation loss (k-fold), else to the smaller C
+    at_edge: bool = False   # the best C is still at an edge of the grid after extending it
+
+    def key(self, r: dict) -> tuple:
+        """What makes an entry better (larger is better), without the final tie-break on C."""
+        return (r["val_acc"], -r["val_loss"]) if self.by_loss else (r["val_acc"],)
 
     @property
     def best(self) -> dict:
-        """Highest validation accuracy; ties -> smaller C (stronger regularisation)."""
-        return max(self.entries, key=lambda r: (r["val_acc"], -r["c"]))
+        """Highest validation accuracy; ties -> lower validation loss (k-fold) -> smaller C."""
+        return max(self.entries, key=lambda r: (*self.key(r), -r["c"]))
+
+
+@dataclass
+class Fold:
+    """One split of the training rows for the C search: fit on one part, validate on the other."""
+    X_fit: Any
+    y_fit: np.ndarray
+    X_val: Any
+    y_val: np.ndarray
+    context: dict | None = None
+    fits: dict = field(default_factory=dict)
 
 
 def _fit_at(estimator, C: float, X: np.ndarray, y: np.ndarray, *, warm=None, context: dict | None = None):
@@ -168,46 +200,98 @@ def _n_iter(est) -> int:
     return int(np.max(getattr(est, "n_iter_", 0)))
 
 
+def _val_loss(est, X: np.ndarray, y: np.ndarray) -> float:
+    """Summed cross-entropy of the validation rows (classes the fit never saw: their rows count as 0)."""
+    if not hasattr(est, "predict_proba"):
+        return 0.0
+    P = np.asarray(est.predict_proba(X), dtype=np.float64)
+    col = {c: i for i, c in enumerate(np.asarray(est.classes_).tolist())}
+    idx = np.array([col.get(v, -1) for v in np.asarray(y).tolist()])
+    ok = idx >= 0
+    return float(-np.log(np.clip(P[np.flatnonzero(ok), idx[ok]], 1e-300, None)).sum())
+
+
 def search_c(estimator, X_fit: np.ndarray, y_fit: np.ndarray, X_val: np.ndarray, y_val: np.ndarray,
              grid: Sequence[float] = COARSE_GRID, refine: Sequence[float] = REFINE_STEPS, *,
-             context: dict | None = None) -> CSearch:
+             context: dict | None = None, extend: int = 0) -> CSearch:
     """Fit `estimator` at every C of `grid` (increasing, each warm-started from the last), then at
     the best C times 10**step for each `refine` step (warm-started from the next smaller C);
-    score each on the validation rows. `context`: shared fit arguments (default `fit_context(X_fit)`)."""
+    score each on the validation rows. `context`: shared fit arguments (default `fit_context(X_fit)`).
+    `extend`: decades the grid may grow beyond a best C at its edge (`search_c_folds`)."""
     if context is None:
         context = estimator.fit_context(X_fit) if hasattr(estimator, "fit_context") else {}
-    search = CSearch(entries=[], fits={}, not_converged=0)
-    coarse = sorted(grid)
-    _record(search, estimator, coarse, _fit_many(estimator, coarse, X_fit, y_fit, [None] * len(coarse), context),
-            X_val, y_val, "coarse")
-    refine_cs, warms = _refine_plan(search, refine)
-    if refine_cs:
-        _record(search, estimator, refine_cs, _fit_many(estimator, refine_cs, X_fit, y_fit, warms, context),
-                X_val, y_val, "refine")
-    return search
+    return search_c_folds(estimator, [Fold(X_fit, y_fit, X_val, y_val, context)], grid, refine, extend=extend)
 
 
-def _record(search: CSearch, estimator, cs: list[float], fits: list, X_val, y_val: np.ndarray, stage: str) -> None:
-    """Score the fits of one stage of the search on the validation rows and add them to `search`."""
-    batched = hasattr(estimator, "fit_path") and getattr(estimator, "solver", None) == "torch"
-    search.passes += max(map(_n_iter, fits)) if batched else sum(map(_n_iter, fits))
-    for c, est in zip(cs, fits):
-        search.fits[c] = est
-        search.not_converged += not _converged(est)
-        search.entries.append({"c": c, "val_acc": float(np.mean(est.predict(X_val) == y_val)), "stage": stage})
+def edge_c(search: CSearch) -> float | None:
+    """The C one decade beyond a best C that sits at an edge of the Cs tried and beats its neighbour
+    there (None: the best C is inside, or at the edge by the tie-break only)."""
+    cs = sorted(r["c"] for r in search.entries)
+    best = search.best
+    if len(cs) < 2 or best["c"] not in (cs[0], cs[-1]):
+        return None
+    by_c = {r["c"]: r for r in search.entries}
+    neighbour = by_c[cs[1] if best["c"] == cs[0] else cs[-2]]
+    if search.key(best) <= search.key(neighbour):
+        return None
+    return best["c"] / 10 if best["c"] == cs[0] else best["c"] * 10
 
 
-def _refine_plan(search: CSearch, refine: Sequence[float]) -> tuple[list[float], list]:
-    """The refinement Cs (the best coarse C times 10**step, skipping Cs already tried) and their warm
-    starts: each from the next smaller C fitted so far."""
+def search_c_folds(estimator, folds: Sequence[Fold], grid: Sequence[float] = COARSE_GRID,
+                   refine: Sequence[float] = REFINE_STEPS, *, by_loss: bool = False, extend: int = 0) -> CSearch:
+    """The C search (module docstring, step 3) over one or more folds: every C is fitted on each
+    fold's fitting rows and scored on its validation rows, accuracy and loss pooled over the folds.
+    `by_loss`: accuracy ties go to the lower validation loss before the smaller C."""
+    for f in folds:
+        if f.context is None:
+            f.context = estimator.fit_context(f.X_fit) if hasattr(estimator, "fit_context") else {}
+    search = CSearch(entries=[], fits={}, not_converged=0, by_loss=by_loss)
+    n_val = sum(len(f.y_val) for f in folds)
+
+    def warm(f: Fold, c: float, nearest: bool):
+        """The fit to start C from: the next smaller C fitted so far (`nearest`: else the nearest one)."""
+        below = [x for x in f.fits if x < c]
+        if below:
+            return f.fits[max(below)]
+        return f.fits[min(f.fits, key=lambda x: abs(math.log(x / c)))] if nearest and f.fits else None
+
+    def run(cs: list[float], stage: str) -> None:
+        correct, loss = np.zeros(len(cs)), np.zeros(len(cs))
+        batched = hasattr(estimator, "fit_path") and getattr(estimator, "solver", None) == "torch"
+        for f in folds:
+            warms = [None if stage == "coarse" else warm(f, c, stage == "extend") for c in cs]
+            fits = _fit_many(estimator, cs, f.X_fit, f.y_fit, warms, f.context)
+            search.passes += max(map(_n_iter, fits)) if batched else sum(map(_n_iter, fits))
+            for i, (c, est) in enumerate(zip(cs, fits)):
+                f.fits[c] = est
+                search.not_converged += not _converged(est)
+                correct[i] += float(np.sum(est.predict(f.X_val) == f.y_val))
+                loss[i] += _val_loss(est, f.X_val, f.y_val)
+        for i, c in enumerate(cs):
+            search.fits[c] = folds[0].fits[c]
+            search.entries.append({"c": c, "val_acc": float(correct[i] / n_val), "val_loss": float(loss[i] / n_val),
+                                   "stage": stage})
+
+    def tried(c: float) -> bool:
+        return any(math.isclose(c, r["c"], rel_tol=1e-9) for r in search.entries)
+
+    run(sorted(grid), "coarse")
     c_best = search.best["c"]
-    refine_cs: list[float] = []
+    refine_cs = []
     for step in sorted(refine):
         c = float(c_best * 10.0 ** step)
-        if not any(math.isclose(c, r["c"], rel_tol=1e-9) for r in search.entries + [{"c": x} for x in refine_cs]):
+        if not tried(c) and not any(math.isclose(c, x, rel_tol=1e-9) for x in refine_cs):
             refine_cs.append(c)
-    warms = [search.fits[max(below)] if (below := [cc for cc in search.fits if cc < c]) else None for c in refine_cs]
-    return refine_cs, warms
+    if refine_cs:
+        run(refine_cs, "refine")
+
+    for _ in range(extend):
+        c = edge_c(search)
+        if c is None or tried(c):
+            break
+        run([float(c)], "extend")
+    search.at_edge = extend > 0 and edge_c(search) is not None
+    return search
 
 
 # ---------------------------------------------------------------------------
@@ -235,6 +319,8 @@ class LayerResult(Result):
     test_acc_ci: list[float] = field(default_factory=list)   # 95 % interval of test_acc
     ci_method: str = "wilson"
     confusion: list[list[int]] = field(default_factory=list)  # [true class][predicted class] counts on test
+    selection: str = "holdout"   # how C was chosen: "holdout" (10 % validation split) or "5-fold"
+    c_at_edge: bool = False      # the chosen C is at an edge of the (extended) grid: the optimum may lie beyond
 
     # set by `probe_layer`, not part of the report: the chosen classifier (`classifier_arrays`)
     classifier = None
@@ -254,27 +340,26 @@ def probe_layer(X_train: np.ndarray, y_train: np.ndarray, X_test: np.ndarray, y_
     y_train = np.asarray(y_train, dtype=np.int64)
     y_test = np.asarray(y_test, dtype=np.int64)
     check_labels(y_train, class_names=class_names)
+    classes = np.unique(y_train)
 
-    # --- choose C on a stratified 10 % of the training set -------------------
-    fit_idx, v_idx = stratified_split(y_train, VAL_FRACTION, seed)
-    Xf, Xv = standardize(take(X_train, fit_idx), take(X_train, v_idx))
-    context = estimator.fit_context(Xf) if hasattr(estimator, "fit_context") else {}  # shared by every fit
-    search = search_c(estimator, Xf, y_train[fit_idx], Xv, y_train[v_idx], grid, refine, context=context)
+    # --- choose C on held-out training rows ---------------------------------
+    search, context, n_val, selection = choose_c(estimator, X_train, y_train, seed, grid, refine)
     best = search.best
-    del Xf, Xv
 
     # --- refit on the whole training set with the chosen C ------------------
     mean, scale = moments(X_train)
     Xtr, Xte = apply_standardization(X_train, mean, scale), apply_standardization(X_test, mean, scale)
+    if context is None:
+        context = estimator.fit_context(Xtr) if hasattr(estimator, "fit_context") else {}
     final = _fit_at(estimator, best["c"], Xtr, y_train, warm=search.fits[best["c"]], context=context)
     pred = np.asarray(final.predict(Xte))
-    return _layer_result(layer, search, final, pred, y_train, y_test, int(X_train.shape[1]), len(v_idx), mean, scale,
-                         class_names, time.perf_counter() - t0)
+    return _layer_result(layer, search, final, pred, y_train, y_test, int(X_train.shape[1]), n_val, mean, scale,
+                         class_names, time.perf_counter() - t0, selection)
 
 
 def _layer_result(layer: int, search: CSearch, final, pred: np.ndarray, y_train: np.ndarray, y_test: np.ndarray,
-                  dim: int, n_val: int, mean: np.ndarray, scale: np.ndarray, class_names, seconds: float
-                  ) -> LayerResult:
+                  dim: int, n_val: int, mean: np.ndarray, scale: np.ndarray, class_names, seconds: float,
+                  selection: str = "holdout") -> LayerResult:
     """The LayerResult of a finished search and final fit (test predictions `pred`), with its classifier."""
     best = search.best
     classes = np.unique(y_train)
@@ -299,11 +384,35 @@ def _layer_result(layer: int, search: CSearch, final, pred: np.ndarray, y_train:
         c_search=sorted(search.entries, key=lambda r: r["c"]),
         n_passes=search.passes + _n_iter(final),
         test_acc_ci=wilson_interval(int(correct.sum()), len(correct)), confusion=confusion.tolist(),
+        selection=selection, c_at_edge=search.at_edge,
     )
     result.classifier = dict(mean=mean, scale=scale, coef=np.asarray(final.coef_),
                              intercept=np.asarray(final.intercept_),
                              classes=np.asarray(final.classes_), c=float(best["c"]))
     return result
+
+
+def choose_c(estimator, X_train, y_train: np.ndarray, seed: int, grid: Sequence[float] = COARSE_GRID,
+             refine: Sequence[float] = REFINE_STEPS) -> tuple[CSearch, dict | None, int, str]:
+    """The C search on one layer's training rows (module docstring, step 3): (the search, the fit
+    context the final fit can reuse or None, rows that validated C, "holdout" or "k-fold")."""
+    if len(y_train) >= KFOLD_BELOW:
+        fit_idx, v_idx = stratified_split(y_train, VAL_FRACTION, seed)
+        Xf, Xv = standardize(take(X_train, fit_idx), take(X_train, v_idx))
+        context = estimator.fit_context(Xf) if hasattr(estimator, "fit_context") else {}  # shared by every fit
+        fold = Fold(Xf, y_train[fit_idx], Xv, y_train[v_idx], context)
+        return search_c_folds(estimator, [fold], grid, refine, extend=EXTEND_DECADES), context, len(v_idx), "holdout"
+    from sklearn.model_selection import StratifiedKFold
+
+    k = int(min(KFOLDS, np.bincount(np.unique(y_train, return_inverse=True)[1]).min()))
+    folds = []
+    for fit_idx, v_idx in StratifiedKFold(n_splits=k, shuffle=True, random_state=random_state(seed)).split(
+            np.zeros(len(y_train)), y_train):
+        fit_idx, v_idx = np.sort(fit_idx), np.sort(v_idx)
+        Xf, Xv = standardize(take(X_train, fit_idx), take(X_train, v_idx))
+        folds.append(Fold(Xf, y_train[fit_idx], Xv, y_train[v_idx]))
+    search = search_c_folds(estimator, folds, grid, refine, by_loss=True, extend=EXTEND_DECADES)
+    return search, None, len(y_train), f"{k}-fold"
 
 
 # ---------------------------------------------------------------------------
@@ -327,7 +436,8 @@ def probe_layers(X_train: dict, y_train: np.ndarray, X_test: dict, y_test: np.nd
     share of the whole (total / layers)."""
     estimator = _default_estimator(estimator, tol, max_iter)
     layers = list(X_train)
-    if not fits_layers_at_once(estimator) or len(layers) < 2:
+    # k-fold selection of C (small data) is one layer at a time
+    if not fits_layers_at_once(estimator) or len(layers) < 2 or len(y_train) < KFOLD_BELOW:
         return [probe_layer(X_train[l], y_train, X_test[l], y_test, seed, estimator=estimator, layer=l,
                             class_names=class_names, grid=grid, refine=refine) for l in layers]
     t0 = time.perf_counter()
@@ -358,6 +468,13 @@ def probe_layers(X_train: dict, y_train: np.ndarray, X_test: dict, y_test: np.nd
     for l, fits in fitted.items():
         _record(searches[l], estimator, plans[l][0], fits, split[l][1], y_val, "refine")
     del split
+    # a best C at an edge of the grid: that layer's search goes on beyond it, one layer at a time
+    alone = {l: probe_layer(X_train[l], y_train, X_test[l], y_test, seed, estimator=estimator, layer=l,
+                            class_names=class_names, grid=grid, refine=refine)
+             for l in layers if edge_c(searches[l]) is not None}
+    layers = [l for l in layers if l not in alone]
+    if not layers:
+        return [alone[l] for l in X_train]
 
     stats = {l: moments(X_train[l]) for l in layers}
     full = {l: apply_standardization(X_train[l], *stats[l]) for l in layers}
@@ -365,12 +482,36 @@ def probe_layers(X_train: dict, y_train: np.ndarray, X_test: dict, y_test: np.nd
     finals = stage({l: [best[l]] for l in layers}, {l: [searches[l].fits[best[l]]] for l in layers}, full, y_train)
     del full
     seconds = (time.perf_counter() - t0) / len(layers)
-    out = []
+    out = dict(alone)
     for l in layers:
         pred = np.asarray(finals[l][0].predict(apply_standardization(X_test[l], *stats[l])))
-        out.append(_layer_result(l, searches[l], finals[l][0], pred, y_train, y_test, int(X_train[l].shape[1]),
-                                 len(v_idx), *stats[l], class_names, seconds))
-    return out
+        out[l] = _layer_result(l, searches[l], finals[l][0], pred, y_train, y_test, int(X_train[l].shape[1]),
+                               len(v_idx), *stats[l], class_names, seconds)
+    return [out[l] for l in X_train]
+
+
+def _record(search: CSearch, estimator, cs: list[float], fits: list, X_val, y_val: np.ndarray, stage: str) -> None:
+    """Score the fits of one stage of the search on the validation rows and add them to `search`."""
+    batched = hasattr(estimator, "fit_path") and getattr(estimator, "solver", None) == "torch"
+    search.passes += max(map(_n_iter, fits)) if batched else sum(map(_n_iter, fits))
+    for c, est in zip(cs, fits):
+        search.fits[c] = est
+        search.not_converged += not _converged(est)
+        search.entries.append({"c": c, "val_acc": float(np.mean(est.predict(X_val) == y_val)),
+                               "val_loss": _val_loss(est, X_val, y_val), "stage": stage})
+
+
+def _refine_plan(search: CSearch, refine: Sequence[float]) -> tuple[list[float], list]:
+    """The refinement Cs (the best coarse C times 10**step, skipping Cs already tried) and their warm
+    starts: each from the next smaller C fitted so far."""
+    c_best = search.best["c"]
+    refine_cs: list[float] = []
+    for step in sorted(refine):
+        c = float(c_best * 10.0 ** step)
+        if not any(math.isclose(c, r["c"], rel_tol=1e-9) for r in search.entries + [{"c": x} for x in refine_cs]):
+            refine_cs.append(c)
+    warms = [search.fits[max(below)] if (below := [cc for cc in search.fits if cc < c]) else None for c in refine_cs]
+    return refine_cs, warms
 
 
 def _default_estimator(estimator, tol: float | None, max_iter: int | None):

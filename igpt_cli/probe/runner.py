@@ -15,7 +15,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
@@ -28,9 +28,12 @@ from ..progress import OnProgress, Reporter
 from ..results import Result
 from ..seeds import check_seed
 from .estimator import DEFAULT_SOLVER, MAX_ITER, TOL, LinearProbe, resolve_probe_device
-from .protocol import COARSE_GRID, REFINE_STEPS, VAL_FRACTION, LayerResult, check_labels, fits_layers_at_once, \
-    probe_layer, probe_layers, stratified_split
-from .stream import H5Rows, parse_bytes, plan_memory
+from .protocol import (COARSE_GRID, EXTEND_DECADES, FEW_VAL_ROWS, KFOLD_BELOW, REFINE_STEPS, VAL_FRACTION,
+                       LayerResult, check_labels, fits_layers_at_once, probe_layer, probe_layers, stratified_split)
+from .stream import H5Rows, parse_bytes, plan_memory, read_layer
+
+if TYPE_CHECKING:
+    from ..distributed import DistContext
 
 # attrs that must agree between the train and test features files (`read_attrs` gives a
 # version-1 file, which has no "pool", the pooling it implies)
@@ -67,8 +70,9 @@ def inspect_features(path: str | Path) -> FeatureSource:
     return FeatureSource(p, attrs, layers, dims, labels, names)
 
 
-def check_compatible(train: FeatureSource, test: FeatureSource) -> None:
-    """Refuse train/test files from different models, sites, pooling, layers or class lists."""
+def check_compatible(train: FeatureSource, test: FeatureSource, layers: Sequence[int] | None = None) -> None:
+    """Refuse train/test files from different models, sites, pooling or class lists, or whose
+    `layers` (default: every layer of train) are missing from test or of other widths."""
     for key in MATCH_ATTRS:
         a, b = train.attrs.get(key), test.attrs.get(key)
         if key == "model_sha256" and (not a or not b):
@@ -79,10 +83,12 @@ def check_compatible(train: FeatureSource, test: FeatureSource) -> None:
         if a != b:
             raise InputError(f"{test.path}: {key}={b!r} does not match {train.path} ({key}={a!r}); "
                              "train and test features must come from the same model, site and settings")
-    if train.layers != test.layers:
-        raise InputError(f"{test.path}: layers {format_layers(test.layers)} do not match {train.path} "
-                         f"(layers {format_layers(train.layers)})")
-    for l in train.layers:
+    layers = train.layers if layers is None else list(layers)
+    missing = [l for l in layers if l not in test.dims]
+    if missing:
+        raise InputError(f"{test.path}: has no layer {format_layers(missing)} (it has layers "
+                         f"{format_layers(test.layers)}; {train.path} has {format_layers(train.layers)})")
+    for l in layers:
         if train.dims[l] != test.dims[l]:
             raise InputError(f"{test.path}: layer {l} has {test.dims[l]} dims, {train.path} has {train.dims[l]}")
     if train.class_names and test.class_names and train.class_names != test.class_names:
@@ -91,11 +97,7 @@ def check_compatible(train: FeatureSource, test: FeatureSource) -> None:
 
 def _read_layer(src: FeatureSource, layer: int) -> np.ndarray:
     with open_igpt(src.path, FEATURES_FORMAT) as f:
-        X = np.asarray(formats.read_dataset(f["features"][str(layer)], path=src.path), dtype=np.float32)  # [N, D]
-    if not np.isfinite(X).all():
-        bad = int((~np.isfinite(X)).any(axis=1).sum())
-        raise InputError(f"{src.path}: layer {layer} has NaN/inf features in {bad} rows")
-    return X
+        return read_layer(f, src.path, layer)
 
 
 # ---------------------------------------------------------------------------
@@ -170,6 +172,8 @@ class ProbeReport(Result):
     best_test_layer: int | None     # by test accuracy, for reference only
     not_converged_fits: int
     seconds: float
+    world_size: int                 # processes the layers were spread over (torchrun); 1: one process
+    warnings: list[str]             # what makes the numbers less certain (small validation, C at the grid's edge)
     layers: list[LayerResult]
 
 
@@ -177,7 +181,7 @@ PROVENANCE_ATTRS = ("igpt_version", "model", "model_sha256", "model_config", "si
                     "compute_dtype", "tokens_file", "tokens_sha256")
 
 
-def _protocol(estimator, probe_kw: dict) -> dict:
+def _protocol(estimator, probe_kw: dict, device: str) -> dict:
     if estimator is None or type(estimator) is LinearProbe:
         classifier = "multinomial logistic regression, L2, lbfgs (C * sum CE + 0.5 ||W||^2)"
         tol = estimator.tol if estimator is not None else TOL if probe_kw.get("tol") is None else probe_kw["tol"]
@@ -186,7 +190,7 @@ def _protocol(estimator, probe_kw: dict) -> dict:
     params = estimator.get_params() if estimator is not None else {}
     return {
         "solver": params.get("solver"),
-        "device": str(resolve_probe_device(params["device"])) if "device" in params else None,
+        "device": device,
         "ci_method": "wilson (95 %)",
         "standardize": "train statistics only",
         "classifier": classifier,
@@ -194,8 +198,39 @@ def _protocol(estimator, probe_kw: dict) -> dict:
         "c_refine_decades": list(probe_kw.get("refine", REFINE_STEPS)),
         "val_fraction": VAL_FRACTION,
         "tol": tol,
-        "selection": "max validation accuracy (ties: smaller C); refit on full train",
+        "selection": (f"stratified {VAL_FRACTION:g} validation split (max accuracy, ties: smaller C) from "
+                      f"{KFOLD_BELOW} training rows, else stratified k-fold (max accuracy, ties: lower validation "
+                      f"loss, then smaller C); a best C at the grid's edge extends it up to {EXTEND_DECADES} "
+                      "decades; refit on full train"),
     }
+
+
+def report_warnings(results: Sequence[LayerResult]) -> list[str]:
+    """Sentences for what makes a report's numbers less certain: few rows to choose C on, a C at the
+    edge of the grid."""
+    out = []
+    kfold = sorted({r.selection for r in results if r.selection != "holdout"})
+    if kfold:
+        n = min(r.n_train for r in results)
+        out.append(f"C chosen by stratified {'/'.join(kfold)} cross-validation over the {n} training rows "
+                   f"(fewer than {KFOLD_BELOW}: a 10 % validation split would be too small)")
+    few = [r for r in results if r.n_val < FEW_VAL_ROWS]
+    if few:
+        out.append(f"only {min(r.n_val for r in few)} rows validated C: its choice, and the probabilities, are "
+                   f"uncertain (at least {FEW_VAL_ROWS} labelled training rows make it meaningful)")
+    edge = [r.layer for r in results if r.c_at_edge]
+    if edge:
+        out.append(f"layer {format_layers(edge)}: the chosen C is at the edge of the grid even after extending it "
+                   f"{EXTEND_DECADES} decades; the best C may lie beyond it")
+    return out
+
+
+def fit_device(estimator, device) -> str:
+    """Where `estimator`'s fits actually run: the torch solver's device, else the CPU (the scipy and
+    scikit-learn solvers, and any other scikit-learn classifier, are numpy code)."""
+    if isinstance(estimator, LinearProbe) and estimator.solver == "torch":
+        return str(device)
+    return "cpu"
 
 
 # ---------------------------------------------------------------------------
@@ -206,62 +241,56 @@ def probe_files(train: str | Path, test: str | Path | None = None, layers: Seque
                 test_fraction: float = 0.2, seed: int = 0, jobs: int = 1, estimator=None,
                 on_progress: OnProgress | None = None, solver: str = "auto", device: str = "auto",
                 max_memory: int | str | None = None, save_probes: str | Path | None = None,
-                overwrite: bool = False, **probe_kw) -> ProbeReport:
+                overwrite: bool = False, dist: DistContext | None = None,
+                **probe_kw) -> ProbeReport:
     """Probe every requested layer of a features file.
 
     Without `test`, a stratified `test_fraction` of `train` is held out as the test set.
+    With `test`, the layers probed are those both files hold (`layers` selects among them).
     Reads one layer at a time (`jobs` layers at a time when jobs > 1). `estimator` and
     `probe_kw` (grid, refine, tol, max_iter) go to `probe_layer`; without `estimator`, a
     `LinearProbe` with `solver` ("torch" | "scipy" | "sklearn"; "auto": torch, the fastest on
     CPU and GPU and the one that streams) on `device` (auto | cpu | cuda).
     `max_memory` (bytes, or "512M", "2G"): a layer that does not fit is streamed from the
     file in row chunks (torch solver). `save_probes`: write each layer's chosen classifier
-    there (`store.save_probes`). Progress: one "probe" event per finished layer, its
-    `LayerResult` as the event's `result`.
+    there (`store.save_probes`; never one of the inputs). Progress: one "probe" event per
+    finished layer, its `LayerResult` as the event's `result`.
+
+    `dist` (a `DistContext` with world size > 1, e.g. under torchrun): the layers are spread
+    over the ranks (each on its own GPU where there are GPUs), every rank must run the same
+    settings, and every rank returns the whole report, equal to one process's; only rank 0
+    writes `save_probes`.
     """
+    ctx = dist if dist is not None and dist.active else None
     check_positive("jobs", jobs, allow_none=False)
     check_seed(seed)
     max_memory = parse_bytes(max_memory)
     if estimator is None:
         solver = check_choice("solver", solver, PROBE_SOLVERS)
-        on_gpu = resolve_probe_device(device).type == "cuda"       # a missing GPU is refused before any work
+    dev = resolve_probe_device(device)       # a missing GPU is refused before any work
+    if ctx is not None:
+        dev = ctx.device_for(dev)            # cuda -> this rank's GPU
+        ctx.init(dev)
+        ctx.agree(dict(train=str(train), test=None if test is None else str(test), layers=layers,
+                       test_fraction=test_fraction, seed=seed, jobs=jobs, solver=solver, device=str(device),
+                       max_memory=max_memory, save_probes=None if save_probes is None else str(save_probes),
+                       overwrite=overwrite, estimator=repr(estimator), probe_kw=repr(sorted(probe_kw.items()))),
+                  "probe settings")
+    if estimator is None:
         tol, max_iter = probe_kw.pop("tol", None), probe_kw.pop("max_iter", None)
         estimator = LinearProbe(tol=TOL if tol is None else tol, max_iter=MAX_ITER if max_iter is None else max_iter,
-                                solver="torch" if solver == "auto" and on_gpu else
-                                DEFAULT_SOLVER if solver == "auto" else solver, device=str(device))
+                                solver="torch" if solver == "auto" and dev.type == "cuda" else
+                                DEFAULT_SOLVER if solver == "auto" else solver, device=str(dev))
         auto = solver == "auto"
     else:
         auto = False
-    if save_probes is not None:
-        from ..outputs import check_output_path
-
-        check_output_path(save_probes, overwrite)
-    if test is None and not 0 < test_fraction < 1:
-        raise ParameterError("test_fraction", test_fraction, "must be between 0 and 1")
-    tr = inspect_features(train)
-    te = inspect_features(test) if test is not None else None
-    if te is not None:
-        check_compatible(tr, te)
-    sel = parse_layers(layers, tr.layers, where=str(tr.path))
-
-    if te is None:
-        check_labels(tr.labels, f"{tr.path}", tr.class_names)
-        tr_idx, te_idx = stratified_split(tr.labels, test_fraction, seed, min_rest_per_class=2,
-                                          what=str(tr.path), split="test")
-        y_train, y_test = tr.labels[tr_idx], tr.labels[te_idx]
-    else:
-        tr_idx = te_idx = None
-        y_train, y_test = tr.labels, te.labels
-    check_labels(y_train, f"{tr.path}: training split" if te is None else f"{tr.path}", tr.class_names)
-
-    # layers that do not fit in max_memory are streamed (decided, and a too small cap refused, before any fit)
-    n_c = len(probe_kw.get("grid", COARSE_GRID))
-    n_rows = len(y_train) + len(y_test)
-    chunks = {l: plan_memory(max_memory, n_rows, tr.dims[l], len(np.unique(y_train)), n_c, l) for l in sel}
-    if any(c is not None for c in chunks.values()) and auto:
-        estimator.set_params(solver="torch")
-    if any(c is not None for c in chunks.values()) and getattr(estimator, "solver", None) != "torch":
-        raise ParameterError("max_memory", max_memory, "streaming layers from the file needs solver 'torch'")
+    run = (lambda fn: ctx.run_checked(fn)) if ctx is not None else (lambda fn: fn())
+    plan = run(lambda: _plan(train, test, layers, test_fraction=test_fraction, seed=seed, estimator=estimator,
+                             auto=auto, max_memory=max_memory, save_probes=save_probes, overwrite=overwrite,
+                             n_c=len(probe_kw.get("grid", COARSE_GRID))))
+    tr, te, sel = plan["train"], plan["test"], plan["layers"]
+    tr_idx, te_idx, y_train, y_test, chunks = (plan[k] for k in ("tr_idx", "te_idx", "y_train", "y_test", "chunks"))
+    mine = sel[ctx.rank::ctx.world_size] if ctx is not None else sel
 
     progress = Reporter(on_progress, "probe", total=len(sel), unit="layer")
     progress_lock = threading.Lock()  # layers finish on worker threads when jobs > 1
@@ -286,20 +315,30 @@ def probe_files(train: str | Path, test: str | Path | None = None, layers: Seque
             progress.advance(1, info=f"layer {r.layer}: test {r.test_acc:.1%}", result=r)
         return r
 
-    progress.start()
-    t0 = time.perf_counter()
-    groups = layer_groups(sel, n_rows, tr.dims, max_memory) if jobs == 1 and fits_layers_at_once(estimator) \
-        and all(c is None for c in chunks.values()) else None
-    if groups is not None:  # several layers in memory at once: one batched optimisation per group
-        results = [finish(r) for g in groups
-                   for r in probe_layer_group(tr, te, g, tr_idx, te_idx, y_train, y_test, seed, estimator, probe_kw)]
-    elif jobs == 1:
-        results = [run_layer(l) for l in sel]
-    else:
+    def run_mine() -> list[LayerResult]:
+        groups = layer_groups(mine, len(y_train) + len(y_test), tr.dims, max_memory) if jobs == 1 and fits_layers_at_once(estimator) \
+            and all(chunks[l] is None for l in mine) else None
+        if groups is not None:  # several layers in memory at once: one batched optimisation per group
+            return [finish(r) for g in groups
+                    for r in probe_layer_group(tr, te, g, tr_idx, te_idx, y_train, y_test, seed, estimator, probe_kw)]
+        if jobs == 1:
+            return [run_layer(l) for l in mine]
         from threadpoolctl import threadpool_limits
 
         with threadpool_limits(limits=1), ThreadPoolExecutor(max_workers=jobs) as ex:
-            results = list(ex.map(run_layer, sel))
+            return list(ex.map(run_layer, mine))
+
+    progress.start()
+    t0 = time.perf_counter()
+    results = run(run_mine)
+    used = fit_device(estimator, dev)
+    if ctx is not None:   # every rank gets every layer's result (rank 0 reports the others' as they arrive)
+        everyone = ctx.gather((used, results))
+        for r in (r for rank, (_, rs) in enumerate(everyone) if rank != ctx.rank for r in rs):
+            finish(r)
+        by_layer = {r.layer: r for _, rs in everyone for r in rs}
+        results = [by_layer[l] for l in sel]
+        used = ",".join(dict.fromkeys(d for d, _ in everyone))
     wall = time.perf_counter() - t0
 
     best = max(results, key=lambda r: (r.val_acc, r.test_acc, -r.layer)) if results else None
@@ -313,15 +352,63 @@ def probe_files(train: str | Path, test: str | Path | None = None, layers: Seque
         **{k: tr.attrs.get(k) for k in PROVENANCE_ATTRS},
         test_tokens_file=te.attrs.get("tokens_file") if te is not None else None,
         class_names=tr.class_names,
-        protocol=_protocol(estimator, probe_kw),
+        protocol=_protocol(estimator, probe_kw, used),
         best_layer=best.layer if best else None,
         best_test_layer=best_test.layer if best_test else None,
         not_converged_fits=int(sum(r.not_converged_fits for r in results)),
         seconds=round(wall, 3),
+        world_size=ctx.world_size if ctx is not None else 1,
+        warnings=report_warnings(results),
         layers=results,
     )
-    if save_probes is not None:
+    if save_probes is not None and (ctx is None or ctx.is_main):
         from .store import save_probes as write_probes
 
-        write_probes(report, save_probes, overwrite=overwrite, device=getattr(estimator, "device", None))
+        write_probes(report, save_probes, overwrite=overwrite, device=used, world_size=report.world_size)
     return report
+
+
+def _plan(train, test, layers, *, test_fraction: float, seed: int, estimator, auto: bool, max_memory,
+          save_probes, overwrite: bool, n_c: int) -> dict:
+    """Every check before any fit: outputs, inputs, layers, labels, splits and the memory plan."""
+    from ..outputs import check_distinct, check_output_path
+
+    check_distinct({"save_probes": save_probes}, {"train": train, "test": test})
+    if save_probes is not None:
+        check_output_path(save_probes, overwrite)
+    if test is None and not 0 < test_fraction < 1:
+        raise ParameterError("test_fraction", test_fraction, "must be between 0 and 1")
+    tr = inspect_features(train)
+    te = inspect_features(test) if test is not None else None
+    if te is None:
+        sel = parse_layers(layers, tr.layers, where=str(tr.path))
+    else:
+        both = [l for l in tr.layers if l in te.dims]
+        if not both:
+            check_compatible(tr, te)   # says which file lacks what
+        if not layers and tr.layers != te.layers:
+            raise InputError(f"{te.path}: has layers {format_layers(te.layers)}, {tr.path} has layers "
+                             f"{format_layers(tr.layers)}; name the layers to probe, e.g. layers={format_layers(both)} "
+                             "(the layers both files hold)")
+        sel = parse_layers(layers, both, where=f"{tr.path} with {te.path} (the layers both hold)")
+        check_compatible(tr, te, sel)
+
+    if te is None:
+        check_labels(tr.labels, f"{tr.path}", tr.class_names)
+        tr_idx, te_idx = stratified_split(tr.labels, test_fraction, seed, min_rest_per_class=2,
+                                          what=str(tr.path), split="test")
+        y_train, y_test = tr.labels[tr_idx], tr.labels[te_idx]
+    else:
+        tr_idx = te_idx = None
+        y_train, y_test = tr.labels, te.labels
+    check_labels(y_train, f"{tr.path}: training split" if te is None else f"{tr.path}", tr.class_names)
+
+    # layers that do not fit in max_memory are streamed (decided, and a too small cap refused, before any fit)
+    n_rows = len(y_train) + len(y_test)
+    chunks = {l: plan_memory(max_memory, n_rows, tr.dims[l], len(np.unique(y_train)), n_c, l) for l in sel}
+    if any(c is not None for c in chunks.values()) and auto:
+        estimator.set_params(solver="torch")
+    if any(c is not None for c in chunks.values()) and getattr(estimator, "solver", None) != "torch":
+        raise ParameterError("max_memory", max_memory, "streaming layers from the file needs solver 'torch'")
+    return dict(train=tr, test=te, layers=sel, tr_idx=tr_idx, te_idx=te_idx, y_train=y_train, y_test=y_test,
+                chunks=chunks)

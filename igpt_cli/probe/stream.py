@@ -120,3 +120,13 @@ class H5Rows:
             m2 = m2 + c2 + delta ** 2 * n * m / (n + m)
             n += m
         return mean, np.sqrt(m2 / max(n, 1))
+
+
+def read_layer(f, path: str | Path, layer: int) -> np.ndarray:
+    """Layer `layer` of the open features file `f` as float32 [N, D]; NaN/inf refused (one line
+    naming the file, the layer and how many rows)."""
+    X = np.asarray(formats.read_dataset(f["features"][str(layer)], path=path), dtype=np.float32)
+    if not np.isfinite(X).all():
+        bad = int((~np.isfinite(X)).any(axis=1).sum())
+        raise InputError(f"{path}: layer {layer} has NaN/inf features in {bad} rows")
+    return X

@@ -9,7 +9,8 @@ Pretraining from Pixels" (probe accuracy against validation loss over checkpoint
     res = igpt.sweep(["runs/big", "runs/small"], "train.h5", "test.h5", "sweep/")
     res.correlations[0].spearman_rho, [(c.step, c.loss_nats, c.best_test_acc) for c in res.checkpoints]
 
-Modules: `checkpoints` (arguments → checkpoints, families, steps), `stage` (`run_sweep`,
+Modules: `checkpoints` (arguments → checkpoints, families, steps), `plan` (every check before
+any work; the files a sweep keeps), `stage` (`run_sweep`,
 the typed results, resuming), `stats` (correlations), `report` (CSV). The figures are
 drawn by the command line (`igpt_cli.cli.sweep`).
 """

@@ -105,7 +105,11 @@ def expand_checkpoints(args: Sequence[str | Path]) -> list[Checkpoint]:
                 raise InputError(f"{p}: no such checkpoint (a model directory, a training run with step-* "
                                  "directories, a TensorFlow checkpoint prefix, or a glob)")
             fam = family or (p.resolve().parent.name or "checkpoints")
-            ck = Checkpoint(path=str(p), family=fam, name=name or p.name, step=read_step(p))
+            ck = Checkpoint(path=str(p), family=fam, name=name or (p.name if p.name not in ("", ".", "..") else p.resolve().name), step=read_step(p))
+            for what, v in (("family", ck.family), ("name", ck.name)):
+                if v in ("", ".", "..") or "/" in v or "\0" in v:
+                    raise InputError(f"{arg}: {what} {v!r} cannot name a folder inside the output directory; "
+                                     "name the series FAMILY=PATH with letters, digits, '.', '_', '+' or '-'")
             key = str(p.resolve())
             if key in seen:
                 continue

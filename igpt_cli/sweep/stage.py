@@ -9,14 +9,26 @@ For each checkpoint (`checkpoints.expand_checkpoints`), in `OUT/<family>/<name>/
 
 then `OUT/sweep.json` (the `SweepResult`) and `OUT/sweep.csv` (`report.write_csv`).
 
+Every checkpoint and input is checked before anything is computed (each checkpoint loads,
+can score and has the layers; the tokens files are valid, labelled and fit every model;
+no output is one of the inputs; no family or name leaves OUT).
+
 Resumable: a checkpoint whose result.json exists (for the same inputs: the tokens files'
 SHA-256, the model weights' SHA-256, the layers and the probe seed) is not recomputed;
 an interrupted one resumes its score and extract files where they stopped (each stage's
-own partial files) and keeps the ones already complete. A result.json of other inputs is
-refused (`restart=True` recomputes it). The whole sweep holds a lock on OUT.
+own partial files) and keeps the ones already complete (when they record this
+checkpoint's weights and tokens). A result.json of other inputs is refused
+(`restart=True` recomputes it); one whose recorded digest does not match (edited or
+damaged) is recomputed. The whole sweep holds a lock on OUT.
+
+Under torchrun (`dist`), the checkpoints are spread over the ranks (each on its own GPU
+where there are GPUs); each rank runs its checkpoints' score, extract and probe as one
+process would, and rank 0 gathers the results and writes sweep.json and sweep.csv: the
+same result as one process.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import shutil
@@ -28,20 +40,14 @@ from typing import Sequence
 import h5py
 import numpy as np
 
-from ..errors import InputError, check_positive
-from ..formats import sha256_file
-from ..jsonfile import read_json
-from ..seeds import check_seed
-from ..layers import parse_layers
-from ..model import find_weights, read_config, resolve_model_dir
+from .. import formats
 from ..outputs import atomic_output, output_lock
 from ..progress import OnProgress, Reporter
 from ..provenance import provenance
 from ..results import Result
-from .checkpoints import Checkpoint, expand_checkpoints
+from .plan import RESULT_FILE, Planned, Tokens, plan_sweep, read_result, result_digest
 from .stats import Correlation, correlate
 
-RESULT_FILE = "result.json"
 FORMAT, FORMAT_VERSION = "igpt-sweep", 1
 
 
@@ -93,20 +99,6 @@ def _layer_spec(layers) -> str | int | list | None:
     return list(layers)
 
 
-def _check_tokens(param: str, path) -> Path:
-    p = Path(path)
-    if not p.is_file():
-        raise InputError(f"{p}: tokens file not found ({param})")
-    return p
-
-
-def _read_result(path: Path) -> dict | None:
-    try:
-        return read_json(path, "sweep result")
-    except (OSError, ValueError):
-        return None  # torn or unreadable: recomputed (it is written atomically, so this is rare)
-
-
 def _scored(path: Path) -> float:
     """Mean nats per token of a complete scores file (as `score_file` computes it)."""
     with h5py.File(path, "r") as f:
@@ -117,6 +109,16 @@ def _params(cfg) -> int:
     from ..train.config import n_params
 
     return n_params(cfg)
+
+
+def _belongs(path: Path, model_sha256: str, tokens: Tokens) -> bool:
+    """Whether a stage file left in a checkpoint's folder was computed from these weights and tokens."""
+    try:
+        with h5py.File(path, "r") as f:
+            a = formats.read_attrs(f)
+    except OSError:
+        return False
+    return a.get("model_sha256") == model_sha256 and a.get("tokens_sha256", tokens.sha256) == tokens.sha256
 
 
 def run_sweep(
@@ -134,6 +136,7 @@ def run_sweep(
     dtype: str = "auto",
     restart: bool = False,
     on_progress: OnProgress | None = None,
+    dist=None,
 ) -> SweepResult:
     """Score, extract and probe every checkpoint; see the module docstring.
 
@@ -142,51 +145,84 @@ def run_sweep(
     the probe is fitted / tested on (C is chosen on a validation split of train, as
     `igpt probe` does; `seed` is its seed). `score_on`: the tokens the loss is measured on
     (default: `test`). `layers`: the layers extracted and probed (default all). `jobs`:
-    layers probed at once. `batch_size`, `device`, `dtype`: for scoring and extraction.
+    layers probed at once. `batch_size`, `device`, `dtype`: for scoring, extraction and
+    the probe (which runs on the same device, or on the CPU when that is mps).
+    `dist` (a `distributed.DistContext` with world size > 1, e.g. under torchrun): the
+    checkpoints are spread over the ranks; every rank returns the whole result, rank 0
+    alone writes sweep.json and sweep.csv.
     Progress: the stages' own events, and one log line per finished checkpoint.
     """
+    from ..runtime import resolve_device
+
     t0 = time.perf_counter()
-    train, test = _check_tokens("train", train), _check_tokens("test", test)
-    score_on = _check_tokens("score_on", score_on) if score_on is not None else test
-    check_positive("jobs", jobs, allow_none=False)
-    check_positive("batch_size", batch_size)
-    check_seed(seed)
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise InputError(f"{out}: exists and is not a directory")
-    cks = expand_checkpoints(checkpoints)
     spec = _layer_spec(layers)
-    models = []
-    for ck in cks:  # every checkpoint loads and has the layers, before any work
-        d = resolve_model_dir(ck.path, on_progress=on_progress)
-        cfg = read_config(d)
-        parse_layers(spec, range(cfg.n_layer + 1), where=str(ck.path))
-        models.append((d, cfg))
-    out.mkdir(parents=True, exist_ok=True)
+    ctx = dist if dist is not None and dist.active else None
+    dev = resolve_device(device)
+    if ctx is not None:
+        dev = ctx.device_for(dev)   # cuda -> this rank's GPU
+        ctx.init(dev)
+        ctx.agree(dict(checkpoints=[str(c) for c in ([checkpoints] if isinstance(checkpoints, (str, Path))
+                                                       else checkpoints)],
+                       train=str(train), test=str(test), out=str(out), score_on=None if score_on is None
+                       else str(score_on), layers=spec, seed=seed, jobs=jobs, batch_size=batch_size,
+                       device=str(device), dtype=dtype, restart=restart), "sweep settings")
+    run = ctx.run_checked if ctx is not None else (lambda fn: fn())
+    main = ctx is None or ctx.is_main
     rep = Reporter(on_progress, "sweep")
-    with output_lock(out):
-        inputs = {"train_sha256": sha256_file(train), "test_sha256": sha256_file(test),
-                  "score_on_sha256": sha256_file(score_on), "layers": spec, "seed": seed}
-        results, computed = [], 0
-        for i, (ck, (model_dir, cfg)) in enumerate(zip(cks, models)):
-            r = _one(ck, model_dir, cfg, out, train, test, score_on, inputs, spec, seed=seed, jobs=jobs,
-                     batch_size=batch_size, device=device, dtype=dtype, restart=restart, on_progress=on_progress)
-            computed += not r.reused
-            results.append(r)
-            rep.log(f"[{i + 1}/{len(cks)}] {ck.family}/{ck.name}: loss {r.loss_nats:.4f} nats/token, best layer "
+    with contextlib.ExitStack() as stack:
+        def checked(now: bool):
+            if not now:
+                return None
+            plan = plan_sweep(checkpoints, train, test, out, score_on, spec, jobs=jobs, batch_size=batch_size,
+                         restart=restart, seed=seed, on_progress=on_progress)
+            if main:
+                out.mkdir(parents=True, exist_ok=True)
+                stack.enter_context(output_lock(out))
+            return plan
+
+        # rank 0 checks first (and converts a TensorFlow checkpoint into the cache once), then the others
+        first = run(lambda: checked(main))
+        second = run(lambda: checked(not main)) if ctx is not None else None
+        planned, inputs, tokens = first if first is not None else second
+        mine = [i for i in range(len(planned)) if ctx is None or i % ctx.world_size == ctx.rank]
+
+        def say(i: int, r: CheckpointResult) -> None:
+            rep.log(f"[{i + 1}/{len(planned)}] {r.family}/{r.name}: loss {r.loss_nats:.4f} nats/token, best layer "
                     f"{r.best_layer} test {r.best_test_acc:.2%}" + (" (done before)" if r.reused else ""))
+
+        def compute() -> list[tuple[int, CheckpointResult]]:
+            done = []
+            for i in mine:
+                r = _one(planned[i], out, tokens, inputs, spec, seed=seed, jobs=jobs, batch_size=batch_size,
+                         device=dev, dtype=dtype, restart=restart, on_progress=on_progress, rep=rep)
+                say(i, r)
+                done.append((i, r))
+            return done
+
+        done = run(compute)
+        if ctx is not None:
+            everyone = [x for part in ctx.gather(done) for x in part]
+            for i, r in sorted(x for x in everyone if x[0] not in mine):
+                say(i, r)
+            done = sorted(everyone, key=lambda x: x[0])
+        results = [r for _, r in done]
+        computed = sum(not r.reused for r in results)
         result = SweepResult(
-            out=str(out), train=str(train), test=str(test), score_on=str(score_on),
+            out=str(out), train=str(tokens["train"].path), test=str(tokens["test"].path),
+            score_on=str(tokens["score_on"].path),
             layers=None if spec is None else sorted({l for r in results for l in (x.layer for x in r.layers)}),
             checkpoints=results, correlations=correlations(results), computed=computed,
             reused=len(results) - computed, seconds=round(time.perf_counter() - t0, 3))
         from .report import write_csv
 
         result.files = {"json": str(out / "sweep.json"), "csv": str(out / "sweep.csv")}
-        write_csv(result, out / "sweep.csv")
-        doc = dict(result.to_dict(), format=FORMAT, format_version=FORMAT_VERSION, provenance=provenance(device))
-        with atomic_output(out / "sweep.json") as tmp:
-            tmp.write_text(json.dumps(doc, indent=1) + "\n")
+        if main:
+            write_csv(result, out / "sweep.csv")
+            doc = dict(result.to_dict(), format=FORMAT, format_version=FORMAT_VERSION,
+                       provenance=dict(provenance(str(dev)), world_size=ctx.world_size if ctx else 1))
+            with atomic_output(out / "sweep.json") as tmp:
+                tmp.write_text(json.dumps(doc, indent=1) + "\n")
     return result
 
 
@@ -200,49 +236,58 @@ def correlations(results: Sequence[CheckpointResult]) -> list[Correlation]:
     return out
 
 
-def _one(ck: Checkpoint, model_dir: Path, cfg, out: Path, train: Path, test: Path, score_on: Path, inputs: dict,
-         spec, *, seed: int, jobs: int, batch_size, device: str, dtype: str, restart: bool,
-         on_progress) -> CheckpointResult:
+def probe_device(dev) -> str:
+    """The probe's device for the stages' device `dev`: the same one, or the CPU for mps (the probe runs
+    on cpu or cuda)."""
+    return str(dev) if dev.type in ("cpu", "cuda") else "cpu"
+
+
+def _one(p: Planned, out: Path, tokens: dict[str, Tokens], inputs: dict, spec, *, seed: int, jobs: int,
+         batch_size, device, dtype: str, restart: bool, on_progress, rep: Reporter) -> CheckpointResult:
     """One checkpoint: its result.json when done before with the same inputs, else computed and written."""
     from ..extract import extract_features
     from ..generate import score_file
     from ..probe import probe_files
 
     t0 = time.perf_counter()
-    ckdir = out / ck.family / ck.name
-    identity = dict(inputs, model_sha256=sha256_file(find_weights(model_dir)))
-    done = _read_result(ckdir / RESULT_FILE) if (ckdir / RESULT_FILE).is_file() else None
-    if done is not None and not restart:
-        if done.get("identity") != identity:
-            what = [k for k in identity if done.get("identity", {}).get(k) != identity[k]]
-            raise InputError(f"{ckdir}: holds the result of a sweep with other inputs ({', '.join(what)} "
-                             "differ); use another output directory, or restart=True to recompute it")
-        return _result_from(done["result"], reused=True)
+    ck, model_dir, cfg, ckdir = p.ck, p.model_dir, p.cfg, p.ckdir
+    identity = dict(inputs, model_sha256=p.model_sha256)
     if restart and ckdir.exists():
         shutil.rmtree(ckdir)
+    elif (ckdir / RESULT_FILE).is_file():
+        done = read_result(ckdir / RESULT_FILE)
+        if done is not None and done.get("identity") == identity:
+            return _result_from(done["result"], reused=True)
+        if done is None:
+            rep.log(f"{ckdir / RESULT_FILE}: edited or damaged (its digest does not match); recomputing it")
     ckdir.mkdir(parents=True, exist_ok=True)
-    stage_kw = dict(batch_size=batch_size, device=device, dtype=dtype, on_progress=on_progress)
-    score_path = ckdir / "score.h5"
-    if not score_path.is_file():
-        score_file(score_on, model_dir, score_path, **stage_kw)
-    loss = _scored(score_path)
-    feats = {}
-    for split, tokens in (("train", train), ("test", test)):
-        feats[split] = ckdir / f"{split}.h5"
-        if not feats[split].is_file():
-            extract_features(tokens, model_dir, spec, feats[split], **stage_kw)
-    rep = probe_files(feats["train"], feats["test"], seed=seed, jobs=jobs, on_progress=on_progress)
-    best = next(r for r in rep.layers if r.layer == rep.best_layer)
+    stage_kw = dict(batch_size=batch_size, device=str(device), dtype=dtype, on_progress=on_progress)
+    files = {"score_on": ckdir / "score.h5", "train": ckdir / "train.h5", "test": ckdir / "test.h5"}
+    for split, path in files.items():   # a stage file of other weights or tokens is not reused
+        if path.is_file() and not _belongs(path, p.model_sha256, tokens[split]):
+            rep.log(f"{path}: computed from other weights or tokens; computing it again")
+            path.unlink()
+    if not files["score_on"].is_file():
+        score_file(tokens["score_on"].path, model_dir, files["score_on"], **stage_kw)
+    loss = _scored(files["score_on"])
+    for split in ("train", "test"):
+        if not files[split].is_file():
+            extract_features(tokens[split].path, model_dir, spec, files[split], **stage_kw)
+    rep_ = probe_files(files["train"], files["test"], seed=seed, jobs=jobs, on_progress=on_progress,
+                       device=probe_device(device))
+    best = next(r for r in rep_.layers if r.layer == rep_.best_layer)
     result = CheckpointResult(
         family=ck.family, name=ck.name, checkpoint=ck.path, model_dir=str(model_dir), step=ck.step,
         n_params=_params(cfg), loss_nats=loss, loss_bits=loss / math.log(2), best_layer=best.layer,
         best_val_acc=best.val_acc, best_test_acc=best.test_acc,
-        layers=[LayerAccuracy(r.layer, r.val_acc, r.test_acc, r.c) for r in rep.layers],
+        layers=[LayerAccuracy(r.layer, r.val_acc, r.test_acc, r.c) for r in rep_.layers],
         seconds=round(time.perf_counter() - t0, 3))
+    body = result.to_dict()
     with atomic_output(ckdir / RESULT_FILE) as tmp:
         tmp.write_text(json.dumps({"format": FORMAT + "-checkpoint", "format_version": FORMAT_VERSION,
-                                   "identity": identity, "result": result.to_dict(),
-                                   "provenance": provenance(device)}, indent=1) + "\n")
+                                   "identity": identity, "result": body, "digest": result_digest(identity, body),
+                                   "provenance": dict(provenance(str(device)), probe_device=rep_.protocol["device"])},
+                                  indent=1) + "\n")
     return result
 
 
