@@ -97,7 +97,7 @@ def _class_counts(labels: h5py.Dataset, n: int, names: list[str]) -> dict[str, i
     """Rows per class name; labels outside the classes count as "(unlabeled)" (only when any)."""
     bc = np.zeros(len(names) + 1, dtype=np.int64)  # [0]: unlabeled, [i + 1]: class i
     for i in range(0, n, _LABEL_CHUNK):
-        lab = labels[i:i + _LABEL_CHUNK]
+        lab = labels[i:min(i + _LABEL_CHUNK, n)]
         lab = np.where((lab >= 0) & (lab < len(names)), lab, -1)
         bc += np.bincount(lab + 1, minlength=len(names) + 1)
     counts = {c: int(bc[i + 1]) for i, c in enumerate(names)}
@@ -203,8 +203,9 @@ def _train_state_info(path: Path) -> FileInfo:
                          "positions": m.n_positions},
                "compute_dtype": st.compute_dtype, "world_size": st.world_size, "init": st.init or None,
                "last_record": last, "records": len(st.history)}
-    return _other(path, "igpt-train-state", st.version, summary,
-                  {"train_sha256": st.train_sha256, "val_sha256": st.val_sha256, "val_tokens": st.val_tokens})
+    files = {"train_sha256": st.train_sha256, "val_sha256": st.val_sha256, "val_tokens": st.val_tokens}
+    return _other(path, "igpt-train-state", st.version, {k: v for k, v in summary.items() if v is not None},
+                  {k: v for k, v in files.items() if v})   # "" in states written without them
 
 
 def _sweep_info(path: Path) -> FileInfo:

@@ -521,6 +521,7 @@ def test_info_on_a_partial_file_says_rows_done_of_total(tmp_path):
     assert 0 < done < total == 37
     d = file_info(partial).to_dict()
     assert d["progress"] == {"n_done": done, "n_total": 37} and d["n"] == done
+    assert sum(d["class_counts"].values()) == done   # the rows done, not the preallocated ones
     first = invoke("info", partial).stdout.splitlines()[0]
     assert f"partial: {done} of 37 rows done" in first and "37 rows" not in first.replace("of 37 rows", "")
     part = tmp_path / ".f.h5.part-00001-of-00002.tmp"   # a rank's part file: rows [20, 37) of 37
