@@ -219,44 +219,44 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
             out.append(est)
         return out
 
-    def scores(self, X) -> np.ndarray:
+    def class_scores(self, X) -> np.ndarray:
         """Every class's score [N, K] (the multinomial logits, also for two classes), in X's float
         dtype (float32 stays float32); X may be a row source."""
         check_is_fitted(self)
-        if is_rows(X):
+        rows = is_rows(X)
+        if not rows:
+            X = check_array(X, dtype=[np.float64, np.float32])
+        width = X.d if rows else X.shape[1]
+        if width != self.n_features_in_:   # scikit-learn's wording (check_n_features_in_after_fitting)
+            raise ValueError(f"X has {width} features, but LinearProbe is expecting {self.n_features_in_} "
+                             "features as input")
+        if rows:
             from .torch_solver import decision
 
-            if X.d != self.n_features_in_:
-                raise ValueError(f"X has {X.d} features, but LinearProbe is expecting {self.n_features_in_} "
-                                 "features as input")
             return decision(X, self.coef_, self.intercept_, resolve_probe_device(self.device))
-        X = check_array(X, dtype=[np.float64, np.float32])
-        if X.shape[1] != self.n_features_in_:   # scikit-learn's wording (check_n_features_in_after_fitting)
-            raise ValueError(f"X has {X.shape[1]} features, but LinearProbe is expecting {self.n_features_in_} "
-                             "features as input")
         return X @ self.coef_.T.astype(X.dtype, copy=False) + self.intercept_.astype(X.dtype, copy=False)
 
     def decision_function(self, X) -> np.ndarray:
         """scikit-learn's decision function: [N, K] class scores, or for two classes [N], the score
         of `classes_[1]` minus that of `classes_[0]` (positive: `classes_[1]`)."""
-        z = self.scores(X)
+        z = self.class_scores(X)
         return z[:, 1] - z[:, 0] if z.shape[1] == 2 else z
 
     def predict(self, X) -> np.ndarray:
         """The class of highest score (of highest probability), one per row of X."""
-        index = self.scores(X).argmax(axis=1)      # scores first: NotFittedError before classes_ is read
+        index = self.class_scores(X).argmax(axis=1)   # first: NotFittedError before classes_ is read
         return self.classes_[index]
 
     def predict_proba(self, X) -> np.ndarray:
         """Softmax of the class scores [N, K] (for two classes, the logistic of `decision_function`)."""
-        z = self.scores(X)                          # [N, K]
+        z = self.class_scores(X)                    # [N, K]
         z = z - z.max(axis=1, keepdims=True)
         e = np.exp(z)
         return e / e.sum(axis=1, keepdims=True)
 
     def predict_log_proba(self, X) -> np.ndarray:
         """Log of `predict_proba`, computed stably (log-softmax of the class scores)."""
-        z = self.scores(X)
+        z = self.class_scores(X)
         z = z - z.max(axis=1, keepdims=True)
         return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
 
