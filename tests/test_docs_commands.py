@@ -97,10 +97,11 @@ def docs_workspace(tmp: Path) -> tuple[Path, dict]:
                 (work / folder / c).mkdir(parents=True)
                 for n in picked:
                     (work / folder / c / Path(n).name).write_bytes(tar.extractfile(n).read())
-    igpt = bin_dir / "igpt"
-    igpt.write_text(f'#!/bin/sh\nexec "{sys.executable}" -m igpt_cli "$@"\n')
-    igpt.chmod(igpt.stat().st_mode | stat.S_IXUSR)
-    (bin_dir / "python").symlink_to(sys.executable)
+    # wrappers, not symlinks: a symlinked venv python would not find its venv (its packages)
+    for name, command in (("igpt", f'"{sys.executable}" -m igpt_cli'), ("python", f'"{sys.executable}"')):
+        script = bin_dir / name
+        script.write_text(f'#!/bin/sh\nexec {command} "$@"\n')
+        script.chmod(script.stat().st_mode | stat.S_IXUSR)
     env = dict(ENV, PATH=f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}", HF_HUB_OFFLINE="1",
                TRANSFORMERS_OFFLINE="1", COLUMNS="100")
     return work, env
@@ -130,7 +131,7 @@ def test_a_failing_marked_command_fails(tmp_path):
     assert len(list((work / "photos" / "cat").iterdir())) == PHOTOS
     for script in ("false\ntrue", "false | cat"):
         assert run_block(script, work, env).returncode != 0, script
-    r = run_block('python -c "import igpt_cli; print(igpt_cli.__file__)"', work, env)   # this checkout's igpt
+    r = run_block('python -c "import h5py, igpt_cli; print(igpt_cli.__file__)"', work, env)   # this checkout's igpt
     assert r.returncode == 0 and Path(r.stdout.strip()).parent == ROOT / "igpt_cli"
     assert Path(run_block("command -v igpt", work, env).stdout.strip()) == tmp_path / "bin" / "igpt"
 
