@@ -4,7 +4,7 @@ probes, predictions and scores files, a `summary` of what they hold (`_SUMMARIES
 
 It also summarizes the other files igpt reads and writes (`_OTHER_KINDS`): a palette `.npy`,
 a model directory or a bundled model's name, a training state `train_state.pt` (read with
-`torch.load(weights_only=True)`: no code runs) and a sweep's `sweep.json` / `result.json`.
+`torch.load(weights_only=True)`: no code runs) and a sweep's `sweep.json` (or its directory) / `result.json`.
 A partial file (`.out.h5.tmp`, a part file `.out.h5.part-r-of-K.tmp`) says how far it got:
 `n` is then the rows done, `progress` holds `n_done` of `n_total`.
 
@@ -180,6 +180,8 @@ def _model_info(path: Path) -> FileInfo:
     from .model.hub import model_summary
 
     d = BUNDLED[str(path)] if str(path) in BUNDLED and not path.exists() else path
+    if not (d / "config.json").is_file() and (d / "sweep.json").is_file():   # a sweep's output directory
+        return _sweep_info(d / "sweep.json")
     if not (d / "config.json").is_file():
         raise InputError(f"{path}: is a directory without config.json: not a model directory (igpt info "
                          "reads igpt .h5 files, a palette .npy, a model directory, train_state.pt and sweep.json)")

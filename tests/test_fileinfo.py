@@ -490,6 +490,7 @@ def test_info_on_a_sweep_result(tmp_path):
     assert d["summary"]["correlations"] == doc["correlations"] and d["attrs"]["train"] == "tr.h5"
     r = invoke("info", tmp_path / "sweep.json")
     assert r.exit_code == 0 and "checkpoints:" in r.stdout and "s2" in r.stdout
+    assert json.loads(invoke("info", tmp_path, "--json").stdout) == dict(d, path=str(tmp_path / "sweep.json"))
     (tmp_path / "other.json").write_text('{"a": 1}')
     r = invoke("info", tmp_path / "other.json")
     assert r.exit_code == 2 and "not an igpt sweep result" in r.stderr
