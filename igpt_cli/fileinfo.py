@@ -2,6 +2,12 @@
 probes, predictions): kind, dataset shapes, class counts, attrs (provenance included) and, for
 probes, predictions and scores files, a `summary` of what they hold (`_SUMMARIES`).
 
+It also summarizes the other files igpt reads and writes (`_OTHER_KINDS`): a palette `.npy`,
+a model directory or a bundled model's name, a training state `train_state.pt` (read with
+`torch.load(weights_only=True)`: no code runs) and a sweep's `sweep.json` (or its directory) / `result.json`.
+A partial file (`.out.h5.tmp`, a part file `.out.h5.part-r-of-K.tmp`) says how far it got:
+`n` is then the rows done, `progress` holds `n_done` of `n_total`.
+
 The picture side (`show_tokens`, `igpt show`) lives in `igpt_cli.show`; it is re-exported here.
 """
 from __future__ import annotations
@@ -34,16 +40,21 @@ class FileInfo(Result):
     class_counts: Optional[dict]       # class name -> rows, plus "(unlabeled)" when any; left out when n is None
     classes: list                      # class names
     attrs: dict                        # the other file attributes (provenance, model config, …)
-    summary: Optional[dict] = None     # probes, predictions, scores: what they hold (see `_SUMMARIES`)
+    summary: Optional[dict] = None     # probes, predictions, scores and the non-HDF5 kinds: what they hold
+    progress: Optional[dict] = None    # a partial file: {"n_done", "n_total"} (rows written of the finished length)
 
-    _omit_if_none = ("class_counts", "summary")
+    _omit_if_none = ("class_counts", "summary", "progress")
 
 
 def file_info(path: str | Path) -> FileInfo:
-    """Summary of any igpt file (any format_version this igpt reads).
+    """Summary of any igpt file (any format_version this igpt reads), a palette `.npy`, a model
+    directory or bundled model name, a `train_state.pt` or a sweep's JSON.
 
-    FormatError (one line) for a file that is not one, or whose `class_names`, `layers` or
-    `model_config` attr is not the JSON it should be."""
+    FormatError / InputError (one line) for a file that is none of these, or whose
+    `class_names`, `layers` or `model_config` attr is not the JSON it should be."""
+    for matches, describe in _OTHER_KINDS:
+        if matches(Path(path)):
+            return describe(Path(path))
     with open_igpt(path) as f:
         attrs = formats.read_attrs(f)
         names = formats.class_names(f, path)
@@ -57,7 +68,10 @@ def file_info(path: str | Path) -> FileInfo:
         f.visititems(visit)
         lab = f.get("labels")
         labelled = isinstance(lab, h5py.Dataset) and lab.ndim == 1 and lab.dtype.kind in "ui"
+        progress = _progress(attrs)
         n = int(lab.shape[0]) if labelled else None
+        if progress is not None and n is not None:
+            n = min(n, progress["n_done"])   # the rows after n_done are preallocated, not written
         counts = _class_counts(lab, n, names) if labelled else None
         summarize = _SUMMARIES.get(attrs.get("format"))
         summary = summarize(f, path, names) if summarize else None
@@ -65,14 +79,25 @@ def file_info(path: str | Path) -> FileInfo:
     other.update(decoded)
     return FileInfo(path=str(path), kind=attrs.get("format"), format_version=attrs.get("format_version"),
                     datasets=datasets, n=n, class_counts=counts, classes=names, attrs=other,
-                    summary=summary)
+                    summary=summary, progress=progress)
+
+
+def _progress(attrs: dict) -> dict | None:
+    """{"n_done", "n_total"} of a file a stage has not finished (`complete` false), else None."""
+    done, total = attrs.get("n_done"), attrs.get("n_total")
+    if attrs.get("complete", True) or not isinstance(done, (int, np.integer)) or not isinstance(total, (int, np.integer)):
+        return None
+    out = {"n_done": int(done), "n_total": int(total)}
+    if all(isinstance(attrs.get(k), (int, np.integer)) for k in ("shard_start", "shard_stop", "rows_total")):
+        out.update(shard=[int(attrs["shard_start"]), int(attrs["shard_stop"])], rows_total=int(attrs["rows_total"]))
+    return out
 
 
 def _class_counts(labels: h5py.Dataset, n: int, names: list[str]) -> dict[str, int]:
     """Rows per class name; labels outside the classes count as "(unlabeled)" (only when any)."""
     bc = np.zeros(len(names) + 1, dtype=np.int64)  # [0]: unlabeled, [i + 1]: class i
     for i in range(0, n, _LABEL_CHUNK):
-        lab = labels[i:i + _LABEL_CHUNK]
+        lab = labels[i:min(i + _LABEL_CHUNK, n)]
         lab = np.where((lab >= 0) & (lab < len(names)), lab, -1)
         bc += np.bincount(lab + 1, minlength=len(names) + 1)
     counts = {c: int(bc[i + 1]) for i, c in enumerate(names)}
@@ -120,3 +145,98 @@ def _scores_summary(f: h5py.File, path, names: list[str]) -> dict:
 
 _SUMMARIES = {"igpt-probes": _probes_summary, "igpt-predictions": _predictions_summary,
               formats.SCORES_FORMAT: _scores_summary}  # format -> (open file, path, class names) -> summary dict
+
+
+# ---------------------------------------------------------------------------
+# The files that are not HDF5: palette, model, training state, sweep
+# ---------------------------------------------------------------------------
+
+def _other(path: Path, kind: str, version, summary: dict, attrs: dict | None = None) -> FileInfo:
+    return FileInfo(path=str(path), kind=kind, format_version=version, datasets={}, n=None, class_counts=None,
+                    classes=[], attrs=attrs or {}, summary=summary)
+
+
+def _palette_info(path: Path) -> FileInfo:
+    """A palette .npy: its colours, checked as every command that takes --palette checks them."""
+    from .formats import sha256_file
+    from .palette import Palette
+
+    pal = Palette.load(path)
+    c = pal.centers
+    return _other(path, "palette", None, {"colours": pal.k, "min": round(float(c.min()), 4),
+                                         "max": round(float(c.max()), 4), "sha256": sha256_file(path)})
+
+
+def _is_model(path: Path) -> bool:
+    from .model import BUNDLED
+
+    return path.is_dir() or (str(path) in BUNDLED and not path.exists())
+
+
+def _model_info(path: Path) -> FileInfo:
+    """A model directory (Hugging Face ImageGPT layout) or a bundled model's name: what `igpt models` shows."""
+    from .errors import InputError
+    from .model import BUNDLED
+    from .model.hub import model_summary
+
+    d = BUNDLED[str(path)] if str(path) in BUNDLED and not path.exists() else path
+    if not (d / "config.json").is_file() and (d / "sweep.json").is_file():   # a sweep's output directory
+        return _sweep_info(d / "sweep.json")
+    if not (d / "config.json").is_file():
+        raise InputError(f"{path}: is a directory without config.json: not a model directory (igpt info "
+                         "reads igpt .h5 files, a palette .npy, a model directory, train_state.pt and sweep.json)")
+    bundled = d.resolve() in {b.resolve() for b in BUNDLED.values()}
+    row = model_summary(str(path), d, source="bundled" if bundled else "directory")
+    if row is None:
+        raise InputError(f"{path}: config.json is not an ImageGPT model config, or the weights are missing")
+    row = {k: v for k, v in row.items() if k != "name" and v is not None}
+    row["palette_file"] = (d / "preprocessor_config.json").is_file()
+    return _other(path, "model", None, row)
+
+
+def _train_state_info(path: Path) -> FileInfo:
+    """A training state (`torch.load(weights_only=True)`, checked as `train --resume` checks it)."""
+    from .train.state import read_state
+
+    st = read_state(path)
+    m, last = st.model_config, (st.history[-1] if st.history else {})
+    summary = {"step": st.step, "schedule_steps": st.schedule_steps,
+               "model": {"layers": m.n_layer, "width": m.n_embd, "heads": m.n_head, "vocab_size": m.vocab_size,
+                         "positions": m.n_positions},
+               "compute_dtype": st.compute_dtype, "world_size": st.world_size, "init": st.init or None,
+               "last_record": last, "records": len(st.history)}
+    files = {"train_sha256": st.train_sha256, "val_sha256": st.val_sha256, "val_tokens": st.val_tokens}
+    return _other(path, "igpt-train-state", st.version, {k: v for k, v in summary.items() if v is not None},
+                  {k: v for k, v in files.items() if v})   # "" in states written without them
+
+
+def _sweep_info(path: Path) -> FileInfo:
+    """A sweep's sweep.json (a row per checkpoint, the correlations) or a checkpoint's result.json."""
+    from .errors import InputError
+    from .jsonfile import read_json
+    from .sweep.stage import FORMAT
+
+    doc = read_json(path, "sweep result")
+    kind = doc.get("format") if isinstance(doc, dict) else None
+    if kind == FORMAT + "-checkpoint" and isinstance(doc.get("result"), dict):
+        rows = [doc["result"]]
+    elif kind == FORMAT and isinstance(doc.get("checkpoints"), list):
+        rows = doc["checkpoints"]
+    else:
+        raise InputError(f"{path}: not an igpt sweep result (format={kind!r}); igpt info reads sweep.json "
+                         "and a checkpoint's result.json")
+    keys = ("family", "name", "step", "loss_bits", "best_layer", "best_test_acc")
+    table = [{k: r.get(k) for k in keys} for r in rows if isinstance(r, dict)]
+    summary = {"checkpoints": table}
+    if kind == FORMAT:
+        summary["correlations"] = doc.get("correlations")
+    attrs = {k: v for k, v in doc.items() if k in ("train", "test", "score_on", "layers", "provenance")}
+    return _other(path, kind, doc.get("format_version"), summary, attrs)
+
+
+_OTHER_KINDS = (  # (does the path name this kind?, its FileInfo); anything else is read as an igpt HDF5 file
+    (lambda p: p.suffix == ".npy", _palette_info),
+    (_is_model, _model_info),
+    (lambda p: p.suffix == ".pt", _train_state_info),
+    (lambda p: p.suffix == ".json", _sweep_info),
+)

@@ -48,8 +48,10 @@ def test_file_info_of_a_features_file_counts_unlabeled_and_nests_groups(tmp_path
                                      sources=np.array([f"s{i}" for i in range(5)], dtype=object),
                                      store_dtype="float16",
                                      attrs={"class_names": ["a", "b"], "layers": [0, 3], "model": "m"})
+        f.attrs.update(n_done=5, complete=True)   # as a finished stage leaves it
     d = file_info(path).to_dict()
     assert d["kind"] == "igpt-features" and d["format_version"] == formats.FEATURES_VERSION and d["n"] == 5
+    assert "progress" not in d
     assert d["datasets"]["features/3"] == {"shape": [5, 8], "dtype": "float16"}
     assert d["class_counts"] == {"a": 1, "b": 2, "(unlabeled)": 2}  # -1 and the out-of-range 7
     assert d["attrs"]["layers"] == [0, 3] and d["attrs"]["model"] == "m"
@@ -417,3 +419,115 @@ def test_show_refuses_to_draw_over_its_input_or_the_tokens_behind_features(tmp_p
     r = invoke("show", feats, "-o", tmp_path / "hard.png", "--overwrite")
     assert_clean_failure(r, "would overwrite the input origin")
     assert tokens_file.read_bytes() == before
+
+
+# --- igpt info on the files that are not igpt HDF5 files, and on partial files -------------------
+def test_info_on_a_palette_and_a_model(tmp_path):
+    from igpt_cli.model import BUNDLED
+
+    pal = tmp_path / "pal.npy"
+    centers = np.random.default_rng(0).uniform(-1, 1, (16, 3)).astype(np.float32)
+    np.save(pal, centers)
+    d = file_info(pal).to_dict()
+    assert d["kind"] == "palette" and d["summary"]["colours"] == 16
+    assert d["summary"]["min"] == round(float(centers.min()), 4) and d["summary"]["max"] == round(float(centers.max()), 4)
+    r = invoke("info", pal)
+    assert r.exit_code == 0 and r.stdout.splitlines()[0] == f"{pal}: palette" and "colours: 16" in r.stdout
+    np.save(pal, np.zeros((4, 2), np.float32))  # not [K, 3]: refused as --palette refuses it
+    r = invoke("info", pal)
+    assert r.exit_code == 2 and str(pal) in r.stderr and "Traceback" not in r.stderr
+    cfg = json.loads((BUNDLED["igpt-cifar8"] / "config.json").read_text())
+    for spec in ("igpt-cifar8", BUNDLED["igpt-cifar8"]):
+        d = json.loads(invoke("info", spec, "--json").stdout)
+        assert d["kind"] == "model" and d["summary"]["source"] == "bundled"
+        assert (d["summary"]["layers"], d["summary"]["width"]) == (cfg["n_layer"], cfg["n_embd"])
+        assert d["summary"]["palette_file"] is True
+    assert invoke("info", "igpt-cifar8").stdout.startswith("igpt-cifar8: model\n")
+    r = invoke("info", tmp_path)  # a directory that is no model
+    assert r.exit_code == 2 and "not a model directory" in r.stderr
+
+
+def test_info_on_a_train_state_never_runs_its_code(tmp_path):
+    import torch
+
+    from igpt_cli.train import STATE_FILE, TrainConfig, pretrain
+
+    tok = make_tokens(tmp_path / "t.h5", 16, 4, palette=np.random.default_rng(5).uniform(-1, 1, (16, 3)))
+    out = tmp_path / "run"
+    pretrain(tok, out, TrainConfig(steps=3, n_layer=1, n_embd=16, n_head=2, batch_size=4, warmup_steps=1,
+                                   eval_every=3, checkpoint_every=3), dtype="float32")
+    raw = torch.load(out / STATE_FILE, weights_only=True)
+    d = json.loads(invoke("info", out / STATE_FILE, "--json").stdout)
+    assert d["kind"] == "igpt-train-state" and d["format_version"] == raw["format_version"]
+    assert d["summary"]["step"] == raw["step"] == 3
+    assert d["summary"]["model"]["layers"] == 1 and d["summary"]["model"]["width"] == 16
+    assert d["summary"]["records"] == len(json.loads(raw["history"])) > 0
+    r = invoke("info", out / STATE_FILE)
+    assert r.exit_code == 0 and r.stdout.startswith(f"{out / STATE_FILE}: igpt-train-state") and "step: 3" in r.stdout
+    assert json.loads(invoke("info", out, "--json").stdout)["summary"]["layers"] == 1  # the run is a model
+
+    class Evil:
+        def __reduce__(self):
+            return os.system, (f"touch {tmp_path / 'pwned'}",)
+
+    torch.save({"model": Evil()}, tmp_path / "evil.pt")
+    r = invoke("info", tmp_path / "evil.pt")
+    assert r.exit_code == 2 and "evil.pt" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_info_on_a_sweep_result(tmp_path):
+    from igpt_cli.sweep.stage import FORMAT, FORMAT_VERSION
+
+    rows = [{"family": "f", "name": f"s{i}", "step": 100 * i, "loss_bits": 5.0 - i, "best_layer": i,
+             "best_test_acc": 0.3 + 0.1 * i, "layers": []} for i in range(3)]
+    doc = {"format": FORMAT, "format_version": FORMAT_VERSION, "out": str(tmp_path), "train": "tr.h5",
+           "test": "te.h5", "checkpoints": rows, "correlations": [{"family": "f", "pearson": -1.0}]}
+    (tmp_path / "sweep.json").write_text(json.dumps(doc))
+    d = json.loads(invoke("info", tmp_path / "sweep.json", "--json").stdout)
+    assert d["kind"] == FORMAT and [r["name"] for r in d["summary"]["checkpoints"]] == ["s0", "s1", "s2"]
+    assert d["summary"]["checkpoints"][2]["best_test_acc"] == rows[2]["best_test_acc"]
+    assert d["summary"]["correlations"] == doc["correlations"] and d["attrs"]["train"] == "tr.h5"
+    r = invoke("info", tmp_path / "sweep.json")
+    assert r.exit_code == 0 and "checkpoints:" in r.stdout and "s2" in r.stdout
+    assert json.loads(invoke("info", tmp_path, "--json").stdout) == dict(d, path=str(tmp_path / "sweep.json"))
+    (tmp_path / "other.json").write_text('{"a": 1}')
+    r = invoke("info", tmp_path / "other.json")
+    assert r.exit_code == 2 and "not an igpt sweep result" in r.stderr
+
+
+def test_info_on_a_partial_file_says_rows_done_of_total(tmp_path):
+    from igpt_cli.extract import extract_features
+    from igpt_cli.model import IGPT, IGPTConfig, save_pretrained
+
+    import torch
+
+    torch.manual_seed(0)
+    save_pretrained(IGPT(IGPTConfig(n_positions=16, n_embd=32, n_layer=2, n_head=2)), tmp_path / "m")
+    tok = make_tokens(tmp_path / "t.h5", 37, 4)
+    batches = []
+
+    def stop_after_two_batches(ev):
+        if ev.done:
+            batches.append(ev.done)
+        if len(batches) == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        extract_features(tok, tmp_path / "m", "all", tmp_path / "f.h5", batch_size=5, dtype="float32",
+                         on_progress=stop_after_two_batches)
+    partial = tmp_path / ".f.h5.tmp"
+    with h5py.File(partial, "r") as f:
+        done, total = int(f.attrs["n_done"]), int(f.attrs["n_total"])
+    assert 0 < done < total == 37
+    d = file_info(partial).to_dict()
+    assert d["progress"] == {"n_done": done, "n_total": 37} and d["n"] == done
+    assert sum(d["class_counts"].values()) == done   # the rows done, not the preallocated ones
+    first = invoke("info", partial).stdout.splitlines()[0]
+    assert f"partial: {done} of 37 rows done" in first and "37 rows" not in first.replace("of 37 rows", "")
+    part = tmp_path / ".f.h5.part-00001-of-00002.tmp"   # a rank's part file: rows [20, 37) of 37
+    part.write_bytes(partial.read_bytes())
+    with h5py.File(part, "r+") as f:
+        f.attrs.update(n_total=17, shard_start=20, shard_stop=37, rows_total=37)
+    first = invoke("info", part).stdout.splitlines()[0]
+    assert f"partial: {done} of 17 rows done (part file: rows 20..37 of 37)" in first

@@ -1,12 +1,17 @@
 """igpt_cli.probe.estimator: LinearProbe against scikit-learn's LogisticRegression, and as an estimator."""
 from __future__ import annotations
 
+import functools
+import subprocess
+import sys
+
 import numpy as np
 import pytest
-from helpers import overlapping_classes
+from helpers import ENV, overlapping_classes
 from sklearn.base import clone
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import cross_val_score
+from sklearn.utils.estimator_checks import parametrize_with_checks
 
 from igpt_cli.errors import ParameterError
 from igpt_cli.probe import LinearProbe, standardize
@@ -104,3 +109,63 @@ def test_bad_parameters(data):
         LinearProbe().fit(A, np.zeros(len(A), dtype=int))
     with pytest.raises(ValueError, match="features"):
         LinearProbe().fit(A, y).predict(A[:, :5])
+
+
+def test_binary_decision_function_is_scikit_learns(data):
+    """Two classes: decision_function is 1-D (classes_[1] minus classes_[0]), like LogisticRegression's,
+    and predict/predict_proba agree with it; with string labels in any order. Our 2-row model's penalty
+    ||W||^2/2 with W = (-w/2, w/2) is ||w||^2/4: the same objective as scikit-learn's binary one at 2C."""
+    A, y = data
+    keep = y < 2
+    names = np.array(["zebra", "ant"])[y[keep]]          # "ant" sorts first: classes_ = [ant, zebra]
+    X = A[keep].astype(np.float64)
+    ours = LinearProbe(0.1, tol=1e-7).fit(X, names)
+    ref = LogisticRegression(C=0.2, tol=1e-9, max_iter=10000).fit(X, names)
+    reference_solver = LinearProbe(0.1, tol=1e-9, max_iter=10000, solver="sklearn").fit(X, names)
+    assert np.abs(reference_solver.coef_ - ours.coef_).max() <= 2e-3 * np.abs(ours.coef_).max()
+    assert list(ours.classes_) == list(ref.classes_) == ["ant", "zebra"]
+    d = ours.decision_function(X)
+    assert d.shape == (len(X),)
+    assert np.abs(d - ref.decision_function(X)).max() <= 2e-3 * np.abs(ref.decision_function(X)).max()
+    assert (ours.predict(X) == ours.classes_[(d > 0).astype(int)]).all()
+    p = ours.predict_proba(X)
+    assert p.shape == (len(X), 2) and np.allclose(p[:, 1], 1 / (1 + np.exp(-d)), atol=1e-9)
+    assert np.allclose(ours.predict_log_proba(X), np.log(p), atol=1e-9)
+    assert ours.coef_.shape == (2, X.shape[1])          # still the 2-row multinomial model
+
+
+def test_unfitted_and_wrong_width_errors_are_scikit_learns(data):
+    from sklearn.exceptions import NotFittedError
+
+    A, y = data
+    for method in ("predict", "predict_proba", "predict_log_proba", "decision_function", "score"):
+        with pytest.raises(NotFittedError):
+            getattr(LinearProbe(), method)(*((A, y) if method == "score" else (A,)))
+    with pytest.raises(ValueError, match="X has 5 features, but LinearProbe is expecting 20 features as input"):
+        LinearProbe().fit(A, y).decision_function(A[:, :5])
+    with pytest.raises(ValueError, match="got 1 class"):
+        LinearProbe().fit(A[:1], y[:1])
+
+
+def _check_name(check) -> str:
+    while isinstance(check, functools.partial):
+        check = check.func
+    return check.__name__
+
+
+@parametrize_with_checks([LinearProbe(), LinearProbe(solver="scipy")])
+def test_scikit_learn_estimator_checks(estimator, check):
+    """scikit-learn's own estimator checks (`check_estimator`), every one, with the torch and scipy solvers.
+
+    check_array_api_input needs SCIPY_ARRAY_API=1 set before scipy is first imported (scikit-learn
+    skips it otherwise), so it runs in a fresh interpreter with that set."""
+    if _check_name(check) != "check_array_api_input":
+        check(estimator)
+        return
+    code = ("from sklearn.utils.estimator_checks import check_array_api_input\n"
+            "from igpt_cli.probe import LinearProbe\n"
+            f"check_array_api_input('LinearProbe', LinearProbe(solver={estimator.solver!r}), "
+            "array_namespace='numpy', expect_only_array_outputs=False)\n")
+    r = subprocess.run([sys.executable, "-c", code], env=dict(ENV, SCIPY_ARRAY_API="1"), capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]

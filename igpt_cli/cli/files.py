@@ -12,13 +12,17 @@ from .ui import err, handles_input_errors, print_json, render_file_info
 
 @handles_input_errors
 def info_command(
-    file: Annotated[Path, typer.Argument(help="Any igpt file (tokens, features, scores, probes, predictions).")],
+    file: Annotated[Path, typer.Argument(help=(
+        "Any igpt file (tokens, features, scores, probes, predictions, a partial .tmp file), a palette .npy, "
+        "a model directory or bundled name, a train_state.pt or a sweep.json."))],
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
     quiet: Quiet = False,
 ) -> None:
     """Summarize an igpt file: kind, shapes, classes and counts, provenance and other attrs.
 
-    Example: igpt info train.h5 --json
+    A partial file (an interrupted run's .OUT.tmp) says how many rows are done of how many.
+
+    Example: igpt info train.h5 --json   (also: igpt info igpt-cifar8; igpt info runs/small/train_state.pt)
     """
     from ..fileinfo import file_info
 

@@ -314,10 +314,24 @@ def _info_value(v) -> str:
     return json.dumps(v) if isinstance(v, list) else str(v)
 
 
+def _info_headline(d: dict) -> str:
+    """The first line of `igpt info`: path, kind, version, rows (a partial file: rows done of its length)."""
+    version = "" if d["format_version"] is None else f" (format_version {d['format_version']})"
+    progress = d.get("progress")
+    if progress:
+        part = ""
+        if "shard" in progress:
+            part = f" (part file: rows {progress['shard'][0]}..{progress['shard'][1]} of {progress['rows_total']})"
+        rows = (f", partial: {progress['n_done']} of {progress['n_total']} rows done{part}; "
+                "run the same command again to finish it")
+    else:
+        rows = "" if d["n"] is None else f", {d['n']} row" + ("" if d["n"] == 1 else "s")
+    return f"{d['path']}: {d['kind']}{version}{rows}"
+
+
 def render_file_info(d: dict) -> None:
     """`igpt info` in words (stdout: it is the command's result)."""
-    rows = "" if d["n"] is None else f", {d['n']} rows"
-    typer.echo(f"{d['path']}: {d['kind']} (format_version {d['format_version']}){rows}")
+    typer.echo(_info_headline(d))
     if len(d["datasets"]) <= _MAX_DATASET_LINES:
         for name, s in d["datasets"].items():
             typer.echo(f"  {name:<14} {s['dtype']:<8} {tuple(s['shape'])}")

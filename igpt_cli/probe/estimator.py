@@ -8,9 +8,11 @@ because L-BFGS runs on a preconditioned reparametrisation of W (same optimum, fa
 conditioned) and the matrix products are float32 on one BLAS thread (float64 optimiser
 state). Tests check it against scikit-learn at the same C.
 
-It is a scikit-learn estimator (`clone`, `cross_val_score`, pipelines work); labels may
-be any values (ints, strings), kept in `classes_`. Unlike scikit-learn, two classes are
-fitted as a 2-row multinomial model too (`coef_` is always [K, D]).
+It is a scikit-learn estimator (it passes `sklearn.utils.estimator_checks.check_estimator`;
+`clone`, `cross_val_score`, pipelines work); labels may be any values (ints, strings),
+kept in `classes_`. Unlike scikit-learn, two classes are fitted as a 2-row multinomial
+model too (`coef_` is always [K, D]); as in scikit-learn, `decision_function` of two
+classes is then 1-D (the score of `classes_[1]` minus that of `classes_[0]`).
 
 Work the protocol can share between the fits of one layer (the preconditioner) comes
 from `fit_context(X)`: a dict of keyword arguments for every `fit` on that layer.
@@ -196,7 +198,7 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
         classes, y_index = np.unique(y, return_inverse=True)
         k = len(classes)
         if k < 2:
-            raise ValueError(f"LinearProbe needs at least 2 classes in y, got {k}")
+            raise ValueError(f"LinearProbe needs at least 2 classes in y, got {k} class")
         W0 = list(coef_init) if coef_init is not None else [None] * len(Cs)
         b0 = list(intercept_init) if intercept_init is not None else [None] * len(Cs)
         for w, b in zip(W0, b0):
@@ -217,29 +219,46 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
             out.append(est)
         return out
 
-    def decision_function(self, X) -> np.ndarray:
-        """Class scores [N, K], computed in X's float dtype (float32 stays float32); X may be a row source."""
+    def class_scores(self, X) -> np.ndarray:
+        """Every class's score [N, K] (the multinomial logits, also for two classes), in X's float
+        dtype (float32 stays float32); X may be a row source."""
         check_is_fitted(self)
-        if is_rows(X):
+        rows = is_rows(X)
+        if not rows:
+            X = check_array(X, dtype=[np.float64, np.float32])
+        width = X.d if rows else X.shape[1]
+        if width != self.n_features_in_:   # scikit-learn's wording (check_n_features_in_after_fitting)
+            raise ValueError(f"X has {width} features, but LinearProbe is expecting {self.n_features_in_} "
+                             "features as input")
+        if rows:
             from .torch_solver import decision
 
             return decision(X, self.coef_, self.intercept_, resolve_probe_device(self.device))
-        X = check_array(X, dtype=[np.float64, np.float32])
-        if X.shape[1] != self.n_features_in_:
-            raise ValueError(f"X has {X.shape[1]} features, LinearProbe was fitted on {self.n_features_in_}")
         return X @ self.coef_.T.astype(X.dtype, copy=False) + self.intercept_.astype(X.dtype, copy=False)
 
+    def decision_function(self, X) -> np.ndarray:
+        """scikit-learn's decision function: [N, K] class scores, or for two classes [N], the score
+        of `classes_[1]` minus that of `classes_[0]` (positive: `classes_[1]`)."""
+        z = self.class_scores(X)
+        return z[:, 1] - z[:, 0] if z.shape[1] == 2 else z
+
     def predict(self, X) -> np.ndarray:
-        return self.classes_[self.decision_function(X).argmax(axis=1)]
+        """The class of highest score (of highest probability), one per row of X."""
+        index = self.class_scores(X).argmax(axis=1)   # first: NotFittedError before classes_ is read
+        return self.classes_[index]
 
     def predict_proba(self, X) -> np.ndarray:
-        z = self.decision_function(X)               # [N, K]
+        """Softmax of the class scores [N, K] (for two classes, the logistic of `decision_function`)."""
+        z = self.class_scores(X)                    # [N, K]
         z = z - z.max(axis=1, keepdims=True)
         e = np.exp(z)
         return e / e.sum(axis=1, keepdims=True)
 
     def predict_log_proba(self, X) -> np.ndarray:
-        return np.log(self.predict_proba(X))
+        """Log of `predict_proba`, computed stably (log-softmax of the class scores)."""
+        z = self.class_scores(X)
+        z = z - z.max(axis=1, keepdims=True)
+        return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
 
 
 _covariance_eig = covariance_eig   # fit_path's parameter of that name shadows it
@@ -252,13 +271,14 @@ _covariance_eig = covariance_eig   # fit_path's parameter of that name shadows i
 def _fit_sklearn(X: np.ndarray, y: np.ndarray, n_classes: int, C: float, *, coef_init, intercept_init, tol: float,
                  max_iter: int, **_) -> tuple[np.ndarray, np.ndarray, int, bool]:
     """scikit-learn's own `LogisticRegression(solver="lbfgs")` (the reference), warm-started where
-    it can be (3+ classes). Two classes: scikit-learn's binary model, returned as 2 rows (-w/2, w/2)."""
+    it can be (3+ classes). Two classes: scikit-learn's binary model, returned as 2 rows (-w/2, w/2); the
+    2-row model's penalty ||W||^2/2 is then ||w||^2/4, so the same objective is the binary one at 2C."""
     import warnings
 
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
 
-    lr = LogisticRegression(C=C, tol=tol, max_iter=max_iter, solver="lbfgs", warm_start=True)
+    lr = LogisticRegression(C=2 * C if n_classes == 2 else C, tol=tol, max_iter=max_iter, solver="lbfgs", warm_start=True)
     if coef_init is not None and n_classes > 2:
         lr.coef_ = np.array(coef_init, dtype=np.float64)
         lr.intercept_ = np.zeros(n_classes) if intercept_init is None else np.array(intercept_init, dtype=np.float64)
