@@ -680,3 +680,20 @@ def test_token_maps_that_do_not_fit_the_disk_are_refused_before_any_work(small, 
         assert not list(mnt.iterdir())
         r = run_igpt("extract", small["tokens"], "--model", small["dir"], "-l", "all", "-o", out, "-q")
         assert r.returncode == 0, r.stderr
+
+
+def test_the_one_host_copy_gives_every_layer_as_it_is():
+    """The packed path (one flat block for all layers, as on a GPU) unpacks to each layer, cast."""
+    from igpt_cli.extract.sources import to_host
+
+    g = torch.Generator().manual_seed(0)
+    feats = {4: torch.randn(3, 5, 7, generator=g), 1: torch.randn(3, 5, 7, generator=g).bfloat16(),
+             2: torch.randn(3, 7, generator=g)}
+    for dtype in (torch.float32, torch.float16):
+        packed, plain = to_host(feats, dtype, pack=True), to_host(feats, dtype, pack=False)
+        assert list(packed) == [1, 2, 4]
+        for layer, v in feats.items():
+            want = v.to(dtype).numpy()
+            assert packed[layer].shape == want.shape and packed[layer].dtype == want.dtype
+            np.testing.assert_array_equal(packed[layer], want)
+            np.testing.assert_array_equal(plain[layer], want)

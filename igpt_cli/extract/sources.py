@@ -56,15 +56,16 @@ class ModelSource:
             return to_host(feats, self.out_dtype)
 
 
-def to_host(feats: dict[int, torch.Tensor], dtype: torch.dtype) -> dict[int, np.ndarray]:
+def to_host(feats: dict[int, torch.Tensor], dtype: torch.dtype, *, pack: bool | None = None) -> dict[int, np.ndarray]:
     """`{layer: tensor [B, ...]}` as host arrays of `dtype`: on an accelerator every layer goes in ONE
     copy (the layers cast and packed on the device into one flat block, copied into one pinned
-    buffer) with one synchronisation; on the CPU each is cast in place of a copy."""
+    buffer) with one synchronisation; on the CPU each is cast in place of a copy (`pack`: force
+    the packed path, which a CPU runs too)."""
     layers = sorted(feats)
     if not layers:
         return {}
     dev = feats[layers[0]].device
-    if dev.type == "cpu":
+    if not (dev.type != "cpu" if pack is None else pack):
         return {layer: feats[layer].to(dtype).numpy() for layer in layers}
     flat = torch.cat([feats[layer].to(dtype).reshape(-1) for layer in layers])  # [sum of B*row] on the device
     if dev.type == "cuda":
