@@ -493,7 +493,7 @@ def test_second_run_on_the_same_output_fails_at_once(long_run):
     first = _start(long_run["args"], out)
     _wait_rows(first, tmp, 20)
     t0 = time.time()
-    second = run_igpt(*long_run["args"], "-o", out)
+    second = invoke(*long_run["args"], "-o", out)  # in this process: no interpreter start while the first runs on
     assert time.time() - t0 < 60
     assert_clean_failure(second, "another igpt run is writing this output")
     assert f"pid {first.pid} " in second.stderr
