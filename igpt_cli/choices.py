@@ -42,8 +42,10 @@ class Site(str, Enum):
 
 
 class Pool(str, Enum):
-    """How a token map [T, D] becomes one vector [D]."""
+    """How a token map [T, D] becomes one vector [D] (mean, max over positions), or none: the map itself."""
     mean = "mean"
+    max = "max"
+    none = "none"
 
 
 class ComputeDtype(str, Enum):

@@ -1,6 +1,6 @@
 """Looking inside igpt files: `file_info` summarizes any igpt file (tokens, features, scores,
 probes, predictions): kind, dataset shapes, class counts, attrs (provenance included) and, for
-probes, predictions and scores files, a `summary` of what they hold (`_SUMMARIES`).
+features, probes, predictions and scores files, a `summary` of what they hold (`_SUMMARIES`).
 
 It also summarizes the other files igpt reads and writes (`_OTHER_KINDS`): a palette `.npy`,
 a model directory or a bundled model's name, a training state `train_state.pt` (read with
@@ -40,7 +40,7 @@ class FileInfo(Result):
     class_counts: Optional[dict]       # class name -> rows, plus "(unlabeled)" when any; left out when n is None
     classes: list                      # class names
     attrs: dict                        # the other file attributes (provenance, model config, …)
-    summary: Optional[dict] = None     # probes, predictions, scores and the non-HDF5 kinds: what they hold
+    summary: Optional[dict] = None     # features, probes, predictions, scores and the non-HDF5 kinds: what they hold
     progress: Optional[dict] = None    # a partial file: {"n_done", "n_total"} (rows written of the finished length)
 
     _omit_if_none = ("class_counts", "summary", "progress")
@@ -136,6 +136,22 @@ def _predictions_summary(f: h5py.File, path, names: list[str]) -> dict:
             "accuracy": float((pred[known] == labels[known]).mean()) if known.any() else None}
 
 
+def _features_summary(f: h5py.File, path, names: list[str]) -> dict:
+    """The pool, what one image's features are per layer (a vector [D], or a token map [T, D]
+    when pool is "none"), and the bytes of all of them."""
+    attrs = formats.read_attrs(f)
+    feats = f.get("features")
+    shapes = {k: list(ds.shape[1:]) for k, ds in feats.items() if isinstance(ds, h5py.Dataset)} \
+        if isinstance(feats, h5py.Group) else {}
+    nbytes = sum(int(ds.size) * ds.dtype.itemsize for ds in feats.values() if isinstance(ds, h5py.Dataset)) \
+        if isinstance(feats, h5py.Group) else 0
+    return {"pool": attrs.get("pool", formats.implied_pool(attrs.get("site"))),
+            "token_maps": formats.is_token_maps(attrs),
+            "per_image": {k: "x".join(map(str, v)) for k, v in sorted(shapes.items(), key=lambda kv: int(kv[0]))
+                          if k.lstrip("-").isdigit()},
+            "feature_bytes": nbytes}
+
+
 def _scores_summary(f: h5py.File, path, names: list[str]) -> dict:
     """Rows scored so far and their mean bits per token."""
     bits = np.asarray(formats.read_dataset(f["bits_per_token"], path=path), dtype=np.float64)
@@ -144,7 +160,7 @@ def _scores_summary(f: h5py.File, path, names: list[str]) -> dict:
 
 
 _SUMMARIES = {"igpt-probes": _probes_summary, "igpt-predictions": _predictions_summary,
-              formats.SCORES_FORMAT: _scores_summary}  # format -> (open file, path, class names) -> summary dict
+              formats.SCORES_FORMAT: _scores_summary, formats.FEATURES_FORMAT: _features_summary}  # format -> (open file, path, class names) -> summary dict
 
 
 # ---------------------------------------------------------------------------

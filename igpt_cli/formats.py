@@ -310,14 +310,17 @@ def tokens_layout(f: h5py.File, path: str | Path) -> tuple[h5py.Dataset, int, in
 # ---------------------------------------------------------------------------
 # Features file
 # ---------------------------------------------------------------------------
-# features/<l>  float32 (or float16) [N, D] per requested layer, chunked by rows
+# features/<l>  float32 (or float16) [N, D] per requested layer, chunked by rows;
+#               pool "none": the token maps [N, T, D] (float16 by default), one image per chunk
 # labels        int64 [N], sources utf-8 [N]   (copied from the tokens file)
 # attrs: format, format_version, layers (JSON list), site, sos, pool, compute_dtype,
 #        store_dtype, device_type, batch_size, model, model_config (JSON), model_sha256,
 #        tokens_file, tokens_sha256, class_names (JSON), height, width, n_total, n_done,
 #        complete, igpt_version, and provenance (`provenance.PROVENANCE_KEYS`)
-# pool: "mean" (iGPT features averaged over positions), or "flatten" for the raw-pixel
-# baseline (site "pixels"), whose features are the whole image; version 1 had no pool.
+# pool: "mean" (iGPT features averaged over positions), "max" (their maximum over positions),
+# "none" (token maps: every position kept), or "flatten" for the raw-pixel baseline (site
+# "pixels"), whose features are the whole image; version 1 had no pool.
+TOKEN_MAPS_POOL = "none"
 
 
 def feature_layers(f: h5py.File) -> list[int]:
@@ -334,7 +337,19 @@ def implied_pool(site: str | None) -> str:
     return "flatten" if site == "pixels" else "mean"
 
 
-def _chunked_preallocated(group: h5py.Group, name: str, shape: tuple[int, int], dtype, chunk_rows: int):
+def is_token_maps(attrs: dict) -> bool:
+    """Whether a features file (its `read_attrs`) holds token maps [N, T, D] rather than vectors [N, D]."""
+    return attrs.get("pool") == TOKEN_MAPS_POOL
+
+
+def features_bytes(n: int, dims: dict[int, int], store_dtype: str, positions: int | None = None) -> int:
+    """Bytes a features file of n rows needs on disk: the features (`positions` per row for token
+    maps), labels, and room for sources/metadata."""
+    per_row = sum(dims.values()) * (positions or 1) * np.dtype(store_dtype).itemsize
+    return n * (per_row + 8 + 48) + (1 << 16)
+
+
+def _chunked_preallocated(group: h5py.Group, name: str, shape: tuple[int, ...], dtype, chunk_rows: int):
     """A row-chunked dataset whose chunks are all allocated at creation and never filled.
 
     Later row writes then touch raw data only, never HDF5 metadata (no chunk-index
@@ -342,7 +357,7 @@ def _chunked_preallocated(group: h5py.Group, name: str, shape: tuple[int, int], 
     opens at its last flushed state. Rows not yet written hold garbage, hence `n_done`.
     """
     dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
-    dcpl.set_chunk((max(1, min(chunk_rows, shape[0])), shape[1]))
+    dcpl.set_chunk((max(1, min(chunk_rows, shape[0])), *shape[1:]))
     dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
     dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)
     space = h5py.h5s.create_simple(shape)
@@ -360,13 +375,18 @@ def create_features_file(
     store_dtype: str,
     attrs: dict,
     device: str | None = None,
+    positions: int | None = None,
 ) -> None:
     """Lay out an empty features file of `len(labels)` rows; `attrs` must hold the identity keys.
+    `positions`: token maps [N, positions, D] per layer, one image per chunk (None: vectors [N, D]).
     Provenance attrs are written too (`stamp_provenance`)."""
     n = len(labels)
     g = f.create_group("features")
     for layer, d in sorted(dims.items()):
-        _chunked_preallocated(g, str(layer), (n, d), store_dtype, chunk_rows(d * np.dtype(store_dtype).itemsize))
+        if positions:
+            _chunked_preallocated(g, str(layer), (n, positions, d), store_dtype, 1)
+        else:
+            _chunked_preallocated(g, str(layer), (n, d), store_dtype, chunk_rows(d * np.dtype(store_dtype).itemsize))
     f.create_dataset("labels", data=np.asarray(labels, dtype=np.int64))
     f.create_dataset("sources", data=storable_names(sources), dtype=STR_DTYPE)
     f.attrs.update(format=FEATURES_FORMAT, format_version=FEATURES_VERSION, igpt_version=__version__)
@@ -406,9 +426,16 @@ def labels_and_sources(f: h5py.File, n: int, path: str | Path) -> tuple[np.ndarr
     return labels, sources
 
 
-def check_complete_features(f: h5py.File, path: Path) -> dict:
-    """The attrs of an open features file that is complete and has features and labels (else FormatError)."""
+def check_complete_features(f: h5py.File, path: Path, *, token_maps: bool = False) -> dict:
+    """The attrs of an open features file that is complete and has features and labels (else FormatError).
+
+    A file of token maps (pool "none") is refused unless `token_maps`: readers of one vector per
+    image (the probe, predict) get one line saying how to get vectors."""
     attrs = read_attrs(f)
+    maps = is_token_maps(attrs)
+    if maps and not token_maps:
+        raise FormatError(f"{path}: holds token maps (pool none: [N, T, D] per layer), not one vector per image; "
+                          "pool them yourself (igpt_cli.load_features gives the maps) or extract with --pool mean")
     if not attrs.get("complete", False):
         raise FormatError(f"{path}: incomplete features file ({attrs.get('n_done', '?')}/"
                           f"{attrs.get('n_total', '?')} rows); finish it with igpt extract first")
@@ -420,8 +447,10 @@ def check_complete_features(f: h5py.File, path: Path) -> dict:
         raise FormatError(f"{path}: labels must be a 1-D integer array, not {labels.dtype} {list(labels.shape)}")
     for layer in feature_layers(f):
         ds = f["features"][str(layer)]
-        if not isinstance(ds, h5py.Dataset) or ds.ndim != 2 or ds.dtype.kind != "f":
-            raise FormatError(f"{path}: features/{layer} is not a 2-D float array")
+        ndim = 3 if maps else 2
+        if not isinstance(ds, h5py.Dataset) or ds.ndim != ndim or ds.dtype.kind != "f":
+            raise FormatError(f"{path}: features/{layer} is not a {ndim}-D float array"
+                              + (" (pool none: token maps [N, T, D])" if maps else ""))
         if ds.shape[0] != labels.shape[0]:
             raise FormatError(f"{path}: features/{layer} has {ds.shape[0]} rows but labels has {labels.shape[0]}")
     return attrs
@@ -453,16 +482,17 @@ def check_token_values(tokens, palette_size: int, path: str | Path, n: int | Non
 def load_features(path: str | Path, layer: int) -> tuple[np.ndarray, np.ndarray]:
     """One layer of a complete features file (version 1 or 2) in memory: X [N, D] float32, labels [N] int64.
 
+    A file of token maps (pool "none") gives X [N, T, D] float32, to pool as one likes.
     Labels are -1 where the tokens file had none.
     """
     p = Path(path)
     with open_igpt(p, FEATURES_FORMAT) as f:
-        check_complete_features(f, p)
+        check_complete_features(f, p, token_maps=True)
         layers = feature_layers(f)
         if int(layer) not in layers:
             raise ParameterError("layer", layer, f"not in {p}, which holds layers "
                                                  f"{', '.join(map(str, layers)) or '(none)'}")
-        X = np.asarray(f["features"][str(int(layer))][:], dtype=np.float32)  # [N, D]
+        X = np.asarray(f["features"][str(int(layer))][:], dtype=np.float32)  # [N, D] (token maps: [N, T, D])
         labels = np.asarray(f["labels"][:], dtype=np.int64)  # [N]
     return X, labels
 

@@ -16,10 +16,11 @@ once for all of them:
    in full, written without HDF5's chunk cache and with its whole length reserved on disk
    (`outputs.check_free_space`, `outputs.reserve_space`), so a full file system is one line
    before any work, never a crash at close.
-3. **The batch loop** on the single-process grid [0, B), [B, 2B), …: after each batch the
-   rows are flushed first and `attrs["n_done"]` second, so a killed run leaves a file that
-   says how far it got. A `compute` that returns fewer rows than asked (a stream that
-   ended) ends the file there.
+3. **The batch loop** on the single-process grid [0, B), [B, 2B), …: one background writer
+   (`RowWriter`, a bounded queue) writes batch k while batch k + 1 is computed; after each
+   batch the rows are flushed first and `attrs["n_done"]` second, so a killed run leaves a
+   file that says how far it got. A `compute` that returns fewer rows than asked (a stream
+   that ended) ends the file there.
 4. **Shards** when `dist.world_size > 1` (torchrun, srun): rank r of K fills the part file
    `.<out>.part-<r>-of-<K>.tmp` with the whole batches `shard_rows(N, K, r, B)`, resumable
    on its own; ranks agree on the settings (rank 0's hash) and on one batch size; rank 0
@@ -27,7 +28,7 @@ once for all of them:
    the file is the one-process file (only `world_size` differs).
 5. **Atomic rename** onto the output when complete. Every file records `world_size`.
 
-The module is long (about 460 lines) on purpose: these steps are one protocol — the same
+The module is long (about 520 lines) on purpose: these steps are one protocol — the same
 lock, identity check and loop for one process and for every rank — best read in one place.
 """
 from __future__ import annotations
@@ -35,6 +36,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import queue
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -49,7 +52,8 @@ from .distributed import DistContext
 from .errors import InputError
 from .progress import Reporter
 
-COPY_ROWS = 8192  # rows per block when a merge copies rows
+COPY_ROWS = 8192  # rows per block when a merge copies rows …
+COPY_BYTES = 64 << 20  # … or fewer, so that a block of wide rows (token maps) stays within this
 RESUME_HINT = "; the partial file {path} is kept: free some space and run the same command again to resume"
 PARTS_KEPT_HINT = "; the part files are kept: free some space and run the same command again"
 
@@ -118,6 +122,12 @@ def merge_path(out: str | Path) -> Path:
     """Where a merged (or cut short) file is assembled before its rename onto `out`."""
     out = Path(out)
     return out.with_name(f".{out.name}.merge.tmp")
+
+
+def copy_rows(ds) -> int:
+    """Rows of dataset `ds` a merge copies at a time: COPY_ROWS, fewer for wide rows (COPY_BYTES)."""
+    row = int(np.prod(ds.shape[1:], dtype=np.int64)) * max(1, ds.dtype.itemsize)
+    return int(max(1, min(COPY_ROWS, COPY_BYTES // max(1, row))))
 
 
 def _encode(v):
@@ -238,28 +248,80 @@ def _abandon(f: h5py.File, path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
+class RowWriter:
+    """The batch loop's one background writer: batches of rows are queued (at most `depth` waiting,
+    so memory stays bounded) and written in order into the open file `f` by one thread while the
+    main thread computes the next batch. Each batch: rows written and flushed first, then
+    `attrs["n_done"]` and a second flush, so n_done never runs ahead of the rows. The first
+    error of the thread is raised in the main thread by the next `put` or by `close`; batches
+    after it are dropped. HDF5 calls of the two threads are serialised by h5py's own lock."""
+
+    def __init__(self, f: h5py.File, offset: int, depth: int = 1):
+        self.f, self.offset = f, offset
+        self.error: BaseException | None = None
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._thread = threading.Thread(target=self._run, name="igpt-row-writer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            if self.error is not None:
+                continue  # drain: the main thread stops at its next put
+            i, k, cols = item
+            try:
+                a = i - self.offset
+                for name, block in cols.items():
+                    if self.f[name].dtype.kind == "O":  # text (sources): names that are not UTF-8 made storable
+                        block = formats.storable_names(block)
+                    self.f[name][a:a + k] = block
+                self.f.flush()  # data first …
+                self.f.attrs["n_done"] = a + k
+                self.f.flush()  # … then the counter
+            except BaseException as e:  # noqa: BLE001 - handed to the main thread
+                self.error = e
+
+    def _raise(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def put(self, i: int, k: int, cols: dict[str, np.ndarray]) -> None:
+        """Queue rows [i, i + k) (waits while the queue is full); raises the writer's error, if any."""
+        self._raise()
+        self._queue.put((i, k, cols))
+
+    def close(self, *, check: bool = True) -> None:
+        """Wait until every queued batch is written; `check`: raise the writer's error, if any."""
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+        if check:
+            self._raise()
+
+
 def fill(f: h5py.File, compute: Compute, start: int, stop: int, batch_size: int, reporter: Reporter, *,
          offset: int = 0, units_per_row: int = 1, info: str = "") -> float:
     """Compute rows [start, stop) batch by batch into the open file `f` (row r at r - offset), then
-    mark it complete. After each batch: rows flushed, then `n_done`, then `reporter` brought to
-    the batch's end. A batch shorter than asked (the input ended) is the last. Returns seconds."""
+    mark it complete. Each batch is written by the `RowWriter` while the next one is computed
+    (rows flushed, then `n_done`); `reporter` advances as batches are computed. A batch shorter
+    than asked (the input ended) is the last. On any failure the batches already computed are
+    still written before the error goes up. Returns seconds."""
     t0 = time.perf_counter()
     try:
-        for i in range(start, stop, batch_size):
-            j = min(i + batch_size, stop)
-            before = reporter.done
-            cols = compute(i, j)
-            k = len(next(iter(cols.values()))) if cols else 0
-            for name, block in cols.items():
-                if f[name].dtype.kind == "O":  # text (sources): names that are not UTF-8 made storable
-                    block = formats.storable_names(block)
-                f[name][i - offset:i - offset + k] = block
-            f.flush()  # data first …
-            f.attrs["n_done"] = i - offset + k
-            f.flush()  # … then the counter: n_done never runs ahead of the rows
-            reporter.advance(k * units_per_row - (reporter.done - before), info=info)
-            if k < j - i:
-                break
+        writer = RowWriter(f, offset)
+        try:
+            for i in range(start, stop, batch_size):
+                j = min(i + batch_size, stop)
+                before = reporter.done
+                cols = compute(i, j)
+                k = len(next(iter(cols.values()))) if cols else 0
+                writer.put(i, k, cols)
+                reporter.advance(k * units_per_row - (reporter.done - before), info=info)
+                if k < j - i:
+                    break
+        except BaseException:
+            writer.close(check=False)  # what was computed is kept; the first error goes up
+            raise
+        writer.close()
         seconds = time.perf_counter() - t0
         f.attrs["complete"] = True
         f.flush()
@@ -284,8 +346,9 @@ def assemble(out: Path, spec: StageFile, identity: dict, parts: list[tuple[Path,
                 with h5py.File(path, "r") as p:
                     for name in spec.row_datasets:
                         src = p[name].asstr() if h5py.check_string_dtype(p[name].dtype) else p[name]
-                        for i in range(0, k, COPY_ROWS):
-                            b = min(i + COPY_ROWS, k)
+                        step = copy_rows(p[name])
+                        for i in range(0, k, step):
+                            b = min(i + step, k)
                             f[name][a + i:a + b] = src[i:b]
             f.attrs.update(n_done=n, complete=True)
         finally:

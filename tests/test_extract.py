@@ -19,7 +19,7 @@ from helpers import (ENV, PALETTE, assert_clean_failure, attrs_without_provenanc
                      make_tokens, read_feats, rows_done, run_igpt, small_tmpfs)
 from igpt_cli import formats, outputs
 from igpt_cli.errors import InputError, ParameterError
-from igpt_cli.extract import ExtractResult, ModelSource, extract_features
+from igpt_cli.extract import ExtractResult, ModelSource, extract_features, features_from_tokens
 from igpt_cli.model import IGPT, IGPTConfig, save_pretrained
 
 SUMMARY_KEYS = ["out", "model", "layers", "site", "sos", "n", "computed", "resumed_from", "device", "compute_dtype",
@@ -363,7 +363,7 @@ def test_bad_input_real_process(bad_inputs):
 @pytest.mark.parametrize("kw,message", [
     (dict(dtype="int4"), "dtype='int4': unknown dtype"),
     (dict(site="post"), "site='post': expected one of ln, resid"),
-    (dict(pool="max"), "pool='max': expected one of mean"),
+    (dict(pool="sum"), "pool='sum': expected one of mean, max, none"),
     (dict(store_dtype="int8"), "store_dtype='int8': expected one of float32, float16"),
     (dict(batch_size=0), "batch_size=0: must be at least 1"),
     (dict(limit=0), "limit=0: must be at least 1"),
@@ -493,7 +493,7 @@ def test_second_run_on_the_same_output_fails_at_once(long_run):
     first = _start(long_run["args"], out)
     _wait_rows(first, tmp, 20)
     t0 = time.time()
-    second = run_igpt(*long_run["args"], "-o", out)
+    second = invoke(*long_run["args"], "-o", out)  # in this process: no interpreter start while the first runs on
     assert time.time() - t0 < 60
     assert_clean_failure(second, "another igpt run is writing this output")
     assert f"pid {first.pid} " in second.stderr
@@ -583,3 +583,117 @@ def test_space_reserved_up_front_survives_a_disk_filled_during_the_run(long_run,
         stdout, stderr = p.communicate(timeout=300)
         assert p.returncode == 0, stderr
         _assert_same_file(long_run["ref"], out)
+
+
+# ---------------------------------------------------------------------------
+# poolings on disk: mean, max, none (token maps)
+# ---------------------------------------------------------------------------
+def hf_token_maps(m, tokens: np.ndarray, site="ln") -> dict[int, np.ndarray]:
+    """transformers' ImageGPTModel hidden states as numpy token maps [N, T, D] per layer (SOS-shifted input):
+    ln_1(h_l) for site ln below the last layer, h_l for resid, and HF's last entry ln_f(h_L)."""
+    idx = torch.from_numpy(tokens.astype(np.int64))
+    idx = torch.cat([torch.full_like(idx[:, :1], m.config.vocab_size - 1), idx[:, :-1]], dim=1)
+    L = m.config.n_layer
+    with torch.no_grad():
+        hs = m(input_ids=idx, output_hidden_states=True).hidden_states
+        return {layer: (m.h[layer].ln_1(hs[layer]) if site == "ln" and layer < L else hs[layer]).numpy()
+                for layer in range(L + 1)}
+
+
+NUMPY_POOLS = {"mean": lambda x: x.mean(axis=1), "max": lambda x: x.max(axis=1)}
+
+
+@pytest.mark.parametrize("pool,site", [("mean", "ln"), ("max", "ln"), ("max", "resid")])
+def test_pools_match_transformers_pooled_with_numpy(small, pool, site):
+    out = small["tmp"] / f"pool-{pool}-{site}.h5"
+    s = extract_features(small["tokens"], small["dir"], "all", out, dtype="float32", site=site, pool=pool,
+                         batch_size=5)
+    assert s.store_dtype == "float32"
+    maps = hf_token_maps(small["hf"], small["t"], site=site)
+    got = read_feats(out)
+    mem = features_from_tokens(small["t"], small["dir"], "all", site=site, pool=pool, dtype="float32", batch_size=7)
+    for layer in range(5):
+        ref = NUMPY_POOLS[pool](maps[layer])
+        assert got[layer].shape == (12, 128)
+        np.testing.assert_allclose(got[layer], ref, atol=1e-4, rtol=0, err_msg=f"layer {layer}")
+        np.testing.assert_allclose(mem[layer], ref, atol=1e-4, rtol=0, err_msg=f"layer {layer}")
+    with h5py.File(out) as f:
+        assert f.attrs["pool"] == pool
+
+
+def test_token_maps_are_the_hidden_states(small):
+    out = small["tmp"] / "maps.h5"
+    s = extract_features(small["tokens"], small["dir"], "0,2,4", out, dtype="float32", pool="none", batch_size=5)
+    assert s.store_dtype == "float16"  # the default for token maps
+    maps = hf_token_maps(small["hf"], small["t"])
+    with h5py.File(out) as f:
+        for layer in (0, 2, 4):
+            ds = f["features"][str(layer)]
+            assert ds.dtype == np.float16 and ds.shape == (12, 64, 128) and ds.chunks == (1, 64, 128)
+            # float16 rounding (one unit in the last place, 2^-10 relative) of the float32 states, nothing else
+            np.testing.assert_allclose(ds[:].astype(np.float32), maps[layer], rtol=2 ** -10, atol=1e-4)
+        assert f.attrs["pool"] == "none" and f.attrs["store_dtype"] == "float16"
+    X, y = formats.load_features(out, 2)
+    assert X.dtype == np.float32 and X.shape == (12, 64, 128) and y.shape == (12,)
+    mem = features_from_tokens(small["t"], small["dir"], [2], pool="none", dtype="float32")
+    np.testing.assert_allclose(mem[2], maps[2], atol=1e-4, rtol=0)
+    # stored as float32 when asked: the hidden states to float32 precision
+    out32 = small["tmp"] / "maps32.h5"
+    extract_features(small["tokens"], small["dir"], "4", out32, dtype="float32", pool="none", store_dtype="float32")
+    np.testing.assert_allclose(read_feats(out32)[4], maps[4], atol=1e-4, rtol=0)
+
+
+def test_a_probe_refuses_token_maps_in_one_line_and_info_describes_them(small):
+    out = small["tmp"] / "maps-cli.h5"
+    r = invoke("extract", small["tokens"], "--model", small["dir"], "-l", "1", "--pool", "none", "-o", out, "-q")
+    assert r.returncode == 0, r.stderr
+    r = invoke("probe", out, "-l", "1", "-q")
+    assert_clean_failure(r, "token maps")
+    assert "--pool mean" in r.stderr
+    with h5py.File(out) as f, pytest.raises(formats.FormatError, match="pool them yourself"):
+        formats.check_complete_features(f, out)
+    r = invoke("info", out, "--json")
+    assert r.returncode == 0, r.stderr
+    summary = json.loads(r.stdout)["summary"]
+    assert summary["pool"] == "none" and summary["token_maps"] is True and summary["per_image"] == {"1": "64x128"}
+    assert summary["feature_bytes"] == 12 * 64 * 128 * 2
+
+
+def test_bad_pools_are_one_line(small):
+    out = small["tmp"] / "badpool.h5"
+    assert_clean_failure(invoke("extract", small["tokens"], "--model", "pixels", "--pool", "none", "-o", out, "-q"),
+                         "--pool", out)
+    assert_clean_failure(invoke("extract", small["tokens"], "--model", small["dir"], "--pool", "sum", "-o", out, "-q"),
+                         "sum", out)
+    with pytest.raises(ParameterError, match="pool='max'"):
+        extract_features(small["tokens"], "pixels", None, out, pool="max")
+
+
+def test_token_maps_that_do_not_fit_the_disk_are_refused_before_any_work(small, tmp_path):
+    """12 images x 5 layers x 64 x 128 float16 = 960 KiB of token maps do not fit 512 KiB; pooled (30 KiB) do."""
+    with small_tmpfs(tmp_path / "mnt", "512k") as mnt:
+        out = mnt / "maps.h5"
+        r = run_igpt("extract", small["tokens"], "--model", small["dir"], "-l", "all", "--pool", "none",
+                     "-o", out, "-q")
+        assert_clean_failure(r, "no space left on device", out)
+        assert "needed" in r.stderr and not outputs.temp_path_for(out).exists()
+        assert not list(mnt.iterdir())
+        r = run_igpt("extract", small["tokens"], "--model", small["dir"], "-l", "all", "-o", out, "-q")
+        assert r.returncode == 0, r.stderr
+
+
+def test_the_one_host_copy_gives_every_layer_as_it_is():
+    """The packed path (one flat block for all layers, as on a GPU) unpacks to each layer, cast."""
+    from igpt_cli.extract.sources import to_host
+
+    g = torch.Generator().manual_seed(0)
+    feats = {4: torch.randn(3, 5, 7, generator=g), 1: torch.randn(3, 5, 7, generator=g).bfloat16(),
+             2: torch.randn(3, 7, generator=g)}
+    for dtype in (torch.float32, torch.float16):
+        packed, plain = to_host(feats, dtype, pack=True), to_host(feats, dtype, pack=False)
+        assert list(packed) == [1, 2, 4]
+        for layer, v in feats.items():
+            want = v.to(dtype).numpy()
+            assert packed[layer].shape == want.shape and packed[layer].dtype == want.dtype
+            np.testing.assert_array_equal(packed[layer], want)
+            np.testing.assert_array_equal(plain[layer], want)

@@ -116,3 +116,20 @@ def test_a_bad_image_leaves_nothing_in_the_way_of_the_rerun_its_error_suggests(t
     assert json.loads(r.stdout)["n"] == 8
     with h5py.File(out) as f:
         assert f.attrs["skip_bad"] and len(f["labels"]) == 8
+
+
+@pytest.mark.parametrize("pool", ["max", "none"])
+def test_features_pools_equal_extract_pools(folder, reference, tmp_path, pool):
+    """`igpt features --pool max|none` writes what `igpt extract --pool max|none` writes from the same tokens."""
+    tok, _ = reference
+    want, got = tmp_path / "want.h5", tmp_path / "got.h5"
+    extract_features(tok, MODEL, "2", want, pool=pool, **RUN)
+    r = invoke("features", folder, "-m", MODEL, "-l", "2", "--split", "train", "--pool", pool, "--batch-size", "4",
+               "--device", "cpu", "--dtype", "float32", "-o", got, "-q")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["store_dtype"] == ("float16" if pool == "none" else "float32")
+    a, b = read_feats(got), read_feats(want)
+    assert a[2].shape == ((15, 64, 192) if pool == "none" else (15, 192))
+    np.testing.assert_array_equal(a[2], b[2])
+    with h5py.File(got) as f:
+        assert f.attrs["pool"] == pool

@@ -106,9 +106,12 @@ def test_token_maps_average_to_the_pooled_features(small, site):
         assert maps[layer].shape == (12, 64, 128)
         np.testing.assert_array_equal(pool_tokens(torch.from_numpy(maps[layer])).numpy(), pooled[layer])
         np.testing.assert_allclose(maps[layer].mean(1), pooled[layer], atol=1e-6, rtol=0)
-    assert set(POOLS) == {"mean"}
+    assert set(POOLS) == {"mean", "max", "none"}
     x = torch.randn(3, 5, 7, dtype=torch.bfloat16)
     assert pool_tokens(x, "mean").dtype == torch.float32 and pool_tokens(x).shape == (3, 7)
+    assert pool_tokens(x, "max").dtype == torch.float32
+    np.testing.assert_array_equal(pool_tokens(x, "max").numpy(), x.float().numpy().max(axis=1))
+    assert pool_tokens(x, "none") is x
 
 
 def test_feature_api_errors_name_parameters(small):
@@ -116,8 +119,8 @@ def test_feature_api_errors_name_parameters(small):
     idx = torch.zeros(1, 64, dtype=torch.long)
     with pytest.raises(ParameterError, match="site='post'"):
         model.forward_intermediates(idx, [1], site="post")
-    with pytest.raises(ParameterError, match="pool='max'"):
-        model.forward_intermediates(idx, [1], pool="max")
+    with pytest.raises(ParameterError, match="pool='sum'"):
+        model.forward_intermediates(idx, [1], pool="sum")
     with pytest.raises(ParameterError, match=r"layers=\[5\]: must lie in 0..4"):
         model.forward_intermediates(idx, [5])
 

@@ -82,6 +82,23 @@ def test_batch_sizes_follow_the_one_memory_probe(monkeypatch):
                                                                                              torch.float32) == 1
 
 
+def test_feature_batches_are_capped_by_tokens_not_images(monkeypatch):
+    """A 64-token model gets 16x the images per batch of a 1024-token one; host output caps it too."""
+    from igpt_cli.model import IGPTConfig
+
+    monkeypatch.setattr(runtime, "available_memory", lambda dev: 1 << 40)  # memory is no limit here
+    short, long = (IGPTConfig(n_positions=t, n_embd=512, n_layer=8, n_head=8) for t in (64, 1024))
+    for dev in (torch.device("cuda"), torch.device("cpu")):
+        a, b = (runtime.feature_batch_size(c, dev, torch.float32) for c in (short, long))
+        assert a == 16 * b and b >= 1, (dev, a, b)
+    assert runtime.feature_batch_size(long, torch.device("cuda"), torch.float32) == runtime.GPU_BATCH_TOKENS // 1024
+    assert runtime.feature_batch_size(short, torch.device("cuda"), torch.float32) > 256  # no fixed 256 any more
+    monkeypatch.setattr(runtime, "available_memory", lambda dev: (1 << 40) if dev.type == "cuda" else 1 << 30)
+    row = 25 * 64 * 512 * 2  # token maps of 25 layers, float16
+    capped = runtime.feature_batch_size(short, torch.device("cuda"), torch.float32, host_row_bytes=row)
+    assert capped == int(0.25 * (1 << 30) // (runtime.HOST_COPIES * row)) < 4096
+
+
 def test_available_memory_is_positive_on_this_host():
     have = runtime.available_memory(torch.device("cpu"))
     assert have is not None and have > 0

@@ -249,6 +249,59 @@ def test_a_failure_before_any_row_leaves_no_partial(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+def test_a_writer_error_surfaces_in_the_main_thread_and_earlier_rows_stay_resumable(tmp_path, data):
+    """The background writer fails on batch 3 (rows the file cannot take): the run stops with that error,
+    batches 1-2 are flushed with n_done = 8, and the same run resumes from there."""
+    out = tmp_path / "f.h5"
+    calls = []
+
+    def bad_third(i, j):
+        calls.append((i, j))
+        cols = rows_of(data)(i, j)
+        if i == 8:
+            cols["x"] = np.zeros((j - i, 7), np.float32)  # not the file's row shape: the writer's h5py write fails
+        return cols
+
+    with pytest.raises(TypeError):
+        run_stage(out, spec_of(23, streamed=True), bad_third, batch_size=4, batch_size_given=True,
+                  reporter=Reporter(None, "t"))
+    assert calls[:3] == [(0, 4), (4, 8), (8, 12)]
+    tmp = outputs.temp_path_for(out)
+    assert rows_done(tmp) == 8 and not out.exists() and not outputs.lock_path_for(out).exists()
+    run = run_stage(out, spec_of(23, streamed=True), rows_of(data), batch_size=4, batch_size_given=True,
+                    reporter=Reporter(None, "t"))
+    assert (run.n, run.resumed_from) == (23, 8)
+    with h5py.File(out) as f:
+        np.testing.assert_array_equal(f["x"][:], data)
+
+
+def test_rows_computed_before_an_interrupt_are_written(tmp_path, data):
+    """An interrupt during batch 4's compute: the three batches computed before it reach the file."""
+    out = tmp_path / "f.h5"
+
+    def dying(i, j):
+        if i >= 12:
+            raise KeyboardInterrupt
+        return rows_of(data)(i, j)
+
+    with pytest.raises(KeyboardInterrupt):
+        run_stage(out, spec_of(23, streamed=True), dying, batch_size=4, batch_size_given=True,
+                  reporter=Reporter(None, "t"))
+    with h5py.File(outputs.temp_path_for(out)) as f:
+        assert f.attrs["n_done"] == 12
+        np.testing.assert_array_equal(f["x"][:12], data[:12])
+
+
+def test_a_merge_copies_wide_rows_in_bounded_blocks(tmp_path, monkeypatch):
+    from igpt_cli import stage
+
+    wide = h5py.File(tmp_path / "w.h5", "w").create_dataset("m", shape=(3, 64, 1024), dtype="float16")
+    assert stage.copy_rows(wide) == stage.COPY_BYTES // (64 * 1024 * 2)
+    monkeypatch.setattr(stage, "COPY_BYTES", 1)
+    assert stage.copy_rows(wide) == 1
+    wide.file.close()
+
+
 # ---------------------------------------------------------------------------
 # torchrun end to end (gloo on the CPU)
 # ---------------------------------------------------------------------------
@@ -263,6 +316,20 @@ def test_torchrun_equals_single_process(setup, k):
     assert s["world_size"] == k and s["n"] == 250 and s["computed"] == 250 and s["batch_size"] == 7
     assert not all_part_paths(out) and not outputs.temp_path_for(out).exists()
     assert_same_file(setup["ref"], out)
+
+
+def test_torchrun_token_maps_equal_single_process(setup):
+    """--pool none under 2 ranks, 23 rows (odd) in batches of 7: the part files hold token maps too."""
+    tokens = make_tokens(setup["tmp"] / "t23.h5", 23, 4, seed=11)
+    ref, out = setup["tmp"] / "maps-ref.h5", setup["tmp"] / "maps-2.h5"
+    single(tokens, setup["model"], ref, "--pool", "none")
+    r = torchrun(2, tokens, setup["model"], out, "--pool", "none")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert not all_part_paths(out)
+    assert_same_file(ref, out)
+    with h5py.File(out) as f:
+        assert f["features/2"].shape == (23, 16, 32) and f["features/2"].dtype == np.float16
+        assert f.attrs["pool"] == "none" and f.attrs["world_size"] == 2
 
 
 @pytest.fixture(scope="module")

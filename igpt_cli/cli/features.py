@@ -15,8 +15,11 @@ from .ui import handles_input_errors, launched_run, print_json, render_models
 BatchSize = Annotated[Optional[int], typer.Option("--batch-size", "-b", help="Images per batch (default: auto).")]
 NoSos = Annotated[bool, typer.Option("--no-sos", help="Feed tokens unshifted (Hugging Face's behaviour).")]
 SiteOpt = Annotated[Site, typer.Option("--site", help="ln: mean of ln_1(h_l) (the paper's); resid: mean of h_l.")]
-PoolOpt = Annotated[Pool, typer.Option("--pool", help="How token maps become one vector per image.")]
-StoreDtypeOpt = Annotated[StoreDtype, typer.Option("--store-dtype", help="Feature dtype on disk.")]
+PoolOpt = Annotated[Pool, typer.Option("--pool", help=(
+    "How token maps become one vector per image: mean (the paper's) or max over positions; none writes the "
+    "token maps themselves ([N, T, D] per layer, T times the disk of a pooled file: the size is checked first)."))]
+StoreDtypeOpt = Annotated[Optional[StoreDtype], typer.Option("--store-dtype", help=(
+    "Feature dtype on disk (default: float32; float16 with --pool none)."))]
 
 
 @handles_input_errors
@@ -34,12 +37,12 @@ def extract_command(
     site: SiteOpt = Site.ln,
     pool: PoolOpt = Pool.mean,
     limit: LimitOpt = None,
-    store_dtype: StoreDtypeOpt = StoreDtype.float32,
+    store_dtype: StoreDtypeOpt = None,
     overwrite: Overwrite = False,
     restart: Restart = False,
     quiet: Quiet = False,
 ) -> None:
-    """Run a pretrained iGPT over a tokens file; write per-layer averaged features (resumable).
+    """Run a pretrained iGPT over a tokens file; write per-layer pooled features or token maps (resumable).
 
     Under torchrun (or srun with RANK/WORLD_SIZE/LOCAL_RANK set) every process takes a
     shard of the rows; see 'Running on a cluster' in the README.
@@ -51,7 +54,7 @@ def extract_command(
     with launched_run(quiet) as (dist, bar):
         result = extract_features(tokens, model, layers or None, out, batch_size=batch_size, device=device,
                                   dtype=dtype.value, sos=not no_sos, site=site.value, pool=pool.value,
-                                  limit=limit, store_dtype=store_dtype.value, overwrite=overwrite,
+                                  limit=limit, store_dtype=store_dtype.value if store_dtype else None, overwrite=overwrite,
                                   restart=restart, on_progress=bar, dist=dist, revision=revision,
                                   compile=compile)
     if dist.is_main:
@@ -91,7 +94,7 @@ def features_command(
     no_sos: NoSos = False,
     site: SiteOpt = Site.ln,
     pool: PoolOpt = Pool.mean,
-    store_dtype: StoreDtypeOpt = StoreDtype.float32,
+    store_dtype: StoreDtypeOpt = None,
     overwrite: Overwrite = False,
     restart: Restart = False,
     quiet: Quiet = False,
@@ -111,7 +114,7 @@ def features_command(
             limit=limit, limit_per_class=limit_per_class, shuffle=shuffle, seed=seed,
             fmt=fmt.value if fmt else None, image_column=image_column, label_column=label_column,
             skip_bad=skip_bad, max_pixels=max_pixels, batch_size=batch_size, device=device, dtype=dtype.value,
-            compile=compile, sos=not no_sos, site=site.value, pool=pool.value, store_dtype=store_dtype.value,
+            compile=compile, sos=not no_sos, site=site.value, pool=pool.value, store_dtype=store_dtype.value if store_dtype else None,
             overwrite=overwrite, restart=restart, on_progress=bar, dist=dist)
     if dist.is_main:
         print_json(result)

@@ -28,7 +28,7 @@ import h5py
 import numpy as np
 
 from .. import formats, outputs
-from ..choices import POOLS, RESIZE_MODES, SITES, STORE_DTYPES
+from ..choices import RESIZE_MODES, SITES
 from ..data import DEFAULT_SIZE, images_per_batch, open_dataset
 from ..distributed import DistContext
 from ..errors import InputError, ParameterError, check_choice, check_positive
@@ -38,8 +38,8 @@ from ..palette import Palette
 from ..progress import OnProgress, Reporter
 from ..stage import run_stage
 from .sources import PIXELS, PixelSource
-from .stage import (ExtractResult, extract_result, features_bytes, features_compute, features_file, load_source,
-                    model_source)
+from .stage import (ExtractResult, check_pool, extract_result, features_bytes, features_compute, features_file,
+                    load_source, model_source, source_positions, store_dtype_for)
 
 __all__ = ["extract_image_features", "model_image_settings", "StreamedTokens"]
 
@@ -138,7 +138,7 @@ def extract_image_features(
     sos: bool = True,
     site: str = "ln",
     pool: str = "mean",
-    store_dtype: str = "float32",
+    store_dtype: str | None = None,
     revision: str | None = None,
     local_files_only: bool = False,
     overwrite: bool = False,
@@ -156,8 +156,8 @@ def extract_image_features(
     t_start = time.perf_counter()
     out = Path(out)
     site = check_choice("site", site, SITES)
-    pool = check_choice("pool", pool, POOLS)
-    store_dtype = check_choice("store_dtype", store_dtype, STORE_DTYPES)
+    pool = check_pool(pool, model)
+    store_dtype = store_dtype_for(pool, store_dtype)
     if resize is not None:
         resize = check_choice("resize", resize, RESIZE_MODES)
     check_positive("batch_size", batch_size)
@@ -202,11 +202,13 @@ def extract_image_features(
         source = PixelSource(pal.centers, size, size)
     else:
         m.check_tokens(size, size, pal.centers, where)
+    positions = source_positions(source, m)
     if not sharded:  # under torchrun each part and the merge check their own
         outputs.check_free_space(out, features_bytes(n_total, source.dims if m is None else
-                                                     {layer: m.cfg.n_embd for layer in source.layers}, store_dtype),
+                                                     {layer: m.cfg.n_embd for layer in source.layers}, store_dtype,
+                                                     positions),
                                  partial=outputs.temp_path_for(out))
-    auto_bs = load_source(source, m, compile=compile) if m is not None else 256
+    auto_bs = load_source(source, m, store_dtype, compile=compile) if m is not None else 256
     bs = min(batch_size or auto_bs, n_total)
     # skip_bad is no part of the identity: a run without it stops at the first bad image, so its rows
     # are those a run with it computes, and the rerun its error suggests (skip_bad=True) resumes it
@@ -222,7 +224,7 @@ def extract_image_features(
     attrs = dict(model=source.name, class_names=json.dumps(ds.class_names), height=size, width=size,
                  skip_bad=bool(skip_bad),
                  tokens_file=os.path.abspath(keep_tokens) if keep_tokens is not None else None)
-    spec = features_file(source, n_total, store_dtype, identity, attrs)
+    spec = features_file(source, n_total, store_dtype, identity, attrs, positions=positions)
 
     read_bs = images_per_batch(size, 256)
     with contextlib.ExitStack() as stack:

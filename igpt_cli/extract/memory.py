@@ -18,6 +18,7 @@ from ..layers import parse_layers
 from ..model import IGPT, resolve_model_dir
 from ..model.runtime import check_tokens_array, feature_batch_size, ready_model
 from ..progress import OnProgress, Reporter
+from ..model.pooling import TOKEN_MAPS
 from .sources import ModelSource
 
 Layers = str | int | Sequence[str | int] | None
@@ -43,7 +44,8 @@ def features_from_tokens(
 
     `tokens`: [N, H*W] palette indices (uint16 or any integer type), as in a tokens
     file. `model`: an IGPT, or a model directory / hub name in the local cache.
-    `pool=None` returns the token maps `{layer: [N, T, n_embd]}` (float32) instead.
+    `pool`: "mean" (the paper's average over positions) or "max"; "none" (or None)
+    returns the token maps `{layer: [N, T, n_embd]}` (float32) instead.
     For an IGPT, device and dtype "auto" use it where and as it is; other values move
     and cast it in place (`nn.Module.to`). Progress goes to `on_progress`
     (task "extract", unit "image"). `compile`: run the blocks through `torch.compile`
@@ -58,10 +60,12 @@ def features_from_tokens(
     if compile:
         net.compile_blocks()
     layers = parse_layers(layers, range(cfg.n_layer + 1))
+    pool = TOKEN_MAPS if pool is None else pool
     source = ModelSource(net, dev, cdt, layers, site, bool(sos) and net.config.autoregressive, pool=pool)
     n = len(tokens)
-    bs = min(batch_size or feature_batch_size(cfg, dev, cdt), max(1, n))
-    row_shape = (cfg.n_embd,) if pool is not None else (cfg.n_positions, cfg.n_embd)
+    row_shape = (cfg.n_embd,) if pool != TOKEN_MAPS else (cfg.n_positions, cfg.n_embd)
+    row_bytes = len(layers) * int(np.prod(row_shape)) * 4
+    bs = min(batch_size or feature_batch_size(cfg, dev, cdt, host_row_bytes=row_bytes), max(1, n))
     feats = {layer: np.empty((n, *row_shape), dtype=np.float32) for layer in layers}  # [N, D] or [N, T, D]
     reporter = Reporter(on_progress, "extract", n, "image")
     reporter.start()

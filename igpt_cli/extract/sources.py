@@ -2,7 +2,7 @@
 
 `ModelSource` runs an iGPT checkpoint (`IGPT.forward_intermediates`); `PixelSource`
 is the raw-pixel baseline (palette RGB, flattened). Both are callables
-`tokens [B, T] -> {layer: [B, D] float32}` that also describe themselves for the
+`tokens [B, T] -> {layer: [B, D]}` (a ModelSource without pooling: `[B, T, D]`) that also describe themselves for the
 features file (`dims`, `config_json`, `sha256`, `site`, `sos`, `pool`). Loading, devices and
 batch sizes are the model runtime's (`igpt_cli.model.runtime`).
 """
@@ -22,8 +22,9 @@ PIXELS = "pixels"
 
 @dataclass
 class ModelSource:
-    """Features from an iGPT model: `{layer: [B, n_embd] float32}` for a token batch
-    (`{layer: [B, T, n_embd]}` float32 token maps when `pool` is None)."""
+    """Features from an iGPT model: `{layer: [B, n_embd]}` for a token batch (`pool` "mean" or
+    "max"), or the token maps `{layer: [B, T, n_embd]}` (`pool` "none" or None), as host
+    arrays of `out_dtype` (float32 unless a features file stores float16)."""
 
     model: IGPT
     device: torch.device
@@ -34,6 +35,7 @@ class ModelSource:
     name: str = ""
     sha256: str = ""
     pool: str | None = "mean"
+    out_dtype: torch.dtype = torch.float32
 
     @property
     def dims(self) -> dict[int, int]:
@@ -44,7 +46,10 @@ class ModelSource:
         return json.dumps(config_to_hf(self.model.config), sort_keys=True)
 
     def __call__(self, tokens: np.ndarray) -> dict[int, np.ndarray]:
-        idx = torch.from_numpy(tokens.astype(np.int64, copy=False)).to(self.device, non_blocking=True)  # [B, T]
+        idx = torch.from_numpy(tokens.astype(np.int64, copy=False))  # [B, T]
+        if self.device.type == "cuda":
+            idx = idx.pin_memory()  # an asynchronous copy needs page-locked memory
+        idx = idx.to(self.device, non_blocking=True)
         if self.sos:
             idx = sos_shift(idx, self.model.config.sos_token)
         keep = None  # a BERT model's input mask, drawn from the host's tokens (no copy back from the device)
@@ -52,7 +57,34 @@ class ModelSource:
             keep = bert_keep_mask(tokens).to(self.device, non_blocking=True)
         with torch.inference_mode():
             feats = self.model.forward_intermediates(idx, self.layers, site=self.site, pool=self.pool, bert_mask=keep)
-        return {k: v.float().cpu().numpy() for k, v in feats.items()}
+            return to_host(feats, self.out_dtype)
+
+
+def to_host(feats: dict[int, torch.Tensor], dtype: torch.dtype, *, pack: bool | None = None) -> dict[int, np.ndarray]:
+    """`{layer: tensor [B, ...]}` as host arrays of `dtype`: on an accelerator every layer goes in ONE
+    copy (the layers cast and packed on the device into one flat block, copied into one pinned
+    buffer) with one synchronisation; on the CPU each is cast in place of a copy (`pack`: force
+    the packed path, which a CPU runs too)."""
+    layers = sorted(feats)
+    if not layers:
+        return {}
+    dev = feats[layers[0]].device
+    if not (dev.type != "cpu" if pack is None else pack):
+        return {layer: feats[layer].to(dtype).numpy() for layer in layers}
+    flat = torch.cat([feats[layer].to(dtype).reshape(-1) for layer in layers])  # [sum of B*row] on the device
+    if dev.type == "cuda":
+        host = torch.empty(flat.shape, dtype=dtype, pin_memory=True)  # a fresh block per batch (torch caches them)
+        host.copy_(flat, non_blocking=True)
+        torch.cuda.current_stream(dev).synchronize()  # the one sync of the batch
+    else:
+        host = flat.cpu()
+    arr, out, a = host.numpy(), {}, 0
+    for layer in layers:
+        shape = tuple(feats[layer].shape)
+        b = a + feats[layer].numel()
+        out[layer] = arr[a:b].reshape(shape)  # a view of the one buffer: [B, D] or [B, T, D]
+        a = b
+    return out
 
 
 @dataclass

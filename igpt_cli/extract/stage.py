@@ -20,11 +20,13 @@ from typing import Callable, Sequence
 
 import h5py
 import numpy as np
+import torch
 
 from .. import formats, outputs
 from ..choices import POOLS, SITES, STORE_DTYPES
 from ..distributed import DistContext
-from ..errors import InputError, check_choice, check_positive
+from ..errors import InputError, ParameterError, check_choice, check_positive
+from ..formats import features_bytes
 from ..layers import parse_layers
 from ..model.runtime import dtype_name, feature_batch_size, open_model
 from ..progress import OnProgress, Reporter
@@ -61,15 +63,28 @@ class ExtractResult(Result):
 # ---------------------------------------------------------------------------
 # What a features file holds, and how a batch of it is computed
 # ---------------------------------------------------------------------------
-def features_bytes(n: int, dims: dict[int, int], store_dtype: str) -> int:
-    """Bytes a features file of n rows needs on disk: the features, labels, and room for sources/metadata."""
-    return n * (sum(dims.values()) * np.dtype(store_dtype).itemsize + 8 + 48) + (1 << 16)
+def store_dtype_for(pool: str, store_dtype: str | None) -> str:
+    """The dtype features are stored in: as given, else float16 for token maps (pool "none": T times
+    the bytes of a pooled file) and float32 for pooled vectors."""
+    if store_dtype is None:
+        return "float16" if pool == formats.TOKEN_MAPS_POOL else "float32"
+    return check_choice("store_dtype", store_dtype, STORE_DTYPES)
+
+
+def check_pool(pool: str, model) -> str:
+    """The checked pool; the raw-pixel baseline has none (its features are the whole image)."""
+    pool = check_choice("pool", pool, POOLS)
+    if str(model) == PIXELS and pool != "mean":
+        raise ParameterError("pool", pool, "the pixels baseline is the whole image: it has no positions to pool")
+    return pool
 
 
 def features_file(source, n_total: int, store_dtype: str, identity: dict, attrs: dict, *,
-                  labels: np.ndarray | None = None, sources: np.ndarray | None = None) -> StageFile:
-    """The `StageFile` of a features file of `source`'s layers. `labels`/`sources` known up front
-    (a tokens file) are laid out with the file; None: the rows bring them (a stream)."""
+                  labels: np.ndarray | None = None, sources: np.ndarray | None = None,
+                  positions: int | None = None) -> StageFile:
+    """The `StageFile` of a features file of `source`'s layers (`positions`: token maps [N, T, D]).
+    `labels`/`sources` known up front (a tokens file) are laid out with the file; None: the rows
+    bring them (a stream)."""
     dims = source.dims
     streamed = labels is None
 
@@ -78,11 +93,11 @@ def features_file(source, n_total: int, store_dtype: str, identity: dict, attrs:
         lab = np.full(n, -1) if streamed else labels[start:stop]
         src = np.full(n, "", dtype=object) if streamed else sources[start:stop]
         formats.create_features_file(f, dims=dims, labels=lab, sources=src, store_dtype=store_dtype, attrs={},
-                                     device=str(source.device))
+                                     device=str(source.device), positions=positions)
 
     rows = tuple(f"features/{layer}" for layer in sorted(dims)) + (("labels", "sources") if streamed else ())
     return StageFile(formats.FEATURES_FORMAT, n_total, dict(identity, store_dtype=store_dtype), attrs, layout, rows,
-                     row_bytes=features_bytes(1, dims, store_dtype) - (1 << 16), device=source.device)
+                     row_bytes=features_bytes(1, dims, store_dtype, positions) - (1 << 16), device=source.device)
 
 
 def features_compute(source, read: Callable[[int, int], np.ndarray], store_dtype: str,
@@ -129,14 +144,22 @@ def model_source(model, layers, *, device, dtype, site, sos, pool, dist, revisio
     return source, m
 
 
-def load_source(source, m, *, compile: bool = False) -> int:
-    """Load the model of a ModelSource (after every check passed); returns its automatic batch size.
-    `compile`: its blocks through `torch.compile` (`IGPT.compile_blocks`; eager where unavailable)."""
+def source_positions(source, m) -> int | None:
+    """Positions per row of `source`'s features: the model's for token maps, None for vectors."""
+    return m.cfg.n_positions if m is not None and source.pool == formats.TOKEN_MAPS_POOL else None
+
+
+def load_source(source, m, store_dtype: str, *, compile: bool = False) -> int:
+    """Load the model of a ModelSource (after every check passed) to give host arrays of
+    `store_dtype`; returns its automatic batch size. `compile`: its blocks through `torch.compile`
+    (`IGPT.compile_blocks`; eager where unavailable)."""
     source.model = m.load()
     if compile:
         source.model.compile_blocks()
     source.sha256 = m.sha256
-    return feature_batch_size(m.cfg, m.device, m.dtype)
+    source.out_dtype = getattr(torch, store_dtype)
+    row = sum(source.dims.values()) * (source_positions(source, m) or 1) * np.dtype(store_dtype).itemsize
+    return feature_batch_size(m.cfg, m.device, m.dtype, host_row_bytes=row)
 
 
 # ---------------------------------------------------------------------------
@@ -155,7 +178,7 @@ def extract_features(
     site: str = "ln",
     pool: str = "mean",
     limit: int | None = None,
-    store_dtype: str = "float32",
+    store_dtype: str | None = None,
     overwrite: bool = False,
     restart: bool = False,
     on_progress: OnProgress | None = None,
@@ -168,7 +191,9 @@ def extract_features(
     `model` is anything `model.resolve_model_dir` takes (a Hugging Face ImageGPT directory,
     a bundled name, an OpenAI TensorFlow checkpoint prefix, a hub id at `revision`), or
     "pixels" for the raw-pixel baseline. `layers`: specs as in `igpt_cli.layers`
-    (default all). Progress and resume notices go to `on_progress` (task "extract",
+    (default all). `pool`: "mean" (the paper's), "max", or "none" (token maps [N, T, D] per
+    layer); `store_dtype` None: float16 for token maps, else float32. A file that would not
+    fit the disk is refused before any work. Progress and resume notices go to `on_progress` (task "extract",
     unit "image"). `dist` (a DistContext with world_size > 1): extract this rank's
     shard into a part file, and on rank 0 merge the parts into `out` (`igpt_cli.stage`). `compile`: run
     the model's blocks through `torch.compile` (`IGPT.compile_blocks`; eager where unavailable).
@@ -176,8 +201,8 @@ def extract_features(
     t_start = time.perf_counter()
     tokens_path, out = Path(tokens_path), Path(out)
     site = check_choice("site", site, SITES)
-    pool = check_choice("pool", pool, POOLS)
-    store_dtype = check_choice("store_dtype", store_dtype, STORE_DTYPES)
+    pool = check_pool(pool, model)
+    store_dtype = store_dtype_for(pool, store_dtype)
     check_positive("batch_size", batch_size)
     check_positive("limit", limit)
     outputs.check_output_path(out, overwrite)
@@ -199,11 +224,12 @@ def extract_features(
                                      dist=dist, revision=revision, quiet=on_progress is None)
             m.check_tokens(height, width, palette, tokens_path)
         dims = source.dims if m is None else {layer: m.cfg.n_embd for layer in source.layers}
+        positions = source_positions(source, m)
         if dist is None or not dist.active:  # under torchrun each part and the merge check their own
-            outputs.check_free_space(out, features_bytes(n_total, dims, store_dtype),
+            outputs.check_free_space(out, features_bytes(n_total, dims, store_dtype, positions),
                                      partial=outputs.temp_path_for(out))
         formats.check_token_values(tok, len(palette), tokens_path, n_total)
-        auto_bs = load_source(source, m, compile=compile) if m is not None else 256
+        auto_bs = load_source(source, m, store_dtype, compile=compile) if m is not None else 256
         bs = min(batch_size or auto_bs, n_total)
         identity = dict(
             layers=source.layers, site=source.site, sos=source.sos, pool=source.pool,
@@ -214,7 +240,8 @@ def extract_features(
         attrs = dict(model=source.name, tokens_file=str(tokens_path), class_names=json.dumps(names),
                      height=height, width=width)
         labels, sources = formats.labels_and_sources(tf, n_total, tokens_path)
-        spec = features_file(source, n_total, store_dtype, identity, attrs, labels=labels, sources=sources)
+        spec = features_file(source, n_total, store_dtype, identity, attrs, labels=labels, sources=sources,
+                             positions=positions)
         compute = features_compute(source, lambda i, j: formats.read_dataset(tok, slice(i, j), tokens_path),
                                    store_dtype)
         run = run_stage(out, spec, compute, batch_size=bs, batch_size_given=batch_size is not None,

@@ -325,8 +325,9 @@ class IGPT(nn.Module):
         site="ln": layer l < L is ln_1 of block l applied to h_l, the paper's f_l;
         layer L is ln_f(h_L). site="resid": h_l itself, exactly Hugging Face's
         `output_hidden_states` (whose last entry, like here, is ln_f(h_L)).
-        pool=None: token maps `{layer: [B, T, C]}` in the compute dtype;
-        pool="mean": the paper's average over positions, `{layer: [B, C]}` float32.
+        pool=None or "none": token maps `{layer: [B, T, C]}` in the compute dtype;
+        pool="mean": the paper's average over positions, "max": the maximum over positions,
+        `{layer: [B, C]}` float32 (`pooling.pool_tokens`).
         Only the blocks up to the deepest requested layer run.
         `bert_mask` (BERT models only; `idx` is then the image's tokens, not SOS-shifted):
         None = OpenAI's evaluation, a random BERT_MASK_PROB mask (`bert_keep_mask`); a

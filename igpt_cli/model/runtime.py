@@ -84,9 +84,16 @@ def _budget(device: torch.device) -> float:
     return (0.5 if device.type == "cuda" else 0.25) * have
 
 
-def feature_batch_size(cfg: IGPTConfig, device: torch.device, dtype: torch.dtype) -> int:
+GPU_BATCH_TOKENS = 1 << 18  # tokens per forward on a GPU: 256 images of 1024 tokens, 4096 of 64
+CPU_BATCH_TOKENS = 8192  # a CPU's throughput saturates once a batch holds a few thousand tokens
+HOST_COPIES = 4  # host copies of a batch's output alive at once: computed, queued, being written, cast
+
+
+def feature_batch_size(cfg: IGPTConfig, device: torch.device, dtype: torch.dtype, *, host_row_bytes: int = 0) -> int:
     """Images per forward pass over whole images (extract, features, score): matmuls large,
-    activations well inside memory."""
+    activations well inside memory. Capped by tokens (GPU_BATCH_TOKENS, CPU_BATCH_TOKENS), so a
+    short sequence gets many images per batch and a long one few; `host_row_bytes` (one image's
+    output on the host, e.g. token maps of every tapped layer) also caps it by host memory."""
     T, C = cfg.n_positions, cfg.n_embd
     elt = torch.finfo(dtype).bits // 8
     # live activations of one block for one image: residual, ln, qkv, attention out, MLP hidden
@@ -95,10 +102,13 @@ def feature_batch_size(cfg: IGPTConfig, device: torch.device, dtype: torch.dtype
     per_image = (T * (C * (2 + 3 + 1 + 2 * (cfg.mlp_width // C) + 2) * elt + C * 8) + cfg.n_head * T * T * 4
                  + T * cfg.vocab_size * 4)
     by_mem = int(max(1, _budget(device) // per_image))
+    if host_row_bytes > 0:
+        host = torch.device("cpu")
+        by_mem = min(by_mem, int(max(1, _budget(host) // (HOST_COPIES * host_row_bytes))))
     if device.type == "cuda":
-        return min(256, by_mem)
-    if device.type == "cpu":  # a CPU's throughput saturates once a batch holds a few thousand tokens
-        return int(max(1, min(by_mem, max(1, 8192 // T), 64)))
+        return int(max(1, min(by_mem, GPU_BATCH_TOKENS // T)))
+    if device.type == "cpu":
+        return int(max(1, min(by_mem, CPU_BATCH_TOKENS // T)))
     return min(8, by_mem)
 
 

@@ -498,7 +498,7 @@ def _record(search: CSearch, estimator, cs: list[float], fits: list, X_val, y_va
         search.fits[c] = est
         search.not_converged += not _converged(est)
         search.entries.append({"c": c, "val_acc": float(np.mean(est.predict(X_val) == y_val)),
-                               "val_loss": _val_loss(est, X_val, y_val), "stage": stage})
+                               "val_loss": _val_loss(est, X_val, y_val) / len(y_val), "stage": stage})
 
 
 def _refine_plan(search: CSearch, refine: Sequence[float]) -> tuple[list[float], list]:
