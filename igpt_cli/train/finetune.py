@@ -282,3 +282,72 @@ def finetune(
     pretrain(train_tokens, out, cfg, init=model, device=device, dtype=dtype, resume=resume, grad_accum=grad_accum,
              dist=dist, draw_loss=draw_loss, on_progress=on_progress, objective=objective)
     return objective.report
+
+
+# ---------------------------------------------------------------------------
+# applying a fine-tuned model
+# ---------------------------------------------------------------------------
+@dataclass
+class Predictions(Result):
+    """What a fine-tuned model says of each image: the class index, its name, the probabilities."""
+    predictions: list[int]
+    labels: list[str]
+    probabilities: list[list[float]]
+    class_names: list[str]
+
+
+def predict_finetuned(tokens_or_images: Any, model_dir: str | Path, *, device: str = "auto",
+                      batch_size: int = EVAL_BATCH) -> Predictions:
+    """Classify with a fine-tuned directory (`finetune`'s output, or any
+    `ImageGPTForImageClassification` of an autoregressive iGPT).
+
+    `tokens_or_images`: a tokens file (path), palette tokens [N, H*W] (integers), or uint8 RGB
+    images [N, H, W, 3] at the model's size (quantized with the model's palette). Tokens must
+    come from the model's palette: a file quantized with another palette is refused."""
+    from ..model.checkpoint import CheckpointError  # noqa: F401 - raised by load_classifier
+    from ..palette import Palette, PaletteError
+
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise ParameterError("batch_size", batch_size, "must be an integer of at least 1")
+    model, names = load_classifier(model_dir)
+    cfg = model.config
+    if not cfg.autoregressive:
+        raise ParameterError("model_dir", str(model_dir), "is a BERT-objective model; only autoregressive "
+                                                          "fine-tuned models are applied")
+    try:
+        palette = Palette.load(model_dir)
+    except PaletteError:
+        palette = None
+    if isinstance(tokens_or_images, (str, Path)):
+        data = load_tokens(tokens_or_images)
+        if data.height * data.width != cfg.n_positions:
+            raise InputError(f"{data.path}: {data.height}x{data.width} tokens, the model {model_dir} takes "
+                             f"{cfg.n_positions} tokens per image")
+        if palette is not None and (palette.centers.shape != data.palette.shape
+                                    or float(np.abs(palette.centers - data.palette).max()) >= 1e-3):
+            raise InputError(f"{data.path}: quantized with another palette than the model {model_dir}; "
+                             f"quantize with --palette {model_dir}")
+        tokens = data.tokens
+    else:
+        arr = np.asarray(tokens_or_images)
+        if arr.ndim == 4 and arr.shape[-1] == 3 and arr.dtype == np.uint8:
+            if palette is None:
+                raise InputError(f"{model_dir}: names no palette (preprocessor_config.json): give tokens, "
+                                 "not images")
+            if arr.shape[1] * arr.shape[2] != cfg.n_positions:
+                raise ParameterError("tokens_or_images", f"images {arr.shape[1]}x{arr.shape[2]}",
+                                     f"the model takes {cfg.n_positions} pixels per image; resize them first")
+            tokens = palette.quantize(arr)
+        elif arr.ndim == 2 and np.issubdtype(arr.dtype, np.integer) and arr.shape[1] == cfg.n_positions:
+            if arr.size and (arr.min() < 0 or arr.max() >= cfg.vocab_size - 1):
+                raise ParameterError("tokens_or_images", "tokens", f"values must lie in 0..{cfg.vocab_size - 2}")
+            tokens = arr
+        else:
+            raise ParameterError("tokens_or_images", f"{arr.dtype} {arr.shape}",
+                                 f"expected a tokens file, tokens [N, {cfg.n_positions}] or uint8 images [N, H, W, 3]")
+    dev = resolve_device(device)
+    model.to(dev)
+    probs = torch.softmax(class_logits(model, tokens, dev, batch_size), dim=-1)
+    pred = probs.argmax(-1).tolist()
+    return Predictions(predictions=pred, labels=[names[p] for p in pred], probabilities=probs.tolist(),
+                       class_names=names)
