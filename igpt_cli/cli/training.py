@@ -129,7 +129,7 @@ def finetune_command(
     Example: igpt finetune train.h5 -m igpt-cifar8 --test test.h5 -o ft --steps 300
     """
     from ..distributed import DistContext
-    from ..train.finetune import finetune
+    from ..train.finetuning import finetune
     from .plots import write_loss_plot
 
     if not resume and steps is None and epochs is None:

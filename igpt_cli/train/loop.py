@@ -17,7 +17,7 @@ from .. import __version__
 from ..distributed import DistContext, PeerError
 from ..errors import InputError, ParameterError
 from ..formats import sha256_file
-from ..model import IGPT, save_pretrained
+from ..model import IGPT
 from ..outputs import check_distinct, check_output_path, output_lock
 from ..progress import OnProgress, Reporter
 from ..results import Result

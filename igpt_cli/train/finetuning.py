@@ -42,22 +42,15 @@ from ..outputs import check_distinct
 from ..progress import OnProgress
 from ..results import Result
 from ..runtime import resolve_device
-from .config import TrainConfig, config_from
-from .data import TokenData, batch_labels, load_tokens, make_batch, check_val
-from .loop import TrainResult, pretrain, write_preprocessor_config
+from .config import TrainConfig
+from .data import TokenData, batch_labels, check_val, load_tokens, make_batch
+from .loop import pretrain, write_preprocessor_config
 from .objective import NextToken
 from .state import TRAIN_META, write_errors, write_text
 from .watch import DrawLoss
 
 REPORT_FILE = "report.json"
 EVAL_BATCH = 256
-
-
-def wilson_interval(k: int, n: int, z: float = 1.959963984540054) -> list[float]:
-    """95 % Wilson score interval — the probe reports' (`probe.protocol.wilson_interval`)."""
-    from ..probe.protocol import wilson_interval as probe_wilson
-
-    return probe_wilson(k, n, z)
 
 
 def class_names_of(data: TokenData) -> list[str]:
@@ -223,6 +216,8 @@ class FinetuneReport(Result):
 
 def make_report(y_test: np.ndarray, y_pred: np.ndarray, class_names: list[str], *, n_layer: int, dim: int,
                 seconds: float, **context) -> FinetuneReport:
+    from ..probe.protocol import wilson_interval  # the probe reports' interval (imported here: scikit-learn)
+
     correct = y_pred == y_test
     per_class = {name: (float(correct[y_test == c].mean()) if (y_test == c).any() else None)
                  for c, name in enumerate(class_names)}
@@ -304,7 +299,6 @@ def predict_finetuned(tokens_or_images: Any, model_dir: str | Path, *, device: s
     `tokens_or_images`: a tokens file (path), palette tokens [N, H*W] (integers), or uint8 RGB
     images [N, H, W, 3] at the model's size (quantized with the model's palette). Tokens must
     come from the model's palette: a file quantized with another palette is refused."""
-    from ..model.checkpoint import CheckpointError  # noqa: F401 - raised by load_classifier
     from ..palette import Palette, PaletteError
 
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from igpt_cli import formats
 from igpt_cli.model import IGPT, IGPTConfig, save_pretrained, sos_shift
 from igpt_cli.model.classifier import load_classifier
-from igpt_cli.train.finetune import FinetuneObjective, finetune, predict_finetuned
+from igpt_cli.train.finetuning import FinetuneObjective, finetune, predict_finetuned
 from igpt_cli.train.loop import write_preprocessor_config
 from igpt_cli.train.watch import read_metrics
 
@@ -115,12 +115,11 @@ def test_the_directory_loads_in_transformers_with_equal_logits(run, data):
 def test_the_generative_term_is_igpts_score(data):
     from igpt_cli.generate.decode import score_images
 
-    obj = FinetuneObjective(0.7, data["test"], data["model"], data["train"])
-    ours, _ = None, None
-    torch.manual_seed(0)
-    from igpt_cli.model.classifier import IGPTClassifier
     from igpt_cli.model import load_pretrained
+    from igpt_cli.model.classifier import IGPTClassifier
 
+    obj = FinetuneObjective(0.7, data["test"], data["model"], data["train"])
+    torch.manual_seed(0)
     model = IGPTClassifier(load_pretrained(data["model"]).config, 3)
     model.transformer.load_state_dict(load_pretrained(data["model"]).state_dict())
     with h5py.File(data["train"]) as f:
