@@ -1,4 +1,9 @@
-"""`pretrain`: the training loop and its checkpoints (how a run starts: `start.py`; a step's pieces: `step.py`)."""
+"""`pretrain`: the training loop and its checkpoints (how a run starts: `start.py`; a step's pieces: `step.py`;
+what it optimises: `objective.py`).
+
+Long (over 400 lines) because the loop is one function on purpose: the step, the logging,
+the checkpoints and the failure paths share its local state, and splitting them would pass
+that state around instead of reading it in one place."""
 from __future__ import annotations
 
 import contextlib
@@ -10,7 +15,6 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from .. import __version__
@@ -24,7 +28,7 @@ from ..results import Result
 from ..runtime import resolve_device, resolve_dtype
 from .config import check_config, check_fits_memory, config_from, kept_at, lr_at, total_steps, TrainConfig
 from .data import TokenData, load_tokens, make_batch, val_rows
-from .objective import NextToken
+from .objective import NextToken, write_preprocessor_config
 from .init import load_init, resolve_init
 from .start import Options, Start, all_or_none, fresh_run, is_count, resumed_run, split_batch
 from .state import (LOSS_PLOT, METRICS_FILE, STATE_FILE, TENSORBOARD_DIR, TRAIN_META, RunState, load_optimizer,
@@ -55,19 +59,6 @@ class TrainResult(Result):
     compiled: bool | None = None  # compile=True: whether torch.compile worked here (else eager)
     _omit_if_none = ("train_loss", "val_loss", "val_bits_per_dim", "resumed_from", "kept", "tokens_per_s", "init",
                      "compiled")
-
-
-def write_preprocessor_config(model_dir: Path, palette: np.ndarray, height: int, width: int) -> None:
-    cfg = {
-        "image_processor_type": "ImageGPTImageProcessor",
-        "clusters": np.asarray(palette, dtype=np.float32).tolist(),
-        "do_color_quantize": True,
-        "do_normalize": True,
-        "do_resize": True,
-        "resample": 2,
-        "size": {"height": height, "width": width},
-    }
-    write_text(Path(model_dir) / "preprocessor_config.json", json.dumps(cfg) + "\n")
 
 
 # ---------------------------------------------------------------------------
@@ -176,7 +167,8 @@ def pretrain(
             with all_or_none(dist):
                 train_sha = sha256_file(train_tokens)
                 if resume:
-                    start = resumed_run(out, given, data, train_sha, train_tokens, val_tokens, init)
+                    start = resumed_run(out, given, data, train_sha, train_tokens, val_tokens, init,
+                                        objective.init_param)
                     if (start.state.objective or {}) != objective.settings:
                         theirs = start.state.objective or "next-token pretraining"
                         raise InputError(f"{out}: the run there was started with other objective settings "

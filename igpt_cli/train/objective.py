@@ -5,13 +5,16 @@ both share the step, gradient accumulation, data parallelism, checkpoints and re
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ..model import IGPT, IGPTConfig, save_pretrained
 from .config import TrainConfig
 from .data import TokenData, make_batch
+from .state import write_text
 from .step import loss_on
 
 
@@ -42,11 +45,22 @@ class NextToken:
 
     def save(self, model: torch.nn.Module, out: Path, data: TokenData) -> None:
         """The model files of a checkpoint (a Hugging Face directory)."""
-        from .loop import write_preprocessor_config
-
         save_pretrained(model, out)
         write_preprocessor_config(out, data.palette, data.height, data.width)
 
     def done(self, model: torch.nn.Module, out: Path, dist) -> None:
         """Called on every rank with the trained module when the loop has finished, while the run
         directory is still locked (a fine-tuning run evaluates its test set and writes its report)."""
+
+
+def write_preprocessor_config(model_dir: Path, palette: np.ndarray, height: int, width: int) -> None:
+    cfg = {
+        "image_processor_type": "ImageGPTImageProcessor",
+        "clusters": np.asarray(palette, dtype=np.float32).tolist(),
+        "do_color_quantize": True,
+        "do_normalize": True,
+        "do_resize": True,
+        "resample": 2,
+        "size": {"height": height, "width": width},
+    }
+    write_text(Path(model_dir) / "preprocessor_config.json", json.dumps(cfg) + "\n")
