@@ -194,6 +194,8 @@ def test_bad_input_is_one_line_and_writes_nothing(data, tmp_path):
         ((data["train"], data["model"], other_palette), "another palette"),
         ((data["train"], data["model"], out_of_range), "label 7 is out of range"),
         ((other_side, data["model"], other_side), "quantize at its size"),
+        ((data["train"], data["model"], class_tokens(tmp_path / "names.h5", 9, names=("x", "y", "z"))),
+         "are not the training file's"),
     ]
     for (train, model, test), said in cases:
         out = tmp_path / "out"

@@ -101,6 +101,9 @@ class FinetuneObjective(NextToken):
         self.n_train = len(data.tokens)
         test = load_tokens(self.test_path)
         check_val(test, data)
+        if test.class_names and data.class_names and list(test.class_names) != list(data.class_names):
+            raise InputError(f"{test.path}: its classes ({', '.join(test.class_names)}) are not the training "
+                             f"file's ({', '.join(data.class_names)}); labels would mean other classes")
         check_labelled(test, len(self.class_names), "test")
         self.test = test
 
