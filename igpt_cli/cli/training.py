@@ -106,7 +106,7 @@ def finetune_command(
         "Images per step, all processes together (the global batch under torchrun)."))] = 64,
     grad_accum: Annotated[int, typer.Option("--grad-accum", min=1, help=(
         "Split each process's share of a step into K micro-batches (the same step, less memory)."))] = 1,
-    lr: Annotated[float, typer.Option("--lr", help="Peak learning rate (linear warm-up, cosine decay).")] = 3e-4,
+    lr: Annotated[float, typer.Option("--lr", help="Peak learning rate (linear warm-up, cosine decay).")] = 1e-3,
     warmup_steps: Annotated[int, typer.Option("--warmup", min=0, help="Warm-up steps.")] = 50,
     weight_decay: Annotated[float, typer.Option("--weight-decay", min=0.0, help="AdamW weight decay.")] = 0.01,
     no_flip: Annotated[bool, typer.Option("--no-flip", help="Disable random horizontal flips.")] = False,
@@ -126,7 +126,7 @@ def finetune_command(
     its id2label), OUT/metrics.jsonl, OUT/loss.png and OUT/report.json (test accuracy with its
     95 % interval; the same JSON on stdout). Resumable; data-parallel under torchrun.
 
-    Example: igpt finetune train.h5 -m igpt-cifar8 --test test.h5 -o ft --steps 300
+    Example: igpt finetune train.h5 -m igpt-cifar8 --test test.h5 -o ft --steps 150
     """
     from ..distributed import DistContext
     from ..train.finetuning import finetune
