@@ -35,7 +35,8 @@ class IGPTClassifier(nn.Module):
     def forward(self, idx: torch.Tensor, *, generative: bool = True):
         """(class logits [B, num_labels], next-token logits [B, T, vocab_size - 1] or None) for
         input tokens `idx` [B, T] (for an autoregressive model: the SOS-shifted tokens)."""
-        h = self.transformer.final_hidden(idx)  # [B, T, C]
+        L = self.config.n_layer
+        h = self.transformer.forward_intermediates(idx, [L], pool=None)[L]  # ln_f of the last block: [B, T, C]
         logits = self.score(h.mean(dim=1))
         return logits, (self.transformer.lm_head(h) if generative else None)
 

@@ -231,28 +231,18 @@ class IGPT(nn.Module):
                                                               f"({pos} of {cache.max_len} positions used)")
         if cache is not None and not self.config.autoregressive:
             raise ParameterError("cache", "KVCache", "a BERT-objective model is not autoregressive")
-        x = self._blocks(self.embed(idx, pos, keep), cache, pos)  # [B, T, C]
-        if cache is not None:
-            cache.pos = pos + T
-        if last_only:
-            x = x[:, -1]  # [B, C]
-        return self.lm_head(self.ln_f(x))  # [B, T, vocab_size - 1] (or [B, vocab_size - 1])
-
-    def final_hidden(self, idx: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
-        """ln_f of the last block's output `[B, T, C]` for input tokens `[B, T]` (Hugging Face's
-        `last_hidden_state`): what `lm_head` and a classification head read."""
-        return self.ln_f(self._blocks(self.embed(idx, 0, keep), None, 0))
-
-    def _blocks(self, x: torch.Tensor, cache: KVCache | None, pos: int) -> torch.Tensor:
-        """The blocks applied to embeddings `x` [B, T, C] (checkpointed when training with
-        `activation_checkpointing`)."""
+        x = self.embed(idx, pos, keep)  # [B, T, C]
         recompute = self.activation_checkpointing and self.training and cache is None and torch.is_grad_enabled()
         for i, block in enumerate(self.h):
             if recompute:
                 x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
             else:
                 x = block(x, kv=None if cache is None else (cache.k[i], cache.v[i]), pos=pos)
-        return x
+        if cache is not None:
+            cache.pos = pos + T
+        if last_only:
+            x = x[:, -1]  # [B, C]
+        return self.lm_head(self.ln_f(x))  # [B, T, vocab_size - 1] (or [B, vocab_size - 1])
 
     def forward_intermediates(self, idx: torch.Tensor, layers, site: str = "ln", pool: str | None = "mean",
                               bert_mask: float | torch.Tensor | None = None) -> dict[int, torch.Tensor]:
