@@ -100,7 +100,7 @@ def test_disk_full_keeps_the_last_checkpoint_resumable_and_leaves_no_temp_files(
 
 
 def test_disk_full_while_writing_the_model_files_names_them(tmp_path, tok, monkeypatch):
-    import igpt_cli.train.loop as loop
+    import igpt_cli.train.objective as loop  # where a checkpoint's model files are written
 
     calls = []
 

@@ -78,10 +78,10 @@ def test_a_run_killed_while_keeping_a_model_keeps_it_on_resume(tmp_path, tok, mo
     out = tmp_path / "run"
     real = loop.keep_model
 
-    def killed_at_3(final, model, data, step, history):
+    def killed_at_3(final, model, data, step, history, *objective):
         if step == 3:
             raise SystemExit(137)  # a hard stop in the middle of keeping: no Ctrl-C save
-        return real(final, model, data, step, history)
+        return real(final, model, data, step, history, *objective)
 
     monkeypatch.setattr(loop, "keep_model", killed_at_3)
     with pytest.raises(SystemExit):

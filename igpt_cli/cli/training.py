@@ -1,4 +1,4 @@
-"""`igpt train` and `igpt demo`."""
+"""`igpt train`, `igpt finetune` and `igpt demo`."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -91,6 +91,78 @@ def train_command(
 
 
 @handles_input_errors
+def finetune_command(
+    train_tokens: Annotated[Path, typer.Argument(help="Labelled tokens file (igpt quantize) to fine-tune on.")],
+    model: Annotated[str, typer.Option("-m", "--model", metavar="MODEL", help=(
+        "Model to fine-tune (directory, bundled name, hub id or TF checkpoint prefix)."))],
+    test_tokens: Annotated[Path, typer.Option("--test", help="Labelled tokens file to report the accuracy on.")],
+    out: Annotated[Path, typer.Option("-o", "--out", help=(
+        "Directory to write (Hugging Face ImageGPTForImageClassification, report.json)."))],
+    gen_weight: Annotated[float, typer.Option("--gen-weight", min=0.0, help=(
+        "Weight of the generative (next-token) loss in the joint objective; 0: classification only."))] = 1.0,
+    steps: Annotated[Optional[int], typer.Option("--steps", min=1, help="Optimizer steps (or use --epochs).")] = None,
+    epochs: Annotated[Optional[float], typer.Option("--epochs", min=0.0, help="Passes over the training tokens.")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help=(
+        "Images per step, all processes together (the global batch under torchrun)."))] = 64,
+    grad_accum: Annotated[int, typer.Option("--grad-accum", min=1, help=(
+        "Split each process's share of a step into K micro-batches (the same step, less memory)."))] = 1,
+    lr: Annotated[float, typer.Option("--lr", help="Peak learning rate (linear warm-up, cosine decay).")] = 1e-3,
+    warmup_steps: Annotated[int, typer.Option("--warmup", min=0, help="Warm-up steps.")] = 50,
+    weight_decay: Annotated[float, typer.Option("--weight-decay", min=0.0, help="AdamW weight decay.")] = 0.01,
+    no_flip: Annotated[bool, typer.Option("--no-flip", help="Disable random horizontal flips.")] = False,
+    checkpoint_every: Annotated[int, typer.Option("--checkpoint-every", min=1, help="Steps between checkpoints.")] = 200,
+    eval_every: Annotated[int, typer.Option("--eval-every", min=1, help=(
+        "Steps between history records (training losses and accuracy)."))] = 100,
+    log_every: Annotated[int, typer.Option("--log-every", min=1, help="Steps between lines of OUT/metrics.jsonl.")] = 10,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the head, data order and flips.")] = 0,
+    device: Device = "auto",
+    dtype: Annotated[ComputeDtype, typer.Option("--dtype", help="Autocast dtype (auto: bfloat16 where fast).")] = ComputeDtype.auto,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run saved in --out.")] = False,
+    quiet: Quiet = False,
+) -> None:
+    """Fine-tune a model with a linear head on its mean-pooled final layer (the paper's joint objective).
+
+    Writes a Hugging Face ImageGPTForImageClassification directory (transformers loads it with
+    its id2label), OUT/metrics.jsonl, OUT/loss.png and OUT/report.json (test accuracy with its
+    95 % interval; the same JSON on stdout). Resumable; data-parallel under torchrun.
+
+    Example: igpt finetune train.h5 -m igpt-cifar8 --test test.h5 -o ft --steps 150
+    """
+    from ..distributed import DistContext
+    from ..train.finetuning import finetune
+    from .plots import write_loss_plot
+
+    if not resume and steps is None and epochs is None:
+        raise InputError("give --steps or --epochs")
+    settings = dict(steps=steps, epochs=epochs, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps,
+                    weight_decay=weight_decay, flip=not no_flip, checkpoint_every=checkpoint_every,
+                    eval_every=eval_every, seed=seed, log_every=log_every)
+    if resume:  # only the flags the user typed: a resumed run compares them with its own
+        ctx = get_current_context()
+        param = {"flip": "no_flip"}
+        settings = {k: v for k, v in settings.items() if getattr(ctx.get_parameter_source(param.get(k, k)), "name",
+                                                                 "DEFAULT") not in ("DEFAULT", "DEFAULT_MAP")}
+    else:
+        settings = {k: v for k, v in settings.items() if v is not None}
+    dist = DistContext.from_env()
+    bar = ProgressBar.maybe(quiet or not dist.is_main)
+    try:
+        with maybe_bar(bar):
+            report = finetune(train_tokens, model, test_tokens, out, settings, gen_weight=gen_weight, device=device,
+                              dtype=dtype.value, resume=resume, grad_accum=grad_accum, dist=dist,
+                              draw_loss=write_loss_plot, on_progress=bar)
+    finally:
+        dist.close()
+    if dist.is_main:
+        if not quiet:
+            layer = report.layers[0]
+            lo, hi = layer["test_acc_ci"]
+            err.print(f"fine-tuned test accuracy {layer['test_acc']:.1%} (95 % interval {lo:.1%}–{hi:.1%}, "
+                      f"{layer['n_test']:,} images) — {out / 'report.json'}", highlight=False)
+        print_json(report)
+
+
+@handles_input_errors
 def demo_command(
     out: Annotated[Optional[Path], typer.Option("--out", help="Keep every intermediate file in this directory.")] = None,
     model: Annotated[Optional[Path], typer.Option("--model", help="Model directory (default: the shipped iGPT).")] = None,
@@ -153,6 +225,7 @@ def _steps_list(text: str | None) -> tuple[int, ...]:
 
 
 def register(app: typer.Typer) -> None:
-    """Add `train`, `demo` to the `igpt` app."""
+    """Add `train`, `finetune`, `demo` to the `igpt` app."""
     app.command("train")(train_command)
+    app.command("finetune")(finetune_command)
     app.command("demo")(demo_command)

@@ -136,6 +136,13 @@ def make_batch(data: TokenData, step: int, cfg: TrainConfig, part: tuple[int, in
     return torch.from_numpy(np.ascontiguousarray(x))
 
 
+def batch_labels(data: TokenData, step: int, cfg: TrainConfig, part: tuple[int, int] | None = None) -> torch.Tensor:
+    """Class labels [stop - start] of the images `make_batch` gives for the same arguments."""
+    start, stop = part if part is not None else (0, cfg.batch_size)
+    rows = batch_indices(step, len(data.tokens), cfg.batch_size, cfg.seed)[start:stop]
+    return torch.from_numpy(np.asarray(data.labels)[rows].astype(np.int64))
+
+
 def val_rows(val: TokenData, n: int, seed: int = 0) -> np.ndarray:
     """Sorted row indices of a seeded subset of `n` validation images (all when n >= the rows),
     class-balanced when the file has labels: classes take turns in a seeded order, so each

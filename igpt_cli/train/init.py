@@ -43,14 +43,15 @@ def resolve_init(init) -> Path:
     return resolve_model_dir(init, quiet=True)
 
 
-def load_init(init, model_dir: Path, data: TokenData, given) -> InitModel:
-    """The model to start from, checked against the tokens and the settings the user gave."""
+def load_init(init, model_dir: Path, data: TokenData, given, *, param: str = "init",
+              bert_refusal: str = "igpt train continues autoregressive (next-token) pretraining only") -> InitModel:
+    """The model to start from, checked against the tokens and the settings the user gave
+    (`param`: the parameter that names the model, in errors; `bert_refusal`: why a BERT model is refused)."""
     model_dir = Path(model_dir)
     model = load_pretrained(model_dir)
     cfg = model.config
     if not cfg.autoregressive:
-        raise ParameterError("init", str(init), "is a BERT-objective model; igpt train continues autoregressive "
-                                                "(next-token) pretraining only")
+        raise ParameterError(param, str(init), f"is a BERT-objective model; {bert_refusal}")
     named = given if isinstance(given, dict) else ({k: getattr(given, k) for k in ARCHITECTURE}
                                                    if given is not None else {})
     for k in ARCHITECTURE:

@@ -1,4 +1,9 @@
-"""`pretrain`: the training loop and its checkpoints (how a run starts: `start.py`; a step's pieces: `step.py`)."""
+"""`pretrain`: the training loop and its checkpoints (how a run starts: `start.py`; a step's pieces: `step.py`;
+what it optimises: `objective.py`).
+
+Long (over 400 lines) because the loop is one function on purpose: the step, the logging,
+the checkpoints and the failure paths share its local state, and splitting them would pass
+that state around instead of reading it in one place."""
 from __future__ import annotations
 
 import contextlib
@@ -10,20 +15,20 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from .. import __version__
 from ..distributed import DistContext, PeerError
 from ..errors import InputError, ParameterError
 from ..formats import sha256_file
-from ..model import IGPT, save_pretrained
+from ..model import IGPT
 from ..outputs import check_distinct, check_output_path, output_lock
 from ..progress import OnProgress, Reporter
 from ..results import Result
 from ..runtime import resolve_device, resolve_dtype
 from .config import check_config, check_fits_memory, config_from, kept_at, lr_at, total_steps, TrainConfig
 from .data import TokenData, load_tokens, make_batch, val_rows
+from .objective import NextToken, write_preprocessor_config
 from .init import load_init, resolve_init
 from .start import Options, Start, all_or_none, fresh_run, is_count, resumed_run, split_batch
 from .state import (LOSS_PLOT, METRICS_FILE, STATE_FILE, TENSORBOARD_DIR, TRAIN_META, RunState, load_optimizer,
@@ -56,19 +61,6 @@ class TrainResult(Result):
                      "compiled")
 
 
-def write_preprocessor_config(model_dir: Path, palette: np.ndarray, height: int, width: int) -> None:
-    cfg = {
-        "image_processor_type": "ImageGPTImageProcessor",
-        "clusters": np.asarray(palette, dtype=np.float32).tolist(),
-        "do_color_quantize": True,
-        "do_normalize": True,
-        "do_resize": True,
-        "resample": 2,
-        "size": {"height": height, "width": width},
-    }
-    write_text(Path(model_dir) / "preprocessor_config.json", json.dumps(cfg) + "\n")
-
-
 # ---------------------------------------------------------------------------
 # ---------------------------------------------------------------------------
 # ---------------------------------------------------------------------------
@@ -90,6 +82,7 @@ def pretrain(
     dist: DistContext | None = None,
     draw_loss: DrawLoss | None = None,
     on_progress: OnProgress | None = None,
+    objective: NextToken | None = None,
 ) -> TrainResult:
     """Pretrain (or resume pretraining) an iGPT; the output directory is locked for the whole run.
 
@@ -122,7 +115,11 @@ def pretrain(
 
     Progress: one event per step (`info` holds the smoothed loss and learning rate, updated
     at each logged step); every evaluation record is also a log `message` (one JSON line).
+
+    `objective`: what is trained (default `NextToken()`, next-token pretraining; fine-tuning
+    with a classification head, `igpt_cli.finetune`, passes its own: `objective.py`).
     """
+    objective = NextToken() if objective is None else objective
     own_dist = dist is None
     dist = DistContext.from_env() if dist is None else dist
     out = Path(out_dir)
@@ -142,7 +139,8 @@ def pretrain(
             dist.agree({"train_tokens": str(train_tokens), "out": str(out), "val_tokens": str(val_tokens),
                         "init": str(init), "cfg": asdict(given) if isinstance(given, TrainConfig) else given,
                         "device": str(device), "dtype": str(getattr(dtype, "value", dtype)), "resume": resume,
-                        "options": [opts.grad_accum, opts.compile, opts.activation_checkpointing]},
+                        "options": [opts.grad_accum, opts.compile, opts.activation_checkpointing],
+                        "objective": objective.settings},
                        "training flags")
         except InputError as e:
             if not dist.is_main:
@@ -151,6 +149,7 @@ def pretrain(
         with contextlib.ExitStack() as stack:
             with all_or_none(dist):
                 data = load_tokens(train_tokens)  # the input first: a missing or bad file is the first thing said
+                objective.check_data(data)
                 check_output_path(out, overwrite=False, directory=True)
                 if not resume:
                     cfg = check_config(config_from(cfg))
@@ -168,10 +167,17 @@ def pretrain(
             with all_or_none(dist):
                 train_sha = sha256_file(train_tokens)
                 if resume:
-                    start = resumed_run(out, given, data, train_sha, train_tokens, val_tokens, init)
+                    start = resumed_run(out, given, data, train_sha, train_tokens, val_tokens, init,
+                                        objective.init_param)
+                    if (start.state.objective or {}) != objective.settings:
+                        theirs = start.state.objective or "next-token pretraining"
+                        raise InputError(f"{out}: the run there was started with other objective settings "
+                                         f"({theirs}, not {objective.settings or 'next-token pretraining'}); "
+                                         "resume with its own, or train into a new directory")
                 else:
                     start = fresh_run(out, cfg, data, val_tokens,
-                                   load_init(init, init_dir, data, given) if init is not None else None)
+                                   load_init(init, init_dir, data, given, param=objective.init_param,
+                                             bert_refusal=objective.bert_refusal) if init is not None else None)
                 mc = start.model_config
                 K = len(data.palette)
                 if mc.n_positions != data.height * data.width or mc.vocab_size != K + 1:
@@ -187,14 +193,14 @@ def pretrain(
                     if start.state is None:
                         raise
                     raise InputError(f"{out / STATE_FILE}: {e.problem}") from None  # the run's model, not a setting
-            return _train(out, data, train_sha, start, dev, compute, dist, opts, on_progress)
+            return _train(out, data, train_sha, start, dev, compute, dist, opts, on_progress, objective)
     finally:
         if own_dist:
             dist.close()
 
 
 def _train(out: Path, data: TokenData, train_sha: str, start: Start, dev: torch.device, compute: torch.dtype,
-           dist: DistContext, opts: Options, on_progress: OnProgress | None) -> TrainResult:
+           dist: DistContext, opts: Options, on_progress: OnProgress | None, objective: NextToken) -> TrainResult:
     cfg, state, val = start.cfg, start.state, start.val
     main = dist.is_main
     state_path = out / STATE_FILE
@@ -204,13 +210,13 @@ def _train(out: Path, data: TokenData, train_sha: str, start: Start, dev: torch.
     first_image = dist.rank * per_rank  # this rank's slice of every global batch
     if state is None:
         torch.manual_seed(cfg.seed)
-    model = IGPT(start.model_config)
+    model = objective.build(start.model_config)
     if state is not None:
         load_weights(model, state, state_path)
     elif start.init is not None:
-        model.load_state_dict(start.init.weights)
+        objective.backbone(model).load_state_dict(start.init.weights)
     model.to(dev).train()
-    model.activation_checkpointing = opts.activation_checkpointing
+    objective.backbone(model).activation_checkpointing = opts.activation_checkpointing
     sos = model.config.sos_token
     opt = make_optimizer(model, cfg, fused=dev.type == "cuda")
     # float16 needs a loss scale (its gradients underflow otherwise); bfloat16 and float32 do not
@@ -242,6 +248,8 @@ def _train(out: Path, data: TokenData, train_sha: str, start: Start, dev: torch.
                        device=dev)
     have_ema = state is not None and state.loss_ema is not None
     window, window_steps = torch.zeros((), device=dev), 0
+    n_metrics = len(objective.metrics)
+    window_metrics = torch.zeros(n_metrics, device=dev)  # the objective's own numbers, summed like `window`
 
     def checkpoint() -> None:
         nonlocal saved
@@ -250,15 +258,14 @@ def _train(out: Path, data: TokenData, train_sha: str, start: Start, dev: torch.
         run = RunState(step, cfg, model.config, model.state_dict(), opt.state_dict(), dtype_name, history,
                        schedule, train_sha, start.val_sha256, start.val_path, float(ema) if have_ema else None,
                        world_size=dist.world_size, grad_scaler=scaler.state_dict() if scaler.is_enabled() else None,
-                       init=init_name)
+                       init=init_name, objective=objective.settings)
         # The state first: it alone is what a resume needs; a failure below it leaves it intact.
         then = f"resume continues from step {saved}" if saved is not None else "nothing was saved yet"
         with write_errors(state_path, f"writing the checkpoint of step {step}; {then}"):
             save_state(state_path, run)
         saved = step
         with write_errors(out, f"writing the model files of step {step}; resume continues from step {step}"):
-            save_pretrained(model, out)
-            write_preprocessor_config(out, data.palette, data.height, data.width)
+            objective.save(model, out, data)
             meta = {"igpt_version": __version__, "train_tokens": str(data.path),
                     "val_tokens": str(val.path) if val is not None else "", "train_sha256": train_sha,
                     "step": step, "steps": steps, "history": history, "class_names": data.class_names,
@@ -271,7 +278,7 @@ def _train(out: Path, data: TokenData, train_sha: str, start: Start, dev: torch.
         # earlier step, so a resume redoes this step and keeps its model (never a state past a
         # kept step whose directory is missing).
         if kept_at(cfg, step):
-            keep_model(out / snapshot_name(step), model, data, step, history)
+            keep_model(out / snapshot_name(step), model, data, step, history, objective)
         checkpoint()
 
     def validation_loss() -> float:
@@ -296,15 +303,19 @@ def _train(out: Path, data: TokenData, train_sha: str, start: Start, dev: torch.
             for g in opt.param_groups:
                 g["lr"] = lr
             step_loss = None
+            step_metrics = torch.zeros(n_metrics, device=dev)
             for j in range(opts.grad_accum):
                 a = first_image + j * micro
-                x = to_device(make_batch(data, step, cfg, (a, a + micro)), dev)
+                batch = tuple(to_device(t, dev) for t in objective.batch(data, step, cfg, (a, a + micro)))
                 last = j == opts.grad_accum - 1
                 with (runner.no_sync() if dist.active and not last else contextlib.nullcontext()):
                     with torch.autocast(**autocast):
-                        loss = loss_on(runner, x, sos) / opts.grad_accum
+                        loss, numbers = objective.loss(runner, batch, sos)
+                        loss = loss / opts.grad_accum
                     scaler.scale(loss).backward()
                 step_loss = loss.detach() if step_loss is None else step_loss + loss.detach()
+                if numbers is not None:
+                    step_metrics = step_metrics + numbers / opts.grad_accum
             scaler.unscale_(opt)  # a no-op without float16
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             scaler.step(opt)
@@ -316,7 +327,11 @@ def _train(out: Path, data: TokenData, train_sha: str, start: Start, dev: torch.
 
                 tdist.all_reduce(step_loss)
                 step_loss = step_loss / dist.world_size
+                if n_metrics:
+                    tdist.all_reduce(step_metrics)
+                    step_metrics = step_metrics / dist.world_size
             window = window + step_loss
+            window_metrics = window_metrics + step_metrics
             window_steps += 1
             ema = step_loss if not have_ema else 0.95 * ema + 0.05 * step_loss
             have_ema = True
@@ -329,10 +344,14 @@ def _train(out: Path, data: TokenData, train_sha: str, start: Start, dev: torch.
                 record = {"step": step, "loss": round(mean, 6), "lr": lr,
                           "tokens_per_s": round(window_steps * tokens_per_step / max(time.time() - t_window, 1e-9),
                                                 1)}
+                extra = {k: round(float(v) / window_steps, 6)
+                         for k, v in zip(objective.metrics, window_metrics.tolist())}
+                record.update(extra)
                 window, window_steps = torch.zeros((), device=dev), 0
+                window_metrics = torch.zeros(n_metrics, device=dev)
                 if evaluating:
                     entry = {"step": step, "train_loss": round(smooth, 5), "lr": lr,
-                             "seconds": round(time.time() - t0, 1)}
+                             "seconds": round(time.time() - t0, 1), **extra}
                     if val is not None:
                         v = validation_loss()
                         entry.update(val_loss=round(v, 5), val_bits_per_dim=round(v / math.log(2), 5))
@@ -362,6 +381,7 @@ def _train(out: Path, data: TokenData, train_sha: str, start: Start, dev: torch.
         if log is not None:
             log.close()
     seconds = time.time() - t0
+    objective.done(model, out, dist)
     last = history[-1] if history else {}
     return TrainResult(model_dir=str(out), steps=steps, n_params=model.num_params(), height=data.height,
                        width=data.width, seconds=round(seconds, 1), train_loss=last.get("train_loss"),
@@ -380,7 +400,8 @@ def snapshot_name(step: int) -> str:
     return f"step-{step:06d}"
 
 
-def keep_model(final: Path, model: IGPT, data: TokenData, step: int, history: list) -> None:
+def keep_model(final: Path, model: IGPT, data: TokenData, step: int, history: list,
+               objective: NextToken | None = None) -> None:
     """Write the model of `step` as its own Hugging Face directory, atomically (a temp
     directory renamed when complete); one that exists already (a resumed run) is kept."""
     if final.is_dir():
@@ -388,8 +409,7 @@ def keep_model(final: Path, model: IGPT, data: TokenData, step: int, history: li
     tmp = final.with_name(f".{final.name}.tmp")
     with write_errors(final, f"keeping the model of step {step}"):
         shutil.rmtree(tmp, ignore_errors=True)
-        save_pretrained(model, tmp)
-        write_preprocessor_config(tmp, data.palette, data.height, data.width)
+        (objective or NextToken()).save(model, tmp, data)
         meta = {"igpt_version": __version__, "step": step, "history": [h for h in history if h["step"] <= step]}
         write_text(tmp / TRAIN_META, json.dumps(meta, indent=1) + "\n")
         os.replace(tmp, final)

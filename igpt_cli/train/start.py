@@ -83,7 +83,8 @@ def _resumed_val(state: RunState, val_tokens, data: TokenData) -> tuple[TokenDat
     return val, sha, str(path.resolve())
 
 
-def resumed_run(out: Path, given, data: TokenData, train_sha: str, train_tokens, val_tokens, init) -> Start:
+def resumed_run(out: Path, given, data: TokenData, train_sha: str, train_tokens, val_tokens, init,
+                init_param: str = "init") -> Start:
     path = out / STATE_FILE
     if not path.is_file():
         raise InputError(f"{out}: nothing to resume (no {STATE_FILE})")
@@ -93,8 +94,8 @@ def resumed_run(out: Path, given, data: TokenData, train_sha: str, train_tokens,
                          f"the one recorded in {path}); resume with the same file, or train into a new directory")
     if init is not None and str(init) != state.init:
         started = f"started from {state.init}" if state.init else "started from random weights"
-        raise ParameterError("init", str(init), f"this run {started}; a resumed run continues from its own "
-                                                "state: resume without init")
+        raise ParameterError(init_param, str(init), f"this run {started}; a resumed run continues from its own "
+                                                    "state" + (": resume without init" if init_param == "init" else ""))
     cfg = resumed_config(state.cfg, given, len(data.tokens), out)
     val, val_sha, val_path = _resumed_val(state, val_tokens, data)
     schedule = state.schedule_steps or total_steps(state.cfg, len(data.tokens))

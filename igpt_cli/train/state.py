@@ -11,7 +11,7 @@ Format versions: 2 (this one) added `format`, `format_version`, `train_sha256`,
 them) is still resumed, without the tokens-file check it cannot do. Optional keys, absent from
 older version-2 states: `world_size` (the processes that trained it, information only: a run
 resumes on any number), `grad_scaler` (float16 training's loss scale), `init` (the model a
-`--init` run started from). A state's `eval_rows` setting is read as `val_images`.
+`--init` run started from), `objective` (a fine-tuning run's settings, JSON). A state's `eval_rows` setting is read as `val_images`.
 """
 from __future__ import annotations
 
@@ -69,6 +69,7 @@ class RunState:
     world_size: int = 1
     grad_scaler: dict | None = None  # torch.amp.GradScaler's state (float16 training only)
     init: str = ""  # the model the run started from (train --init), "" for random weights
+    objective: dict | None = None  # the objective's settings (fine-tuning's); None or {} for pretraining
     version: int = STATE_VERSION
 
     def to_save(self) -> dict:
@@ -78,6 +79,7 @@ class RunState:
                 "history": json.dumps(self.history), "schedule_steps": self.schedule_steps,
                 "train_sha256": self.train_sha256, "val_sha256": self.val_sha256, "val_tokens": self.val_tokens,
                 "loss_ema": self.loss_ema, "world_size": self.world_size, "init": self.init,
+                **({"objective": json.dumps(self.objective)} if self.objective else {}),
                 **({"grad_scaler": self.grad_scaler} if self.grad_scaler is not None else {})}
 
 
@@ -202,6 +204,14 @@ def read_state(path: Path) -> RunState:
         extra["grad_scaler"] = raw["grad_scaler"]
     if isinstance(raw.get("init"), str):
         extra["init"] = raw["init"]
+    if "objective" in raw:
+        try:
+            objective = json.loads(raw["objective"]) if isinstance(raw["objective"], str) else None
+        except ValueError:
+            objective = None
+        if not isinstance(objective, dict):
+            raise bad("objective is not a JSON object")
+        extra["objective"] = objective
     return RunState(step=raw["step"], cfg=cfg, model_config=model_config, model=raw["model"],
                     optimizer=raw["optimizer"], compute_dtype=raw["compute_dtype"], history=history,
                     version=version, **extra)

@@ -47,7 +47,9 @@ def make_optimizer(model: IGPT, cfg: TrainConfig, fused: bool = False) -> torch.
     # Weight decay on weight matrices only: no decay on norms, biases, embeddings.
     decay, no_decay = [], []
     for name, p in model.named_parameters():
-        is_matrix = p.dim() == 2 and not name.startswith(("wte", "wpe"))
+        if not p.requires_grad:  # a frozen part (fine-tuning without the generative term: lm_head)
+            continue
+        is_matrix = p.dim() == 2 and name.split(".")[-2] not in ("wte", "wpe")
         (decay if is_matrix else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), **({"fused": True} if fused else {}))
