@@ -141,11 +141,11 @@ def _parameters(weights: Path) -> int | None:
 
 def cached_models() -> list[dict]:
     """Every ImageGPT snapshot in the hub cache (`scan_cache_dir`), one row per revision."""
-    from huggingface_hub import scan_cache_dir
+    from huggingface_hub import constants, scan_cache_dir
     from huggingface_hub.errors import CacheNotFound
 
-    try:
-        info = scan_cache_dir()
+    try:  # the cache named now (scan_cache_dir's own default is bound when its module is first imported)
+        info = scan_cache_dir(constants.HF_HUB_CACHE)
     except CacheNotFound:
         return []
     rows = []
