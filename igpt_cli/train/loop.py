@@ -135,17 +135,13 @@ def pretrain(
                 raise
         dev = dist.device_for(resolve_device(device))
         dist.init(dev)
-        try:  # every rank runs rank 0's flags (torchrun starts one command, srun may not)
-            dist.agree({"train_tokens": str(train_tokens), "out": str(out), "val_tokens": str(val_tokens),
-                        "init": str(init), "cfg": asdict(given) if isinstance(given, TrainConfig) else given,
-                        "device": str(device), "dtype": str(getattr(dtype, "value", dtype)), "resume": resume,
-                        "options": [opts.grad_accum, opts.compile, opts.activation_checkpointing],
-                        "objective": objective.settings},
-                       "training flags")
-        except InputError as e:
-            if not dist.is_main:
-                raise PeerError(str(e)) from None
-            raise
+        # every rank runs rank 0's flags (torchrun starts one command, srun may not); said once, by the rank that differs
+        dist.agree({"train_tokens": str(train_tokens), "out": str(out), "val_tokens": str(val_tokens),
+                    "init": str(init), "cfg": asdict(given) if isinstance(given, TrainConfig) else given,
+                    "device": str(device), "dtype": str(getattr(dtype, "value", dtype)), "resume": resume,
+                    "options": [opts.grad_accum, opts.compile, opts.activation_checkpointing],
+                    "objective": objective.settings},
+                   "training flags")
         with contextlib.ExitStack() as stack:
             with all_or_none(dist):
                 data = load_tokens(train_tokens)  # the input first: a missing or bad file is the first thing said
