@@ -59,7 +59,7 @@ shipped-model: $(VENV)/.installed
 		--checkpoint-every 100 --eval-every 100 --seed 0
 	$(PY) -m igpt_cli.export runs/igpt-cifar8 igpt_cli/assets/igpt-cifar8 --overwrite
 
-# How README's "Does generating better mean representing better?" was made: the shipped recipe
+# How docs/guides/sweeps.md's "Does generating better mean representing better?" was made: the shipped recipe
 # and a 4x128 family, checkpoints kept at log-spaced steps, swept on seeded CIFAR-10 subsets
 # (about 50 + 15 min of training and 2 min of sweep on 2 CPU cores).
 SAVE_AT ?= 50,100,200,400,800,1200,1600,2000,2400
@@ -75,7 +75,7 @@ sweep-figure: $(VENV)/.installed
 	$(VENV)/bin/igpt sweep '8x192=runs/sweep-cifar8' '4x128=runs/sweep-cifar8-small' --train runs/cifar8-train3k.h5 --test runs/cifar8-test1k.h5 -o runs/sweep-final
 	cp runs/sweep-final/sweep.csv runs/sweep-final/sweep.json runs/sweep-final/*.png docs/sweep/
 
-# Every GPU path on one CUDA device, one table (README "GPU check"); on a machine without
+# Every GPU path on one CUDA device, one table (docs/guides/gpu.md); on a machine without
 # CUDA it says so and exits 0. GPU_CHECK_ARGS: e.g. --data /path/to/cifar10-jpeg.tar --json out.json
 GPU_CHECK_ARGS ?=
 gpu-check: $(VENV)/.installed-test

@@ -120,7 +120,7 @@ class DistContext:
         if missing:
             raise InputError(f"WORLD_SIZE={self.world_size} is set but {' and '.join(missing)} "
                              f"{'is' if len(missing) == 1 else 'are'} not: launch with torchrun or srun "
-                             f"(see 'Running on a cluster' in the README)")
+                             f"(see docs/guides/clusters.md)")
         where = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
         try:
             if not dist.is_initialized():

@@ -45,7 +45,7 @@ def extract_command(
     """Run a pretrained iGPT over a tokens file; write per-layer pooled features or token maps (resumable).
 
     Under torchrun (or srun with RANK/WORLD_SIZE/LOCAL_RANK set) every process takes a
-    shard of the rows; see 'Running on a cluster' in the README.
+    shard of the rows; see docs/guides/clusters.md.
 
     Example: igpt extract train.h5 -m imagegpt-small/ --layer 8-16 -o train-feats.h5
     """

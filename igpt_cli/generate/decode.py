@@ -180,7 +180,7 @@ def sample_images(model: IGPT | str | Path, n: int, *, temperature: float = 1.0,
 
     Each sequence starts from SOS alone; `temperature` 0 is greedy. Same seed, device and
     dtype: the same samples, on the CPU whatever the batch size (on a GPU another batch
-    size can flip a rare token: README, "Reproducibility on GPUs"). Progress: task "sample",
+    size can flip a rare token: docs/guides/gpu.md, "Reproducibility on GPUs"). Progress: task "sample",
     unit "token".
     """
     sampling = Sampling(temperature, top_k, top_p)

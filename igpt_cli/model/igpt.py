@@ -249,8 +249,8 @@ class IGPT(nn.Module):
         """Run the blocks through `torch.compile` (one graph serves every block; inductor fuses
         the norms, the activation and the residual adds), or eagerly again with `enabled=False`.
 
-        Opt-in: the first call compiles (tens of seconds on a CPU, see the README's performance
-        section), which pays only on long runs. Where compilation is unavailable (no C++
+        Opt-in: the first call compiles (tens of seconds on a CPU, see docs/performance.md),
+        which pays only on long runs. Where compilation is unavailable (no C++
         compiler for inductor on a CPU, no Triton on a GPU, an inductor error), the first
         call falls back to eager blocks, silently and for good. Only full-sequence forwards
         (features, scores, training) use it; cached decoding steps stay eager."""
