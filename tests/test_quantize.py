@@ -59,11 +59,11 @@ def test_result_dict_and_progress_events(tmp_path, ds):
     events: list[ProgressEvent] = []
     r = quantize_dataset(ds, tmp_path / "o.h5", split="test", limit=5, batch_size=2, on_progress=events.append)
     d = r.to_dict()
-    assert list(d) == ["path", "n", "height", "width", "classes", "seconds", "skipped", "unlabeled", "format",
+    assert list(d) == ["path", "n", "height", "width", "classes", "seconds", "skipped", "unlabelled", "format",
                        "split"]
     assert {k: v for k, v in d.items() if k != "seconds"} == {
         "path": str(tmp_path / "o.h5"), "n": 5, "height": 32, "width": 32, "classes": 3, "skipped": 0,
-        "unlabeled": 0, "format": "imagefolder", "split": "test"}
+        "unlabelled": 0, "format": "imagefolder", "split": "test"}
     assert isinstance(d["seconds"], float) and json.loads(r.to_json()) == d
     assert {(e.task, e.total, e.unit) for e in events} == {("quantize", 5, "image")}
     assert [e.done for e in events] == [0, 2, 4, 5]  # start, then one event per batch
