@@ -240,9 +240,10 @@ def test_bad_palette(tmp_path, ds):
     assert_bad_input(invoke("quantize", ds, "-o", out, "--palette", tmp_path / "p.npy"), out, "p.npy", "[-1, 1]")
 
 
-def test_bad_output_dir_missing_or_readonly(tmp_path, ds, monkeypatch):
+def test_missing_output_dir_is_created_but_not_in_a_readonly_one(tmp_path, ds, monkeypatch):
     out = tmp_path / "missing" / "o.h5"
-    assert_bad_input(invoke("quantize", ds, "-o", out), out, "does not exist")
+    r = invoke("quantize", ds, "-o", out, "-q")
+    assert r.exit_code == 0 and out.is_file(), r.stderr
     ro = tmp_path / "ro"
     ro.mkdir()
     ro.chmod(0o555)
@@ -251,6 +252,9 @@ def test_bad_output_dir_missing_or_readonly(tmp_path, ds, monkeypatch):
         monkeypatch.setattr(os, "access", lambda p, m, **k: False if Path(p) == ro else real(p, m, **k))
     out = ro / "o.h5"
     assert_bad_input(invoke("quantize", ds, "-o", out), out, "not writable")
+    out = ro / "new" / "o.h5"
+    assert_bad_input(invoke("quantize", ds, "-o", out), out, "cannot be created")
+    assert not (ro / "new").exists()
 
 
 def test_bad_existing_output_needs_overwrite(tmp_path, ds):

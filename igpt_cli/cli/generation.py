@@ -19,7 +19,7 @@ import typer
 
 from ..choices import ComputeDtype
 from .options import Device, Dtype, Json, Overwrite, Quiet, Restart, Revision, out_option
-from .ui import err, handles_input_errors, launched_run, print_json
+from .ui import handles_input_errors, launched_run, print_json, print_table
 
 BatchSize = Annotated[Optional[int], typer.Option("--batch-size", "-b",
                                                   help="Sequences per batch (default: chosen from memory).")]
@@ -179,7 +179,7 @@ def render_scores(d: dict) -> None:
         t.add_row(name, str(c["n"]), f"{c['nats_per_token']:.4f}", f"{c['bits_per_token']:.4f}")
     t.add_row("all", str(d["n"]), f"{d['nats_per_token']:.4f}{se(d['nats_per_token_se'])}",
               f"{d['bits_per_token']:.4f}{se(d['bits_per_token_se'])}", style="bold")
-    err.print(t)
+    print_table(t)
 
 
 def register(app: typer.Typer) -> None:

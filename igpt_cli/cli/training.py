@@ -8,7 +8,7 @@ import typer
 
 from ..choices import ComputeDtype
 from ..errors import InputError
-from .options import Device, Dtype, Json, Quiet, Restart, out_option
+from .options import Device, Dtype, Json, Quiet, out_option
 from .ui import ProgressBar, err, get_current_context, handles_input_errors, maybe_bar, print_json, render_probe_table
 
 
@@ -59,9 +59,10 @@ def train_command(
 ) -> None:
     """Pretrain an iGPT on palette tokens (next-token prediction with the SOS shift); resumable.
 
-    Like every igpt command, rerunning it resumes: when --out holds a run (OUT/train_state.pt)
-    it continues from its last checkpoint with the run's own settings (flags you give again must
-    match them; a larger --steps extends the run); --restart discards it and starts anew.
+    Like igpt's other long commands (extract, features, sample, complete, score, sweep), rerunning
+    it resumes: when --out holds a run (OUT/train_state.pt) it continues from its last checkpoint
+    with the run's own settings (flags you give again must match them; a larger --steps extends
+    the run); --restart discards it and starts anew.
 
     Under torchrun (or srun) every process trains its share of each global batch
     (DistributedDataParallel); rank 0 writes the run directory. OUT/metrics.jsonl and

@@ -70,7 +70,7 @@ def print_table(table, console: Console = err) -> None:
     from rich.measure import Measurement
 
     width = Measurement.get(console, console.options.update(width=10_000), table).maximum
-    console.print(table, width=max(width, console.width), soft_wrap=False)
+    Console(file=console.file, width=max(width, console.width), no_color=console.no_color).print(table)
 
 
 def fail(msg: str, code: int = 2) -> None:
@@ -410,7 +410,7 @@ def render_models(rows: list[dict], console: Console = err) -> None:
         params = f"{r['parameters'] / 1e6:.1f} M" if r["parameters"] else "?"
         t.add_row(r["name"], r["source"], f"{r['layers']}×{r['width']}", str(r["heads"]), res, params,
                   f"{r['size_bytes'] / 2**20:.1f} MiB", r["revision"] or "")
-    console.print(t)
+    print_table(t, console)
     if not any(r["source"] == "hub" for r in rows):
         console.print("no ImageGPT models in the Hugging Face cache; fetch one with: "
                       "hf download openai/imagegpt-small config.json model.safetensors preprocessor_config.json",

@@ -19,7 +19,7 @@ from pathlib import Path
 from .checkpoint import CheckpointError
 from .hub import cached_models, hub_snapshot, is_hub_id, model_summary
 
-from ..bundled import ASSETS, BUNDLED  # noqa: F401  (re-exported: the bundled models live in one place)
+from ..bundled import BUNDLED  # the bundled models live in one place (light: no torch)
 
 
 def resolve_model_dir(model: str | Path, *, revision: str | None = None, local_files_only: bool = False,
