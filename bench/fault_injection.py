@@ -523,7 +523,8 @@ def cases(p: dict[str, Path]) -> list[Case]:
         Case("quantize: split not present", ["quantize", p["folder"], "--split", "val", "-o", f"{O}/o.h5"]),
         Case("quantize: palette of wrong shape", ["quantize", p["folder"], "--palette", p["pal_shape"], "-o", f"{O}/o.h5"]),
         Case("quantize: palette out of range", ["quantize", p["folder"], "--palette", p["pal_range"], "-o", f"{O}/o.h5"]),
-        Case("quantize: output dir missing", ["quantize", p["folder"], "-o", f"{O}/no/such/dir/o.h5"]),
+        Case("quantize: output dir under a file", ["quantize", p["folder"], "-o", f"{O}/f.txt/sub/o.h5"],
+             setup=exists("f.txt"), allowed=("f.txt",)),  # a missing directory is created; under a file it cannot be
         Case("quantize: output is a directory", ["quantize", p["folder"], "-o", f"{O}/d.h5", "--overwrite"],
              setup=subdir("d.h5"), allowed=("d.h5",)),
         Case("quantize: output exists", ["quantize", p["folder"], "-o", f"{O}/o.h5"], setup=exists("o.h5"),

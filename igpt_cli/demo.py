@@ -17,7 +17,7 @@ from importlib import resources
 from pathlib import Path
 
 from .extract import extract_features
-from .model import read_config
+from .model import read_config, resolve_model_dir
 from .outputs import check_distinct
 from .probe import ProbeReport, probe_files
 from .progress import OnProgress, Reporter
@@ -26,11 +26,13 @@ from .results import Result
 
 ASSETS = Path(str(resources.files("igpt_cli") / "assets"))
 DEMO_DATA = ASSETS / "demo-cifar10.tar"
-SHIPPED_MODEL = ASSETS / "igpt-cifar8"
+SHIPPED_NAME = "igpt-cifar8"
+SHIPPED_MODEL = ASSETS / SHIPPED_NAME
 
 
-def pipeline_commands(out: Path, model: Path, side: int) -> list[str]:
-    """The shell commands equivalent to the demo, for a user to repeat by hand."""
+def pipeline_commands(out: Path, model: str | Path, side: int) -> list[str]:
+    """The shell commands equivalent to the demo, for a user to repeat by hand (`model` as the user
+    named it: the shipped one by its name, igpt-cifar8)."""
     q = shlex.quote
     data, o = q(str(DEMO_DATA)), lambda name: q(str(out / name))
     cmds = []
@@ -76,7 +78,9 @@ DEMO_FILES = ("train.h5", "test.h5", "train-feats.h5", "train-pixels.h5", "test-
 def check_demo_paths(out_dir: str | Path | None, model: str | Path | None, others: dict | None = None) -> None:
     """Before any work: none of the demo's outputs (its files in `out_dir`, and `others`, e.g. the
     command's plot) is one of its inputs (the model's files, the shipped data) or another output."""
-    model_dir = Path(model) if model else SHIPPED_MODEL
+    from .bundled import bundled_dir
+
+    model_dir = (bundled_dir(model) or Path(model)) if model else SHIPPED_MODEL
     outs = {name: Path(out_dir) / name for name in DEMO_FILES} if out_dir is not None else {}
     outs.update(others or {})
     ins = {f"model {p.name}": p for p in sorted(model_dir.iterdir())} if model_dir.is_dir() else {}
@@ -92,8 +96,9 @@ def run_demo(out_dir: str | Path | None = None, *, model: str | Path | None = No
     the completion figure (default `out_dir/completions.png`; none without `out_dir`).
     Stage progress and one log line per step go to `on_progress`.
     """
+    model_name = str(model) if model else SHIPPED_NAME
+    model = resolve_model_dir(model_name)
     check_demo_paths(out_dir, model, {"completions": completions})
-    model = Path(model) if model else SHIPPED_MODEL
     side = read_config(model).side
     log = Reporter(on_progress, "demo").log
     t0 = time.perf_counter()
@@ -128,7 +133,7 @@ def run_demo(out_dir: str | Path | None = None, *, model: str | Path | None = No
         (out / "probe-pixels.json").write_text(json.dumps(pixels.to_dict(), indent=1, default=str) + "\n")
         return DemoResult(model=report, pixels=pixels,
                           files={k: str(v) for k, v in files.items()} if tmp is None else {},
-                          commands=pipeline_commands(out, model, side),
+                          commands=pipeline_commands(out, model_name, side),
                           seconds=round(time.perf_counter() - t0, 1), kept=tmp is None)
     finally:
         if tmp is not None:

@@ -37,3 +37,8 @@ def check_positive(param: str, value, *, allow_none: bool = True, minimum: int =
     if value is None or value < minimum:
         raise ParameterError(param, value, f"must be at least {minimum}")
     return value
+
+
+def plural(n: int, word: str) -> str:
+    """A count and its noun for messages: `1 row`, `2 rows`, `1 labelled row` (the last word made plural)."""
+    return f"{n:,} {word}" if n == 1 else f"{n:,} {word}s"

@@ -37,7 +37,7 @@ class FileInfo(Result):
     format_version: Optional[int]
     datasets: dict                     # HDF5 dataset name ("features/12" in groups) -> {"shape", "dtype"}
     n: Optional[int]                   # rows (None without a labels dataset)
-    class_counts: Optional[dict]       # class name -> rows, plus "(unlabeled)" when any; left out when n is None
+    class_counts: Optional[dict]       # class name -> rows, plus "(unlabelled)" when any; left out when n is None
     classes: list                      # class names
     attrs: dict                        # the other file attributes (provenance, model config, …)
     summary: Optional[dict] = None     # features, probes, predictions, scores and the non-HDF5 kinds: what they hold
@@ -94,15 +94,15 @@ def _progress(attrs: dict) -> dict | None:
 
 
 def _class_counts(labels: h5py.Dataset, n: int, names: list[str]) -> dict[str, int]:
-    """Rows per class name; labels outside the classes count as "(unlabeled)" (only when any)."""
-    bc = np.zeros(len(names) + 1, dtype=np.int64)  # [0]: unlabeled, [i + 1]: class i
+    """Rows per class name; labels outside the classes count as "(unlabelled)" (only when any)."""
+    bc = np.zeros(len(names) + 1, dtype=np.int64)  # [0]: unlabelled, [i + 1]: class i
     for i in range(0, n, _LABEL_CHUNK):
         lab = labels[i:min(i + _LABEL_CHUNK, n)]
         lab = np.where((lab >= 0) & (lab < len(names)), lab, -1)
         bc += np.bincount(lab + 1, minlength=len(names) + 1)
     counts = {c: int(bc[i + 1]) for i, c in enumerate(names)}
     if bc[0]:
-        counts["(unlabeled)"] = int(bc[0])
+        counts["(unlabelled)"] = int(bc[0])
     return counts
 
 

@@ -1,7 +1,8 @@
 """Writing outputs safely: checks before work starts, an exclusive lock, temp-then-rename.
 
 The rules every stage follows (as git's lock files and rsync's temp files do):
-- `check_output_path` runs before any work: the directory exists and is writable, the
+- `check_output_path` runs before any work: the directory exists (a missing one is created,
+  as `mkdir -p` would) and is writable, the
   path is not a directory, an existing file is replaced only with `overwrite=True`.
 - `output_lock(path)` holds an exclusive `fcntl.flock` on `.<name>.lock` next to the
   output for the whole run (never opened through a symlink, and only a regular file: a
@@ -67,7 +68,7 @@ def check_output_path(path: str | Path, overwrite: bool, *, directory: bool = Fa
     p = Path(path)
     parent = p.parent if str(p.parent) else Path(".")
     if not parent.is_dir():
-        raise OutputError(f"{p}: output directory {parent} does not exist")
+        make_output_directory(p, parent)
     if not os.access(parent, os.W_OK):
         raise OutputError(f"{p}: output directory {parent} is not writable")
     if directory:
@@ -79,6 +80,24 @@ def check_output_path(path: str | Path, overwrite: bool, *, directory: bool = Fa
     if p.exists() and not overwrite:
         raise OutputError(f"{p}: output file exists (pass overwrite=True to replace it)")
     return p
+
+
+def make_output_directory(path: Path, parent: Path) -> None:
+    """Create the missing directory `parent` of the output `path` (as `mkdir -p`, so `-o runs/big` works
+    in a fresh folder); a path under a file, or under a directory this user cannot write, stays a
+    one-line error and nothing is created."""
+    existing = parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        raise OutputError(f"{path}: output directory {parent} cannot be created ({existing} is not a directory)")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise OutputError(f"{path}: output directory {parent} does not exist and cannot be created "
+                          f"({existing} is not writable)")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"{path}: cannot create output directory {parent} ({e.strerror or e})") from None
 
 
 def _same_file(a: Path, b: Path) -> bool:

@@ -75,10 +75,13 @@ class Palette:
     @classmethod
     def load(cls, spec: str | Path | None = None) -> "Palette":
         """Load a palette: None (the official 512-colour iGPT palette), a `.npy` file,
-        a Hugging Face `preprocessor_config.json` (its `clusters`), or a directory holding one."""
+        a Hugging Face `preprocessor_config.json` (its `clusters`), a directory holding one, or a
+        bundled model's name (`igpt-cifar8`: its palette)."""
+        from .bundled import bundled_dir
+
         if spec is None or str(spec) in ("", "igpt512", "default"):
             return cls.default()
-        p = Path(spec)
+        p = bundled_dir(spec) or Path(spec)
         if not p.exists():
             raise PaletteError(f"{p}: no such palette file or directory")
         if p.is_dir():

@@ -55,7 +55,7 @@ class QuantizeResult(_Warnings):
     classes: int        # number of class names
     seconds: float
     skipped: int        # unreadable images skipped (skip_bad=True)
-    unlabeled: int      # images without a class (label -1)
+    unlabelled: int      # images without a class (label -1)
     format: str         # the dataset format read: imagefolder, cifar, npz, npy
     split: str
     warnings: list[str] = field(default_factory=list)  # also logged as "warning: …"; omitted when empty
@@ -221,9 +221,9 @@ def quantize_dataset(
         if n == 0:
             extra = f" ({ds.skipped} unreadable images skipped)" if ds.skipped else ""
             raise EmptyDatasetError(f"{src}: no images to quantize{extra}")
-        unlabeled = int(np.count_nonzero(rows["labels"][:] == -1))
+        unlabelled = int(np.count_nonzero(rows["labels"][:] == -1))
     return QuantizeResult(path=str(out), n=n, height=size, width=size, classes=len(ds.class_names),
-                          seconds=round(time.perf_counter() - t0, 3), skipped=ds.skipped, unlabeled=unlabeled,
+                          seconds=round(time.perf_counter() - t0, 3), skipped=ds.skipped, unlabelled=unlabelled,
                           format=ds.kind, split=split, warnings=list(ds.warnings))
 
 

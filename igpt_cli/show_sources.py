@@ -24,7 +24,7 @@ import h5py
 import numpy as np
 
 from . import formats
-from .errors import InputError
+from .errors import InputError, plural
 from .formats import FormatError, open_igpt
 from .palette import Palette
 
@@ -110,7 +110,8 @@ def features_images(f: h5py.File, path: Path, stack: contextlib.ExitStack) -> Im
             != attrs["palette_sha256"]:
         warnings.append(f"{tp}: palette differs from the one {path} was made with")
     if imgs.n < n:
-        warnings.append(f"{tp} has {imgs.n} rows, {path} has {n}: showing its first {imgs.n} rows only")
+        warnings.append(f"{tp} has {plural(imgs.n, 'row')}, {path} has {n}: showing its first "
+                        f"{plural(imgs.n, 'row')} only")
     return Images(min(n, imgs.n), imgs.height, imgs.width, lambda: _labels(f, n, path)[:imgs.n], names, imgs.read,
                   origin=str(tp), warnings=warnings)
 
@@ -165,7 +166,8 @@ def _dataset_images(f: h5py.File, attrs: dict, path: Path, n: int, names: list[s
         f"{path}: the palette it was made with (sha256 {str(attrs.get('palette_sha256'))[:12]}…) is not at hand: "
         "showing the images before quantization"]
     if ds.n is not None and ds.n != n:
-        warnings.append(f"{src} now gives {ds.n} images, {path} has {n} rows: the rows may not correspond")
+        warnings.append(f"{src} now gives {plural(ds.n, 'image')}, {path} has {plural(n, 'row')}: the rows may "
+                        "not correspond")
 
     def read(idx: np.ndarray) -> np.ndarray:
         out = np.empty((len(idx), size, size, 3), dtype=np.uint8)

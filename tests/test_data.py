@@ -188,7 +188,7 @@ def test_npz_and_npy(tmp_path):
     np.save(tmp_path / "g.npy", gray)
     s = quantize_dataset(tmp_path / "g.npy", tmp_path / "g.h5", size=8)
     tok, lab, _, attrs = read_tokens(tmp_path / "g.h5")
-    assert lab.tolist() == [-1] * 4 and s.unlabeled == 4
+    assert lab.tolist() == [-1] * 4 and s.unlabelled == 4
     np.testing.assert_array_equal(tok, Palette.default().quantize(np.repeat(gray[..., None], 3, -1)))
     # fmt overrides detection
     os.rename(tmp_path / "a.npz", tmp_path / "a.bin")
@@ -362,7 +362,7 @@ def test_archive_members_outside_the_tree_are_skipped_with_a_warning(tmp_path):
 def test_labels_out_of_range_and_object_arrays_are_refused(tmp_path):
     x = np.zeros((4, 8, 8, 3), np.uint8)
     np.savez(tmp_path / "neg.npz", x=x, y=np.array([0, 1, -5, 0]))
-    with pytest.raises(DataError, match=r"neg\.npz\[y\]: label -5 at index 2 is not -1 \(unlabeled\) or a class index"):
+    with pytest.raises(DataError, match=r"neg\.npz\[y\]: label -5 at index 2 is not -1 \(unlabelled\) or a class index"):
         open_dataset(tmp_path / "neg.npz")
     np.savez(tmp_path / "high.npz", x=x, y=np.array([0, 1, 2, 3]), class_names=np.array(["a", "b", "c"]))
     with pytest.raises(DataError, match=r"high\.npz\[y\]: label 3 at index 3 .*0\.\.2 for 3 class names"):

@@ -249,7 +249,7 @@ def test_webdataset_label_too_large_and_samples_without_labels(folder, tmp_path)
                                                ("c", {"png": png, "cls": b"0"})])
     ds = open_dataset(missing, size=SIZE)
     assert ds.warnings == [f"{missing}: 1 of 3 samples have no label (no .cls, .json or numeric .txt); "
-                           "they get label -1 (unlabeled)"]
+                           "they get label -1 (unlabelled)"]
     r = invoke("quantize", missing, "-o", tmp_path / "m.h5", "--size", SIZE)
     assert r.returncode == 0 and "1 of 3 samples have no label" in r.stderr
     assert read_tokens(tmp_path / "m.h5")[1].tolist() == [1, -1, 0]

@@ -25,8 +25,10 @@ def test_shipped_model_is_a_valid_hf_imagegpt():
 
 
 def test_demo_runs_offline_end_to_end(tmp_path):
+    from helpers import ENV  # this checkout's igpt_cli, whatever the environment has installed
+
     r = subprocess.run([sys.executable, "-m", "igpt_cli", "demo", "--out", str(tmp_path / "demo"), "--json"],
-                       capture_output=True, text=True, cwd=tmp_path, timeout=600)
+                       capture_output=True, text=True, cwd=tmp_path, timeout=600, env=ENV)
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     rep, pix = out["model"], out["pixels"]
@@ -39,6 +41,7 @@ def test_demo_runs_offline_end_to_end(tmp_path):
                  "completions.png"):
         assert (tmp_path / "demo" / name).is_file(), name
     assert "igpt probe" in r.stderr and "layer" in r.stderr  # table and the equivalent commands
+    assert "--palette igpt-cifar8" in r.stderr and "--model igpt-cifar8" in r.stderr  # the model by its name
 
 
 def test_demo_refuses_to_overwrite_an_earlier_demo_without_overwrite(tmp_path):

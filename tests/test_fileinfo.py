@@ -41,7 +41,7 @@ def test_file_info_of_a_tokens_file(tokens_file):
     assert d["attrs"]["split"] == "train" and "format" not in d["attrs"]
 
 
-def test_file_info_of_a_features_file_counts_unlabeled_and_nests_groups(tmp_path):
+def test_file_info_of_a_features_file_counts_unlabelled_and_nests_groups(tmp_path):
     path = tmp_path / "f.h5"
     with h5py.File(path, "w") as f:
         formats.create_features_file(f, dims={0: 8, 3: 8}, labels=np.array([0, 1, 1, -1, 7]),
@@ -53,7 +53,7 @@ def test_file_info_of_a_features_file_counts_unlabeled_and_nests_groups(tmp_path
     assert d["kind"] == "igpt-features" and d["format_version"] == formats.FEATURES_VERSION and d["n"] == 5
     assert "progress" not in d
     assert d["datasets"]["features/3"] == {"shape": [5, 8], "dtype": "float16"}
-    assert d["class_counts"] == {"a": 1, "b": 2, "(unlabeled)": 2}  # -1 and the out-of-range 7
+    assert d["class_counts"] == {"a": 1, "b": 2, "(unlabelled)": 2}  # -1 and the out-of-range 7
     assert d["attrs"]["layers"] == [0, 3] and d["attrs"]["model"] == "m"
     with h5py.File(path, "a") as f:  # an older features file: version 1, no pool attr
         f.attrs["format_version"] = 1

@@ -25,13 +25,12 @@ def test_a_directory_is_never_an_output_file(tmp_path, overwrite):
     assert (tmp_path / "d.h5").is_dir()
 
 
-def test_existing_file_needs_overwrite_and_directory_must_exist(tmp_path):
+def test_existing_file_needs_overwrite_and_a_missing_directory_is_created(tmp_path):
     (tmp_path / "f.h5").write_bytes(b"x")
     with pytest.raises(OutputError, match="overwrite=True"):
         check_output_path(tmp_path / "f.h5", False)
     assert check_output_path(tmp_path / "f.h5", True) == tmp_path / "f.h5"
-    with pytest.raises(OutputError, match="does not exist"):
-        check_output_path(tmp_path / "nope" / "f.h5", True)
+    assert check_output_path(tmp_path / "nope" / "f.h5", True).parent.is_dir()  # as mkdir -p
 
 
 # ---------------------------------------------------------------------------

@@ -59,11 +59,11 @@ def test_result_dict_and_progress_events(tmp_path, ds):
     events: list[ProgressEvent] = []
     r = quantize_dataset(ds, tmp_path / "o.h5", split="test", limit=5, batch_size=2, on_progress=events.append)
     d = r.to_dict()
-    assert list(d) == ["path", "n", "height", "width", "classes", "seconds", "skipped", "unlabeled", "format",
+    assert list(d) == ["path", "n", "height", "width", "classes", "seconds", "skipped", "unlabelled", "format",
                        "split"]
     assert {k: v for k, v in d.items() if k != "seconds"} == {
         "path": str(tmp_path / "o.h5"), "n": 5, "height": 32, "width": 32, "classes": 3, "skipped": 0,
-        "unlabeled": 0, "format": "imagefolder", "split": "test"}
+        "unlabelled": 0, "format": "imagefolder", "split": "test"}
     assert isinstance(d["seconds"], float) and json.loads(r.to_json()) == d
     assert {(e.task, e.total, e.unit) for e in events} == {("quantize", 5, "image")}
     assert [e.done for e in events] == [0, 2, 4, 5]  # start, then one event per batch
@@ -240,9 +240,10 @@ def test_bad_palette(tmp_path, ds):
     assert_bad_input(invoke("quantize", ds, "-o", out, "--palette", tmp_path / "p.npy"), out, "p.npy", "[-1, 1]")
 
 
-def test_bad_output_dir_missing_or_readonly(tmp_path, ds, monkeypatch):
+def test_missing_output_dir_is_created_but_not_in_a_readonly_one(tmp_path, ds, monkeypatch):
     out = tmp_path / "missing" / "o.h5"
-    assert_bad_input(invoke("quantize", ds, "-o", out), out, "does not exist")
+    r = invoke("quantize", ds, "-o", out, "-q")
+    assert r.exit_code == 0 and out.is_file(), r.stderr
     ro = tmp_path / "ro"
     ro.mkdir()
     ro.chmod(0o555)
@@ -251,6 +252,9 @@ def test_bad_output_dir_missing_or_readonly(tmp_path, ds, monkeypatch):
         monkeypatch.setattr(os, "access", lambda p, m, **k: False if Path(p) == ro else real(p, m, **k))
     out = ro / "o.h5"
     assert_bad_input(invoke("quantize", ds, "-o", out), out, "not writable")
+    out = ro / "new" / "o.h5"
+    assert_bad_input(invoke("quantize", ds, "-o", out), out, "cannot be created")
+    assert not (ro / "new").exists()
 
 
 def test_bad_existing_output_needs_overwrite(tmp_path, ds):

@@ -244,3 +244,26 @@ def test_a_state_written_before_val_images_and_log_every_still_resumes(tmp_path,
     assert read_state(cut / STATE_FILE).cfg.val_images == TINY.get("val_images", 2000)
     pretrain(tok, cut, resume=True)
     assert weights(cut) == weights(tmp_path / "full")
+
+
+def test_rerunning_resumes_by_default_and_restart_starts_anew(tmp_path, tok):
+    """igpt train follows every resumable command: rerun resumes, --restart discards (only a run's files)."""
+    from helpers import invoke
+
+    out = tmp_path / "runs" / "tiny"  # its parent does not exist yet: created
+    args = ["train", tok, "-o", out, "--depth", "1", "--width", "16", "--heads", "2", "--batch-size", "4",
+            "--checkpoint-every", "2", "--eval-every", "2", "--dtype", "float32", "-q"]
+    r = invoke(*args, "--steps", "2")
+    assert r.returncode == 0, r.stderr
+    assert "resumed_from" not in json.loads(r.stdout)
+    r = invoke(*args, "--steps", "4")  # the same command with more steps: continues
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["resumed_from"] == 2 and read_state(out / STATE_FILE).step == 4
+    r = invoke(*args, "--steps", "2", "--restart")
+    assert r.returncode == 0, r.stderr
+    assert "resumed_from" not in json.loads(r.stdout) and read_state(out / STATE_FILE).step == 2
+    assert_clean_failure(invoke(*args, "--steps", "2", "--restart", "--resume"), "contradict")
+    (out / "notes.txt").write_text("mine")
+    r = invoke(*args, "--steps", "2", "--restart")
+    assert_clean_failure(r, "notes.txt")
+    assert (out / "notes.txt").read_text() == "mine" and read_state(out / STATE_FILE).step == 2

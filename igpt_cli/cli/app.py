@@ -12,10 +12,24 @@ import sys
 from typing import Annotated
 
 import typer
-from typer.core import TyperGroup
+from typer.core import TyperGroup, TyperOption
 
 from .. import __version__
-from .ui import click_errors, err, quiet_unraisable, raise_interrupted, raise_terminated, stdout_closed
+from .ui import (click_errors, err, quiet_unraisable, raise_interrupted, raise_terminated, show_flags_without_type,
+                 stdout_closed)
+
+show_flags_without_type(TyperOption)
+
+
+HELP = (
+    "Image GPT as an unsupervised feature extractor: quantize → extract → probe; train, generate and demo.\n\n"
+    "Start with `igpt demo` (offline, about a minute); every command takes -h.\n\n"
+    "Flags mean the same everywhere: -o/--out is what a command writes, -m/--model the model (a directory, the "
+    "bundled igpt-cifar8, an OpenAI checkpoint or a hub id), -l/--layer a layer spec (12, 8-16, -1, 0,4,8, all). "
+    "-q/--quiet leaves only errors and warnings on stderr. --json: stdout is one JSON document (commands that "
+    "write a file print it always; info, models, score, probe, predict and demo print for people without it). "
+    "Long runs resume when rerun as they were (--restart starts anew); Ctrl-C says how far they got."
+)
 
 
 class OneLineErrors(TyperGroup):
@@ -46,7 +60,7 @@ class OneLineErrors(TyperGroup):
 app = typer.Typer(
     name="igpt",
     cls=OneLineErrors,
-    help="Image GPT as an unsupervised feature extractor: quantize → extract → probe; train and demo.",
+    help=HELP,
     no_args_is_help=True,
     add_completion=True,
     pretty_exceptions_enable=False,
@@ -65,7 +79,7 @@ def main_callback(
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
                                           help="Print the version and exit.")] = False,
 ) -> None:
-    """igpt — quantize images to palette tokens, extract iGPT features, probe them, train and demo."""
+    """igpt's options before any command (--version)."""
 
 
 def main() -> None:
@@ -79,9 +93,38 @@ def main() -> None:
         sys.exit(stdout_closed())
 
 
-# Commands live in one module per theme, each adding its own with `register(app)`; the order
-# here is the order of `igpt --help`.
+# Commands live in one module per theme, each adding its own with `register(app)`; `igpt -h`
+# shows them in panels by theme (PANELS: command -> panel), `demo` first as the place to start.
 from . import convert, dataset, features, files, generation, probing, sweep, training  # noqa: E402
 
-for _module in (dataset, files, features, convert, probing, generation, training, sweep):
+PANELS = {
+    "demo": "Start here",
+    "quantize": "Data", "palette": "Data",
+    "extract": "Features", "features": "Features", "models": "Features", "convert": "Features",
+    "probe": "Probing", "predict": "Probing",
+    "sample": "Generation", "complete": "Generation", "score": "Generation",
+    "train": "Training", "finetune": "Training", "sweep": "Training",
+    "info": "Files", "show": "Files",
+}
+PANEL_ORDER = ("Start here", "Data", "Features", "Probing", "Generation", "Training", "Files")
+
+for _module in (training, dataset, files, features, convert, probing, generation, sweep):
     _module.register(app)
+
+
+def _panel_of(name: str | None) -> str:
+    return PANELS.get(name or "", "Other")
+
+
+def _arrange_commands(app: typer.Typer) -> None:
+    """Put every command and group in its panel, panels in PANEL_ORDER (a new command without a
+    panel is shown under "Other", last)."""
+    for c in app.registered_commands:
+        c.rich_help_panel = _panel_of(c.name)
+    for g in app.registered_groups:
+        g.rich_help_panel = _panel_of(g.name)
+    rank = {p: i for i, p in enumerate(PANEL_ORDER)}
+    app.registered_commands.sort(key=lambda c: rank.get(c.rich_help_panel, len(rank)))
+
+
+_arrange_commands(app)

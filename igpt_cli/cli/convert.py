@@ -6,21 +6,22 @@ from typing import Annotated, Optional
 
 import typer
 
-from .options import Quiet
+from .options import Json, Quiet, out_option
 from .ui import ProgressBar, handles_input_errors, maybe_bar, print_json
 
 
 @handles_input_errors
 def convert_command(
-    prefix: Annotated[Path, typer.Argument(metavar="CKPT_PREFIX", help=(
+    prefix: Annotated[Path, typer.Argument(metavar="ckpt_prefix", help=(
         "TensorFlow checkpoint prefix from openai/image-gpt's download.py, e.g. models/s/model.ckpt-1000000 "
         "(its .index and .data-NNNNN-of-NNNNN shards beside it)."))],
-    out: Annotated[Path, typer.Option("-o", "--out", help="Directory to write (config.json, model.safetensors, "
-                                                          "preprocessor_config.json); must not exist or be empty.")],
+    out: Annotated[Path, out_option("Directory to write (config.json, model.safetensors, "
+                                    "preprocessor_config.json); must not exist or be empty.")],
     clusters: Annotated[Optional[Path], typer.Option("--clusters", help=(
         "Colour clusters (download.py --clusters: kmeans_centers.npy). Default: kmeans_centers.npy beside the "
         "checkpoint or in its parent directories, else the official palette shipped with igpt."))] = None,
     quiet: Quiet = False,
+    as_json: Json = False,
 ) -> None:
     """Convert an original iGPT TensorFlow checkpoint (any size, any step, autoregressive or BERT) without
     TensorFlow. Autoregressive models load in transformers; BERT models in igpt (extract).

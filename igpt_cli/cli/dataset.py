@@ -8,8 +8,8 @@ import typer
 
 from ..choices import Resize, Split
 from .options import (
-    FormatOpt, ImageColumn, LabelColumn, LimitOpt, LimitPerClass, MaxPixels, Overwrite, Quiet, ResizeOpt, Shuffle,
-    SizeOpt, SkipBad, SplitOpt
+    FormatOpt, ImageColumn, LabelColumn, LimitOpt, LimitPerClass, Json, MaxPixels, Overwrite, Quiet, ResizeOpt,
+    Shuffle, SizeOpt, SkipBad, SplitOpt, out_option
 )
 from .ui import ProgressBar, handles_input_errors, maybe_bar, print_json
 
@@ -25,12 +25,13 @@ def quantize_command(
         "Image folder, .tar/.zip of one, CIFAR python archive/folder, .npz/.npy, image file(s), @list.txt, "
         "'glob/*.jpg', Hugging Face dataset (save_to_disk folder, Parquet), WebDataset shard(s) "
         "('shard-{000..009}.tar'), or OpenAI's pre-quantized cifar10_trX.npy."))],
-    out: Annotated[Path, typer.Option("-o", "--out", help="Tokens file to write (HDF5).")],
+    out: Annotated[Path, out_option("Tokens file to write (HDF5).")],
     split: SplitOpt = Split.all,
     size: Annotated[Optional[int], typer.Option("--size", help=(
         "Images are resized to size×size (default 32; pre-quantized tokens keep theirs)."))] = None,
-    palette: Annotated[Optional[str], typer.Option(
-        help="Palette: .npy, preprocessor_config.json or a model dir (default: the official iGPT 512-colour palette).")] = None,
+    palette: Annotated[Optional[str], typer.Option("--palette", help=(
+        "Palette: .npy, preprocessor_config.json, a model dir or a bundled model's name (igpt-cifar8) "
+        "(default: the official iGPT 512-colour palette)."))] = None,
     limit: LimitOpt = None,
     limit_per_class: LimitPerClass = None,
     shuffle: Shuffle = False,
@@ -43,10 +44,11 @@ def quantize_command(
     label_column: LabelColumn = None,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
+    as_json: Json = False,
 ) -> None:
     """Quantize a dataset to palette tokens (an igpt-tokens HDF5 file).
 
-    Example: igpt quantize cifar10-jpeg.tar --split train -o train.h5
+    Example: igpt quantize demo-cifar10.tar --split train -o train.h5   (demo-cifar10.tar: igpt demo --out DIR keeps one)
     """
     from ..quantize import quantize_dataset
 
@@ -63,8 +65,8 @@ def quantize_command(
 @handles_input_errors
 def palette_fit_command(
     src: Annotated[list[str], typer.Argument(help="Any dataset `igpt quantize` reads (one or several paths).")],
-    out: Annotated[Path, typer.Option("-o", "--out", help="Palette .npy to write (float32 K×3 in [-1, 1]).")],
-    k: Annotated[int, typer.Option("-k", help="Number of colours.")] = 512,
+    out: Annotated[Path, out_option("Palette .npy to write (float32 K×3 in [-1, 1]).")],
+    k: Annotated[int, typer.Option("--colors", "-k", help="Number of colours.")] = 512,
     sample_pixels: Annotated[int, typer.Option("--sample-pixels", help="Pixels sampled for k-means.")] = 1_000_000,
     split: SplitOpt = Split.all,
     size: SizeOpt = 32,
@@ -78,10 +80,11 @@ def palette_fit_command(
     overwrite: Overwrite = False,
     seed: Annotated[int, typer.Option("--seed", help="Seed for --shuffle, pixel sampling and k-means.")] = 0,
     quiet: Quiet = False,
+    as_json: Json = False,
 ) -> None:
     """Fit a new palette with MiniBatchKMeans (for pretraining on your own domain).
 
-    Example: igpt palette fit my-photos/ -k 512 -o palette.npy
+    Example: igpt palette fit demo-cifar10.tar --colors 16 --sample-pixels 20000 -o palette.npy
     """
     from ..quantize import fit_palette_file
 

@@ -9,7 +9,7 @@ import typer
 
 from ..choices import ComputeDtype, Pool, Resize, Site, Split, StoreDtype
 from .options import (Compile, Device, Dtype, FormatOpt, ImageColumn, LabelColumn, LayerSpec, LimitOpt, LimitPerClass, MaxPixels,
-                      ModelOpt, Overwrite, Quiet, Restart, Revision, Shuffle, SkipBad, SplitOpt)
+                      Json, ModelOpt, Overwrite, Quiet, Restart, Revision, Shuffle, SkipBad, SplitOpt, out_option)
 from .ui import handles_input_errors, launched_run, print_json, render_models
 
 BatchSize = Annotated[Optional[int], typer.Option("--batch-size", "-b", help="Images per batch (default: auto).")]
@@ -26,7 +26,7 @@ StoreDtypeOpt = Annotated[Optional[StoreDtype], typer.Option("--store-dtype", he
 def extract_command(
     tokens: Annotated[Path, typer.Argument(help="Tokens file (igpt quantize output).")],
     model: ModelOpt,
-    out: Annotated[Path, typer.Option("--out", "-o", help="Features file to write.")],
+    out: Annotated[Path, out_option("Features file to write.")],
     layers: LayerSpec = None,
     revision: Revision = None,
     batch_size: BatchSize = None,
@@ -41,13 +41,14 @@ def extract_command(
     overwrite: Overwrite = False,
     restart: Restart = False,
     quiet: Quiet = False,
+    as_json: Json = False,
 ) -> None:
     """Run a pretrained iGPT over a tokens file; write per-layer pooled features or token maps (resumable).
 
     Under torchrun (or srun with RANK/WORLD_SIZE/LOCAL_RANK set) every process takes a
     shard of the rows; see docs/guides/clusters.md.
 
-    Example: igpt extract train.h5 -m imagegpt-small/ --layer 8-16 -o train-feats.h5
+    Example: igpt extract train.h5 -m igpt-cifar8 --layer 2-6 -o train-feats.h5
     """
     from ..extract import extract_features
 
@@ -67,12 +68,12 @@ def features_command(
         "Images: a folder, .tar/.zip, image file(s), @list.txt, a glob, a Hugging Face dataset, WebDataset "
         "shards, CIFAR, .npz/.npy."))],
     model: ModelOpt,
-    out: Annotated[Path, typer.Option("--out", "-o", help="Features file to write.")],
+    out: Annotated[Path, out_option("Features file to write.")],
     layers: LayerSpec = None,
     revision: Revision = None,
     size: Annotated[Optional[int], typer.Option("--size", help="Image side (default: the model's).")] = None,
     palette: Annotated[Optional[str], typer.Option("--palette", help=(
-        "Palette .npy, preprocessor_config.json or model dir (default: the model's).")) ] = None,
+        "Palette .npy, preprocessor_config.json, model dir or bundled model name (default: the model's).")) ] = None,
     resize: Annotated[Optional[Resize], typer.Option("--resize", help="bilinear (default, like Hugging Face) or "
                                                                       "center-crop.")] = None,
     keep_tokens: Annotated[Optional[Path], typer.Option("--keep-tokens", help=(
@@ -98,6 +99,7 @@ def features_command(
     overwrite: Overwrite = False,
     restart: Restart = False,
     quiet: Quiet = False,
+    as_json: Json = False,
 ) -> None:
     """Images straight to features: quantize with the model's palette and size, then extract (resumable).
 
@@ -122,7 +124,8 @@ def features_command(
 
 @handles_input_errors
 def models_command(
-    as_json: Annotated[bool, typer.Option("--json", help="Print the list as JSON on stdout.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the list as one JSON document on stdout.")] = False,
+    quiet: Quiet = False,
 ) -> None:
     """List the bundled models and the ImageGPT models in the Hugging Face cache, with their shapes.
 
@@ -133,7 +136,7 @@ def models_command(
     rows = list_models()
     if as_json:
         print_json({"models": rows})
-    else:
+    elif not quiet:
         render_models(rows)
 
 

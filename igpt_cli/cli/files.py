@@ -6,7 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from .options import Overwrite, Quiet
+from .options import Json, Overwrite, Quiet, out_option
 from .ui import err, handles_input_errors, print_json, render_file_info
 
 
@@ -15,7 +15,7 @@ def info_command(
     file: Annotated[Path, typer.Argument(help=(
         "Any igpt file (tokens, features, scores, probes, predictions, a partial .tmp file), a palette .npy, "
         "a model directory or bundled name, a train_state.pt or a sweep.json."))],
-    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as one JSON document on stdout.")] = False,
     quiet: Quiet = False,
 ) -> None:
     """Summarize an igpt file: kind, shapes, classes and counts, provenance and other attrs.
@@ -36,7 +36,7 @@ def info_command(
 @handles_input_errors
 def show_command(
     file: Annotated[Path, typer.Argument(help="A tokens file, or a features file (shows the images it came from).")],
-    out: Annotated[Path, typer.Option("-o", "--out", help="Picture to write; its extension names the format (.png, .jpg, .webp, …).")],
+    out: Annotated[Path, out_option("Picture to write; its extension names the format (.png, .jpg, .webp, …).")],
     n: Annotated[int, typer.Option("--n", help="Number of images.")] = 64,
     cols: Annotated[Optional[int], typer.Option("--cols", help="Columns of the grid (default: about square).")] = None,
     shuffle: Annotated[bool, typer.Option("--shuffle", help="A random sample of rows (fixed by --seed) instead of the first ones.")] = False,
@@ -47,6 +47,7 @@ def show_command(
         "Integer upscaling of the grid (default: tiles at least 64 px a side, e.g. 8 for 8×8 images, 2 for 32×32)."))] = None,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
+    as_json: Json = False,
 ) -> None:
     """Draw images of a tokens file (decoded through its palette) as a grid picture.
 
@@ -58,7 +59,7 @@ def show_command(
 
     r = show_tokens(file, out, n=n, cols=cols, scale=scale, shuffle=shuffle, seed=seed, per_class=per_class,
                     overwrite=overwrite)
-    for w in r.warnings:
+    for w in r.warnings:  # warnings are said even with --quiet
         err.print(f"warning: {w}", highlight=False, markup=False, soft_wrap=True)
     print_json(r)
 

@@ -18,15 +18,15 @@ from typing import Annotated, Optional
 import typer
 
 from ..choices import ComputeDtype
-from .options import Device, Dtype, Overwrite, Quiet, Restart, Revision
-from .ui import err, handles_input_errors, launched_run, print_json
+from .options import Device, Dtype, Json, Overwrite, Quiet, Restart, Revision, out_option
+from .ui import handles_input_errors, launched_run, print_json, print_table
 
 BatchSize = Annotated[Optional[int], typer.Option("--batch-size", "-b",
                                                   help="Sequences per batch (default: chosen from memory).")]
 Model = Annotated[str, typer.Option("--model", "-m", help=(
     "Autoregressive model with an LM head: a directory (ImageGPTForCausalImageModeling, igpt train output), a "
     "bundled name (igpt-cifar8), an OpenAI TF checkpoint prefix or a Hugging Face hub id."))]
-Png = Annotated[Optional[Path], typer.Option("--png", metavar="GRID.png", help="Also write a PNG figure.")]
+Png = Annotated[Optional[Path], typer.Option("--png", metavar="<grid.png>", help="Also write a PNG figure.")]
 Temperature = Annotated[float, typer.Option("--temperature", "-t", help="Softmax temperature; 0 = greedy (argmax).")]
 TopK = Annotated[Optional[int], typer.Option("--top-k", help="Sample among the k most likely colours only.")]
 TopP = Annotated[float, typer.Option("--top-p", help="Nucleus sampling: the smallest set of colours with this "
@@ -41,10 +41,13 @@ def command_line() -> str:
 
 @handles_input_errors
 def sample_command(
-    model: Annotated[str, typer.Argument(help=(
-        "Autoregressive model with an LM head: a directory, bundled name, OpenAI TF prefix or hub id."))],
     n: Annotated[int, typer.Option("--n", "-n", help="Number of images to sample.")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Tokens file to write (HDF5).")],
+    out: Annotated[Path, out_option("Tokens file to write (HDF5).")],
+    model_arg: Annotated[Optional[str], typer.Argument(metavar="model", hidden=True, show_default=False, help=(
+        "The model, as -m/--model names it (kept for older scripts)."))] = None,
+    model: Annotated[Optional[str], typer.Option("--model", "-m", show_default=False, help=(
+        "Autoregressive model with an LM head: a directory (ImageGPTForCausalImageModeling, igpt train output), a "
+        "bundled name (igpt-cifar8), an OpenAI TF checkpoint prefix or a Hugging Face hub id."))] = None,
     revision: Revision = None,
     png: Png = None,
     temperature: Temperature = 1.0,
@@ -57,12 +60,20 @@ def sample_command(
     overwrite: Overwrite = False,
     restart: Restart = False,
     quiet: Quiet = False,
+    as_json: Json = False,
 ) -> None:
     """Sample N images from an iGPT (resumable): a tokens file, optionally a PNG grid.
 
-    Example: igpt sample imagegpt-small/ -n 16 -o samples.h5 --png samples.png --temperature 0.9
+    Example: igpt sample -m igpt-cifar8 -n 16 -o samples.h5 --png samples.png --temperature 0.9
     """
+    from ..errors import InputError
     from ..generate import sample_file
+
+    if model is not None and model_arg is not None and model != model_arg:
+        raise InputError(f"two models given ({model_arg} and --model {model}): give one, with -m/--model")
+    model = model or model_arg
+    if model is None:
+        raise InputError("give the model to sample from with -m/--model (e.g. -m igpt-cifar8)")
 
     with launched_run(quiet) as (dist, bar):
         result = sample_file(model, n, out, png=png, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
@@ -76,7 +87,7 @@ def sample_command(
 def complete_command(
     tokens: Annotated[Path, typer.Argument(help="Tokens file (igpt quantize output) whose images to complete.")],
     model: Model,
-    out: Annotated[Path, typer.Option("--out", "-o", help="Tokens file of the completions to write.")],
+    out: Annotated[Path, out_option("Tokens file of the completions to write.")],
     revision: Revision = None,
     keep_rows: Annotated[Optional[int], typer.Option("--keep-rows", help="Pixel rows kept from the top "
                                                                           "(0..height).")] = None,
@@ -96,6 +107,7 @@ def complete_command(
     overwrite: Overwrite = False,
     restart: Restart = False,
     quiet: Quiet = False,
+    as_json: Json = False,
 ) -> None:
     """Keep the top rows of each image and let the model paint the rest, n times (resumable).
 
@@ -103,7 +115,7 @@ def complete_command(
     so igpt show and igpt extract work on it; --png writes the completion figure: per image
     the kept part, the completions and the original.
 
-    Example: igpt complete test.h5 -m imagegpt-small/ --keep-rows 16 -n 4 -o completions.h5 --png completions.png
+    Example: igpt complete test.h5 -m igpt-cifar8 --keep-rows 4 -n 4 --limit 8 -o completions.h5 --png completions.png
     """
     from ..generate import complete_file
 
@@ -122,23 +134,23 @@ def score_command(
     tokens: Annotated[Path, typer.Argument(help="Tokens file (igpt quantize output) to score.")],
     model: Model,
     revision: Revision = None,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Scores file to write (per-image nats and "
-                                                                    "bits per token; resumable).")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON on stdout.")] = False,
+    out: Annotated[Optional[Path], out_option("Scores file to write (per-image nats and bits per token; "
+                                              "resumable).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as one JSON document on stdout.")] = False,
     limit: Limit = None,
     batch_size: BatchSize = None,
     device: Device = "auto",
     dtype: Dtype = ComputeDtype.auto,
     overwrite: Overwrite = False,
     restart: Restart = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Nothing on stderr but errors.")] = False,
+    quiet: Quiet = False,
 ) -> None:
     """Negative log-likelihood of each image under the model (the paper's generative loss).
 
     Mean cross-entropy per token with the SOS-shifted input, in nats and bits; the summary
     (mean, standard error, per class) goes to stderr, or to stdout as JSON with --json.
 
-    Example: igpt score test.h5 -m imagegpt-small/ -o test-scores.h5 --json
+    Example: igpt score test.h5 -m igpt-cifar8 -o test-scores.h5 --json
     """
     from ..generate import score_file
 
@@ -167,7 +179,7 @@ def render_scores(d: dict) -> None:
         t.add_row(name, str(c["n"]), f"{c['nats_per_token']:.4f}", f"{c['bits_per_token']:.4f}")
     t.add_row("all", str(d["n"]), f"{d['nats_per_token']:.4f}{se(d['nats_per_token_se'])}",
               f"{d['bits_per_token']:.4f}{se(d['bits_per_token_se'])}", style="bold")
-    err.print(t)
+    print_table(t)
 
 
 def register(app: typer.Typer) -> None:

@@ -1,20 +1,45 @@
 """Options shared by several commands (one definition each, so every command says the same)."""
 from __future__ import annotations
 
+import re
 from typing import Annotated, Optional
 
 import typer
 
 from ..choices import ComputeDtype, DatasetFormat, Resize, Split
 
-Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or progress lines.")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help=(
+    "Nothing on stderr but errors and warnings (no progress bar, progress lines or tables)."))]
+Json = Annotated[bool, typer.Option("--json", help=(
+    "Print the result as one JSON document on stdout (commands that write a file print it always)."))]
+
+
+def out_option(help: str, metavar: str | None = None):
+    """The `-o/--out` option of a command that writes a file or directory (one spelling everywhere)."""
+    return typer.Option("--out", "-o", help=help, metavar=metavar)
+
+
 Compile = Annotated[bool, typer.Option("--compile", help=(
     "Run the model through torch.compile: faster on long runs, the first batch compiles (tens of seconds "
     "on a CPU); eager where compilation is unavailable."))]
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace an existing output file.")]
+LAYERS_METAVAR = "<layers>"
 LayerSpec = Annotated[Optional[list[str]], typer.Option(
-    "--layer", "-l", help="Layer(s): 12, 8-16, -1, 0,4,8 or all (repeatable). Default: all.")]
-Device = Annotated[str, typer.Option("--device", help="auto|cpu|cuda|cuda:N|mps (auto: cuda, then mps, then cpu).")]
+    "--layer", "-l", metavar=LAYERS_METAVAR, help="Layer(s): 12, 8-16, -1, 0,4,8 or all (repeatable). Default: all.")]
+
+DEVICE_CHOICES = ("auto", "cpu", "cuda", "cuda:N", "mps")
+
+
+def parse_device(value) -> str:
+    """`--device`: auto, cpu, cuda, cuda:N or mps, checked by the argument parser (one list everywhere)."""
+    v = str(value)
+    if v in ("auto", "cpu", "cuda", "mps") or re.fullmatch(r"cuda:\d+", v):
+        return v
+    raise typer.BadParameter(f"{v!r} is not one of {', '.join(DEVICE_CHOICES)}")
+
+
+Device = Annotated[str, typer.Option("--device", parser=parse_device, metavar="<auto|cpu|cuda|cuda:N|mps>",
+                                     help="Where to compute (auto: cuda, then mps, then cpu).")]
 SplitOpt = Annotated[Split, typer.Option("--split", help="Which split to read.")]
 SizeOpt = Annotated[int, typer.Option("--size", help="Images are resized to size×size.")]
 LimitOpt = Annotated[Optional[int], typer.Option("--limit", help="At most N images.")]

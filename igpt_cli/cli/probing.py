@@ -8,36 +8,36 @@ from typing import Annotated, Optional
 import typer
 
 from ..choices import ProbeSolver
-from .options import LayerSpec, Overwrite
+from ..errors import InputError
+from .options import LAYERS_METAVAR, Device, LayerSpec, Overwrite, Quiet, out_option
 from .ui import ProgressBar, handles_input_errors, maybe_bar, probe_layer_line, render_probe_table
 
 
 @handles_input_errors
 def probe_command(
-    train: Annotated[Path, typer.Argument(metavar="TRAIN_FEATS.h5", help="Features file to fit the probes on.")],
-    test: Annotated[Optional[Path], typer.Option("--test", metavar="TEST_FEATS.h5", help=(
+    train: Annotated[Path, typer.Argument(metavar="train_feats", help="Features file to fit the probes on.")],
+    test: Annotated[Optional[Path], typer.Option("--test", metavar="<test-feats.h5>", help=(
         "Features file to report accuracy on (default: hold out --test-fraction of TRAIN)."))] = None,
     layers: LayerSpec = None,
     test_fraction: Annotated[float, typer.Option("--test-fraction", help=(
         "Without --test: stratified fraction of TRAIN held out as the test set."))] = 0.2,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as one JSON document on stdout.")] = False,
-    csv_out: Annotated[Optional[Path], typer.Option("--csv", metavar="OUT.csv", help="Write one row per layer.")] = None,
-    plot_out: Annotated[Optional[Path], typer.Option("--plot", metavar="OUT.png", help="Plot accuracy vs layer.")] = None,
+    csv_out: Annotated[Optional[Path], typer.Option("--csv", metavar="<out.csv>", help="Write one row per layer.")] = None,
+    plot_out: Annotated[Optional[Path], typer.Option("--plot", metavar="<out.png>", help="Plot accuracy vs layer.")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed for the stratified splits.")] = 0,
     jobs: Annotated[int, typer.Option("--jobs", "-j", help="Layers probed in parallel (each holds its layer in memory).")] = 1,
     overwrite: Overwrite = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Nothing on stderr but errors (no progress lines, no table).")] = False,
+    quiet: Quiet = False,
     solver: Annotated[ProbeSolver, typer.Option("--solver", help=(
         "torch: every C of the search in one pass over the data (CPU or CUDA); scipy: one C after the other "
         "(numpy); sklearn: scikit-learn's own LogisticRegression (the reference); auto: torch."))] = ProbeSolver.auto,
-    device: Annotated[str, typer.Option("--device", help="auto|cpu|cuda|cuda:N for the torch solver "
-                                                         "(auto: cuda when there is one).")] = "auto",
-    max_memory: Annotated[Optional[str], typer.Option("--max-memory", metavar="BYTES", help=(
+    device: Device = "auto",
+    max_memory: Annotated[Optional[str], typer.Option("--max-memory", metavar="<bytes>", help=(
         "Cap on what the probe holds (e.g. 512M, 2G): a layer that does not fit is streamed from the file "
         "in row chunks (same result, one file read per pass)."))] = None,
-    save_probes: Annotated[Optional[Path], typer.Option("--save-probes", metavar="PROBES.h5", help=(
+    save_probes: Annotated[Optional[Path], typer.Option("--save-probes", metavar="<probes.h5>", help=(
         "Save each layer's chosen classifier (standardisation, weights, C, classes) for `igpt predict`."))] = None,
-    plot_confusion: Annotated[Optional[Path], typer.Option("--plot-confusion", metavar="OUT.png", help=(
+    plot_confusion: Annotated[Optional[Path], typer.Option("--plot-confusion", metavar="<out.png>", help=(
         "Picture of the test confusion matrix of the best layer (or of the one --layer names)."))] = None,
 ) -> None:
     """Linear-probe accuracy per layer: features in, per-layer accuracy out.
@@ -96,15 +96,17 @@ PREDICT_TABLE_ROWS = 1000  # predict without -o/--json prints at most this many 
 
 @handles_input_errors
 def predict_command(
-    features: Annotated[Path, typer.Argument(metavar="FEATS.h5", help="Features file to classify.")],
-    probes: Annotated[Path, typer.Option("--probes", metavar="PROBES.h5", help="Probes saved by `igpt probe --save-probes`.")],
-    layer: Annotated[Optional[str], typer.Option("--layer", "-l", metavar="N", help=(
-        "Which layer's probe: 6, or -1 for the last (default: the probes' best layer, or the best of the "
-        "layers FEATS has)."))] = None,
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", metavar="OUT.h5", help=(
-        "Write predictions (class index, class name, probabilities, sources) to this HDF5 file."))] = None,
+    features: Annotated[Path, typer.Argument(metavar="feats", help="Features file to classify.")],
+    probes: Annotated[Path, typer.Option("--probes", metavar="<probes.h5>", help="Probes saved by `igpt probe --save-probes`.")],
+    layer: Annotated[Optional[list[str]], typer.Option("--layer", "-l", metavar=LAYERS_METAVAR, help=(
+        "Which layer's probe: one layer of the spec every command takes, e.g. 6 or -1 for the last "
+        "(default: the probes' best layer, or the best of the layers the features hold)."))] = None,
+    output: Annotated[Optional[Path], out_option(
+        "Write predictions (class index, class name, probabilities, sources) to this HDF5 file.")] = None,
+    output_alias: Annotated[Optional[Path], typer.Option("--output", hidden=True, help="Old spelling of --out.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report with every row's prediction as JSON.")] = False,
     overwrite: Overwrite = False,
+    quiet: Quiet = False,
 ) -> None:
     """Apply saved probes to features: predicted class and probabilities per row, accuracy where labelled.
 
@@ -113,15 +115,25 @@ def predict_command(
     Example: igpt predict test-feats.h5 --probes probes.h5 -o predictions.h5
     """
     from ..probe import predict_file
-    from .ui import err, print_json
+    from .ui import err, plural, print_json
 
+    output = output or output_alias
+    if layer:
+        try:
+            (one,) = (int(v) for v in layer)   # one layer: 6, or -1 for the last
+        except ValueError:
+            raise InputError(f"--layer {','.join(layer)}: predict applies one layer's probe; give one layer "
+                             "number (e.g. --layer 6, or -1 for the last)") from None
+        layer = str(one)
     report = predict_file(features, probes, layer, output, overwrite=overwrite,
                           as_list=as_json or output is None)
     acc = "n/a" if report.accuracy is None else f"{report.accuracy:.2%}"
-    err.print(f"layer {report.layer} ({report.layer_choice}): {report.n} rows, accuracy {acc} on "
-              f"{report.n_known} labelled rows"
-              + (f"; {report.n_unseen} rows of classes the probes never saw ({', '.join(report.unseen_classes)})"
-                 if report.n_unseen else ""), highlight=False, soft_wrap=True)
+    if not quiet:
+        err.print(f"layer {report.layer} ({report.layer_choice}): {plural(report.n, 'row')}, accuracy {acc} on "
+                  f"{plural(report.n_known, 'labelled row')}"
+                  + (f"; {plural(report.n_unseen, 'row')} of classes the probes never saw "
+                     f"({', '.join(report.unseen_classes)})" if report.n_unseen else ""), highlight=False,
+                  soft_wrap=True)
     if as_json:
         print_json(report)
     elif output is None:

@@ -7,8 +7,8 @@ from typing import Annotated, Optional
 import typer
 
 from ..choices import ComputeDtype
-from .options import Device, Dtype, LayerSpec, Quiet, Restart
-from .ui import ProgressBar, err, handles_input_errors, maybe_bar, print_json
+from .options import Device, Dtype, Json, LayerSpec, Quiet, Restart, out_option
+from .ui import ProgressBar, err, handles_input_errors, maybe_bar, print_json, print_table
 
 
 
@@ -20,8 +20,8 @@ def sweep_command(
     train: Annotated[Path, typer.Option("--train", help="Tokens file the probes are fitted on (C chosen on a "
                                                         "validation split of it).")],
     test: Annotated[Path, typer.Option("--test", help="Tokens file the probes are tested on.")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Directory for the per-checkpoint files, sweep.json, "
-                                                          "sweep.csv and the two PNGs (resumable).")],
+    out: Annotated[Path, out_option("Directory for the per-checkpoint files, sweep.json, sweep.csv and the two "
+                                    "PNGs (resumable).")],
     score_on: Annotated[Optional[Path], typer.Option("--score-on", help=(
         "Tokens file the generative loss is measured on (default: --test)."))] = None,
     layers: LayerSpec = None,
@@ -33,6 +33,7 @@ def sweep_command(
     dtype: Dtype = ComputeDtype.auto,
     restart: Restart = False,
     quiet: Quiet = False,
+    as_json: Json = False,
 ) -> None:
     """Does generating better mean representing better? Generative loss and linear-probe accuracy per checkpoint.
 
@@ -41,7 +42,7 @@ def sweep_command(
     sweep.csv, sweep.json and two PNGs (accuracy vs loss; accuracy by layer and checkpoint). Rerun to
     resume: finished checkpoints are not recomputed.
 
-    Example: igpt sweep runs/big runs/small --train train.h5 --test test.h5 -o sweep/
+    Example: igpt sweep igpt-cifar8 --train train.h5 --test test.h5 --layer 2,4,6 -o sweep/
     """
     from ..distributed import DistContext
     from ..sweep import run_sweep
@@ -80,7 +81,7 @@ def render_sweep_table(d: dict) -> None:
         t.add_row(r["family"], r["name"], "" if r["step"] is None else str(r["step"]), f"{r['n_params'] / 1e6:.2f} M",
                   f"{r['loss_nats']:.4f}", f"{r['loss_bits']:.4f}", str(r["best_layer"]), f"{r['best_val_acc']:.2%}",
                   f"{r['best_test_acc']:.2%}")
-    err.print(t)
+    print_table(t)
     for c in d["correlations"]:
         err.print(f"{c['family']}: {correlation_text(c)}", highlight=False)
     err.print(f"{d['computed']} computed, {d['reused']} done before; {d['seconds']:.0f} s", highlight=False)

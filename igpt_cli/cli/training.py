@@ -8,16 +8,17 @@ import typer
 
 from ..choices import ComputeDtype
 from ..errors import InputError
-from .options import Device, Quiet
+from .options import Device, Dtype, Json, ModelOpt, Quiet, out_option
 from .ui import ProgressBar, err, get_current_context, handles_input_errors, maybe_bar, print_json, render_probe_table
 
 
 @handles_input_errors
 def train_command(
     train_tokens: Annotated[Path, typer.Argument(help="Tokens file (igpt quantize) to pretrain on.")],
-    out: Annotated[Path, typer.Option("-o", "--out", help="Model directory to write (Hugging Face ImageGPT layout).")],
+    out: Annotated[Path, out_option("Model directory to write (Hugging Face ImageGPT layout); a run already "
+                                    "there is resumed.")],
     val_tokens: Annotated[Optional[Path], typer.Option("--val", help="Tokens file for validation loss (bits/dim).")] = None,
-    init: Annotated[Optional[str], typer.Option("--init", metavar="MODEL", help=(
+    init: Annotated[Optional[str], typer.Option("--init", metavar="<model>", help=(
         "Continue pretraining this model (directory, bundled name, hub id or TF checkpoint prefix): "
         "architecture and palette come from it."))] = None,
     n_layer: Annotated[int, typer.Option("--depth", min=1, help="Transformer blocks.")] = 8,
@@ -40,30 +41,44 @@ def train_command(
         "Steps between lines of OUT/metrics.jsonl (the loss is read from the device only then)."))] = 10,
     save_every: Annotated[Optional[int], typer.Option("--save-every", min=1, help=(
         "Keep the model every K steps as its own directory OUT/step-NNNNNN (a series for igpt sweep)."))] = None,
-    save_at: Annotated[Optional[str], typer.Option("--save-at", metavar="STEPS", help=(
+    save_at: Annotated[Optional[str], typer.Option("--save-at", metavar="<steps>", help=(
         "Keep the model at these steps too, e.g. 50,100,200,400,800,1600,2400."))] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the initialisation, data order and flips.")] = 0,
     device: Device = "auto",
-    dtype: Annotated[ComputeDtype, typer.Option("--dtype", help="Autocast dtype (auto: bfloat16 where fast).")] = ComputeDtype.auto,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue the run saved in --out.")] = False,
+    dtype: Dtype = ComputeDtype.auto,
+    restart: Annotated[bool, typer.Option("--restart", help=(
+        "Discard the run saved in --out (its state, model, logs and step-* models) and start a new one.")) ] = False,
+    resume: Annotated[bool, typer.Option("--resume", hidden=True, help=(
+        "Continue the run saved in --out (the default when there is one; kept for older scripts)."))] = False,
     compile: Annotated[bool, typer.Option("--compile", help=(
         "torch.compile the model (falls back to eager where no compiler works)."))] = False,
     activation_checkpointing: Annotated[bool, typer.Option("--activation-checkpointing", help=(
         "Recompute block activations in the backward pass: less memory for large models."))] = False,
     quiet: Quiet = False,
+    as_json: Json = False,
 ) -> None:
-    """Pretrain an iGPT on palette tokens (next-token prediction with the SOS shift).
+    """Pretrain an iGPT on palette tokens (next-token prediction with the SOS shift); resumable.
+
+    Like igpt's other long commands (extract, features, sample, complete, score, sweep), rerunning
+    it resumes: when --out holds a run (OUT/train_state.pt) it continues from its last checkpoint
+    with the run's own settings (flags you give again must match them; a larger --steps extends
+    the run); --restart discards it and starts anew.
 
     Under torchrun (or srun) every process trains its share of each global batch
     (DistributedDataParallel); rank 0 writes the run directory. OUT/metrics.jsonl and
     OUT/loss.png follow the run.
 
-    Example: igpt train train.h5 --val test.h5 -o my-igpt --depth 8 --width 192 --heads 6 --steps 2400
+    Example: igpt train train.h5 --val test.h5 -o runs/tiny --depth 2 --width 32 --heads 2 --steps 20
     """
     from ..distributed import DistContext
     from ..train import pretrain
     from .plots import write_loss_plot
 
+    from ..train import STATE_FILE
+
+    if restart and resume:
+        raise InputError("--restart and --resume contradict each other: give one")
+    resume = resume or (not restart and (out / STATE_FILE).is_file())
     if not resume and steps is None and epochs is None:
         raise InputError("give --steps or --epochs")
     settings = dict(n_layer=n_layer, n_embd=n_embd, n_head=n_head, steps=steps, epochs=epochs,
@@ -81,7 +96,7 @@ def train_command(
     try:
         with maybe_bar(bar):
             result = pretrain(train_tokens, out, cfg, val_tokens=val_tokens, init=init, device=device,
-                              dtype=dtype.value, resume=resume, grad_accum=grad_accum, compile=compile,
+                              dtype=dtype.value, resume=resume, restart=restart, grad_accum=grad_accum, compile=compile,
                               activation_checkpointing=activation_checkpointing, dist=dist,
                               draw_loss=write_loss_plot, on_progress=bar)
     finally:
@@ -93,8 +108,7 @@ def train_command(
 @handles_input_errors
 def finetune_command(
     train_tokens: Annotated[Path, typer.Argument(help="Labelled tokens file (igpt quantize) to fine-tune on.")],
-    model: Annotated[str, typer.Option("-m", "--model", metavar="MODEL", help=(
-        "Model to fine-tune (directory, bundled name, hub id or TF checkpoint prefix)."))],
+    model: ModelOpt,
     test_tokens: Annotated[Path, typer.Option("--test", help="Labelled tokens file to report the accuracy on.")],
     out: Annotated[Path, typer.Option("-o", "--out", help=(
         "Directory to write (Hugging Face ImageGPTForImageClassification, report.json)."))],
@@ -119,6 +133,7 @@ def finetune_command(
     dtype: Annotated[ComputeDtype, typer.Option("--dtype", help="Autocast dtype (auto: bfloat16 where fast).")] = ComputeDtype.auto,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run saved in --out.")] = False,
     quiet: Quiet = False,
+    as_json: Json = False,
 ) -> None:
     """Fine-tune a model with a linear head on its mean-pooled final layer (the paper's joint objective).
 
@@ -164,11 +179,13 @@ def finetune_command(
 
 @handles_input_errors
 def demo_command(
-    out: Annotated[Optional[Path], typer.Option("--out", help="Keep every intermediate file in this directory.")] = None,
-    model: Annotated[Optional[Path], typer.Option("--model", help="Model directory (default: the shipped iGPT).")] = None,
+    out: Annotated[Optional[Path], out_option("Keep every intermediate file in this directory.")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help=(
+        "Model: a directory, a bundled name, an OpenAI TF checkpoint prefix or a Hugging Face hub id "
+        "(default: the shipped igpt-cifar8)."))] = None,
     plot: Annotated[Optional[Path], typer.Option("--plot", help=(
         "Where to write the probe curve PNG (default: OUT/probe.png, or ./igpt-demo.png without --out)."))] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the probe reports as JSON on stdout.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the probe reports as one JSON document on stdout.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the files of an earlier demo.")] = False,
     quiet: Quiet = False,
 ) -> None:

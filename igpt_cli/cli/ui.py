@@ -1,7 +1,16 @@
 """Everything the command line draws on stderr: error lines, the one progress bar, tables.
 
 Library code only emits `ProgressEvent`s and raises `InputError`s; this module turns
-them into what a user sees. stdout is reserved for results (JSON).
+them into what a user sees. stdout is reserved for results.
+
+The rules every command follows (`igpt -h` says them too):
+- `--json`: stdout is exactly one JSON document. Commands whose result is a file they write
+  (quantize, palette fit, extract, features, show, convert, sample, complete, train, sweep)
+  print that JSON summary always, and accept the flag; info, models, score, probe, predict
+  and demo print for people unless it is given.
+- `-q/--quiet`: nothing on stderr but errors and warnings (no progress bar, progress lines
+  or tables); what a command prints on stdout is unchanged.
+- Ctrl-C: one line saying how far the run got and how to resume it, exit 130.
 """
 from __future__ import annotations
 
@@ -19,7 +28,7 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColu
 from rich.text import Text
 
 from .. import progress
-from ..errors import InputError
+from ..errors import InputError, plural  # noqa: F401  (plural: the CLI's counts too)
 from ..progress import ProgressEvent
 
 try:  # typer >= 0.22 vendors its own click; older ones use click itself
@@ -36,6 +45,32 @@ def print_json(result) -> None:
     """A result (dataclass with to_dict, or a dict) as one JSON document on stdout."""
     d = result.to_dict() if hasattr(result, "to_dict") else result
     typer.echo(json.dumps(d, default=str))
+
+
+def show_flags_without_type(option_class) -> None:
+    """On/off flags are shown as `--quiet`, not `--quiet <bool>`: typer's help prints a type for every
+    option; this drops it for flags (options that take no value), once, for the class given."""
+    if getattr(option_class, "_igpt_flags_untyped", False):
+        return
+    shown = option_class.display_type_rich
+
+    def display_type_rich(self, ctx):
+        return None if getattr(self, "is_flag", False) else shown(self, ctx)
+
+    option_class.display_type_rich = display_type_rich
+    option_class._igpt_flags_untyped = True
+
+
+def print_table(table, console: Console = err) -> None:
+    """A rich table on stderr, never cut: in a terminal at its width; in a file or pipe (no width to
+    fit) at the table's own natural width, so a log holds every number in full."""
+    if console.is_terminal:
+        console.print(table)
+        return
+    from rich.measure import Measurement
+
+    width = Measurement.get(console, console.options.update(width=10_000), table).maximum
+    Console(file=console.file, width=max(width, console.width), no_color=console.no_color).print(table)
 
 
 def fail(msg: str, code: int = 2) -> None:
@@ -120,16 +155,41 @@ def os_error_line(e: OSError) -> str:
     return f"{where}: {what}" if where else what
 
 
-def handles_input_errors(fn):
+RESUMES = "rerun the same command to resume (finished work is kept)"
+NOT_RESUMABLE = "nothing was written"
+_reached: list = [None]  # the last progress event the bar drew: how far an interrupted run got
+
+
+def interrupted_line(what: str, hint: str) -> str:
+    """`interrupted at extract 512/3,000 images; rerun the same command to resume …` (one line)."""
+    ev = _reached[0]
+    where = ""
+    if ev is not None:
+        count = f"{ev.done:,}" if ev.total is None else f"{ev.done:,}/{ev.total:,}"
+        unit = ev.unit if ev.total == 1 or (ev.total is None and ev.done == 1) else f"{ev.unit}s"
+        where = f" at {ev.task} {count} {unit}"
+    return f"{what}{where}; {hint}"
+
+
+def handles_input_errors(fn=None, *, resume: str | None = None):
     """One clean line on stderr and an exit status for everything a user can cause.
 
     InputError → its message with the command's flags, exit 2; Ctrl-C → 130, SIGTERM → 143
-    (after the library's cleanup ran); and, as a last resort, MemoryError and OSError
-    (disk full, I/O errors) → one line, exit 2, never a traceback.
+    (after the library's cleanup ran), in one line saying how far the run got and `resume`
+    (how a rerun resumes; default: a resumable command's hint when the command has a
+    `restart` parameter, else that nothing was written); and, as a last resort, MemoryError
+    and OSError (disk full, I/O errors) → one line, exit 2, never a traceback.
+    Use as `@handles_input_errors` or `@handles_input_errors(resume="…")`.
     """
+    if fn is None:
+        return functools.partial(handles_input_errors, resume=resume)
+    import inspect
+
+    hint = resume or (RESUMES if "restart" in inspect.signature(fn).parameters else NOT_RESUMABLE)
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        _reached[0] = None
         try:
             return fn(*args, **kwargs)
         except InputError as e:
@@ -138,11 +198,11 @@ def handles_input_errors(fn):
             fail(say_with_flags(str(e)))
         except Terminated:
             progress.clear_stop()
-            err.print("terminated")
+            err.print(interrupted_line("terminated", hint), highlight=False, markup=False, soft_wrap=True)
             raise typer.Exit(143)
         except KeyboardInterrupt:
             progress.clear_stop()
-            err.print("interrupted")
+            err.print(interrupted_line("interrupted", hint), highlight=False, markup=False, soft_wrap=True)
             raise typer.Exit(130)
         except MemoryError:
             fail("out of memory (try a smaller --batch-size or fewer images)")
@@ -204,6 +264,8 @@ class ProgressBar:
             out.print(say_with_flags(ev.message), highlight=False, markup=False, soft_wrap=True)
         if ev.result is not None and self.on_result is not None:
             self.on_result(ev.result, out)
+        if ev.total is not None or ev.done:
+            _reached[0] = ev
         if self.progress is None or (ev.total is None and ev.done == 0 and not ev.started):
             return  # no terminal, or a pure log event of a task without a bar
         if ev.started or self.task is None or ev.task != self.task_name:
@@ -368,7 +430,7 @@ def render_models(rows: list[dict], console: Console = err) -> None:
         params = f"{r['parameters'] / 1e6:.1f} M" if r["parameters"] else "?"
         t.add_row(r["name"], r["source"], f"{r['layers']}×{r['width']}", str(r["heads"]), res, params,
                   f"{r['size_bytes'] / 2**20:.1f} MiB", r["revision"] or "")
-    console.print(t)
+    print_table(t, console)
     if not any(r["source"] == "hub" for r in rows):
         console.print("no ImageGPT models in the Hugging Face cache; fetch one with: "
                       "hf download openai/imagegpt-small config.json model.safetensors preprocessor_config.json",

@@ -2,7 +2,7 @@
 ``.npz`` archive with labels from ``y``, ``labels``, ``y_train``…; ``x_train``/``x_test``
 pairs give splits. A ``.npy`` is memory-mapped, so only a batch at a time is read.
 
-Labels are -1 (unlabeled) or class indices below the number of class names (from
+Labels are -1 (unlabelled) or class indices below the number of class names (from
 ``class_names``…, else ``max label + 1`` numbered classes, at most `MAX_NUMBERED_CLASSES`);
 anything else is refused, naming the file, key and label. Object arrays are never loaded
 (no pickles).
@@ -72,7 +72,7 @@ class ArrayDataset(Dataset):
                 i = int(bad[0])
                 allowed = (f"0..{named - 1} for {named} class names" if named
                            else f"0..{MAX_NUMBERED_CLASSES - 1} without class names")
-                raise DataError(f"{where}: label {int(y[i])} at index {i} is not -1 (unlabeled) or a class index "
+                raise DataError(f"{where}: label {int(y[i])} at index {i} is not -1 (unlabelled) or a class index "
                                 f"({allowed})")
             top = max(top, int(y.max()) + 1)
         if not named and top:

@@ -37,7 +37,7 @@ from ._jpeg import decode_plain_jpeg
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm"}
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")
 
-# (images uint8 [B, S, S, 3], labels int64 [B] (-1: unlabeled), sources: one name per image)
+# (images uint8 [B, S, S, 3], labels int64 [B] (-1: unlabelled), sources: one name per image)
 Batch = tuple[np.ndarray, np.ndarray, list[str]]
 
 MAX_SIZE = 1024  # images are size×size: a million tokens per image is far beyond any iGPT
@@ -256,7 +256,7 @@ class Dataset:
     def _plan(self, labels: np.ndarray) -> np.ndarray:
         """The images to read, as indices into the split's storage order, in reading order:
         a seeded shuffle (`shuffle`, `seed`), then at most `limit_per_class` of each label
-        (unlabeled images, -1, form one group). `limit` is applied while reading; a warning
+        (unlabelled images, -1, form one group). `limit` is applied while reading; a warning
         is recorded when the first `limit` of the plan leave classes without images."""
         labels = np.asarray(labels, dtype=np.int64)
         order = (np.random.default_rng(self.seed).permutation(len(labels)) if self.shuffle

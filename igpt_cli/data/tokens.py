@@ -82,7 +82,7 @@ class TokenArrays(Dataset):
         n = len(self._x)
         ypath = self.path.with_name(self.path.name[:-5] + ("Y" if self.path.name[-5] == "X" else "y") + ".npy")
         if m is None or not ypath.is_file():
-            self.warnings.append(f"{self.path}: no labels file {ypath.name} beside it: rows are unlabeled")
+            self.warnings.append(f"{self.path}: no labels file {ypath.name} beside it: rows are unlabelled")
             return np.full(n, -1, np.int64)
         try:
             y = np.load(ypath, mmap_mode="r", allow_pickle=False)

@@ -108,10 +108,10 @@ class WebDataset(EncodedImages):
             raise EmptyDatasetError(f"{self.path}: no images in {len(shards)} WebDataset shard"
                                     f"{'s' if len(shards) > 1 else ''}")
         labels = self._label_indices([r[4] for r in raw])
-        unlabeled = sum(r[4] is None for r in raw)
-        if unlabeled:
-            self.warnings.append(f"{self.path}: {unlabeled} of {len(raw)} samples have no label (no .cls, .json "
-                                 "or numeric .txt); they get label -1 (unlabeled)")
+        unlabelled = sum(r[4] is None for r in raw)
+        if unlabelled:
+            self.warnings.append(f"{self.path}: {unlabelled} of {len(raw)} samples have no label (no .cls, .json "
+                                 "or numeric .txt); they get label -1 (unlabelled)")
         self._entries = [(i, name, off, size, int(y)) for (i, name, off, size, _), y in zip(raw, labels)]
         if self.selecting:
             order = self._plan(labels)

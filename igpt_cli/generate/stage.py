@@ -341,7 +341,7 @@ def score_file(tokens_path: str | Path, model: str | Path, out: str | Path | Non
     mean, se = _mean_se(nats)
     per_class = {}
     for c in np.unique(labels):
-        name = names[c] if 0 <= c < len(names) else ("(unlabeled)" if c < 0 else str(int(c)))
+        name = names[c] if 0 <= c < len(names) else ("(unlabelled)" if c < 0 else str(int(c)))
         v = nats[labels == c]
         per_class[name] = dict(n=int(len(v)), nats_per_token=float(v.mean()), bits_per_token=float(v.mean() / LN2))
     return ScoreResult(

@@ -211,12 +211,16 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
 
 def load_pretrained(model_dir: str | Path) -> IGPT:
-    """Load a Hugging Face ImageGPT directory as a float32 IGPT in eval mode (never executes code from it).
+    """Load a Hugging Face ImageGPT directory (or a bundled model by name: `load_pretrained("igpt-cifar8")`)
+    as a float32 IGPT in eval mode (never executes code from it).
 
     Entries outside the weight map (the causal-mask buffers `attn.bias` and
     `attn.masked_bias` of old .bin files) are ignored. A checkpoint without `lm_head`
     (ImageGPTModel) keeps the freshly initialised head: features do not need it.
     """
+    from ..bundled import bundled_dir
+
+    model_dir = bundled_dir(model_dir) or model_dir
     cfg = read_config(model_dir)
     weights = find_weights(model_dir)
     stored = _read_state_dict(weights)

@@ -19,10 +19,7 @@ from pathlib import Path
 from .checkpoint import CheckpointError
 from .hub import cached_models, hub_snapshot, is_hub_id, model_summary
 
-ASSETS = Path(__file__).resolve().parent.parent / "assets"
-BUNDLED: dict[str, Path] = {  # short name -> directory shipped in the package
-    "igpt-cifar8": ASSETS / "igpt-cifar8",
-}
+from ..bundled import BUNDLED  # the bundled models live in one place (light: no torch)
 
 
 def resolve_model_dir(model: str | Path, *, revision: str | None = None, local_files_only: bool = False,

@@ -30,7 +30,7 @@ from .config import check_config, check_fits_memory, config_from, kept_at, lr_at
 from .data import TokenData, load_tokens, make_batch, val_rows
 from .objective import NextToken, write_preprocessor_config
 from .init import load_init, resolve_init
-from .start import Options, Start, all_or_none, fresh_run, is_count, resumed_run, split_batch
+from .start import Options, Start, all_or_none, discard_run, fresh_run, is_count, resumed_run, split_batch
 from .state import (LOSS_PLOT, METRICS_FILE, STATE_FILE, TENSORBOARD_DIR, TRAIN_META, RunState, load_optimizer,
                     load_weights, remove_temp_files, save_state, write_errors, write_text)
 from .step import compiled_or_eager, evaluate, loss_on, loss_sum, make_optimizer, to_device
@@ -76,6 +76,7 @@ def pretrain(
     device: str = "auto",
     dtype: str = "auto",
     resume: bool = False,
+    restart: bool = False,
     grad_accum: int = 1,
     compile: bool = False,
     activation_checkpointing: bool = False,
@@ -87,7 +88,8 @@ def pretrain(
     """Pretrain (or resume pretraining) an iGPT; the output directory is locked for the whole run.
 
     `cfg`: a `TrainConfig`, or a dict of some of its fields. A new run takes it with the
-    defaults for fields not given (`steps` or `epochs` is required). With `resume=True`:
+    defaults for fields not given (`steps` or `epochs` is required). `restart=True` first
+    removes a run already in `out_dir` (only one that holds nothing but a run's files). With `resume=True`:
     `cfg=None` continues the run with its own settings; a dict names the settings the user
     set and each is compared with the run's, a TrainConfig is compared on every field. A
     difference is refused (one InputError naming each differing setting), except one: a
@@ -159,6 +161,8 @@ def pretrain(
                                               "init": init_dir})
                 if dist.is_main:  # `-o .` too: the lock sits next to the directory
                     stack.enter_context(output_lock(out.resolve()))
+                    if restart and not resume:  # under the lock: no other run is writing it
+                        discard_run(out)
             init_dir = dist.broadcast(init_dir)  # resolved (downloaded, converted) once, by rank 0
             with all_or_none(dist):
                 train_sha = sha256_file(train_tokens)

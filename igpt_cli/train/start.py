@@ -40,9 +40,34 @@ class Options:
     draw_loss: DrawLoss | None = None
 
 
+def discard_run(out: Path) -> None:
+    """`restart=True`: remove the training run in `out` (its state, model, logs and kept step-*
+    models) so that a new one starts there. Only a directory that holds nothing but what a run
+    writes is emptied; anything else in it is refused (never lose a user's other files)."""
+    from .state import LOSS_PLOT, METRICS_FILE, TENSORBOARD_DIR
+
+    if not out.is_dir():
+        return
+    ours = set(RUN_FILES) | {METRICS_FILE, LOSS_PLOT, TENSORBOARD_DIR}
+    entries = list(out.iterdir())
+    others = [p.name for p in entries if p.name not in ours and not p.name.startswith("step-")
+              and not (p.name.startswith(".") and p.name.endswith((".tmp", ".lock")))]
+    if others:
+        raise InputError(f"{out}: holds files no training run wrote ({', '.join(sorted(others)[:3])}); "
+                         "restart into a new directory or remove them")
+    import shutil
+
+    for p in entries:
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink(missing_ok=True)
+
+
 def fresh_run(out: Path, cfg: TrainConfig, data: TokenData, val_tokens, init: InitModel | None) -> Start:
     if (out / STATE_FILE).exists():
-        raise InputError(f"{out}: holds a training run already (resume=True continues it)")
+        raise InputError(f"{out}: holds a training run already (resume=True continues it, restart=True "
+                         "discards it)")
     present = [n for n in RUN_FILES if (out / n).exists()]
     if present:
         raise InputError(f"{out}: holds a model already ({', '.join(present)}) and no training state to resume; "
