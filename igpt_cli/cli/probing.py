@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..choices import ProbeSolver
+from ..choices import KnnVote, ProbeMethod, ProbeSolver
 from .options import LayerSpec, Overwrite
 from .ui import ProgressBar, handles_input_errors, maybe_bar, probe_layer_line, render_probe_table
 
@@ -39,6 +39,14 @@ def probe_command(
         "Save each layer's chosen classifier (standardisation, weights, C, classes) for `igpt predict`."))] = None,
     plot_confusion: Annotated[Optional[Path], typer.Option("--plot-confusion", metavar="OUT.png", help=(
         "Picture of the test confusion matrix of the best layer (or of the one --layer names)."))] = None,
+    method: Annotated[ProbeMethod, typer.Option("--method", help=(
+        "linear: the logistic-regression probe (C searched); knn: k-nearest neighbours on cosine similarity "
+        "(DINO's evaluation; no training)."))] = ProbeMethod.linear,
+    k: Annotated[int, typer.Option("--k", help="--method knn: neighbours per vote.")] = 20,
+    knn_vote: Annotated[KnnVote, typer.Option("--knn-vote", help=(
+        "--method knn: weighted (each neighbour counts exp(similarity / T), DINO) or majority."))] = KnnVote.weighted,
+    knn_temperature: Annotated[float, typer.Option("--knn-temperature", metavar="T", help=(
+        "--method knn --knn-vote weighted: the temperature T."))] = 0.07,
 ) -> None:
     """Linear-probe accuracy per layer: features in, per-layer accuracy out.
 
@@ -73,7 +81,9 @@ def probe_command(
             with maybe_bar(bar):
                 report = probe_files(train, test, layers, test_fraction=test_fraction, seed=seed, jobs=jobs,
                                      on_progress=bar, solver=solver.value, device=device, max_memory=max_memory,
-                                     save_probes=save_probes, overwrite=overwrite, dist=dist)
+                                     save_probes=save_probes, overwrite=overwrite, dist=dist,
+                                     method=method.value, k=k, knn_vote=knn_vote.value,
+                                     knn_temperature=knn_temperature)
     finally:
         dist.close()
     if not dist.is_main:   # rank 0 alone writes and prints the one report

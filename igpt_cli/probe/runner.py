@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 
 from .. import formats
-from ..choices import PROBE_SOLVERS
+from ..choices import PROBE_METHODS, PROBE_SOLVERS
 from ..errors import InputError, ParameterError, check_choice, check_positive
 from ..formats import FEATURES_FORMAT, check_complete_features, feature_layers, open_igpt
 from ..layers import format_layers, parse_layers
@@ -30,6 +30,7 @@ from ..seeds import check_seed
 from .estimator import DEFAULT_SOLVER, MAX_ITER, TOL, LinearProbe, resolve_probe_device
 from .protocol import (COARSE_GRID, EXTEND_DECADES, FEW_VAL_ROWS, KFOLD_BELOW, REFINE_STEPS, VAL_FRACTION,
                        LayerResult, check_labels, fits_layers_at_once, probe_layer, probe_layers, stratified_split)
+from .knn import KNN_K, KNN_TEMPERATURE, check_knn, knn_layer
 from .stream import H5Rows, parse_bytes, plan_memory, read_layer
 
 if TYPE_CHECKING:
@@ -189,6 +190,7 @@ def _protocol(estimator, probe_kw: dict, device: str) -> dict:
         classifier, tol = repr(estimator), estimator.get_params().get("tol")
     params = estimator.get_params() if estimator is not None else {}
     return {
+        "method": "linear",
         "solver": params.get("solver"),
         "device": device,
         "ci_method": "wilson (95 %)",
@@ -205,16 +207,31 @@ def _protocol(estimator, probe_kw: dict, device: str) -> dict:
     }
 
 
+def _knn_protocol(k: int, vote: str, temperature: float, device: str) -> dict:
+    return {
+        "method": "knn",
+        "device": device,
+        "ci_method": "wilson (95 %)",
+        "similarity": "cosine (L2-normalised features)",
+        "k": int(k),
+        "vote": vote,
+        "temperature": float(temperature) if vote == "weighted" else None,
+        "classifier": (f"{k}-NN, vote weighted by exp(similarity / {temperature:g}) (DINO)" if vote == "weighted"
+                       else f"{k}-NN, majority vote (ties: the smaller class id)"),
+        "selection": "none (k is given); val_acc: leave-one-out k-NN accuracy on the training rows",
+    }
+
+
 def report_warnings(results: Sequence[LayerResult]) -> list[str]:
     """Sentences for what makes a report's numbers less certain: few rows to choose C on, a C at the
     edge of the grid."""
     out = []
-    kfold = sorted({r.selection for r in results if r.selection != "holdout"})
+    kfold = sorted({r.selection for r in results if r.selection not in ("holdout", "leave-one-out")})
     if kfold:
         n = min(r.n_train for r in results)
         out.append(f"C chosen by stratified {'/'.join(kfold)} cross-validation over the {n} training rows "
                    f"(fewer than {KFOLD_BELOW}: a 10 % validation split would be too small)")
-    few = [r for r in results if r.n_val < FEW_VAL_ROWS]
+    few = [r for r in results if r.n_val < FEW_VAL_ROWS and r.method == "linear"]
     if few:
         out.append(f"only {min(r.n_val for r in few)} rows validated C: its choice, and the probabilities, are "
                    f"uncertain (at least {FEW_VAL_ROWS} labelled training rows make it meaningful)")
@@ -241,7 +258,8 @@ def probe_files(train: str | Path, test: str | Path | None = None, layers: Seque
                 test_fraction: float = 0.2, seed: int = 0, jobs: int = 1, estimator=None,
                 on_progress: OnProgress | None = None, solver: str = "auto", device: str = "auto",
                 max_memory: int | str | None = None, save_probes: str | Path | None = None,
-                overwrite: bool = False, dist: DistContext | None = None,
+                overwrite: bool = False, dist: DistContext | None = None, method: str = "linear",
+                k: int = KNN_K, knn_vote: str = "weighted", knn_temperature: float = KNN_TEMPERATURE,
                 **probe_kw) -> ProbeReport:
     """Probe every requested layer of a features file.
 
@@ -260,6 +278,9 @@ def probe_files(train: str | Path, test: str | Path | None = None, layers: Seque
     over the ranks (each on its own GPU where there are GPUs), every rank must run the same
     settings, and every rank returns the whole report, equal to one process's; only rank 0
     writes `save_probes`.
+
+    `method` "knn": instead of the linear probe, the k-NN evaluation of each layer (`knn.knn_layer`:
+    `k` neighbours, `knn_vote` "weighted" (DINO, `knn_temperature`) or "majority", on `device`).
     """
     ctx = dist if dist is not None and dist.active else None
     check_positive("jobs", jobs, allow_none=False)
@@ -267,6 +288,14 @@ def probe_files(train: str | Path, test: str | Path | None = None, layers: Seque
     max_memory = parse_bytes(max_memory)
     if estimator is None:
         solver = check_choice("solver", solver, PROBE_SOLVERS)
+    method = check_choice("method", method, PROBE_METHODS)
+    if method == "knn":
+        check_knn(k, knn_vote, knn_temperature)
+        if save_probes is not None:
+            raise ParameterError("save_probes", str(save_probes), "saved probes are linear probes; k-NN has none "
+                                 "(it keeps the training set)")
+        if estimator is not None:
+            raise ParameterError("estimator", repr(estimator), "is for the linear probe, not method 'knn'")
     dev = resolve_probe_device(device)       # a missing GPU is refused before any work
     if ctx is not None:
         dev = ctx.device_for(dev)            # cuda -> this rank's GPU
@@ -274,7 +303,8 @@ def probe_files(train: str | Path, test: str | Path | None = None, layers: Seque
         ctx.agree(dict(train=str(train), test=None if test is None else str(test), layers=layers,
                        test_fraction=test_fraction, seed=seed, jobs=jobs, solver=solver, device=str(device),
                        max_memory=max_memory, save_probes=None if save_probes is None else str(save_probes),
-                       overwrite=overwrite, estimator=repr(estimator), probe_kw=repr(sorted(probe_kw.items()))),
+                       overwrite=overwrite, estimator=repr(estimator), method=method, k=k, knn_vote=knn_vote,
+                       knn_temperature=knn_temperature, probe_kw=repr(sorted(probe_kw.items()))),
                   "probe settings")
     if estimator is None:
         tol, max_iter = probe_kw.pop("tol", None), probe_kw.pop("max_iter", None)
@@ -296,6 +326,11 @@ def probe_files(train: str | Path, test: str | Path | None = None, layers: Seque
     progress_lock = threading.Lock()  # layers finish on worker threads when jobs > 1
 
     def run_layer(l: int) -> LayerResult:
+        if method == "knn":
+            X = _read_layer(tr, l)
+            Xtr, Xte = (X[tr_idx], X[te_idx]) if te is None else (X, _read_layer(te, l))
+            return finish(knn_layer(Xtr, y_train, Xte, y_test, k=k, vote=knn_vote, temperature=knn_temperature,
+                                    device=str(dev), layer=l, class_names=tr.class_names))
         if chunks[l] is not None:       # out of core: the rows stay in the file
             X = H5Rows(tr.path, l, chunks[l])
             X, Xte = (X.take(tr_idx), X.take(te_idx)) if te is None else (X, H5Rows(te.path, l, chunks[l]))
@@ -316,7 +351,8 @@ def probe_files(train: str | Path, test: str | Path | None = None, layers: Seque
         return r
 
     def run_mine() -> list[LayerResult]:
-        groups = layer_groups(mine, len(y_train) + len(y_test), tr.dims, max_memory) if jobs == 1 and fits_layers_at_once(estimator) \
+        groups = layer_groups(mine, len(y_train) + len(y_test), tr.dims, max_memory) if jobs == 1 and \
+            method == "linear" and fits_layers_at_once(estimator) \
             and all(chunks[l] is None for l in mine) else None
         if groups is not None:  # several layers in memory at once: one batched optimisation per group
             return [finish(r) for g in groups
@@ -331,7 +367,7 @@ def probe_files(train: str | Path, test: str | Path | None = None, layers: Seque
     progress.start()
     t0 = time.perf_counter()
     results = run(run_mine)
-    used = fit_device(estimator, dev)
+    used = str(dev) if method == "knn" else fit_device(estimator, dev)
     if ctx is not None:   # every rank gets every layer's result (rank 0 reports the others' as they arrive)
         everyone = ctx.gather((used, results))
         for r in (r for rank, (_, rs) in enumerate(everyone) if rank != ctx.rank for r in rs):
@@ -352,7 +388,8 @@ def probe_files(train: str | Path, test: str | Path | None = None, layers: Seque
         **{k: tr.attrs.get(k) for k in PROVENANCE_ATTRS},
         test_tokens_file=te.attrs.get("tokens_file") if te is not None else None,
         class_names=tr.class_names,
-        protocol=_protocol(estimator, probe_kw, used),
+        protocol=_knn_protocol(k, knn_vote, knn_temperature, used) if method == "knn" else
+        _protocol(estimator, probe_kw, used),
         best_layer=best.layer if best else None,
         best_test_layer=best_test.layer if best_test else None,
         not_converged_fits=int(sum(r.not_converged_fits for r in results)),
