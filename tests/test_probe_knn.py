@@ -1,6 +1,7 @@
 """igpt_cli.probe.knn (and `igpt probe --method knn`): parity with scikit-learn and DINO's formula."""
 from __future__ import annotations
 
+import csv
 import json
 
 import numpy as np
@@ -99,8 +100,8 @@ def test_cli_knn_json_csv_and_bad_k(pair, tmp_path):
     d = json.loads(r.stdout)
     assert d["protocol"]["k"] == 20 and d["protocol"]["temperature"] == 0.07
     assert all(x["method"] == "knn" and x["k"] == 20 for x in d["layers"])
-    rows = (tmp_path / "k.csv").read_text().splitlines()
-    assert rows[0].startswith("layer,method,c,k,") and rows[1].split(",")[1:4] == ["knn", "", "20"]
+    rows = list(csv.DictReader((tmp_path / "k.csv").open()))
+    assert [(r["method"], r["c"], r["k"]) for r in rows] == [("knn", "", "20")] * 3
     assert_clean_failure(invoke("probe", train, "--test", test, "--method", "knn", "--k", "500"),
                          "larger than the training set")
     assert_clean_failure(invoke("probe", train, "--test", test, "--method", "knn", "--knn-temperature", "0"),

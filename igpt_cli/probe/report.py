@@ -27,17 +27,17 @@ def write_csv(report: ProbeReport | dict, path: str | Path, *, overwrite: bool =
     check_output_path(path, overwrite)
     report = _as_dict(report)
     names = list(report["layers"][0]["per_class_acc"]) if report["layers"] else []
-    cols = ["layer", "method", "c", "k", "val_acc", "test_acc", "n_train", "n_val", "n_test", "dim", "seconds",
-            "model", "site", "sos"] + [f"acc_{n}" for n in names]
+    cols = ["layer", "c", "val_acc", "test_acc", "n_train", "n_val", "n_test", "dim", "seconds",
+            "model", "site", "sos", "method", "k"] + [f"acc_{n}" for n in names]
     with atomic_output(path) as tmp:
         with open(tmp, "w", newline="") as fh:
             w = csv.writer(fh)
             w.writerow(cols)
             for r in report["layers"]:
                 layer = "+".join(map(str, r["layers"])) if r.get("layers") else r["layer"]
-                w.writerow([layer, r.get("method", "linear"), "" if r["c"] is None else repr(r["c"]),
-                            "" if r.get("k") is None else r["k"], f"{r['val_acc']:.6f}", f"{r['test_acc']:.6f}", r["n_train"],
+                w.writerow([layer, "" if r["c"] is None else repr(r["c"]), f"{r['val_acc']:.6f}", f"{r['test_acc']:.6f}", r["n_train"],
                             r["n_val"], r["n_test"], r["dim"], r["seconds"], report.get("model"),
-                            report.get("site"), report.get("sos")]
+                            report.get("site"), report.get("sos"), r.get("method", "linear"),
+                            "" if r.get("k") is None else r["k"]]
                            + ["" if r["per_class_acc"].get(n) is None else f"{r['per_class_acc'][n]:.6f}"
                               for n in names])
