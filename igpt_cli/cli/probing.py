@@ -47,6 +47,9 @@ def probe_command(
         "--method knn: weighted (each neighbour counts exp(similarity / T), DINO) or majority."))] = KnnVote.weighted,
     knn_temperature: Annotated[float, typer.Option("--knn-temperature", metavar="T", help=(
         "--method knn --knn-vote weighted: the temperature T."))] = 0.07,
+    concat: Annotated[bool, typer.Option("--concat", help=(
+        "One probe on the concatenation of the --layer layers (each standardised on its own), reported as one "
+        "row; --save-probes and `igpt predict` concatenate the same layers."))] = False,
 ) -> None:
     """Linear-probe accuracy per layer: features in, per-layer accuracy out.
 
@@ -83,7 +86,7 @@ def probe_command(
                                      on_progress=bar, solver=solver.value, device=device, max_memory=max_memory,
                                      save_probes=save_probes, overwrite=overwrite, dist=dist,
                                      method=method.value, k=k, knn_vote=knn_vote.value,
-                                     knn_temperature=knn_temperature)
+                                     knn_temperature=knn_temperature, concat=concat)
     finally:
         dist.close()
     if not dist.is_main:   # rank 0 alone writes and prints the one report

@@ -96,6 +96,13 @@ def check_compatible(train: FeatureSource, test: FeatureSource, layers: Sequence
         raise InputError(f"{test.path}: class_names do not match {train.path}")
 
 
+def _unit_rows(X: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit L2 norm (zero rows stay zero), float32."""
+    X = np.asarray(X, dtype=np.float32)
+    n = np.linalg.norm(X, axis=1, keepdims=True)
+    return X / np.where(n == 0, 1, n)
+
+
 def _read_layer(src: FeatureSource, layer: int) -> np.ndarray:
     with open_igpt(src.path, FEATURES_FORMAT) as f:
         return read_layer(f, src.path, layer)
@@ -260,7 +267,7 @@ def probe_files(train: str | Path, test: str | Path | None = None, layers: Seque
                 max_memory: int | str | None = None, save_probes: str | Path | None = None,
                 overwrite: bool = False, dist: DistContext | None = None, method: str = "linear",
                 k: int = KNN_K, knn_vote: str = "weighted", knn_temperature: float = KNN_TEMPERATURE,
-                **probe_kw) -> ProbeReport:
+                concat: bool = False, **probe_kw) -> ProbeReport:
     """Probe every requested layer of a features file.
 
     Without `test`, a stratified `test_fraction` of `train` is held out as the test set.
@@ -278,6 +285,11 @@ def probe_files(train: str | Path, test: str | Path | None = None, layers: Seque
     over the ranks (each on its own GPU where there are GPUs), every rank must run the same
     settings, and every rank returns the whole report, equal to one process's; only rank 0
     writes `save_probes`.
+
+    `concat`: ONE probe on the concatenation of the selected layers (at least two), in their order,
+    reported as one `LayerResult` (`layer`: the first, `layers`: all). The linear probe standardises
+    each feature, i.e. each layer on its own; k-NN L2-normalises each layer before concatenating
+    (each layer weighs the same in the cosine). The layers are held in memory (no streaming).
 
     `method` "knn": instead of the linear probe, the k-NN evaluation of each layer (`knn.knn_layer`:
     `k` neighbours, `knn_vote` "weighted" (DINO, `knn_temperature`) or "majority", on `device`).
@@ -304,7 +316,7 @@ def probe_files(train: str | Path, test: str | Path | None = None, layers: Seque
                        test_fraction=test_fraction, seed=seed, jobs=jobs, solver=solver, device=str(device),
                        max_memory=max_memory, save_probes=None if save_probes is None else str(save_probes),
                        overwrite=overwrite, estimator=repr(estimator), method=method, k=k, knn_vote=knn_vote,
-                       knn_temperature=knn_temperature, probe_kw=repr(sorted(probe_kw.items()))),
+                       knn_temperature=knn_temperature, concat=concat, probe_kw=repr(sorted(probe_kw.items()))),
                   "probe settings")
     if estimator is None:
         tol, max_iter = probe_kw.pop("tol", None), probe_kw.pop("max_iter", None)
@@ -319,13 +331,43 @@ def probe_files(train: str | Path, test: str | Path | None = None, layers: Seque
                              auto=auto, max_memory=max_memory, save_probes=save_probes, overwrite=overwrite,
                              n_c=len(probe_kw.get("grid", COARSE_GRID))))
     tr, te, sel = plan["train"], plan["test"], plan["layers"]
+    if concat and len(sel) < 2:
+        raise ParameterError("concat", True, f"needs at least two layers (layers={format_layers(sel)}); "
+                             "name them, e.g. layers=10,12,14")
     tr_idx, te_idx, y_train, y_test, chunks = (plan[k] for k in ("tr_idx", "te_idx", "y_train", "y_test", "chunks"))
     mine = sel[ctx.rank::ctx.world_size] if ctx is not None else sel
+    if concat:   # one probe: rank 0 fits it
+        mine = sel[:1] if ctx is None or ctx.is_main else []
 
-    progress = Reporter(on_progress, "probe", total=len(sel), unit="layer")
+    progress = Reporter(on_progress, "probe", total=1 if concat else len(sel), unit="layer")
     progress_lock = threading.Lock()  # layers finish on worker threads when jobs > 1
 
+    def run_concat() -> LayerResult:
+        parts_tr, parts_te = [], []
+        for l in sel:
+            X = _read_layer(tr, l)
+            Xtr, Xte = (X[tr_idx], X[te_idx]) if te is None else (X, _read_layer(te, l))
+            if method == "knn":
+                Xtr, Xte = _unit_rows(Xtr), _unit_rows(Xte)
+            parts_tr.append(Xtr)
+            parts_te.append(Xte)
+            del X
+        Xtr, Xte = np.concatenate(parts_tr, axis=1), np.concatenate(parts_te, axis=1)
+        del parts_tr, parts_te
+        if method == "knn":
+            r = knn_layer(Xtr, y_train, Xte, y_test, k=k, vote=knn_vote, temperature=knn_temperature,
+                          device=str(dev), layer=sel[0], class_names=tr.class_names)
+        else:
+            r = probe_layer(Xtr, y_train, Xte, y_test, seed, estimator=estimator, layer=sel[0],
+                            class_names=tr.class_names, **probe_kw)
+        r.layers = list(sel)
+        if r.classifier is not None:
+            r.classifier["layers"] = list(sel)
+        return finish(r)
+
     def run_layer(l: int) -> LayerResult:
+        if concat:
+            return run_concat()
         if method == "knn":
             X = _read_layer(tr, l)
             Xtr, Xte = (X[tr_idx], X[te_idx]) if te is None else (X, _read_layer(te, l))
@@ -352,7 +394,7 @@ def probe_files(train: str | Path, test: str | Path | None = None, layers: Seque
 
     def run_mine() -> list[LayerResult]:
         groups = layer_groups(mine, len(y_train) + len(y_test), tr.dims, max_memory) if jobs == 1 and \
-            method == "linear" and fits_layers_at_once(estimator) \
+            method == "linear" and not concat and fits_layers_at_once(estimator) \
             and all(chunks[l] is None for l in mine) else None
         if groups is not None:  # several layers in memory at once: one batched optimisation per group
             return [finish(r) for g in groups
@@ -373,7 +415,7 @@ def probe_files(train: str | Path, test: str | Path | None = None, layers: Seque
         for r in (r for rank, (_, rs) in enumerate(everyone) if rank != ctx.rank for r in rs):
             finish(r)
         by_layer = {r.layer: r for _, rs in everyone for r in rs}
-        results = [by_layer[l] for l in sel]
+        results = [by_layer[l] for l in (sel[:1] if concat else sel)]
         used = ",".join(dict.fromkeys(d for d, _ in everyone))
     wall = time.perf_counter() - t0
 
