@@ -106,3 +106,40 @@ def test_cli_knn_json_csv_and_bad_k(pair, tmp_path):
                          "larger than the training set")
     assert_clean_failure(invoke("probe", train, "--test", test, "--method", "knn", "--knn-temperature", "0"),
                          "--knn-temperature")
+
+
+# ---------------------------------------------------------------------------
+# few-shot linear probes (igpt_cli.probe.fewshot, `igpt probe --shots`)
+# ---------------------------------------------------------------------------
+
+def test_few_shot_draws_and_statistics(data):
+    from igpt_cli.probe import probe_layer
+    from igpt_cli.probe.fewshot import draw_shots, few_shot
+
+    Xtr, ytr, Xte, yte = data
+    out = few_shot(Xtr, ytr, Xte, yte, [5, 1], seeds=3, seed=2)
+    assert [f["shots"] for f in out] == [1, 5]
+    one, five = out
+    assert one["c"] == [1.0] * 3 and "fixed" in one["selection"] and "5-fold" in five["selection"]
+    assert five["test_acc_mean"] == pytest.approx(np.mean(five["test_accs"]))
+    assert five["test_acc_std"] == pytest.approx(np.std(five["test_accs"], ddof=1))
+    # each draw: 5 rows of every class, and the probe on them is the ordinary protocol
+    idx = draw_shots(ytr, 5, 2, 1)
+    assert np.bincount(ytr[idx]).tolist() == [5, 5, 5, 5]
+    assert five["test_accs"][1] == probe_layer(Xtr[idx], ytr[idx], Xte, yte, 2).test_acc
+    assert len({tuple(draw_shots(ytr, 5, 2, s)) for s in range(3)}) == 3   # draws differ
+
+
+def test_cli_few_shot_json_and_too_many_shots(pair):
+    train, test, (ftr, ytr, fte, yte) = pair
+    r = invoke("probe", train, "--test", test, "--layer", "1", "--shots", "1,3", "--seeds", "2", "--json")
+    assert r.exit_code == 0, r.stderr
+    d = json.loads(r.stdout)
+    assert d["protocol"]["few_shot"]["shots"] == [1, 3] and d["protocol"]["few_shot"]["seeds"] == 2
+    (layer,) = d["layers"]
+    assert [f["shots"] for f in layer["few_shot"]] == [1, 3] and all(len(f["test_accs"]) == 2 for f in layer["few_shot"])
+    assert "3-shot" in r.stderr
+    smallest = int(np.bincount(ytr).min())
+    assert_clean_failure(invoke("probe", train, "--test", test, "--shots", f"1,{smallest + 1}"),
+                         "larger than the smallest class")
+    assert_clean_failure(invoke("probe", train, "--test", test, "--shots", "1,x"), "--shots")

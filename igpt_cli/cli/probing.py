@@ -50,6 +50,10 @@ def probe_command(
     concat: Annotated[bool, typer.Option("--concat", help=(
         "One probe on the concatenation of the --layer layers (each standardised on its own), reported as one "
         "row; --save-probes and `igpt predict` concatenate the same layers."))] = False,
+    shots: Annotated[Optional[str], typer.Option("--shots", metavar="N,N,...", help=(
+        "Also few-shot linear probes per layer: N training images per class (e.g. 1,5,10), C by cross-validation "
+        "within the shots (1 shot: C fixed at 1); mean ± std of test accuracy over --seeds draws."))] = None,
+    seeds: Annotated[int, typer.Option("--seeds", help="--shots: draws per shot count.")] = 5,
 ) -> None:
     """Linear-probe accuracy per layer: features in, per-layer accuracy out.
 
@@ -86,7 +90,8 @@ def probe_command(
                                      on_progress=bar, solver=solver.value, device=device, max_memory=max_memory,
                                      save_probes=save_probes, overwrite=overwrite, dist=dist,
                                      method=method.value, k=k, knn_vote=knn_vote.value,
-                                     knn_temperature=knn_temperature, concat=concat)
+                                     knn_temperature=knn_temperature, concat=concat,
+                                     shots=None if shots is None else parse_shots(shots), seeds=seeds)
     finally:
         dist.close()
     if not dist.is_main:   # rank 0 alone writes and prints the one report
@@ -102,6 +107,16 @@ def probe_command(
         write_confusion_plot(d, plot_confusion)
     if as_json:
         typer.echo(json.dumps(d, indent=2, default=str))
+
+
+def parse_shots(text: str) -> list[int]:
+    """"1,5,10" -> [1, 5, 10] (anything else: one line naming --shots)."""
+    from ..errors import ParameterError
+
+    try:
+        return [int(p) for p in text.split(",")]
+    except ValueError:
+        raise ParameterError("shots", text, "must be comma-separated image counts per class, e.g. 1,5,10") from None
 
 
 PREDICT_TABLE_ROWS = 1000  # predict without -o/--json prints at most this many rows (the rest: use -o or --json)

@@ -306,6 +306,11 @@ def render_probe_table(report: dict, console: Console = err) -> None:
     chosen = f"validation: leave-one-out k-NN on {r0['n_val']} training rows" if r0.get("method") == "knn" \
         else f"C chosen on {r0['n_val']} rows ({how})"
     notes = [f"best layer (by validation accuracy): {report['best_layer']}", chosen, f"{report['seconds']:.1f} s"]
+    for r in rows:
+        if r.get("few_shot"):
+            notes.append(f"few-shot, layer {_layer_text(r)}: " + ", ".join(
+                f"{f['shots']}-shot {f['test_acc_mean']:.1%} ± {f['test_acc_std']:.1%}" for f in r["few_shot"])
+                + f" (test accuracy over {r['few_shot'][0]['seeds']} draws)")
     if report["test_mode"] == "held_out":
         notes.append(f"no --test file: a stratified {report['test_fraction']:g} of {Path(report['train']).name} "
                      "is held out as the test set")

@@ -324,6 +324,7 @@ class LayerResult(Result):
     method: str = "linear"       # "linear" (the C-searched logistic probe) or "knn" (c None, k set)
     k: int | None = None         # k-NN: neighbours per vote
     layers: list[int] | None = None   # --concat: the layers concatenated (`layer`: the first of them)
+    few_shot: list[dict] = field(default_factory=list)   # --shots: per shot count, mean/std test accuracy over seeds
 
     # set by `probe_layer`, not part of the report: the chosen classifier (`classifier_arrays`)
     classifier = None

@@ -28,8 +28,9 @@ from ..progress import OnProgress, Reporter
 from ..results import Result
 from ..seeds import check_seed
 from .estimator import DEFAULT_SOLVER, MAX_ITER, TOL, LinearProbe, resolve_probe_device
-from .protocol import (COARSE_GRID, EXTEND_DECADES, FEW_VAL_ROWS, KFOLD_BELOW, REFINE_STEPS, VAL_FRACTION,
+from .protocol import (COARSE_GRID, EXTEND_DECADES, FEW_VAL_ROWS, KFOLD_BELOW, KFOLDS, REFINE_STEPS, VAL_FRACTION,
                        LayerResult, check_labels, fits_layers_at_once, probe_layer, probe_layers, stratified_split)
+from .fewshot import ONE_SHOT_C, check_shots, few_shot
 from .knn import KNN_K, KNN_TEMPERATURE, check_knn, knn_layer
 from .stream import H5Rows, parse_bytes, plan_memory, read_layer
 
@@ -189,7 +190,7 @@ PROVENANCE_ATTRS = ("igpt_version", "model", "model_sha256", "model_config", "si
                     "compute_dtype", "tokens_file", "tokens_sha256")
 
 
-def _protocol(estimator, probe_kw: dict, device: str) -> dict:
+def _protocol(estimator, probe_kw: dict, device: str, shots=None, seeds: int = 5) -> dict:
     if estimator is None or type(estimator) is LinearProbe:
         classifier = "multinomial logistic regression, L2, lbfgs (C * sum CE + 0.5 ||W||^2)"
         tol = estimator.tol if estimator is not None else TOL if probe_kw.get("tol") is None else probe_kw["tol"]
@@ -211,6 +212,12 @@ def _protocol(estimator, probe_kw: dict, device: str) -> dict:
                       f"{KFOLD_BELOW} training rows, else stratified k-fold (max accuracy, ties: lower validation "
                       f"loss, then smaller C); a best C at the grid's edge extends it up to {EXTEND_DECADES} "
                       "decades; refit on full train"),
+        **({} if shots is None else {"few_shot": {
+            "shots": list(shots), "seeds": int(seeds),
+            "draws": "n rows per class without replacement, numpy default_rng([seed, n, draw])",
+            "selection": (f"C by stratified min({KFOLDS}, n)-fold cross-validation within the shots; 1 shot: C "
+                          f"fixed at {ONE_SHOT_C:g}"),
+            "std": "sample standard deviation over seeds (ddof 1)"}}),
     }
 
 
@@ -267,7 +274,8 @@ def probe_files(train: str | Path, test: str | Path | None = None, layers: Seque
                 max_memory: int | str | None = None, save_probes: str | Path | None = None,
                 overwrite: bool = False, dist: DistContext | None = None, method: str = "linear",
                 k: int = KNN_K, knn_vote: str = "weighted", knn_temperature: float = KNN_TEMPERATURE,
-                concat: bool = False, **probe_kw) -> ProbeReport:
+                concat: bool = False, shots: Sequence[int] | None = None, seeds: int = 5,
+                **probe_kw) -> ProbeReport:
     """Probe every requested layer of a features file.
 
     Without `test`, a stratified `test_fraction` of `train` is held out as the test set.
@@ -291,6 +299,10 @@ def probe_files(train: str | Path, test: str | Path | None = None, layers: Seque
     each feature, i.e. each layer on its own; k-NN L2-normalises each layer before concatenating
     (each layer weighs the same in the cosine). The layers are held in memory (no streaming).
 
+    `shots` (e.g. [1, 5, 10]): also few-shot linear probes on each layer (`fewshot.few_shot`: that
+    many training rows per class, `seeds` draws each, mean and std of test accuracy), in each
+    result's `few_shot`. Layers are then held in memory (no streaming).
+
     `method` "knn": instead of the linear probe, the k-NN evaluation of each layer (`knn.knn_layer`:
     `k` neighbours, `knn_vote` "weighted" (DINO, `knn_temperature`) or "majority", on `device`).
     """
@@ -308,6 +320,10 @@ def probe_files(train: str | Path, test: str | Path | None = None, layers: Seque
                                  "(it keeps the training set)")
         if estimator is not None:
             raise ParameterError("estimator", repr(estimator), "is for the linear probe, not method 'knn'")
+    if shots is not None:
+        shots = check_shots(shots, seeds)
+        if method == "knn":
+            raise ParameterError("shots", ",".join(map(str, shots)), "few-shot probes are linear (not method 'knn')")
     dev = resolve_probe_device(device)       # a missing GPU is refused before any work
     if ctx is not None:
         dev = ctx.device_for(dev)            # cuda -> this rank's GPU
@@ -316,7 +332,7 @@ def probe_files(train: str | Path, test: str | Path | None = None, layers: Seque
                        test_fraction=test_fraction, seed=seed, jobs=jobs, solver=solver, device=str(device),
                        max_memory=max_memory, save_probes=None if save_probes is None else str(save_probes),
                        overwrite=overwrite, estimator=repr(estimator), method=method, k=k, knn_vote=knn_vote,
-                       knn_temperature=knn_temperature, concat=concat, probe_kw=repr(sorted(probe_kw.items()))),
+                       knn_temperature=knn_temperature, concat=concat, shots=shots, seeds=seeds, probe_kw=repr(sorted(probe_kw.items()))),
                   "probe settings")
     if estimator is None:
         tol, max_iter = probe_kw.pop("tol", None), probe_kw.pop("max_iter", None)
@@ -331,6 +347,8 @@ def probe_files(train: str | Path, test: str | Path | None = None, layers: Seque
                              auto=auto, max_memory=max_memory, save_probes=save_probes, overwrite=overwrite,
                              n_c=len(probe_kw.get("grid", COARSE_GRID))))
     tr, te, sel = plan["train"], plan["test"], plan["layers"]
+    if shots is not None:
+        check_shots(shots, seeds, plan["y_train"], tr.class_names)
     if concat and len(sel) < 2:
         raise ParameterError("concat", True, f"needs at least two layers (layers={format_layers(sel)}); "
                              "name them, e.g. layers=10,12,14")
@@ -363,7 +381,13 @@ def probe_files(train: str | Path, test: str | Path | None = None, layers: Seque
         r.layers = list(sel)
         if r.classifier is not None:
             r.classifier["layers"] = list(sel)
-        return finish(r)
+        return finish(with_few_shot(r, Xtr, Xte))
+
+    def with_few_shot(r: LayerResult, Xtr, Xte) -> LayerResult:
+        if shots is not None:
+            r.few_shot = few_shot(Xtr, y_train, Xte, y_test, shots, seeds, seed, estimator=estimator,
+                                  class_names=tr.class_names, **probe_kw)
+        return r
 
     def run_layer(l: int) -> LayerResult:
         if concat:
@@ -373,7 +397,7 @@ def probe_files(train: str | Path, test: str | Path | None = None, layers: Seque
             Xtr, Xte = (X[tr_idx], X[te_idx]) if te is None else (X, _read_layer(te, l))
             return finish(knn_layer(Xtr, y_train, Xte, y_test, k=k, vote=knn_vote, temperature=knn_temperature,
                                     device=str(dev), layer=l, class_names=tr.class_names))
-        if chunks[l] is not None:       # out of core: the rows stay in the file
+        if chunks[l] is not None and shots is None:       # out of core: the rows stay in the file
             X = H5Rows(tr.path, l, chunks[l])
             X, Xte = (X.take(tr_idx), X.take(te_idx)) if te is None else (X, H5Rows(te.path, l, chunks[l]))
             return finish(probe_layer(X, y_train, Xte, y_test, seed, estimator=estimator, layer=l,
@@ -384,8 +408,8 @@ def probe_files(train: str | Path, test: str | Path | None = None, layers: Seque
             del X
         else:
             Xtr, Xte = X, _read_layer(te, l)
-        return finish(probe_layer(Xtr, y_train, Xte, y_test, seed, estimator=estimator, layer=l,
-                                  class_names=tr.class_names, **probe_kw))
+        return finish(with_few_shot(probe_layer(Xtr, y_train, Xte, y_test, seed, estimator=estimator, layer=l,
+                                                class_names=tr.class_names, **probe_kw), Xtr, Xte))
 
     def finish(r: LayerResult) -> LayerResult:
         with progress_lock:
@@ -394,7 +418,7 @@ def probe_files(train: str | Path, test: str | Path | None = None, layers: Seque
 
     def run_mine() -> list[LayerResult]:
         groups = layer_groups(mine, len(y_train) + len(y_test), tr.dims, max_memory) if jobs == 1 and \
-            method == "linear" and not concat and fits_layers_at_once(estimator) \
+            method == "linear" and not concat and shots is None and fits_layers_at_once(estimator) \
             and all(chunks[l] is None for l in mine) else None
         if groups is not None:  # several layers in memory at once: one batched optimisation per group
             return [finish(r) for g in groups
@@ -431,7 +455,7 @@ def probe_files(train: str | Path, test: str | Path | None = None, layers: Seque
         test_tokens_file=te.attrs.get("tokens_file") if te is not None else None,
         class_names=tr.class_names,
         protocol=_knn_protocol(k, knn_vote, knn_temperature, used) if method == "knn" else
-        _protocol(estimator, probe_kw, used),
+        _protocol(estimator, probe_kw, used, shots, seeds),
         best_layer=best.layer if best else None,
         best_test_layer=best_test.layer if best_test else None,
         not_converged_fits=int(sum(r.not_converged_fits for r in results)),
