@@ -5,7 +5,12 @@ pooling and layers), holds out a stratified test split when there is no test fil
 `probe_layer` on every requested layer (one layer in memory at a time, or `jobs` layers
 in parallel threads; with the torch solver and `jobs` 1, as many layers as fit in memory
 together in one batched optimisation, `probe_layers`) and reports each finished layer as
-a progress event.
+a progress event. With `method="knn"` each layer is evaluated by `knn.knn_layer` instead;
+`concat` probes the layers' concatenation as one; `shots` adds few-shot probes per layer.
+
+The module is long (over 420 lines) because `probe_files` is one plan shared by every way of
+running the layers (in memory, streamed, grouped, threaded, over torchrun ranks, k-NN,
+concatenated, few-shot), and splitting it would pass that plan's dozen values around.
 """
 from __future__ import annotations
 
