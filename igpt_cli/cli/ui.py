@@ -305,7 +305,8 @@ def render_probe_table(report: dict, console: Console = err) -> None:
         f"{r0['selection']} cross-validation"
     chosen = f"validation: leave-one-out k-NN on {r0['n_val']} training rows" if r0.get("method") == "knn" \
         else f"C chosen on {r0['n_val']} rows ({how})"
-    notes = [f"best layer (by validation accuracy): {report['best_layer']}", chosen, f"{report['seconds']:.1f} s"]
+    best = next((_layer_text(r) for r in rows if r["layer"] == report["best_layer"]), report["best_layer"])
+    notes = [f"best layer (by validation accuracy): {best}", chosen, f"{report['seconds']:.1f} s"]
     for r in rows:
         if r.get("few_shot"):
             notes.append(f"few-shot, layer {_layer_text(r)}: " + ", ".join(
