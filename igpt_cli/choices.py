@@ -60,6 +60,18 @@ class StoreDtype(str, Enum):
     float16 = "float16"
 
 
+class ProbeMethod(str, Enum):
+    """How `igpt probe` evaluates a layer: a linear probe, or k-nearest neighbours (DINO's k-NN)."""
+    linear = "linear"
+    knn = "knn"
+
+
+class KnnVote(str, Enum):
+    """The k-NN vote: weighted by exp(similarity / temperature) (DINO), or one vote per neighbour."""
+    weighted = "weighted"
+    majority = "majority"
+
+
 class ProbeSolver(str, Enum):
     """The probe's solver of scikit-learn's logistic-regression objective (`igpt_cli.probe.estimator`)."""
     auto = "auto"
@@ -81,4 +93,6 @@ POOLS = values(Pool)
 DTYPE_CHOICES = values(ComputeDtype)
 STORE_DTYPES = values(StoreDtype)
 PROBE_SOLVERS = values(ProbeSolver)
+PROBE_METHODS = values(ProbeMethod)
+KNN_VOTES = values(KnnVote)
 DEVICES = ("auto", "cpu", "cuda", "mps")  # plus "cuda:N": a string option, not an Enum

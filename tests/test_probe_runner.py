@@ -495,3 +495,30 @@ def test_small_data_is_said(pair):
     assert d["layers"][0]["selection"] == "5-fold" and d["layers"][0]["n_val"] == 240
     assert any("5-fold cross-validation over the 240 training rows" in w for w in d["warnings"])
     assert "warning: C chosen by stratified 5-fold" in " ".join(r.stderr.split())
+
+
+def test_torchrun_concat_and_knn_equal_one_process(five_layers, tmp_path):
+    """--concat (one probe, fitted by rank 0) and --method knn (layers over ranks) under 2 ranks: the same
+    report as one process."""
+    _, _, (train, test) = five_layers
+    for extra in (["--layer", "1,3", "--concat"], ["--method", "knn", "--k", "5"]):
+        args = [train, "--test", test, "--json", "-q", "--device", "cpu", *extra]
+        r, one = _torchrun_probe(2, *args), invoke("probe", *args)   # 2 ranks; one process (in this one)
+        assert r.returncode == 0 and one.exit_code == 0, r.stderr
+        docs = [json.loads(one.stdout), json.loads(r.stdout)]
+        assert _without_timing(docs[0]) == _without_timing(docs[1])
+    assert [x["layers"] for x in docs[0]["layers"]] == [None] * 5 and docs[0]["protocol"]["method"] == "knn"
+
+
+def test_knn_on_concatenated_layers(pair):
+    """k-NN with --concat: each layer L2-normalised, then concatenated (each weighs the same in the cosine)."""
+    from sklearn.neighbors import KNeighborsClassifier
+
+    train, test = pair
+    rep = probe_files(train, test, ["0", "1"], method="knn", k=5, knn_vote="majority", concat=True)
+    (r,) = rep.layers
+    with h5py.File(train) as a, h5py.File(test) as b:
+        unit = lambda f: np.concatenate([f[f"features/{l}"][()] / np.linalg.norm(f[f"features/{l}"][()], axis=1,
+                                                                                  keepdims=True) for l in (0, 1)], 1)  # noqa: E731
+        ref = KNeighborsClassifier(n_neighbors=5, metric="cosine", algorithm="brute").fit(unit(a), a["labels"][()])
+        assert r.layers == [0, 1] and r.test_acc == pytest.approx(ref.score(unit(b), b["labels"][()]))

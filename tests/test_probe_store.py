@@ -207,3 +207,37 @@ def test_predictions_carry_sources_and_print_a_table(files, saved, tmp_path):
     lines = [line for line in r.stdout.splitlines() if "img" in line]
     assert len(lines) == 200 and "img199" in lines[-1]
     assert any(name in lines[0] for name in ("cat", "dog", "ship"))
+
+
+# ---------------------------------------------------------------------------
+# --concat: one probe on several layers
+# ---------------------------------------------------------------------------
+
+def test_concat_equals_a_probe_on_the_standardised_concatenation(tmp_path):
+    from igpt_cli.probe import probe_layer, standardize
+
+    ftr, ytr = make_data(151, d=6, seed=0)
+    fte, yte = make_data(61, d=6, seed=1)
+    train, test = write_features(tmp_path / "tr.h5", ftr, ytr), write_features(tmp_path / "te.h5", fte, yte)
+    rep = probe_files(train, test, ["2", "0"], concat=True, device="cpu", save_probes=tmp_path / "p.h5")
+    (r,) = rep.layers
+    assert r.layers == [0, 2] and r.layer == 0 and r.dim == 12 and rep.best_layer == 0   # in increasing order
+    # reference: each layer standardised with its own train statistics, concatenated, probed as one layer
+    parts = [standardize(ftr[l], fte[l]) for l in (0, 2)]
+    ref = probe_layer(np.concatenate([p[0] for p in parts], 1), ytr, np.concatenate([p[1] for p in parts], 1), yte)
+    assert r.c == pytest.approx(ref.c, rel=1e-6) and r.test_acc == ref.test_acc and r.val_acc == ref.val_acc
+    # predict concatenates the same layers in the same order and reproduces the test accuracy
+    _, probes = load_probes(tmp_path / "p.h5")
+    assert sorted(probes) == [0] and probes[0].layers == [0, 2]
+    pred = predict_file(test, tmp_path / "p.h5")
+    assert pred.layer == 0 and pred.accuracy == r.test_acc
+    # features without one of the layers: one line
+    write_features(tmp_path / "te2.h5", {0: fte[0], 1: fte[1]}, yte)
+    with pytest.raises(InputError, match="no layer 2"):
+        predict_file(tmp_path / "te2.h5", tmp_path / "p.h5")
+
+
+def test_cli_concat_with_one_layer_is_refused(files, tmp_path):
+    train, test = files
+    r = invoke("probe", train, "--test", test, "--layer", "1", "--concat", "--csv", tmp_path / "c.csv")
+    assert_clean_failure(r, "--concat", tmp_path / "c.csv")

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..choices import ProbeSolver
+from ..choices import KnnVote, ProbeMethod, ProbeSolver
 from ..errors import InputError
 from .options import LAYERS_METAVAR, Device, LayerSpec, Overwrite, Quiet, out_option
 from .ui import ProgressBar, handles_input_errors, maybe_bar, probe_layer_line, render_probe_table
@@ -39,6 +39,21 @@ def probe_command(
         "Save each layer's chosen classifier (standardisation, weights, C, classes) for `igpt predict`."))] = None,
     plot_confusion: Annotated[Optional[Path], typer.Option("--plot-confusion", metavar="<out.png>", help=(
         "Picture of the test confusion matrix of the best layer (or of the one --layer names)."))] = None,
+    method: Annotated[ProbeMethod, typer.Option("--method", help=(
+        "linear: the logistic-regression probe (C searched); knn: k-nearest neighbours on cosine similarity "
+        "(DINO's evaluation; no training)."))] = ProbeMethod.linear,
+    k: Annotated[int, typer.Option("--k", help="--method knn: neighbours per vote.")] = 20,
+    knn_vote: Annotated[KnnVote, typer.Option("--knn-vote", help=(
+        "--method knn: weighted (each neighbour counts exp(similarity / T), DINO) or majority."))] = KnnVote.weighted,
+    knn_temperature: Annotated[float, typer.Option("--knn-temperature", metavar="T", help=(
+        "--method knn --knn-vote weighted: the temperature T."))] = 0.07,
+    concat: Annotated[bool, typer.Option("--concat", help=(
+        "One probe on the concatenation of the --layer layers (each standardised on its own), reported as one "
+        "row; --save-probes and `igpt predict` concatenate the same layers."))] = False,
+    shots: Annotated[Optional[str], typer.Option("--shots", metavar="N,N,...", help=(
+        "Also few-shot linear probes per layer: N training images per class (e.g. 1,5,10), C by cross-validation "
+        "within the shots (1 shot: C fixed at 1); mean ± std of test accuracy over --seeds draws."))] = None,
+    seeds: Annotated[int, typer.Option("--seeds", help="--shots: draws per shot count.")] = 5,
 ) -> None:
     """Linear-probe accuracy per layer: features in, per-layer accuracy out.
 
@@ -73,7 +88,10 @@ def probe_command(
             with maybe_bar(bar):
                 report = probe_files(train, test, layers, test_fraction=test_fraction, seed=seed, jobs=jobs,
                                      on_progress=bar, solver=solver.value, device=device, max_memory=max_memory,
-                                     save_probes=save_probes, overwrite=overwrite, dist=dist)
+                                     save_probes=save_probes, overwrite=overwrite, dist=dist,
+                                     method=method.value, k=k, knn_vote=knn_vote.value,
+                                     knn_temperature=knn_temperature, concat=concat,
+                                     shots=None if shots is None else parse_shots(shots), seeds=seeds)
     finally:
         dist.close()
     if not dist.is_main:   # rank 0 alone writes and prints the one report
@@ -89,6 +107,16 @@ def probe_command(
         write_confusion_plot(d, plot_confusion)
     if as_json:
         typer.echo(json.dumps(d, indent=2, default=str))
+
+
+def parse_shots(text: str) -> list[int]:
+    """"1,5,10" -> [1, 5, 10] (anything else: one line naming --shots)."""
+    from ..errors import ParameterError
+
+    try:
+        return [int(p) for p in text.split(",")]
+    except ValueError:
+        raise ParameterError("shots", text, "must be comma-separated image counts per class, e.g. 1,5,10") from None
 
 
 PREDICT_TABLE_ROWS = 1000  # predict without -o/--json prints at most this many rows (the rest: use -o or --json)

@@ -310,8 +310,19 @@ def launched_run(quiet: bool):
 
 # --- tables --------------------------------------------------------------------------------
 def probe_layer_line(r, console: Console) -> None:
-    console.print(f"layer {r.layer}: val {r.val_acc:.2%} (C={r.c:.3g}) test {r.test_acc:.2%} "
+    console.print(f"layer {_layer_text(r.to_dict())}: val {r.val_acc:.2%} ({_hyper_text(r.to_dict())}) "
+                  f"test {r.test_acc:.2%} "
                   f"[{r.seconds:.1f} s]", highlight=False, soft_wrap=True)
+
+
+def _layer_text(r: dict) -> str:
+    """A result's layer, or its concatenated layers ("10+12+14")."""
+    return "+".join(map(str, r["layers"])) if r.get("layers") else str(r["layer"])
+
+
+def _hyper_text(r: dict) -> str:
+    """What was chosen or set for a result: C (linear probe) or k (k-NN)."""
+    return f"k={r['k']}" if r.get("method") == "knn" else f"C={r['c']:.3g}"
 
 
 def _ci_text(ci) -> str:
@@ -330,11 +341,12 @@ def render_probe_table(report: dict, console: Console = err) -> None:
     width = max(4, min(30, console.width - 86))  # the bar gives way on a narrow terminal, never the numbers
     held = "held-out {:.0%} of train".format(report["test_fraction"]) if report["test_mode"] == "held_out" \
         else Path(report["test"]).name
-    title = f"linear probe · {report.get('model')} · site={report.get('site')} · test: {held}"
+    method = "k-NN" if report.get("protocol", {}).get("method") == "knn" else "linear probe"
+    title = f"{method} · {report.get('model')} · site={report.get('site')} · test: {held}"
     t = Table(title=title, title_justify="left")
     t.add_column("layer", justify="right")
     t.add_column("val acc", justify="right")
-    t.add_column("C", justify="right")
+    t.add_column("C / k", justify="right")
     t.add_column("test acc", justify="right")
     t.add_column("95 % CI", justify="right")
     t.add_column("passes", justify="right")
@@ -346,15 +358,22 @@ def render_probe_table(report: dict, console: Console = err) -> None:
         is_best = r["layer"] == report["best_layer"]
         style = "bold green" if is_best else None
         bar = Text("█" * n, style="green" if is_best else "cyan")
-        t.add_row(str(r["layer"]) + (" ★" if is_best else ""), f"{r['val_acc']:.2%}", f"{r['c']:.3g}",
+        t.add_row(_layer_text(r) + (" ★" if is_best else ""), f"{r['val_acc']:.2%}", _hyper_text(r),
                   f"{r['test_acc']:.2%}", _ci_text(r.get("test_acc_ci")), str(r.get("n_passes", "")),
                   f"{r['seconds']:.1f}", bar, style=style)
     console.print(t)
     r0 = rows[0]
     how = "a 10 % validation split" if r0.get("selection", "holdout") == "holdout" else \
         f"{r0['selection']} cross-validation"
-    notes = [f"best layer (by validation accuracy): {report['best_layer']}",
-             f"C chosen on {r0['n_val']} rows ({how})", f"{report['seconds']:.1f} s"]
+    chosen = f"validation: leave-one-out k-NN on {r0['n_val']} training rows" if r0.get("method") == "knn" \
+        else f"C chosen on {r0['n_val']} rows ({how})"
+    best = next((_layer_text(r) for r in rows if r["layer"] == report["best_layer"]), report["best_layer"])
+    notes = [f"best layer (by validation accuracy): {best}", chosen, f"{report['seconds']:.1f} s"]
+    for r in rows:
+        if r.get("few_shot"):
+            notes.append(f"few-shot, layer {_layer_text(r)}: " + ", ".join(
+                f"{f['shots']}-shot {f['test_acc_mean']:.1%} ± {f['test_acc_std']:.1%}" for f in r["few_shot"])
+                + f" (test accuracy over {r['few_shot'][0]['seeds']} draws)")
     if report["test_mode"] == "held_out":
         notes.append(f"no --test file: a stratified {report['test_fraction']:g} of {Path(report['train']).name} "
                      "is held out as the test set")

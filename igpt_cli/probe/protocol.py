@@ -321,6 +321,10 @@ class LayerResult(Result):
     confusion: list[list[int]] = field(default_factory=list)  # [true class][predicted class] counts on test
     selection: str = "holdout"   # how C was chosen: "holdout" (10 % validation split) or "5-fold"
     c_at_edge: bool = False      # the chosen C is at an edge of the (extended) grid: the optimum may lie beyond
+    method: str = "linear"       # "linear" (the C-searched logistic probe) or "knn" (c None, k set)
+    k: int | None = None         # k-NN: neighbours per vote
+    layers: list[int] | None = None   # --concat: the layers concatenated (`layer`: the first of them)
+    few_shot: list[dict] = field(default_factory=list)   # --shots: per shot count, mean/std test accuracy over seeds
 
     # set by `probe_layer`, not part of the report: the chosen classifier (`classifier_arrays`)
     classifier = None
@@ -362,6 +366,30 @@ def _layer_result(layer: int, search: CSearch, final, pred: np.ndarray, y_train:
                   selection: str = "holdout") -> LayerResult:
     """The LayerResult of a finished search and final fit (test predictions `pred`), with its classifier."""
     best = search.best
+    correct = pred == y_test
+    per_class, confusion = _per_class_and_confusion(pred, y_train, y_test, class_names)
+    result = LayerResult(
+        layer=int(layer), c=float(best["c"]), val_acc=float(best["val_acc"]),
+        test_acc=float(correct.mean()) if len(correct) else float("nan"),
+        per_class_acc=per_class, n_train=int(len(y_train)), n_val=int(n_val),
+        n_test=int(len(y_test)), dim=int(dim), seconds=round(seconds, 3),
+        n_iter=_n_iter(final), converged=_converged(final),
+        not_converged_fits=search.not_converged + (not _converged(final)),
+        evals=sum(_n_iter(f) for f in search.fits.values()) + _n_iter(final),
+        c_search=sorted(search.entries, key=lambda r: r["c"]),
+        n_passes=search.passes + _n_iter(final),
+        test_acc_ci=wilson_interval(int(correct.sum()), len(correct)), confusion=confusion,
+        selection=selection, c_at_edge=search.at_edge,
+    )
+    result.classifier = dict(mean=mean, scale=scale, coef=np.asarray(final.coef_),
+                             intercept=np.asarray(final.intercept_),
+                             classes=np.asarray(final.classes_), c=float(best["c"]))
+    return result
+
+
+def _per_class_and_confusion(pred: np.ndarray, y_train: np.ndarray, y_test: np.ndarray,
+                             class_names) -> tuple[dict[str, float | None], list[list[int]]]:
+    """Test accuracy per class (None: no test rows of it) and the [true][predicted] confusion counts."""
     classes = np.unique(y_train)
     correct = pred == y_test
     names = list(class_names) if class_names else []
@@ -373,23 +401,7 @@ def _layer_result(layer: int, search: CSearch, final, pred: np.ndarray, y_train:
     n_cls = int(max(len(names), int(y_test.max(initial=-1)) + 1, int(classes.max()) + 1))
     confusion = np.zeros((n_cls, n_cls), dtype=np.int64)
     np.add.at(confusion, (y_test, pred.astype(np.int64)), 1)
-    result = LayerResult(
-        layer=int(layer), c=float(best["c"]), val_acc=float(best["val_acc"]),
-        test_acc=float(correct.mean()) if len(correct) else float("nan"),
-        per_class_acc=per_class, n_train=int(len(y_train)), n_val=int(n_val),
-        n_test=int(len(y_test)), dim=int(dim), seconds=round(seconds, 3),
-        n_iter=_n_iter(final), converged=_converged(final),
-        not_converged_fits=search.not_converged + (not _converged(final)),
-        evals=sum(_n_iter(f) for f in search.fits.values()) + _n_iter(final),
-        c_search=sorted(search.entries, key=lambda r: r["c"]),
-        n_passes=search.passes + _n_iter(final),
-        test_acc_ci=wilson_interval(int(correct.sum()), len(correct)), confusion=confusion.tolist(),
-        selection=selection, c_at_edge=search.at_edge,
-    )
-    result.classifier = dict(mean=mean, scale=scale, coef=np.asarray(final.coef_),
-                             intercept=np.asarray(final.intercept_),
-                             classes=np.asarray(final.classes_), c=float(best["c"]))
-    return result
+    return per_class, confusion.tolist()
 
 
 def choose_c(estimator, X_train, y_train: np.ndarray, seed: int, grid: Sequence[float] = COARSE_GRID,

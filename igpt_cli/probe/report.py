@@ -28,14 +28,16 @@ def write_csv(report: ProbeReport | dict, path: str | Path, *, overwrite: bool =
     report = _as_dict(report)
     names = list(report["layers"][0]["per_class_acc"]) if report["layers"] else []
     cols = ["layer", "c", "val_acc", "test_acc", "n_train", "n_val", "n_test", "dim", "seconds",
-            "model", "site", "sos"] + [f"acc_{n}" for n in names]
+            "model", "site", "sos", "method", "k"] + [f"acc_{n}" for n in names]
     with atomic_output(path) as tmp:
         with open(tmp, "w", newline="") as fh:
             w = csv.writer(fh)
             w.writerow(cols)
             for r in report["layers"]:
-                w.writerow([r["layer"], repr(r["c"]), f"{r['val_acc']:.6f}", f"{r['test_acc']:.6f}", r["n_train"],
+                layer = "+".join(map(str, r["layers"])) if r.get("layers") else r["layer"]
+                w.writerow([layer, "" if r["c"] is None else repr(r["c"]), f"{r['val_acc']:.6f}", f"{r['test_acc']:.6f}", r["n_train"],
                             r["n_val"], r["n_test"], r["dim"], r["seconds"], report.get("model"),
-                            report.get("site"), report.get("sos")]
+                            report.get("site"), report.get("sos"), r.get("method", "linear"),
+                            "" if r.get("k") is None else r["k"]]
                            + ["" if r["per_class_acc"].get(n) is None else f"{r['per_class_acc'][n]:.6f}"
                               for n in names])

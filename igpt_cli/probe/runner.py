@@ -5,7 +5,12 @@ pooling and layers), holds out a stratified test split when there is no test fil
 `probe_layer` on every requested layer (one layer in memory at a time, or `jobs` layers
 in parallel threads; with the torch solver and `jobs` 1, as many layers as fit in memory
 together in one batched optimisation, `probe_layers`) and reports each finished layer as
-a progress event.
+a progress event. With `method="knn"` each layer is evaluated by `knn.knn_layer` instead;
+`concat` probes the layers' concatenation as one; `shots` adds few-shot probes per layer.
+
+The module is long (over 420 lines) because `probe_files` is one plan shared by every way of
+running the layers (in memory, streamed, grouped, threaded, over torchrun ranks, k-NN,
+concatenated, few-shot), and splitting it would pass that plan's dozen values around.
 """
 from __future__ import annotations
 
@@ -20,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 
 from .. import formats
-from ..choices import PROBE_SOLVERS
+from ..choices import PROBE_METHODS, PROBE_SOLVERS
 from ..errors import InputError, ParameterError, check_choice, check_positive
 from ..formats import FEATURES_FORMAT, check_complete_features, feature_layers, open_igpt
 from ..layers import format_layers, parse_layers
@@ -28,8 +33,10 @@ from ..progress import OnProgress, Reporter
 from ..results import Result
 from ..seeds import check_seed
 from .estimator import DEFAULT_SOLVER, MAX_ITER, TOL, LinearProbe, resolve_probe_device
-from .protocol import (COARSE_GRID, EXTEND_DECADES, FEW_VAL_ROWS, KFOLD_BELOW, REFINE_STEPS, VAL_FRACTION,
+from .protocol import (COARSE_GRID, EXTEND_DECADES, FEW_VAL_ROWS, KFOLD_BELOW, KFOLDS, REFINE_STEPS, VAL_FRACTION,
                        LayerResult, check_labels, fits_layers_at_once, probe_layer, probe_layers, stratified_split)
+from .fewshot import ONE_SHOT_C, check_shots, few_shot
+from .knn import KNN_K, KNN_TEMPERATURE, check_knn, knn_layer
 from .stream import H5Rows, parse_bytes, plan_memory, read_layer
 
 if TYPE_CHECKING:
@@ -93,6 +100,13 @@ def check_compatible(train: FeatureSource, test: FeatureSource, layers: Sequence
             raise InputError(f"{test.path}: layer {l} has {test.dims[l]} dims, {train.path} has {train.dims[l]}")
     if train.class_names and test.class_names and train.class_names != test.class_names:
         raise InputError(f"{test.path}: class_names do not match {train.path}")
+
+
+def _unit_rows(X: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit L2 norm (zero rows stay zero), float32."""
+    X = np.asarray(X, dtype=np.float32)
+    n = np.linalg.norm(X, axis=1, keepdims=True)
+    return X / np.where(n == 0, 1, n)
 
 
 def _read_layer(src: FeatureSource, layer: int) -> np.ndarray:
@@ -181,7 +195,7 @@ PROVENANCE_ATTRS = ("igpt_version", "model", "model_sha256", "model_config", "si
                     "compute_dtype", "tokens_file", "tokens_sha256")
 
 
-def _protocol(estimator, probe_kw: dict, device: str) -> dict:
+def _protocol(estimator, probe_kw: dict, device: str, shots=None, seeds: int = 5) -> dict:
     if estimator is None or type(estimator) is LinearProbe:
         classifier = "multinomial logistic regression, L2, lbfgs (C * sum CE + 0.5 ||W||^2)"
         tol = estimator.tol if estimator is not None else TOL if probe_kw.get("tol") is None else probe_kw["tol"]
@@ -189,6 +203,7 @@ def _protocol(estimator, probe_kw: dict, device: str) -> dict:
         classifier, tol = repr(estimator), estimator.get_params().get("tol")
     params = estimator.get_params() if estimator is not None else {}
     return {
+        "method": "linear",
         "solver": params.get("solver"),
         "device": device,
         "ci_method": "wilson (95 %)",
@@ -202,6 +217,27 @@ def _protocol(estimator, probe_kw: dict, device: str) -> dict:
                       f"{KFOLD_BELOW} training rows, else stratified k-fold (max accuracy, ties: lower validation "
                       f"loss, then smaller C); a best C at the grid's edge extends it up to {EXTEND_DECADES} "
                       "decades; refit on full train"),
+        **({} if shots is None else {"few_shot": {
+            "shots": list(shots), "seeds": int(seeds),
+            "draws": "n rows per class without replacement, numpy default_rng([seed, n, draw])",
+            "selection": (f"C by stratified min({KFOLDS}, n)-fold cross-validation within the shots; 1 shot: C "
+                          f"fixed at {ONE_SHOT_C:g}"),
+            "std": "sample standard deviation over seeds (ddof 1)"}}),
+    }
+
+
+def _knn_protocol(k: int, vote: str, temperature: float, device: str) -> dict:
+    return {
+        "method": "knn",
+        "device": device,
+        "ci_method": "wilson (95 %)",
+        "similarity": "cosine (L2-normalised features)",
+        "k": int(k),
+        "vote": vote,
+        "temperature": float(temperature) if vote == "weighted" else None,
+        "classifier": (f"{k}-NN, vote weighted by exp(similarity / {temperature:g}) (DINO)" if vote == "weighted"
+                       else f"{k}-NN, majority vote (ties: the smaller class id)"),
+        "selection": "none (k is given); val_acc: leave-one-out k-NN accuracy on the training rows",
     }
 
 
@@ -209,12 +245,12 @@ def report_warnings(results: Sequence[LayerResult]) -> list[str]:
     """Sentences for what makes a report's numbers less certain: few rows to choose C on, a C at the
     edge of the grid."""
     out = []
-    kfold = sorted({r.selection for r in results if r.selection != "holdout"})
+    kfold = sorted({r.selection for r in results if r.selection not in ("holdout", "leave-one-out")})
     if kfold:
         n = min(r.n_train for r in results)
         out.append(f"C chosen by stratified {'/'.join(kfold)} cross-validation over the {n} training rows "
                    f"(fewer than {KFOLD_BELOW}: a 10 % validation split would be too small)")
-    few = [r for r in results if r.n_val < FEW_VAL_ROWS]
+    few = [r for r in results if r.n_val < FEW_VAL_ROWS and r.method == "linear"]
     if few:
         out.append(f"only {min(r.n_val for r in few)} rows validated C: its choice, and the probabilities, are "
                    f"uncertain (at least {FEW_VAL_ROWS} labelled training rows make it meaningful)")
@@ -241,7 +277,9 @@ def probe_files(train: str | Path, test: str | Path | None = None, layers: Seque
                 test_fraction: float = 0.2, seed: int = 0, jobs: int = 1, estimator=None,
                 on_progress: OnProgress | None = None, solver: str = "auto", device: str = "auto",
                 max_memory: int | str | None = None, save_probes: str | Path | None = None,
-                overwrite: bool = False, dist: DistContext | None = None,
+                overwrite: bool = False, dist: DistContext | None = None, method: str = "linear",
+                k: int = KNN_K, knn_vote: str = "weighted", knn_temperature: float = KNN_TEMPERATURE,
+                concat: bool = False, shots: Sequence[int] | None = None, seeds: int = 5,
                 **probe_kw) -> ProbeReport:
     """Probe every requested layer of a features file.
 
@@ -260,6 +298,18 @@ def probe_files(train: str | Path, test: str | Path | None = None, layers: Seque
     over the ranks (each on its own GPU where there are GPUs), every rank must run the same
     settings, and every rank returns the whole report, equal to one process's; only rank 0
     writes `save_probes`.
+
+    `concat`: ONE probe on the concatenation of the selected layers (at least two), in their order,
+    reported as one `LayerResult` (`layer`: the first, `layers`: all). The linear probe standardises
+    each feature, i.e. each layer on its own; k-NN L2-normalises each layer before concatenating
+    (each layer weighs the same in the cosine). The layers are held in memory (no streaming).
+
+    `shots` (e.g. [1, 5, 10]): also few-shot linear probes on each layer (`fewshot.few_shot`: that
+    many training rows per class, `seeds` draws each, mean and std of test accuracy), in each
+    result's `few_shot`. Layers are then held in memory (no streaming).
+
+    `method` "knn": instead of the linear probe, the k-NN evaluation of each layer (`knn.knn_layer`:
+    `k` neighbours, `knn_vote` "weighted" (DINO, `knn_temperature`) or "majority", on `device`).
     """
     ctx = dist if dist is not None and dist.active else None
     check_positive("jobs", jobs, allow_none=False)
@@ -267,6 +317,18 @@ def probe_files(train: str | Path, test: str | Path | None = None, layers: Seque
     max_memory = parse_bytes(max_memory)
     if estimator is None:
         solver = check_choice("solver", solver, PROBE_SOLVERS)
+    method = check_choice("method", method, PROBE_METHODS)
+    if method == "knn":
+        check_knn(k, knn_vote, knn_temperature)
+        if save_probes is not None:
+            raise ParameterError("save_probes", str(save_probes), "saved probes are linear probes; k-NN has none "
+                                 "(it keeps the training set)")
+        if estimator is not None:
+            raise ParameterError("estimator", repr(estimator), "is for the linear probe, not method 'knn'")
+    if shots is not None:
+        shots = check_shots(shots, seeds)
+        if method == "knn":
+            raise ParameterError("shots", ",".join(map(str, shots)), "few-shot probes are linear (not method 'knn')")
     dev = resolve_probe_device(device)       # a missing GPU is refused before any work
     if ctx is not None:
         dev = ctx.device_for(dev)            # cuda -> this rank's GPU
@@ -274,7 +336,8 @@ def probe_files(train: str | Path, test: str | Path | None = None, layers: Seque
         ctx.agree(dict(train=str(train), test=None if test is None else str(test), layers=layers,
                        test_fraction=test_fraction, seed=seed, jobs=jobs, solver=solver, device=str(device),
                        max_memory=max_memory, save_probes=None if save_probes is None else str(save_probes),
-                       overwrite=overwrite, estimator=repr(estimator), probe_kw=repr(sorted(probe_kw.items()))),
+                       overwrite=overwrite, estimator=repr(estimator), method=method, k=k, knn_vote=knn_vote,
+                       knn_temperature=knn_temperature, concat=concat, shots=shots, seeds=seeds, probe_kw=repr(sorted(probe_kw.items()))),
                   "probe settings")
     if estimator is None:
         tol, max_iter = probe_kw.pop("tol", None), probe_kw.pop("max_iter", None)
@@ -289,14 +352,57 @@ def probe_files(train: str | Path, test: str | Path | None = None, layers: Seque
                              auto=auto, max_memory=max_memory, save_probes=save_probes, overwrite=overwrite,
                              n_c=len(probe_kw.get("grid", COARSE_GRID))))
     tr, te, sel = plan["train"], plan["test"], plan["layers"]
+    if shots is not None:
+        check_shots(shots, seeds, plan["y_train"], tr.class_names)
+    if concat and len(sel) < 2:
+        raise ParameterError("concat", True, f"needs at least two layers (layers={format_layers(sel)}); "
+                             "name them, e.g. layers=10,12,14")
     tr_idx, te_idx, y_train, y_test, chunks = (plan[k] for k in ("tr_idx", "te_idx", "y_train", "y_test", "chunks"))
     mine = sel[ctx.rank::ctx.world_size] if ctx is not None else sel
+    if concat:   # one probe: rank 0 fits it
+        mine = sel[:1] if ctx is None or ctx.is_main else []
 
-    progress = Reporter(on_progress, "probe", total=len(sel), unit="layer")
+    progress = Reporter(on_progress, "probe", total=1 if concat else len(sel), unit="layer")
     progress_lock = threading.Lock()  # layers finish on worker threads when jobs > 1
 
+    def run_concat() -> LayerResult:
+        parts_tr, parts_te = [], []
+        for l in sel:
+            X = _read_layer(tr, l)
+            Xtr, Xte = (X[tr_idx], X[te_idx]) if te is None else (X, _read_layer(te, l))
+            if method == "knn":
+                Xtr, Xte = _unit_rows(Xtr), _unit_rows(Xte)
+            parts_tr.append(Xtr)
+            parts_te.append(Xte)
+            del X
+        Xtr, Xte = np.concatenate(parts_tr, axis=1), np.concatenate(parts_te, axis=1)
+        del parts_tr, parts_te
+        if method == "knn":
+            r = knn_layer(Xtr, y_train, Xte, y_test, k=k, vote=knn_vote, temperature=knn_temperature,
+                          device=str(dev), layer=sel[0], class_names=tr.class_names)
+        else:
+            r = probe_layer(Xtr, y_train, Xte, y_test, seed, estimator=estimator, layer=sel[0],
+                            class_names=tr.class_names, **probe_kw)
+        r.layers = list(sel)
+        if r.classifier is not None:
+            r.classifier["layers"] = list(sel)
+        return finish(with_few_shot(r, Xtr, Xte))
+
+    def with_few_shot(r: LayerResult, Xtr, Xte) -> LayerResult:
+        if shots is not None:
+            r.few_shot = few_shot(Xtr, y_train, Xte, y_test, shots, seeds, seed, estimator=estimator,
+                                  class_names=tr.class_names, **probe_kw)
+        return r
+
     def run_layer(l: int) -> LayerResult:
-        if chunks[l] is not None:       # out of core: the rows stay in the file
+        if concat:
+            return run_concat()
+        if method == "knn":
+            X = _read_layer(tr, l)
+            Xtr, Xte = (X[tr_idx], X[te_idx]) if te is None else (X, _read_layer(te, l))
+            return finish(knn_layer(Xtr, y_train, Xte, y_test, k=k, vote=knn_vote, temperature=knn_temperature,
+                                    device=str(dev), layer=l, class_names=tr.class_names))
+        if chunks[l] is not None and shots is None:       # out of core: the rows stay in the file
             X = H5Rows(tr.path, l, chunks[l])
             X, Xte = (X.take(tr_idx), X.take(te_idx)) if te is None else (X, H5Rows(te.path, l, chunks[l]))
             return finish(probe_layer(X, y_train, Xte, y_test, seed, estimator=estimator, layer=l,
@@ -307,8 +413,8 @@ def probe_files(train: str | Path, test: str | Path | None = None, layers: Seque
             del X
         else:
             Xtr, Xte = X, _read_layer(te, l)
-        return finish(probe_layer(Xtr, y_train, Xte, y_test, seed, estimator=estimator, layer=l,
-                                  class_names=tr.class_names, **probe_kw))
+        return finish(with_few_shot(probe_layer(Xtr, y_train, Xte, y_test, seed, estimator=estimator, layer=l,
+                                                class_names=tr.class_names, **probe_kw), Xtr, Xte))
 
     def finish(r: LayerResult) -> LayerResult:
         with progress_lock:
@@ -316,7 +422,8 @@ def probe_files(train: str | Path, test: str | Path | None = None, layers: Seque
         return r
 
     def run_mine() -> list[LayerResult]:
-        groups = layer_groups(mine, len(y_train) + len(y_test), tr.dims, max_memory) if jobs == 1 and fits_layers_at_once(estimator) \
+        groups = layer_groups(mine, len(y_train) + len(y_test), tr.dims, max_memory) if jobs == 1 and \
+            method == "linear" and not concat and shots is None and fits_layers_at_once(estimator) \
             and all(chunks[l] is None for l in mine) else None
         if groups is not None:  # several layers in memory at once: one batched optimisation per group
             return [finish(r) for g in groups
@@ -331,13 +438,13 @@ def probe_files(train: str | Path, test: str | Path | None = None, layers: Seque
     progress.start()
     t0 = time.perf_counter()
     results = run(run_mine)
-    used = fit_device(estimator, dev)
+    used = str(dev) if method == "knn" else fit_device(estimator, dev)
     if ctx is not None:   # every rank gets every layer's result (rank 0 reports the others' as they arrive)
         everyone = ctx.gather((used, results))
         for r in (r for rank, (_, rs) in enumerate(everyone) if rank != ctx.rank for r in rs):
             finish(r)
         by_layer = {r.layer: r for _, rs in everyone for r in rs}
-        results = [by_layer[l] for l in sel]
+        results = [by_layer[l] for l in (sel[:1] if concat else sel)]
         used = ",".join(dict.fromkeys(d for d, _ in everyone))
     wall = time.perf_counter() - t0
 
@@ -352,7 +459,8 @@ def probe_files(train: str | Path, test: str | Path | None = None, layers: Seque
         **{k: tr.attrs.get(k) for k in PROVENANCE_ATTRS},
         test_tokens_file=te.attrs.get("tokens_file") if te is not None else None,
         class_names=tr.class_names,
-        protocol=_protocol(estimator, probe_kw, used),
+        protocol=_knn_protocol(k, knn_vote, knn_temperature, used) if method == "knn" else
+        _protocol(estimator, probe_kw, used, shots, seeds),
         best_layer=best.layer if best else None,
         best_test_layer=best_test.layer if best_test else None,
         not_converged_fits=int(sum(r.not_converged_fits for r in results)),

@@ -5,7 +5,9 @@ on (model, model_sha256, site, pool, sos, class_names, best_layer, train file), 
 device the fits ran on and the world size that wrote it, `probes_sha256` (the digest of
 every layer's arrays, checked on read) plus `provenance()`; group `probes/<layer>` holds
 `mean` [D] and `scale` [D] (the standardisation of the training rows), `coef` [K, D],
-`intercept` [K], `classes` [K] (label ids), attrs `c`, `val_acc`, `test_acc`.
+`intercept` [K], `classes` [K] (label ids), attrs `c`, `val_acc`, `test_acc`, and for a
+probe on concatenated layers (`igpt probe --concat`) `concat_layers` (JSON list, in order;
+the group is named by the first; `mean`..`coef` span the concatenation).
 `load_probes` validates all of it (shapes, finiteness, scale > 0, the digest): a
 damaged or edited file is one line, never a traceback or NaN probabilities.
 
@@ -48,6 +50,8 @@ def probes_digest(layers: dict[int, dict]) -> str:
     for layer in sorted(layers):
         arrays = layers[layer]
         h.update(f"layer {int(layer)} c {float(arrays['c'])!r}\n".encode())
+        if arrays.get("layers"):   # a probe on concatenated layers (absent: the digest of one layer's probe)
+            h.update(f"layers {[int(l) for l in arrays['layers']]}\n".encode())
         for key in ARRAYS:
             a = np.ascontiguousarray(arrays[key])
             h.update(f"{key} {a.dtype.str} {a.shape}\n".encode())
@@ -78,6 +82,8 @@ def save_probes(report, path: str | Path, *, overwrite: bool = False, device: st
             for key, value in r.classifier.items():
                 if key == "c":
                     g.attrs["c"] = value
+                elif key == "layers":
+                    g.attrs["concat_layers"] = json.dumps([int(l) for l in value])
                 else:
                     g.create_dataset(key, data=value)
             g.attrs.update(val_acc=r.val_acc, test_acc=r.test_acc)
@@ -93,6 +99,7 @@ class Probe:
     scale: np.ndarray      # [D] float32
     estimator: LinearProbe  # fitted: coef_ [K, D], intercept_ [K], classes_ [K]
     val_acc: float | None = None
+    layers: list[int] | None = None   # a probe on concatenated layers: them, in order (D = their dims summed)
 
 
 def _float_attr(g: h5py.Group, key: str, where: str) -> float | None:
@@ -140,6 +147,14 @@ def _read_probe(g, p: Path, name: str) -> dict:
     if len(np.unique(a["classes"])) != k:
         raise FormatError(f"{where}: classes repeat a label")
     a["c"] = c
+    concat = g.attrs.get("concat_layers")
+    if concat is not None:
+        try:
+            layers = json.loads(concat.decode() if isinstance(concat, bytes) else str(concat))
+            assert isinstance(layers, list) and len(layers) >= 2 and all(isinstance(l, int) for l in layers)
+        except (ValueError, AssertionError):
+            raise FormatError(f"{where}: attr concat_layers={concat!r} is not a list of two or more layers") from None
+        a["layers"] = layers
     return a
 
 
@@ -179,7 +194,7 @@ def load_probes(path: str | Path) -> tuple[dict, dict[int, Probe]]:
         est.coef_, est.intercept_, est.classes_ = a["coef"], a["intercept"], a["classes"]
         est.n_features_in_ = est.coef_.shape[1]
         probes[layer] = Probe(layer, a["c"], a["mean"].astype(np.float32), a["scale"].astype(np.float32), est,
-                              val_acc[layer])
+                              val_acc[layer], a.get("layers"))
     return attrs, probes
 
 
@@ -243,6 +258,21 @@ def choose_layer(layer, probes: dict[int, Probe], best_layer: int, feature_layer
                     f"(the probes' best layer {best_layer} is not in {features.name})")
 
 
+def _probe_input(f: h5py.File, fp: Path, probe: Probe) -> np.ndarray:
+    """The features `probe` takes: its layer, or its layers concatenated in the order it was fitted on."""
+    layers = probe.layers or [probe.layer]
+    missing = [l for l in layers if str(l) not in f["features"]]
+    if missing:
+        raise InputError(f"{fp}: has no layer {format_layers(missing)}; the probe of layer "
+                         f"{probe.layer} concatenates layers {format_layers(layers)}")
+    dims = [int(f["features"][str(l)].shape[1]) for l in layers]
+    if sum(dims) != len(probe.mean):
+        what = f"layer {layers[0]} has" if len(layers) == 1 else f"layers {format_layers(layers)} have"
+        raise InputError(f"{fp}: {what} {sum(dims)} dims, the probe expects {len(probe.mean)}")
+    parts = [read_layer(f, fp, l) for l in layers]
+    return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
+
+
 def predict_file(features: str | Path, probes: str | Path, layer: int | str | None = None,
                  output: str | Path | None = None, *, overwrite: bool = False,
                  as_list: bool = False) -> PredictionReport:
@@ -263,10 +293,7 @@ def predict_file(features: str | Path, probes: str | Path, layer: int | str | No
         _check_same_features(attrs, pattrs, fp, pp)
         layer, how = choose_layer(layer, table, pattrs["best_layer"], feature_layers(f), fp, pp)
         probe = table[layer]
-        if f["features"][str(layer)].shape[1] != len(probe.mean):
-            raise InputError(f"{fp}: layer {layer} has {f['features'][str(layer)].shape[1]} dims, "
-                             f"the probe expects {len(probe.mean)}")
-        X = read_layer(f, fp, layer)
+        X = _probe_input(f, fp, probe)
         labels = np.asarray(formats.read_dataset(f["labels"], path=fp), dtype=np.int64)
         sources = ([_text(s) for s in formats.read_dataset(f["sources"], path=fp)]
                    if isinstance(f.get("sources"), h5py.Dataset) else [None] * len(labels))
