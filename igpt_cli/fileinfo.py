@@ -230,7 +230,7 @@ def _sweep_info(path: Path) -> FileInfo:
     """A sweep's sweep.json (a row per checkpoint, the correlations) or a checkpoint's result.json."""
     from .errors import InputError
     from .jsonfile import read_json
-    from .sweep.stage import FORMAT
+    from .formats import SWEEP_FORMAT as FORMAT
 
     doc = read_json(path, "sweep result")
     kind = doc.get("format") if isinstance(doc, dict) else None

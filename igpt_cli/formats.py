@@ -34,6 +34,7 @@ TOKENS_VERSION = 1
 FEATURES_VERSION = 2  # 2: the `pool` attr
 # written by `igpt_cli.probe.store` (the probe's classifiers and their predictions)
 PROBES_FORMAT, PROBES_VERSION = "igpt-probes", 2
+SWEEP_FORMAT, SWEEP_VERSION = "igpt-sweep", 1  # sweep.json (JSON, not HDF5); a checkpoint's result.json: "-checkpoint"
 PREDICTIONS_FORMAT, PREDICTIONS_VERSION = "igpt-predictions", 1
 FORMAT_VERSIONS = {TOKENS_FORMAT: TOKENS_VERSION, FEATURES_FORMAT: FEATURES_VERSION, PROBES_FORMAT: PROBES_VERSION,
                    PREDICTIONS_FORMAT: PREDICTIONS_VERSION}

@@ -116,7 +116,7 @@ TIERS = {
         "", "formats", "errors", "outputs", "provenance", "choices", "progress", "results", "jsonfile", "seeds",
     ],
     "core": [  # the model, data readers, palettes, devices, processes, and the stage kernel
-        "model", "palette", "data", "layers", "runtime", "distributed", "stage", "runner",
+        "model", "palette", "data", "layers", "runtime", "distributed", "stage", "runner", "bundled",
     ],
     "stages": [  # files in, files out: one command's work each
         "quantize", "extract", "generate", "probe", "train", "export", "show", "show_sources", "fileinfo",

@@ -48,7 +48,7 @@ from ..results import Result
 from .plan import RESULT_FILE, Planned, Tokens, plan_sweep, read_result, result_digest
 from .stats import Correlation, correlate
 
-FORMAT, FORMAT_VERSION = "igpt-sweep", 1
+FORMAT, FORMAT_VERSION = formats.SWEEP_FORMAT, formats.SWEEP_VERSION
 
 
 @dataclass
