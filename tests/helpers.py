@@ -247,3 +247,34 @@ def attrs_without_provenance(f: h5py.File) -> dict:
     from igpt_cli.provenance import PROVENANCE_KEYS
 
     return {k: v for k, v in formats.read_attrs(f).items() if k not in PROVENANCE_KEYS}
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid` (read from /proc)."""
+    children: dict[int, list[int]] = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(d.name))
+    out, todo = [], [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+def rank_pid(launcher_pid: int, rank: int) -> int | None:
+    """The igpt worker process of `rank` under a torchrun launcher (None: not started yet)."""
+    for p in descendants(launcher_pid):
+        try:
+            env = Path(f"/proc/{p}/environ").read_bytes().split(b"\0")
+            cmd = Path(f"/proc/{p}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if f"RANK={rank}".encode() in env and b"igpt_cli" in cmd:
+            return p
+    return None

@@ -20,6 +20,7 @@ import torch
 
 from helpers import (ENV, attrs_without_provenance, hf_causal_model, hold_output_lock, invoke, make_image_folder,
                      make_tokens, rows_done)
+from helpers import rank_pid
 from igpt_cli import formats, outputs
 from igpt_cli.errors import InputError
 from igpt_cli.model import IGPT, IGPTConfig, save_pretrained
@@ -406,41 +407,12 @@ def test_ranks_with_other_flags_stop_every_rank_in_one_line(gen):
     assert not out.exists() and not all_part_paths(out)
 
 
-def _descendants(pid: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(d.name))
-    out, todo = [], [pid]
-    while todo:
-        for c in children.get(todo.pop(), []):
-            out.append(c)
-            todo.append(c)
-    return out
-
-
-def _worker(launcher_pid: int, rank: int) -> int | None:
-    for p in _descendants(launcher_pid):
-        try:
-            env = Path(f"/proc/{p}/environ").read_bytes().split(b"\0")
-            cmd = Path(f"/proc/{p}/cmdline").read_bytes()
-        except OSError:
-            continue
-        if f"RANK={rank}".encode() in env and b"igpt_cli" in cmd:
-            return p
-    return None
-
-
 def _kill_rank_midway(cmd: list[str], part: Path, rank: int, at_rows: int) -> subprocess.Popen:
     p = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 600
     while p.poll() is None and time.time() < deadline:
         if rows_done(part) >= at_rows:
-            pid = _worker(p.pid, rank)
+            pid = rank_pid(p.pid, rank)
             if pid:
                 os.kill(pid, signal.SIGKILL)
                 return p

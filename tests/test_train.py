@@ -230,3 +230,22 @@ def test_float16_trains_with_a_saved_loss_scale(tmp_path):
         assert torch.equal(a, b)
     assert all(torch.isfinite(p).all() for p in full.parameters())
     assert read_state(tmp_path / "full" / "train_state.pt").compute_dtype == "float16"
+
+
+def test_an_interrupt_during_a_step_lands_after_it():
+    """Ctrl-C or SIGTERM in the middle of a step (between the optimizer update and its step count,
+    say) is held until the step is whole, then raised as usual: a saved state is always one the
+    uninterrupted run passed through."""
+    import os
+    import signal
+
+    from igpt_cli.train.loop import signals_deferred
+
+    order = []
+    with pytest.raises(KeyboardInterrupt):
+        with signals_deferred():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+            order.append("step finished")
+    assert order == ["step finished"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is back

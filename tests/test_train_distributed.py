@@ -14,6 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from helpers import rank_pid
 from igpt_cli.cli.plots import write_loss_plot
 from igpt_cli.model import load_pretrained
 from igpt_cli.train import TrainConfig, pretrain
@@ -111,35 +112,6 @@ def test_a_run_stopped_on_one_process_resumes_on_two_ranks(data):
     assert_same_run(data["ref"], out)  # no step twice in metrics.jsonl, the same weights
 
 
-def _descendants(pid: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(d.name))
-    out, todo = [], [pid]
-    while todo:
-        for c in children.get(todo.pop(), []):
-            out.append(c)
-            todo.append(c)
-    return out
-
-
-def _rank_pid(launcher: int, rank: int) -> int | None:
-    for p in _descendants(launcher):
-        try:
-            env = Path(f"/proc/{p}/environ").read_bytes().split(b"\0")
-            cmd = Path(f"/proc/{p}/cmdline").read_bytes()
-        except OSError:
-            continue
-        if f"RANK={rank}".encode() in env and b"igpt_cli" in cmd:
-            return p
-    return None
-
-
 def test_a_two_rank_run_killed_after_a_checkpoint_resumes_to_the_uninterrupted_run(data):
     steps, flags = 80, [*FLAGS, "--checkpoint-every", "5", "--log-every", "5", "--eval-every", "40"]
     cmd = [str(TORCHRUN), "--standalone", "--nproc-per-node=2", "-m", "igpt_cli", "train", str(data["tokens"]),
@@ -151,7 +123,7 @@ def test_a_two_rank_run_killed_after_a_checkpoint_resumes_to_the_uninterrupted_r
     deadline, killed = time.time() + 300, False
     while launcher.poll() is None and time.time() < deadline:
         if (out / "train_meta.json").exists():  # rank 0 wrote a checkpoint: kill -9 rank 1
-            pid = _rank_pid(launcher.pid, 1)
+            pid = rank_pid(launcher.pid, 1)
             if pid:
                 os.kill(pid, signal.SIGKILL)
                 killed = True

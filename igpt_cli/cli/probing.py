@@ -45,12 +45,12 @@ def probe_command(
     k: Annotated[int, typer.Option("--k", help="--method knn: neighbours per vote.")] = 20,
     knn_vote: Annotated[KnnVote, typer.Option("--knn-vote", help=(
         "--method knn: weighted (each neighbour counts exp(similarity / T), DINO) or majority."))] = KnnVote.weighted,
-    knn_temperature: Annotated[float, typer.Option("--knn-temperature", metavar="T", help=(
+    knn_temperature: Annotated[float, typer.Option("--knn-temperature", metavar="<t>", help=(
         "--method knn --knn-vote weighted: the temperature T."))] = 0.07,
     concat: Annotated[bool, typer.Option("--concat", help=(
         "One probe on the concatenation of the --layer layers (each standardised on its own), reported as one "
         "row; --save-probes and `igpt predict` concatenate the same layers."))] = False,
-    shots: Annotated[Optional[str], typer.Option("--shots", metavar="N,N,...", help=(
+    shots: Annotated[Optional[str], typer.Option("--shots", metavar="<n,n,...>", help=(
         "Also few-shot linear probes per layer: N training images per class (e.g. 1,5,10), C by cross-validation "
         "within the shots (1 shot: C fixed at 1); mean ± std of test accuracy over --seeds draws."))] = None,
     seeds: Annotated[int, typer.Option("--seeds", help="--shots: draws per shot count.")] = 5,

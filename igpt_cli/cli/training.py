@@ -9,7 +9,30 @@ import typer
 from ..choices import ComputeDtype
 from ..errors import InputError
 from .options import Device, Dtype, Json, ModelOpt, Quiet, out_option
-from .ui import ProgressBar, err, get_current_context, handles_input_errors, maybe_bar, print_json, render_probe_table
+from .ui import (ProgressBar, err, get_current_context, handles_input_errors, launched_run, maybe_bar, print_json,
+                 render_probe_table)
+
+
+# The options `train` and `finetune` share (their defaults are the commands' own).
+Steps = Annotated[Optional[int], typer.Option("--steps", min=1, help="Optimizer steps (or use --epochs).")]
+Epochs = Annotated[Optional[float], typer.Option("--epochs", min=0.0, help="Passes over the training tokens.")]
+GlobalBatch = Annotated[int, typer.Option("--batch-size", min=1, help=(
+    "Images per step, all processes together (the global batch under torchrun)."))]
+GradAccum = Annotated[int, typer.Option("--grad-accum", min=1, help=(
+    "Split each process's share of a step into K micro-batches (the same step, less memory)."))]
+PeakLr = Annotated[float, typer.Option("--lr", help="Peak learning rate (linear warm-up, cosine decay).")]
+Warmup = Annotated[int, typer.Option("--warmup", min=0, help="Warm-up steps.")]
+NoFlip = Annotated[bool, typer.Option("--no-flip", help="Disable random horizontal flips.")]
+CheckpointEvery = Annotated[int, typer.Option("--checkpoint-every", min=1, help="Steps between checkpoints.")]
+
+
+def typed_settings(settings: dict) -> dict:
+    """The settings whose flags the user typed (`flip` is typed as --no-flip): a new run takes the
+    defaults for the rest; a resumed run compares these with its own settings."""
+    ctx = get_current_context()
+    param = {"flip": "no_flip"}
+    return {k: v for k, v in settings.items()
+            if getattr(ctx.get_parameter_source(param.get(k, k)), "name", "DEFAULT") not in ("DEFAULT", "DEFAULT_MAP")}
 
 
 @handles_input_errors
@@ -24,16 +47,14 @@ def train_command(
     n_layer: Annotated[int, typer.Option("--depth", min=1, help="Transformer blocks.")] = 8,
     n_embd: Annotated[int, typer.Option("--width", min=8, help="Embedding width.")] = 256,
     n_head: Annotated[int, typer.Option("--heads", min=1, help="Attention heads.")] = 8,
-    steps: Annotated[Optional[int], typer.Option("--steps", min=1, help="Optimizer steps (or use --epochs).")] = None,
-    epochs: Annotated[Optional[float], typer.Option("--epochs", min=0.0, help="Passes over the training tokens.")] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help=(
-        "Images per step, all processes together (the global batch under torchrun)."))] = 64,
-    grad_accum: Annotated[int, typer.Option("--grad-accum", min=1, help=(
-        "Split each process's share of a step into K micro-batches (the same step, less memory)."))] = 1,
-    lr: Annotated[float, typer.Option("--lr", help="Peak learning rate (linear warm-up, cosine decay).")] = 3e-3,
-    warmup_steps: Annotated[int, typer.Option("--warmup", min=0, help="Warm-up steps.")] = 100,
-    no_flip: Annotated[bool, typer.Option("--no-flip", help="Disable random horizontal flips.")] = False,
-    checkpoint_every: Annotated[int, typer.Option("--checkpoint-every", min=1, help="Steps between checkpoints.")] = 200,
+    steps: Steps = None,
+    epochs: Epochs = None,
+    batch_size: GlobalBatch = 64,
+    grad_accum: GradAccum = 1,
+    lr: PeakLr = 3e-3,
+    warmup_steps: Warmup = 100,
+    no_flip: NoFlip = False,
+    checkpoint_every: CheckpointEvery = 200,
     eval_every: Annotated[int, typer.Option("--eval-every", min=1, help="Steps between validation losses.")] = 200,
     val_images: Annotated[int, typer.Option("--val-images", min=1, help=(
         "Validation loss on this many --val images (a seeded, class-balanced subset; all if fewer)."))] = 2000,
@@ -85,22 +106,12 @@ def train_command(
                     batch_size=batch_size, lr=lr, warmup_steps=warmup_steps, flip=not no_flip,
                     checkpoint_every=checkpoint_every, eval_every=eval_every, seed=seed, save_every=save_every,
                     save_at=_steps_list(save_at), val_images=val_images, log_every=log_every)
-    # Only the flags the user typed: a new run takes the defaults for the rest; a resumed run
-    # compares them with its own settings, and continues with its own when none is given.
-    ctx = get_current_context()
-    param = {"flip": "no_flip"}
-    cfg = {k: v for k, v in settings.items()
-           if getattr(ctx.get_parameter_source(param.get(k, k)), "name", "DEFAULT") not in ("DEFAULT", "DEFAULT_MAP")}
-    dist = DistContext.from_env()
-    bar = ProgressBar.maybe(quiet or not dist.is_main)
-    try:
-        with maybe_bar(bar):
-            result = pretrain(train_tokens, out, cfg, val_tokens=val_tokens, init=init, device=device,
-                              dtype=dtype.value, resume=resume, restart=restart, grad_accum=grad_accum, compile=compile,
-                              activation_checkpointing=activation_checkpointing, dist=dist,
-                              draw_loss=write_loss_plot, on_progress=bar)
-    finally:
-        dist.close()
+    cfg = typed_settings(settings)  # a resumed run continues with its own settings when none is given
+    with launched_run(quiet) as (dist, bar):
+        result = pretrain(train_tokens, out, cfg, val_tokens=val_tokens, init=init, device=device,
+                          dtype=dtype.value, resume=resume, restart=restart, grad_accum=grad_accum, compile=compile,
+                          activation_checkpointing=activation_checkpointing, dist=dist,
+                          draw_loss=write_loss_plot, on_progress=bar)
     if dist.is_main:
         print_json(result)
 
@@ -114,17 +125,15 @@ def finetune_command(
         "Directory to write (Hugging Face ImageGPTForImageClassification, report.json)."))],
     gen_weight: Annotated[float, typer.Option("--gen-weight", min=0.0, help=(
         "Weight of the generative (next-token) loss in the joint objective; 0: classification only."))] = 1.0,
-    steps: Annotated[Optional[int], typer.Option("--steps", min=1, help="Optimizer steps (or use --epochs).")] = None,
-    epochs: Annotated[Optional[float], typer.Option("--epochs", min=0.0, help="Passes over the training tokens.")] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help=(
-        "Images per step, all processes together (the global batch under torchrun)."))] = 64,
-    grad_accum: Annotated[int, typer.Option("--grad-accum", min=1, help=(
-        "Split each process's share of a step into K micro-batches (the same step, less memory)."))] = 1,
-    lr: Annotated[float, typer.Option("--lr", help="Peak learning rate (linear warm-up, cosine decay).")] = 1e-3,
-    warmup_steps: Annotated[int, typer.Option("--warmup", min=0, help="Warm-up steps.")] = 50,
+    steps: Steps = None,
+    epochs: Epochs = None,
+    batch_size: GlobalBatch = 64,
+    grad_accum: GradAccum = 1,
+    lr: PeakLr = 1e-3,
+    warmup_steps: Warmup = 50,
     weight_decay: Annotated[float, typer.Option("--weight-decay", min=0.0, help="AdamW weight decay.")] = 0.01,
-    no_flip: Annotated[bool, typer.Option("--no-flip", help="Disable random horizontal flips.")] = False,
-    checkpoint_every: Annotated[int, typer.Option("--checkpoint-every", min=1, help="Steps between checkpoints.")] = 200,
+    no_flip: NoFlip = False,
+    checkpoint_every: CheckpointEvery = 200,
     eval_every: Annotated[int, typer.Option("--eval-every", min=1, help=(
         "Steps between history records (training losses and accuracy)."))] = 100,
     log_every: Annotated[int, typer.Option("--log-every", min=1, help="Steps between lines of OUT/metrics.jsonl.")] = 10,
@@ -152,22 +161,12 @@ def finetune_command(
     settings = dict(steps=steps, epochs=epochs, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps,
                     weight_decay=weight_decay, flip=not no_flip, checkpoint_every=checkpoint_every,
                     eval_every=eval_every, seed=seed, log_every=log_every)
-    if resume:  # only the flags the user typed: a resumed run compares them with its own
-        ctx = get_current_context()
-        param = {"flip": "no_flip"}
-        settings = {k: v for k, v in settings.items() if getattr(ctx.get_parameter_source(param.get(k, k)), "name",
-                                                                 "DEFAULT") not in ("DEFAULT", "DEFAULT_MAP")}
-    else:
-        settings = {k: v for k, v in settings.items() if v is not None}
-    dist = DistContext.from_env()
-    bar = ProgressBar.maybe(quiet or not dist.is_main)
-    try:
-        with maybe_bar(bar):
-            report = finetune(train_tokens, model, test_tokens, out, settings, gen_weight=gen_weight, device=device,
-                              dtype=dtype.value, resume=resume, grad_accum=grad_accum, dist=dist,
-                              draw_loss=write_loss_plot, on_progress=bar)
-    finally:
-        dist.close()
+    # a resumed run compares the flags the user typed with its own
+    settings = typed_settings(settings) if resume else {k: v for k, v in settings.items() if v is not None}
+    with launched_run(quiet) as (dist, bar):
+        report = finetune(train_tokens, model, test_tokens, out, settings, gen_weight=gen_weight, device=device,
+                          dtype=dtype.value, resume=resume, grad_accum=grad_accum, dist=dist,
+                          draw_loss=write_loss_plot, on_progress=bar)
     if dist.is_main:
         if not quiet:
             layer = report.layers[0]

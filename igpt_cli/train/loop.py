@@ -11,6 +11,8 @@ import json
 import math
 import os
 import shutil
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -38,6 +40,30 @@ from .watch import DrawLoss, RunLog
 
 __all__ = ["TrainResult", "pretrain", "evaluate", "loss_on", "make_optimizer", "split_batch",
            "write_preprocessor_config", "snapshot_name", "keep_model"]
+
+
+@contextlib.contextmanager
+def signals_deferred():
+    """Hold SIGINT and SIGTERM until the block ends (main thread only): an interrupt then lands
+    between steps, never between an optimizer update and its step count or log line, so the
+    state an interrupted run saves is one the uninterrupted run passed through. A held signal
+    is handed to the handler that was in place (Ctrl-C: KeyboardInterrupt) when the block ends."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list[int] = []
+    before = {s: signal.signal(s, lambda signum, frame: held.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler)
+        if held:
+            handler = before[held[0]]
+            if callable(handler):
+                handler(held[0], None)
+            elif handler == signal.SIG_DFL:
+                signal.raise_signal(held[0])
 
 
 @dataclass
@@ -299,76 +325,77 @@ def _train(out: Path, data: TokenData, train_sha: str, start: Start, dev: torch.
         rep.start()
         t_window = time.time()
         while step < steps:
-            lr = lr_at(step, schedule, cfg)
-            for g in opt.param_groups:
-                g["lr"] = lr
-            step_loss = None
-            step_metrics = torch.zeros(n_metrics, device=dev)
-            for j in range(opts.grad_accum):
-                a = first_image + j * micro
-                batch = tuple(to_device(t, dev) for t in objective.batch(data, step, cfg, (a, a + micro)))
-                last = j == opts.grad_accum - 1
-                with (runner.no_sync() if dist.active and not last else contextlib.nullcontext()):
-                    with torch.autocast(**autocast):
-                        loss, numbers = objective.loss(runner, batch, sos)
-                        loss = loss / opts.grad_accum
-                    scaler.scale(loss).backward()
-                step_loss = loss.detach() if step_loss is None else step_loss + loss.detach()
-                if numbers is not None:
-                    step_metrics = step_metrics + numbers / opts.grad_accum
-            scaler.unscale_(opt)  # a no-op without float16
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            scaler.step(opt)
-            scaler.update()
-            opt.zero_grad(set_to_none=True)
-            step += 1
-            if dist.active:  # the global batch's loss, on the device (the collective queues, nothing waits)
-                import torch.distributed as tdist
+            with signals_deferred():  # one step is applied, counted, logged and saved whole
+                lr = lr_at(step, schedule, cfg)
+                for g in opt.param_groups:
+                    g["lr"] = lr
+                step_loss = None
+                step_metrics = torch.zeros(n_metrics, device=dev)
+                for j in range(opts.grad_accum):
+                    a = first_image + j * micro
+                    batch = tuple(to_device(t, dev) for t in objective.batch(data, step, cfg, (a, a + micro)))
+                    last = j == opts.grad_accum - 1
+                    with (runner.no_sync() if dist.active and not last else contextlib.nullcontext()):
+                        with torch.autocast(**autocast):
+                            loss, numbers = objective.loss(runner, batch, sos)
+                            loss = loss / opts.grad_accum
+                        scaler.scale(loss).backward()
+                    step_loss = loss.detach() if step_loss is None else step_loss + loss.detach()
+                    if numbers is not None:
+                        step_metrics = step_metrics + numbers / opts.grad_accum
+                scaler.unscale_(opt)  # a no-op without float16
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                scaler.step(opt)
+                scaler.update()
+                opt.zero_grad(set_to_none=True)
+                step += 1
+                if dist.active:  # the global batch's loss, on the device (the collective queues, nothing waits)
+                    import torch.distributed as tdist
 
-                tdist.all_reduce(step_loss)
-                step_loss = step_loss / dist.world_size
-                if n_metrics:
-                    tdist.all_reduce(step_metrics)
-                    step_metrics = step_metrics / dist.world_size
-            window = window + step_loss
-            window_metrics = window_metrics + step_metrics
-            window_steps += 1
-            ema = step_loss if not have_ema else 0.95 * ema + 0.05 * step_loss
-            have_ema = True
-            evaluating = step % cfg.eval_every == 0 or step == steps
-            if evaluating or step % cfg.log_every == 0:
-                mean = float(window) / window_steps  # the one host sync between logged steps
-                if not math.isfinite(mean):
-                    raise _diverged(cfg, step, f"the loss is {mean}", saved)
-                smooth = float(ema)
-                record = {"step": step, "loss": round(mean, 6), "lr": lr,
-                          "tokens_per_s": round(window_steps * tokens_per_step / max(time.time() - t_window, 1e-9),
-                                                1)}
-                extra = {k: round(float(v) / window_steps, 6)
-                         for k, v in zip(objective.metrics, window_metrics.tolist())}
-                record.update(extra)
-                window, window_steps = torch.zeros((), device=dev), 0
-                window_metrics = torch.zeros(n_metrics, device=dev)
-                if evaluating:
-                    entry = {"step": step, "train_loss": round(smooth, 5), "lr": lr,
-                             "seconds": round(time.time() - t0, 1), **extra}
-                    if val is not None:
-                        v = validation_loss()
-                        entry.update(val_loss=round(v, 5), val_bits_per_dim=round(v / math.log(2), 5))
-                        record.update(val_loss=round(v, 6), val_bits_per_dim=round(v / math.log(2), 6))
-                    history.append(entry)
-                    rep.log(json.dumps(entry))
-                if log is not None:
-                    then = f"resume continues from step {saved}" if saved is not None else "nothing was saved yet"
-                    with write_errors(out / METRICS_FILE, f"logging step {step}; {then}"):
-                        log.log(record)
-                        if evaluating:
-                            log.draw()
-                info = f"loss {smooth:.3f} nats ({smooth / math.log(2):.3f} bits/dim) lr {lr:.2e}"
-                t_window = time.time()
-            rep.advance(1, info=info)
-            if main and (step % cfg.checkpoint_every == 0 or step == steps or kept_at(cfg, step)):
-                save_step()
+                    tdist.all_reduce(step_loss)
+                    step_loss = step_loss / dist.world_size
+                    if n_metrics:
+                        tdist.all_reduce(step_metrics)
+                        step_metrics = step_metrics / dist.world_size
+                window = window + step_loss
+                window_metrics = window_metrics + step_metrics
+                window_steps += 1
+                ema = step_loss if not have_ema else 0.95 * ema + 0.05 * step_loss
+                have_ema = True
+                evaluating = step % cfg.eval_every == 0 or step == steps
+                if evaluating or step % cfg.log_every == 0:
+                    mean = float(window) / window_steps  # the one host sync between logged steps
+                    if not math.isfinite(mean):
+                        raise _diverged(cfg, step, f"the loss is {mean}", saved)
+                    smooth = float(ema)
+                    record = {"step": step, "loss": round(mean, 6), "lr": lr,
+                              "tokens_per_s": round(window_steps * tokens_per_step / max(time.time() - t_window, 1e-9),
+                                                    1)}
+                    extra = {k: round(float(v) / window_steps, 6)
+                             for k, v in zip(objective.metrics, window_metrics.tolist())}
+                    record.update(extra)
+                    window, window_steps = torch.zeros((), device=dev), 0
+                    window_metrics = torch.zeros(n_metrics, device=dev)
+                    if evaluating:
+                        entry = {"step": step, "train_loss": round(smooth, 5), "lr": lr,
+                                 "seconds": round(time.time() - t0, 1), **extra}
+                        if val is not None:
+                            v = validation_loss()
+                            entry.update(val_loss=round(v, 5), val_bits_per_dim=round(v / math.log(2), 5))
+                            record.update(val_loss=round(v, 6), val_bits_per_dim=round(v / math.log(2), 6))
+                        history.append(entry)
+                        rep.log(json.dumps(entry))
+                    if log is not None:
+                        then = f"resume continues from step {saved}" if saved is not None else "nothing was saved yet"
+                        with write_errors(out / METRICS_FILE, f"logging step {step}; {then}"):
+                            log.log(record)
+                            if evaluating:
+                                log.draw()
+                    info = f"loss {smooth:.3f} nats ({smooth / math.log(2):.3f} bits/dim) lr {lr:.2e}"
+                    t_window = time.time()
+                rep.advance(1, info=info)
+                if main and (step % cfg.checkpoint_every == 0 or step == steps or kept_at(cfg, step)):
+                    save_step()
     except KeyboardInterrupt:
         if main:
             _cleanup_on_failure(out, created, save_step if saved != step else None)
