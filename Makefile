@@ -32,10 +32,10 @@ demo: $(VENV)/.installed
 # The whole suite (about 7 minutes on 2 cores). Cases marked `slow` (none at present)
 # are left to `make test-all`.
 test: $(VENV)/.installed-test
-	$(PY) -m pytest -q -m "not slow"
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n auto -m "not slow"
 
 test-all: $(VENV)/.installed-test
-	$(PY) -m pytest -q
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n auto
 
 # The docs site (mkdocs-material) into site/: guides from docs/, the command reference generated
 # from the typer app, the API reference from docstrings; any warning is an error.

@@ -328,3 +328,52 @@ def atomic_output(final: str | Path, *, lock: bool = True) -> Iterator[Path]:
             if not isinstance(e, InputError) and isinstance(e, Exception) and is_disk_full(e):
                 raise disk_full(final) from None
             raise
+
+
+# ---------------------------------------------------------------------------
+# HDF5 outputs written whole (quantize, saved probes, predictions)
+# ---------------------------------------------------------------------------
+def _close_discarding(f) -> None:
+    """Close an HDF5 file whose contents are being thrown away, without writing to it again.
+
+    HDF5 flushes its caches on close; after a write failed for lack of space that flush
+    fails again, and writing on after failed writes can crash HDF5 (a segfault). So the
+    file's descriptor is first pointed at an anonymous in-memory file (or /dev/null):
+    the flush lands there and the file on disk is left as it is, for its caller to delete.
+    """
+    try:
+        fd = f.id.get_vfd_handle()
+        sink = os.memfd_create("igpt-discard") if hasattr(os, "memfd_create") else os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(sink, fd)
+        finally:
+            os.close(sink)
+    except (OSError, RuntimeError, ValueError):
+        pass  # not a plain file descriptor: close as it is
+    with contextlib.suppress(Exception):
+        f.close()
+
+
+@contextlib.contextmanager
+def hdf5_output(tmp: str | Path, out: str | Path) -> Iterator:
+    """A new HDF5 file at `tmp` (the temp file of `out`); on any failure it is closed without
+    another write (`_close_discarding`), and a full disk is said as one DiskFullError
+    naming `out`. The body should `flush()` after each block of rows, so that a full disk
+    shows at the first write that does not fit."""
+    import h5py
+
+    try:
+        f = h5py.File(tmp, "w")
+    except OSError as e:
+        if is_disk_full(e):
+            raise disk_full(out) from None
+        raise
+    try:
+        yield f
+        f.flush()
+        f.close()
+    except BaseException as e:
+        _close_discarding(f)
+        if isinstance(e, Exception) and is_disk_full(e):
+            raise disk_full(out) from None
+        raise

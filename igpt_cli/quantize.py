@@ -21,14 +21,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional
 
-import h5py
 import numpy as np
 
 from .data import (DEFAULT_SIZE, IMAGE_EXTS, TAR_SUFFIXES, EmptyDatasetError, check_dataset_parameters,
                    describe_sources, images_per_batch, open_dataset)
 from .errors import ParameterError, check_positive
 from .formats import append_rows, create_tokens_file
-from .outputs import (OutputError, atomic_output, check_distinct, check_free_space, check_output_path, disk_full,
+from .outputs import (OutputError, atomic_output, hdf5_output, check_distinct, check_free_space, check_output_path, disk_full,
                       is_disk_full)
 from .palette import Palette, check_fit_parameters, fit_palette
 from .progress import OnProgress, Reporter
@@ -103,50 +102,6 @@ def _report_warnings(ds, progress: Reporter, done: int = 0) -> int:
     return len(ds.warnings)
 
 
-def _close_discarding(f: h5py.File) -> None:
-    """Close an HDF5 file whose contents are being thrown away, without writing to it again.
-
-    HDF5 flushes its caches on close; after a write failed for lack of space that flush
-    fails again, and writing on after failed writes can crash HDF5 (a segfault). So the
-    file's descriptor is first pointed at an anonymous in-memory file (or /dev/null):
-    the flush lands there and the file on disk is left as it is, for its caller to delete.
-    """
-    try:
-        fd = f.id.get_vfd_handle()
-        sink = os.memfd_create("igpt-discard") if hasattr(os, "memfd_create") else os.open(os.devnull, os.O_WRONLY)
-        try:
-            os.dup2(sink, fd)
-        finally:
-            os.close(sink)
-    except (OSError, RuntimeError, ValueError):
-        pass  # not a plain file descriptor: close as it is
-    with contextlib.suppress(Exception):
-        f.close()
-
-
-@contextlib.contextmanager
-def _hdf5_output(tmp: Path, out: Path) -> Iterator[h5py.File]:
-    """A new HDF5 file at `tmp` (the temp file of `out`); on any failure it is closed without
-    another write (`_close_discarding`), and a full disk is said as one DiskFullError
-    naming `out`. The body should `flush()` after each block of rows, so that a full disk
-    shows at the first write that does not fit."""
-    try:
-        f = h5py.File(tmp, "w")
-    except OSError as e:
-        if is_disk_full(e):
-            raise disk_full(out) from None
-        raise
-    try:
-        yield f
-        f.flush()
-        f.close()
-    except BaseException as e:
-        _close_discarding(f)
-        if isinstance(e, Exception) and is_disk_full(e):
-            raise disk_full(out) from None
-        raise
-
-
 def quantize_dataset(
     src: "str | Path | list[str | Path]",
     out: str | Path,
@@ -207,7 +162,7 @@ def quantize_dataset(
     progress.start()
     logged = _report_warnings(ds, progress)
     n = 0
-    with atomic_output(out) as tmp, _hdf5_output(tmp, out) as f:
+    with atomic_output(out) as tmp, hdf5_output(tmp, out) as f:
         create_tokens_file(f, height=size, width=size, palette=pal.centers, class_names=ds.class_names,
                            split=split, source=describe_sources(src), resize=resize)
         rows = {name: f[name] for name in ("tokens", "labels", "sources")}  # kept open: no flush on every close

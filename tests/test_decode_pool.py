@@ -71,7 +71,7 @@ def test_an_interrupt_at_any_moment_ends_the_iteration_and_the_workers(cifar_tar
             try:
                 signal.setitimer(signal.ITIMER_REAL, rng.uniform(0.05, 0.6))
                 for _ in open_dataset(cifar_tar, split="test", limit=3000).batches(16):
-                    time.sleep(0.002)
+                    time.sleep(0.005)  # 188 batches: at least 0.94 s, past the latest interrupt (0.6 s) on any machine
                 signal.setitimer(signal.ITIMER_REAL, 0)
             except Interrupt:
                 fired = True

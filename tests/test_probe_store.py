@@ -241,3 +241,19 @@ def test_cli_concat_with_one_layer_is_refused(files, tmp_path):
     train, test = files
     r = invoke("probe", train, "--test", test, "--layer", "1", "--concat", "--csv", tmp_path / "c.csv")
     assert_clean_failure(r, "--concat", tmp_path / "c.csv")
+
+
+def test_disk_full_saving_probes_or_predictions_is_one_line(files, saved, tmp_path):
+    """Issue 20.5: on a file system too small for the file, `probe --save-probes` and `predict -o` stop
+    in one line, exit 2 (no crash at close), and leave nothing behind."""
+    from helpers import run_igpt, small_tmpfs
+
+    _, path = saved
+    with small_tmpfs(tmp_path / "mnt", "64k") as mnt:
+        r = run_igpt("probe", files[0], "--layer", "0", "--save-probes", mnt / "p.h5", "-q")
+        assert_clean_failure(r, "no space left on device")
+        assert list(mnt.iterdir()) == []
+        (mnt / "fill").write_bytes(b"\0" * (60 << 10))  # 4 KiB left: less than the predictions need
+        r = run_igpt("predict", files[1], "--probes", path, "-o", mnt / "pred.h5", "-q")
+        assert_clean_failure(r, "no space left on device")
+        assert sorted(p.name for p in mnt.iterdir()) == ["fill"]

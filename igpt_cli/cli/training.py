@@ -91,7 +91,6 @@ def train_command(
 
     Example: igpt train train.h5 --val test.h5 -o runs/tiny --depth 2 --width 32 --heads 2 --steps 20
     """
-    from ..distributed import DistContext
     from ..train import pretrain
     from .plots import write_loss_plot
 
@@ -152,7 +151,6 @@ def finetune_command(
 
     Example: igpt finetune train.h5 -m igpt-cifar8 --test test.h5 -o ft --steps 150
     """
-    from ..distributed import DistContext
     from ..train.finetuning import finetune
     from .plots import write_loss_plot
 

@@ -344,7 +344,6 @@ def probe_layer(X_train: np.ndarray, y_train: np.ndarray, X_test: np.ndarray, y_
     y_train = np.asarray(y_train, dtype=np.int64)
     y_test = np.asarray(y_test, dtype=np.int64)
     check_labels(y_train, class_names=class_names)
-    classes = np.unique(y_train)
 
     # --- choose C on held-out training rows ---------------------------------
     search, context, n_val, selection = choose_c(estimator, X_train, y_train, seed, grid, refine)

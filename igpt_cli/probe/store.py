@@ -33,7 +33,7 @@ from ..errors import InputError
 from ..formats import (FEATURES_FORMAT, PREDICTIONS_FORMAT, PREDICTIONS_VERSION, PROBES_FORMAT, PROBES_VERSION,
                        FormatError, feature_layers, open_igpt)
 from ..layers import format_layers, parse_layers
-from ..outputs import atomic_output, check_distinct, check_output_path
+from ..outputs import atomic_output, check_distinct, check_free_space, check_output_path, hdf5_output
 from ..results import Result
 from .estimator import LinearProbe
 from .protocol import apply_standardization
@@ -68,7 +68,9 @@ def save_probes(report, path: str | Path, *, overwrite: bool = False, device: st
     check_distinct({"save_probes": path}, {"train": report.train, "test": report.test})
     check_output_path(path, overwrite)
     arrays = {r.layer: r.classifier for r in report.layers}
-    with atomic_output(path) as tmp, h5py.File(tmp, "w") as f:
+    check_free_space(path, 2 * sum(sum(np.asarray(v).nbytes for v in c.values() if hasattr(v, 'nbytes'))
+                                   for c in arrays.values()) + (1 << 20))
+    with atomic_output(path) as tmp, hdf5_output(tmp, path) as f:
         attrs = dict(format=PROBES_FORMAT, format_version=PROBES_VERSION, train=str(report.train),
                      layers=json.dumps([r.layer for r in report.layers]), class_names=json.dumps(report.class_names),
                      best_layer=-1 if report.best_layer is None else report.best_layer, model=str(report.model),
@@ -307,7 +309,8 @@ def predict_file(features: str | Path, probes: str | Path, layer: int | str | No
     known = labelled & np.isin(labels, est.classes_)
     unseen = sorted(set(labels[labelled & ~known].tolist()))
     if output is not None:
-        with atomic_output(output) as tmp, h5py.File(tmp, "w") as f:
+        check_free_space(output, proba.nbytes + len(pred) * 64 + (1 << 20))
+        with atomic_output(output) as tmp, hdf5_output(tmp, output) as f:
             f.attrs.update(formats.storable_attrs(dict(format=PREDICTIONS_FORMAT, format_version=PREDICTIONS_VERSION,
                                                        features=str(fp), probes=str(pp), layer=layer,
                                                        class_names=json.dumps(names))))
