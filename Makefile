@@ -29,13 +29,13 @@ install-test: $(VENV)/.installed-test
 demo: $(VENV)/.installed
 	$(VENV)/bin/igpt demo --out demo-out --overwrite
 
-# The whole suite (about 7 minutes on 2 cores). Cases marked `slow` (none at present)
+# The whole suite, on every core (pytest-xdist; about 9 minutes on 2 cores). Cases marked `slow` (none at present)
 # are left to `make test-all`.
 test: $(VENV)/.installed-test
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n auto -m "not slow"
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n auto --dist worksteal -m "not slow"
 
 test-all: $(VENV)/.installed-test
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n auto
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n auto --dist worksteal
 
 # The docs site (mkdocs-material) into site/: guides from docs/, the command reference generated
 # from the typer app, the API reference from docstrings; any warning is an error.
