@@ -229,9 +229,10 @@ def extract_image_features(
     read_bs = images_per_batch(size, 256)
     with contextlib.ExitStack() as stack:
         keep = None
-        if keep_tokens is not None and main:
+        if keep_tokens is not None and main:  # the tokens file quantize writes, with quantize's guarantees
+            outputs.check_free_space(keep_tokens, n_total * (size * size * 2 + 8))
             tmp_tokens = stack.enter_context(outputs.atomic_output(keep_tokens))
-            keep = stack.enter_context(h5py.File(tmp_tokens, "w"))
+            keep = stack.enter_context(outputs.hdf5_output(tmp_tokens, keep_tokens))
             formats.create_tokens_file(keep, height=size, width=size, palette=pal.centers,
                                        class_names=ds.class_names, split=ds.split, source=srcs if isinstance(
                                            srcs, str) else json.dumps(srcs), resize=ds.resize)
