@@ -242,10 +242,14 @@ def test_an_interrupt_during_a_step_lands_after_it():
     from igpt_cli.train.loop import signals_deferred
 
     order = []
-    with pytest.raises(KeyboardInterrupt):
-        with signals_deferred():
-            os.kill(os.getpid(), signal.SIGINT)
-            time.sleep(0.05)
-            order.append("step finished")
-    assert order == ["step finished"]
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is back
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C's own (pytest-xdist workers ignore it)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with signals_deferred():
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.05)
+                order.append("step finished")
+        assert order == ["step finished"]
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is back
+    finally:
+        signal.signal(signal.SIGINT, before)
