@@ -159,9 +159,16 @@ def test_resume_equals_an_uninterrupted_run(run, data):
     report = finetune(data["train"], data["model"], data["test"], out, None, resume=True, device="cpu")
     assert (out / "model.safetensors").read_bytes() == (run[0] / "model.safetensors").read_bytes()
     assert report.layers[0]["test_acc"] == run[1]["layers"][0]["test_acc"]
-    r = invoke("finetune", data["train"], "-m", data["model"], "--test", data["test"], "-o", out, "--resume",
+    # rerunning the command resumes by default (as train does): another objective is refused ...
+    r = invoke("finetune", data["train"], "-m", data["model"], "--test", data["test"], "-o", out,
                "--gen-weight", "0", "--quiet")
     assert_clean_failure(r, "other objective settings")
+    assert (out / "model.safetensors").read_bytes() == (run[0] / "model.safetensors").read_bytes()
+    # ... and --restart discards the saved run and starts anew with the new flags
+    r = invoke("finetune", data["train"], "-m", data["model"], "--test", data["test"], "-o", out, "--restart",
+               "--gen-weight", "0", "--steps", "2", *FLAGS, "--quiet")
+    assert r.exit_code == 0, r.stderr
+    assert json.loads(r.stdout)["training"]["steps"] == 2
 
 
 def test_two_ranks_train_the_model_one_process_trains(run, data):

@@ -139,7 +139,10 @@ def finetune_command(
     seed: Annotated[int, typer.Option("--seed", help="Seed of the head, data order and flips.")] = 0,
     device: Device = "auto",
     dtype: Annotated[ComputeDtype, typer.Option("--dtype", help="Autocast dtype (auto: bfloat16 where fast).")] = ComputeDtype.auto,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue the run saved in --out.")] = False,
+    restart: Annotated[bool, typer.Option("--restart", help=(
+        "Discard the run saved in --out (its state, model and logs) and start a new one."))] = False,
+    resume: Annotated[bool, typer.Option("--resume", hidden=True, help=(
+        "Continue the run saved in --out (the default when there is one; kept for older scripts)."))] = False,
     quiet: Quiet = False,
     as_json: Json = False,
 ) -> None:
@@ -147,13 +150,18 @@ def finetune_command(
 
     Writes a Hugging Face ImageGPTForImageClassification directory (transformers loads it with
     its id2label), OUT/metrics.jsonl, OUT/loss.png and OUT/report.json (test accuracy with its
-    95 % interval; the same JSON on stdout). Resumable; data-parallel under torchrun.
+    95 % interval; the same JSON on stdout). Data-parallel under torchrun. Like train, rerunning it
+    resumes the run saved in --out (flags you give again must match it); --restart starts anew.
 
     Example: igpt finetune train.h5 -m igpt-cifar8 --test test.h5 -o ft --steps 150
     """
+    from ..train import STATE_FILE
     from ..train.finetuning import finetune
     from .plots import write_loss_plot
 
+    if restart and resume:
+        raise InputError("--restart and --resume contradict each other: give one")
+    resume = resume or (not restart and (out / STATE_FILE).is_file())
     if not resume and steps is None and epochs is None:
         raise InputError("give --steps or --epochs")
     settings = dict(steps=steps, epochs=epochs, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps,
@@ -163,8 +171,8 @@ def finetune_command(
     settings = typed_settings(settings) if resume else {k: v for k, v in settings.items() if v is not None}
     with launched_run(quiet) as (dist, bar):
         report = finetune(train_tokens, model, test_tokens, out, settings, gen_weight=gen_weight, device=device,
-                          dtype=dtype.value, resume=resume, grad_accum=grad_accum, dist=dist,
-                          draw_loss=write_loss_plot, on_progress=bar)
+                          dtype=dtype.value, resume=resume, restart=restart, grad_accum=grad_accum,
+                          dist=dist, draw_loss=write_loss_plot, on_progress=bar)
     if dist.is_main:
         if not quiet:
             layer = report.layers[0]

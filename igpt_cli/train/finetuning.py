@@ -77,6 +77,7 @@ class FinetuneObjective(NextToken):
     """Classification cross-entropy of `IGPTClassifier` plus `gen_weight` times the next-token loss."""
 
     init_param = "model"
+    files = (REPORT_FILE,)
     bert_refusal = "igpt finetune fine-tunes autoregressive models only (for a BERT model the generative " \
                    "term would be the masked-token loss)"
 
@@ -255,6 +256,7 @@ def finetune(
     device: str = "auto",
     dtype: str = "auto",
     resume: bool = False,
+    restart: bool = False,
     grad_accum: int = 1,
     dist: DistContext | None = None,
     draw_loss: DrawLoss | None = None,
@@ -264,7 +266,8 @@ def finetune(
     (also `OUT/report.json`). `cfg`: the trainer's settings (`TrainConfig` or a dict of its
     fields; the architecture comes from the model). `gen_weight`: the weight of the
     generative term (the paper's joint objective has 1; 0 is classification only).
-    Resume, data parallelism and the output directory's lock are the trainer's (`pretrain`).
+    Resume (`resume=True`; `restart=True` discards a saved run), data parallelism and the output
+    directory's lock are the trainer's (`pretrain`).
     Bad input (unlabelled tokens, labels out of range, a test file of another size or palette
     than the training tokens, tokens of another size or palette than the model, a BERT model)
     is refused before anything is written.
@@ -277,8 +280,8 @@ def finetune(
     out = Path(out_dir)
     check_distinct({"out_dir": out}, {"train_tokens": train_tokens, "test_tokens": test_tokens})
     objective = FinetuneObjective(gen_weight, test_tokens, model, train_tokens)
-    pretrain(train_tokens, out, cfg, init=model, device=device, dtype=dtype, resume=resume, grad_accum=grad_accum,
-             dist=dist, draw_loss=draw_loss, on_progress=on_progress, objective=objective)
+    pretrain(train_tokens, out, cfg, init=model, device=device, dtype=dtype, resume=resume, restart=restart,
+             grad_accum=grad_accum, dist=dist, draw_loss=draw_loss, on_progress=on_progress, objective=objective)
     return objective.report
 
 

@@ -188,7 +188,7 @@ def pretrain(
                 if dist.is_main:  # `-o .` too: the lock sits next to the directory
                     stack.enter_context(output_lock(out.resolve()))
                     if restart and not resume:  # under the lock: no other run is writing it
-                        discard_run(out)
+                        discard_run(out, objective.files)
             init_dir = dist.broadcast(init_dir)  # resolved (downloaded, converted) once, by rank 0
             with all_or_none(dist):
                 train_sha = sha256_file(train_tokens)

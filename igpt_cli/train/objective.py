@@ -23,6 +23,7 @@ class NextToken:
 
     settings: dict = {}  # recorded in the run state; a resumed run must have the same ("" for pretraining)
     metrics: tuple[str, ...] = ()  # extra per-step numbers the loss reports (logged next to `loss`)
+    files: tuple[str, ...] = ()  # files it writes into OUT besides the run's own (a restart removes them too)
     init_param = "init"  # the parameter naming the starting model, in errors
     bert_refusal = "igpt train continues autoregressive (next-token) pretraining only"
 

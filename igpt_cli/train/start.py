@@ -40,15 +40,15 @@ class Options:
     draw_loss: DrawLoss | None = None
 
 
-def discard_run(out: Path) -> None:
+def discard_run(out: Path, extra: tuple[str, ...] = ()) -> None:
     """`restart=True`: remove the training run in `out` (its state, model, logs and kept step-*
-    models) so that a new one starts there. Only a directory that holds nothing but what a run
+    models, and the `extra` files its objective wrote) so that a new one starts there. Only a directory that holds nothing but what a run
     writes is emptied; anything else in it is refused (never lose a user's other files)."""
     from .state import LOSS_PLOT, METRICS_FILE, TENSORBOARD_DIR
 
     if not out.is_dir():
         return
-    ours = set(RUN_FILES) | {METRICS_FILE, LOSS_PLOT, TENSORBOARD_DIR}
+    ours = set(RUN_FILES) | {METRICS_FILE, LOSS_PLOT, TENSORBOARD_DIR} | set(extra)
     entries = list(out.iterdir())
     others = [p.name for p in entries if p.name not in ours and not p.name.startswith("step-")
               and not (p.name.startswith(".") and p.name.endswith((".tmp", ".lock")))]
