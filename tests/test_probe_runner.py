@@ -507,7 +507,7 @@ def test_torchrun_concat_and_knn_equal_one_process(five_layers, tmp_path):
         assert r.returncode == 0 and one.exit_code == 0, r.stderr
         docs = [json.loads(one.stdout), json.loads(r.stdout)]
         assert _without_timing(docs[0]) == _without_timing(docs[1])
-    assert [x["layers"] for x in docs[0]["layers"]] == [None] * 5 and docs[0]["protocol"]["method"] == "knn"
+    assert [x["layers"] for x in docs[0]["layers"]] == [[l] for l in range(5)] and docs[0]["protocol"]["method"] == "knn"
 
 
 def test_knn_on_concatenated_layers(pair):

@@ -162,7 +162,7 @@ def predict_command(
     if (probes is None) == (model is None):
         raise InputError("give --probes PROBES.h5 (features in) or -m/--model FINETUNED_DIR (tokens or images in), "
                          "exactly one of them")
-    outputs.check_distinct({"--out": output}, {"INPUT": src, "--probes": probes})
+    outputs.check_distinct({"--out": output}, {"features" if probes is not None else "input": src, "probes": probes})
     if probes is not None:
         for flag, given in (("--device", device != "auto"), ("--batch-size", batch_size is not None)):
             if given:
@@ -177,7 +177,7 @@ def predict_command(
         report = predict_file(src, probes, layer, output, overwrite=overwrite, as_list=as_json or output is None)
         what = f"layer {report.layer} ({report.layer_choice})"
     else:
-        from ..train.finetuning import EVAL_BATCH, predict_finetuned_file
+        from ..train.classify import EVAL_BATCH, predict_finetuned_file
 
         if layer:
             raise InputError("--layer applies to --probes; a fine-tuned model classifies from its last layer")

@@ -32,7 +32,6 @@ from ..errors import InputError
 from ..formats import FEATURES_FORMAT, PROBES_FORMAT, PROBES_VERSION, FormatError, feature_layers, open_igpt
 from ..layers import format_layers, parse_layers
 from ..outputs import atomic_output, check_distinct, check_free_space, check_output_path, hdf5_output
-from ..results import Result
 from .estimator import LinearProbe
 from .predictions import PredictionReport, report_predictions
 from .protocol import apply_standardization
