@@ -105,7 +105,7 @@ def test_depth_curve_and_provenance(pair):
     assert list(d) == ["igpt_version", "train", "test", "test_mode", "test_fraction", "seed", "model",
                        "model_sha256", "model_config", "site", "pool", "sos", "compute_dtype", "tokens_file",
                        "tokens_sha256", "test_tokens_file", "class_names", "protocol", "best_layer",
-                       "best_test_layer", "not_converged_fits", "seconds", "world_size", "warnings", "layers"]
+                       "best_test_layer", "not_converged_fits", "seconds", "world_size", "warnings", "layers", "method"]
     assert d["layers"][0] == rep.layers[0].to_dict() and json.loads(rep.to_json(indent=2)) == d
 
 
