@@ -73,7 +73,7 @@ def load_finetuned(model: str | Path, param: str = "model") -> tuple[IGPTClassif
     clf, names = load_classifier(model_dir)
     if not clf.config.autoregressive:
         raise ParameterError(param, str(model), "is a BERT-objective model; only autoregressive "
-                                                      "fine-tuned models are applied")
+                                                "fine-tuned models are applied")
     try:
         side, palette = model_image_settings(model_dir)
     except PaletteError:
@@ -144,8 +144,8 @@ def _tokens_file_kind(path: Path) -> str | None:
 
     from ..formats import open_igpt, read_attrs
 
-    if not path.is_file() or not h5py.is_hdf5(path):
-        return None
+    if not path.is_file() or not (path.suffix.lower() in (".h5", ".hdf5") or h5py.is_hdf5(path)):
+        return None   # (an .h5 file that is no HDF5: open_igpt says so)
     with open_igpt(path) as f:
         return read_attrs(f).get("format")
 
