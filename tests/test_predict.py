@@ -41,7 +41,7 @@ def images_of(tokens: np.ndarray) -> np.ndarray:
 
 def test_predict_model_on_tokens_equals_the_library_and_writes_the_probes_predictions_file(ft, tmp_path):
     lib = predict_finetuned(ft["test"], ft["model"], device="cpu")
-    r = invoke("predict", ft["test"], "-m", ft["model"], "--json", "-q", "-b", "4")
+    r = invoke("predict", ft["test"], "-m", ft["model"], "--json", "-q", "-b", "4", "--device", "cpu")
     assert r.returncode == 0, r.stderr
     d = json.loads(r.stdout)
     rows = d["predictions"]
@@ -81,7 +81,7 @@ def test_predict_model_on_an_image_folder(ft, tmp_path):
     (root / "zebra").mkdir()
     Image.fromarray(images[0]).save(root / "zebra" / "img00.png")
     lib = predict_finetuned(images, ft["model"], device="cpu")
-    r = invoke("predict", root, "-m", ft["model"], "--json", "-q")
+    r = invoke("predict", root, "-m", ft["model"], "--json", "-q", "--device", "cpu")
     assert r.returncode == 0, r.stderr
     d = json.loads(r.stdout)
     got = {x["source"]: x for x in d["predictions"]}
@@ -135,14 +135,15 @@ def _check_row(row: dict, method: str) -> None:
 def test_probe_knn_fewshot_and_finetune_rows_share_one_schema(ft, tmp_path):
     train = write_features(tmp_path / "tr.h5", *make_data(60, layers=(0, 1)))
     test = write_features(tmp_path / "te.h5", *make_data(30, layers=(0, 1), seed=1))
-    linear = probe_files(train, test, shots=[2], seeds=2).to_dict()
+    linear = probe_files(train, test, "1", shots=[2], seeds=2).to_dict()
     assert linear["method"] == "linear"
-    for row in linear["layers"]:
-        _check_row(row, "linear")
-        assert row["accuracy"] == row["test_acc"] and row["C"] == row["c"] and row["layers"] == [row["layer"]]
-        (few,) = row["few_shot"]
-        _check_row(few, "fewshot")
-        assert few["n_train"] == 6 and few["accuracy"] == few["test_acc_mean"]
+    (row,) = linear["layers"]
+    _check_row(row, "linear")
+    assert row["accuracy"] == row["test_acc"] and row["C"] == row["c"] and row["layers"] == [1]
+    assert row["accuracy_interval"] == row["test_acc_ci"] and (row["n_train"], row["n_test"]) == (60, 30)
+    (few,) = row["few_shot"]
+    _check_row(few, "fewshot")
+    assert few["n_train"] == 6 and few["accuracy"] == few["test_acc_mean"]
     concat = probe_files(train, test, "0,1", concat=True).to_dict()["layers"][0]
     _check_row(concat, "linear")
     assert concat["layers"] == [0, 1]
