@@ -22,7 +22,7 @@ _EXPORTS = {
     # stages (files in, files out; typed results with .to_dict())
     "quantize_dataset": "quantize", "fit_palette_file": "quantize",
     "extract_features": "extract", "extract_image_features": "extract", "probe_files": "probe", "pretrain": "train", "TrainConfig": "train",
-    "finetune": "train", "predict_finetuned": "train",
+    "finetune": "train", "predict_finetuned": "train", "predict_finetuned_file": "train",
     "run_demo": "demo", "sweep": "sweep", "run_sweep": "sweep", "file_info": "fileinfo", "show_tokens": "show",
     # in memory (numpy in, numpy out)
     "features_from_tokens": "extract", "features_from_images": "extract", "load_features": "formats",

@@ -21,7 +21,7 @@ from igpt_cli.outputs import OutputError, check_output_path
 WRITERS = {"quantize", "palette fit", "extract", "features", "convert", "show", "sample", "complete", "score",
            "train", "sweep", "demo", "predict"}
 # Commands that run a model given by the user: -m/--model names it (train's is --init: its -o is the model).
-MODEL_TAKERS = {"extract", "features", "sample", "complete", "score", "demo"}
+MODEL_TAKERS = {"extract", "features", "sample", "complete", "score", "demo", "predict"}
 
 
 def all_commands() -> dict[str, object]:
@@ -126,7 +126,10 @@ def test_help_shows_flags_without_a_bool_value_and_examples_that_run_offline(nam
     assert r.returncode == 0
     assert "<bool>" not in r.stdout and "imagegpt-small/" not in r.stdout
     for line in re.findall(r"Example: (igpt .*)", COMMANDS[name].help or ""):
-        if " -m " in line or "--model" in line:
+        if name == "predict" and " -m " in line:   # a fine-tuned model: the directory finetune's example writes
+            finetuned = re.search(r"Example: igpt finetune .* -o (\S+)", COMMANDS["finetune"].help).group(1)
+            assert f" -m {finetuned} " in line, line
+        elif " -m " in line or "--model" in line:
             assert "-m igpt-cifar8" in line, line  # the shipped model, nothing to download
 
 

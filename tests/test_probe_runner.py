@@ -105,7 +105,7 @@ def test_depth_curve_and_provenance(pair):
     assert list(d) == ["igpt_version", "train", "test", "test_mode", "test_fraction", "seed", "model",
                        "model_sha256", "model_config", "site", "pool", "sos", "compute_dtype", "tokens_file",
                        "tokens_sha256", "test_tokens_file", "class_names", "protocol", "best_layer",
-                       "best_test_layer", "not_converged_fits", "seconds", "world_size", "warnings", "layers"]
+                       "best_test_layer", "not_converged_fits", "seconds", "world_size", "warnings", "layers", "method"]
     assert d["layers"][0] == rep.layers[0].to_dict() and json.loads(rep.to_json(indent=2)) == d
 
 
@@ -507,7 +507,7 @@ def test_torchrun_concat_and_knn_equal_one_process(five_layers, tmp_path):
         assert r.returncode == 0 and one.exit_code == 0, r.stderr
         docs = [json.loads(one.stdout), json.loads(r.stdout)]
         assert _without_timing(docs[0]) == _without_timing(docs[1])
-    assert [x["layers"] for x in docs[0]["layers"]] == [None] * 5 and docs[0]["protocol"]["method"] == "knn"
+    assert [x["layers"] for x in docs[0]["layers"]] == [[l] for l in range(5)] and docs[0]["protocol"]["method"] == "knn"
 
 
 def test_knn_on_concatenated_layers(pair):

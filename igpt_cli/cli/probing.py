@@ -1,4 +1,4 @@
-"""`igpt probe`: features in, per-layer linear-probe accuracy out; `igpt predict`: saved probes applied."""
+"""`igpt probe`: features in, per-layer linear-probe accuracy out; `igpt predict`: saved probes or a fine-tuned model applied."""
 from __future__ import annotations
 
 import json
@@ -124,10 +124,15 @@ PREDICT_TABLE_ROWS = 1000  # predict without -o/--json prints at most this many 
 
 @handles_input_errors
 def predict_command(
-    features: Annotated[Path, typer.Argument(metavar="feats", help="Features file to classify.")],
-    probes: Annotated[Path, typer.Option("--probes", metavar="<probes.h5>", help="Probes saved by `igpt probe --save-probes`.")],
+    src: Annotated[Path, typer.Argument(metavar="input", help=(
+        "With --probes: a features file. With -m/--model: a tokens file quantized with the model's palette, or "
+        "images (a folder, an archive, one image; what `igpt quantize` reads), quantized at the model's size."))],
+    probes: Annotated[Optional[Path], typer.Option("--probes", metavar="<probes.h5>", help=(
+        "Probes saved by `igpt probe --save-probes`, applied to features."))] = None,
+    model: Annotated[Optional[str], typer.Option("--model", "-m", metavar="<dir>", help=(
+        "A fine-tuned model (the directory `igpt finetune` writes), applied to tokens or images."))] = None,
     layer: Annotated[Optional[list[str]], typer.Option("--layer", "-l", metavar=LAYERS_METAVAR, help=(
-        "Which layer's probe: one layer of the spec every command takes, e.g. 6 or -1 for the last "
+        "--probes: which layer's probe: one layer of the spec every command takes, e.g. 6 or -1 for the last "
         "(default: the probes' best layer, or the best of the layers the features hold)."))] = None,
     output: Annotated[Optional[Path], out_option(
         "Write predictions (class index, class name, probabilities, sources) to this HDF5 file.")] = None,
@@ -135,31 +140,56 @@ def predict_command(
     as_json: Annotated[bool, typer.Option("--json", help="Print the report with every row's prediction as JSON.")] = False,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
+    device: Device = "auto",
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", "-b", help=(
+        "-m/--model: images per batch (default 256)."))] = None,
 ) -> None:
-    """Apply saved probes to features: predicted class and probabilities per row, accuracy where labelled.
+    """Apply saved probes to features, or a fine-tuned model to tokens or images: predicted class and
+    probabilities per row, accuracy where labelled.
 
     Without -o or --json, prints one row per image (source, predicted class, probability).
 
     Example: igpt predict test-feats.h5 --probes probes.h5 -o predictions.h5
+
+    Example: igpt predict test.h5 -m ft -o ft-predictions.h5
     """
     from ..probe import predict_file
     from .ui import err, plural, print_json
 
+    from .. import outputs
+
     output = output or output_alias
-    if layer:
-        try:
-            (one,) = (int(v) for v in layer)   # one layer: 6, or -1 for the last
-        except ValueError:
-            raise InputError(f"--layer {','.join(layer)}: predict applies one layer's probe; give one layer "
-                             "number (e.g. --layer 6, or -1 for the last)") from None
-        layer = str(one)
-    report = predict_file(features, probes, layer, output, overwrite=overwrite,
-                          as_list=as_json or output is None)
+    if (probes is None) == (model is None):
+        raise InputError("give --probes PROBES.h5 (features in) or -m/--model FINETUNED_DIR (tokens or images in), "
+                         "exactly one of them")
+    outputs.check_distinct({"--out": output}, {"features" if probes is not None else "input": src, "probes": probes})
+    if probes is not None:
+        for flag, given in (("--device", device != "auto"), ("--batch-size", batch_size is not None)):
+            if given:
+                raise InputError(f"{flag} applies to -m/--model; saved probes run on the CPU")
+        if layer:
+            try:
+                (one,) = (int(v) for v in layer)   # one layer: 6, or -1 for the last
+            except ValueError:
+                raise InputError(f"--layer {','.join(layer)}: predict applies one layer's probe; give one layer "
+                                 "number (e.g. --layer 6, or -1 for the last)") from None
+            layer = str(one)
+        report = predict_file(src, probes, layer, output, overwrite=overwrite, as_list=as_json or output is None)
+        what = f"layer {report.layer} ({report.layer_choice})"
+    else:
+        from ..train.classify import EVAL_BATCH, predict_finetuned_file
+
+        if layer:
+            raise InputError("--layer applies to --probes; a fine-tuned model classifies from its last layer")
+        report = predict_finetuned_file(src, model, output, overwrite=overwrite, as_list=as_json or output is None,
+                                        device=device, batch_size=EVAL_BATCH if batch_size is None else batch_size)
+        what = f"fine-tuned {model}"
     acc = "n/a" if report.accuracy is None else f"{report.accuracy:.2%}"
     if not quiet:
-        err.print(f"layer {report.layer} ({report.layer_choice}): {plural(report.n, 'row')}, accuracy {acc} on "
+        err.print(f"{what}: {plural(report.n, 'row')}, accuracy {acc} on "
                   f"{plural(report.n_known, 'labelled row')}"
-                  + (f"; {plural(report.n_unseen, 'row')} of classes the probes never saw "
+                  + (f"; {plural(report.n_unseen, 'row')} of classes the "
+                     f"{'probes' if probes is not None else 'model'} never saw "
                      f"({', '.join(report.unseen_classes)})" if report.n_unseen else ""), highlight=False,
                   soft_wrap=True)
     if as_json:
@@ -176,7 +206,8 @@ def render_predictions(d: dict) -> None:
     from .ui import err
 
     rows = d["predictions"]
-    t = Table(title=f"igpt predict · {Path(d['features']).name} · layer {d['layer']}", title_justify="left")
+    by = f"layer {d['layer']}" if d.get("probes") else f"fine-tuned {Path(str(d.get('model'))).name}"
+    t = Table(title=f"igpt predict · {Path(d['features']).name} · {by}", title_justify="left")
     for col, just in (("row", "right"), ("source", "left"), ("predicted", "left"), ("prob", "right"),
                       ("label", "left")):
         t.add_column(col, justify=just, overflow="fold")

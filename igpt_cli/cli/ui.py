@@ -74,7 +74,10 @@ def print_table(table, console: Console = err) -> None:
 
 
 def fail(msg: str, code: int = 2) -> None:
-    err.print(f"[bold red]error:[/] {msg}", highlight=False, soft_wrap=True, markup=True)
+    from rich.markup import escape
+
+    # the message is text, not markup: "[N, 64]" or "score.weight [labels, dims]" stay as written
+    err.print(f"[bold red]error:[/] {escape(msg)}", highlight=False, soft_wrap=True, markup=True)
     raise typer.Exit(code)
 
 

@@ -84,7 +84,7 @@ def load_classifier(model_dir: str | Path) -> tuple[IGPTClassifier, list[str]]:
     score = stored.get("score.weight")
     if not isinstance(score, torch.Tensor) or score.ndim != 2 or score.shape[1] != cfg.n_embd:
         raise CheckpointError(f"{weights}: no classification head (score.weight [num_labels, {cfg.n_embd}]); "
-                              "not a fine-tuned model")
+                              "not a fine-tuned model (igpt finetune writes one)")
     n = score.shape[0]
     if sorted(id2label) != list(range(n)):
         id2label = {i: str(i) for i in range(n)}

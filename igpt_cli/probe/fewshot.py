@@ -48,7 +48,8 @@ def draw_shots(y_train: np.ndarray, n: int, seed: int, draw: int) -> np.ndarray:
 
 def few_shot(X_train, y_train: np.ndarray, X_test, y_test: np.ndarray, shots: Sequence[int], seeds: int = 5,
              seed: int = 0, *, estimator=None, class_names: Sequence[str] | None = None, **probe_kw) -> list[dict]:
-    """One entry per shot count: {"shots", "seeds", "selection", "test_acc_mean", "test_acc_std",
+    """One entry per shot count: {"shots", "seeds", "selection", "n_train" (drawn rows), "n_val" (rows that
+    validated C), "test_acc_mean", "test_acc_std",
     "test_accs" (per seed), "c" (per seed)}. `probe_kw`: grid/refine/tol/max_iter of `probe_layer`."""
     y_train = np.asarray(y_train, dtype=np.int64)
     y_test = np.asarray(y_test, dtype=np.int64)
@@ -72,7 +73,9 @@ def few_shot(X_train, y_train: np.ndarray, X_test, y_test: np.ndarray, shots: Se
                 acc, c, selection = r.test_acc, r.c, f"{r.selection} cross-validation within the shots"
             accs.append(acc)
             cs.append(c)
-        out.append({"shots": n, "seeds": int(seeds), "selection": selection,
+        n_train = n * len(np.unique(y_train))
+        out.append({"shots": n, "seeds": int(seeds), "selection": selection, "n_train": n_train,
+                    "n_val": 0 if n == 1 else n_train,   # k-fold within the shots: every drawn row validates once
                     "test_acc_mean": float(np.mean(accs)),
                     "test_acc_std": float(np.std(accs, ddof=1)) if seeds > 1 else 0.0,
                     "test_accs": accs, "c": cs})

@@ -300,6 +300,9 @@ def search_c_folds(estimator, folds: Sequence[Fold], grid: Sequence[float] = COA
 
 @dataclass
 class LayerResult(Result):
+    """One result row of a probe report. `to_dict()` also carries the keys every evaluation's row
+    shares (`result_row`: method, layers, pool, C, k, n_train/n_val/n_test, accuracy and its interval),
+    and so does each entry of `few_shot` (method "fewshot")."""
     layer: int
     c: float
     val_acc: float
@@ -325,9 +328,42 @@ class LayerResult(Result):
     k: int | None = None         # k-NN: neighbours per vote
     layers: list[int] | None = None   # --concat: the layers concatenated (`layer`: the first of them)
     few_shot: list[dict] = field(default_factory=list)   # --shots: per shot count, mean/std test accuracy over seeds
+    pool: str | None = None      # how the features were pooled (the features file's `pool`; set by `probe_files`)
 
     # set by `probe_layer`, not part of the report: the chosen classifier (`classifier_arrays`)
     classifier = None
+
+    def to_dict(self) -> dict:
+        d = super().to_dict()
+        layers = list(self.layers) if self.layers else [self.layer]
+        d.update(result_row(method=self.method, layers=layers, pool=self.pool,
+                            c=self.c if self.method == "linear" else None, k=self.k, n_train=self.n_train,
+                            n_val=self.n_val, n_test=self.n_test, accuracy=self.test_acc,
+                            accuracy_interval=self.test_acc_ci))
+        d["few_shot"] = [dict(e, **result_row(
+            method="fewshot", layers=layers, pool=self.pool, c=None, k=None, n_train=e.get("n_train"),
+            n_val=e.get("n_val"), n_test=self.n_test, accuracy=e["test_acc_mean"],
+            accuracy_interval=wilson_interval(round(e["test_acc_mean"] * self.n_test), self.n_test)))
+            for e in d["few_shot"]]
+        return d
+
+
+RESULT_KEYS = ("method", "layers", "pool", "C", "k", "n_train", "n_val", "n_test", "accuracy", "accuracy_interval")
+
+
+def result_row(*, method: str, layers: Sequence[int], pool: str | None, c: float | None, k: int | None,
+               n_train: int | None, n_val: int | None, n_test: int, accuracy: float,
+               accuracy_interval: Sequence[float]) -> dict:
+    """The keys every evaluation's result row carries (`RESULT_KEYS`; docs/formats.md, "Result rows"), so
+    that probes, k-NN, few-shot and fine-tuning compare: `method` ("linear", "knn", "fewshot",
+    "finetune"), `layers` (the layers read: one, or several concatenated), `pool`, `C` (the linear
+    probe's; None otherwise) and `k` (k-NN's; None otherwise), the row counts, the test `accuracy` and
+    its 95 % Wilson `accuracy_interval` [lo, hi] (`wilson_interval`)."""
+    return {"method": method, "layers": [int(l) for l in layers], "pool": pool,
+            "C": None if c is None else float(c), "k": None if k is None else int(k),
+            "n_train": None if n_train is None else int(n_train), "n_val": None if n_val is None else int(n_val),
+            "n_test": int(n_test), "accuracy": float(accuracy),
+            "accuracy_interval": [float(v) for v in accuracy_interval]}
 
 
 def probe_layer(X_train: np.ndarray, y_train: np.ndarray, X_test: np.ndarray, y_test: np.ndarray,

@@ -188,7 +188,8 @@ class ProbeReport(Result):
     seconds: float
     world_size: int                 # processes the layers were spread over (torchrun); 1: one process
     warnings: list[str]             # what makes the numbers less certain (small validation, C at the grid's edge)
-    layers: list[LayerResult]
+    layers: list[LayerResult]       # the result rows (each with the shared keys of `protocol.result_row`)
+    method: str = "linear"          # "linear" or "knn" (as `protocol.method` and each row's `method`)
 
 
 PROVENANCE_ATTRS = ("igpt_version", "model", "model_sha256", "model_config", "site", "pool", "sos",
@@ -417,6 +418,7 @@ def probe_files(train: str | Path, test: str | Path | None = None, layers: Seque
                                                 class_names=tr.class_names, **probe_kw), Xtr, Xte))
 
     def finish(r: LayerResult) -> LayerResult:
+        r.pool = tr.attrs.get("pool")   # the report's rows carry it (`result_row`)
         with progress_lock:
             progress.advance(1, info=f"layer {r.layer}: test {r.test_acc:.1%}", result=r)
         return r
@@ -468,6 +470,7 @@ def probe_files(train: str | Path, test: str | Path | None = None, layers: Seque
         world_size=ctx.world_size if ctx is not None else 1,
         warnings=report_warnings(results),
         layers=results,
+        method=method,
     )
     if save_probes is not None and (ctx is None or ctx.is_main):
         from .store import save_probes as write_probes

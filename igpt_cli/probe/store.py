@@ -13,9 +13,8 @@ damaged or edited file is one line, never a traceback or NaN probabilities.
 
 `predict_file` applies one layer's probe to a features file exactly as the probe scored
 its test rows (same float32 standardisation, same products), so on the test features it
-reproduces the reported test accuracy. The predictions file ("igpt-predictions", version
-1): `pred` [N] label ids, `pred_name` [N], `probabilities` [N, K], `classes` [K],
-`labels` [N], `sources` [N] (the features' image names, where they have them).
+reproduces the reported test accuracy; the report and the predictions file are
+`predictions.report_predictions`'s (shared with a fine-tuned model's predictions).
 """
 from __future__ import annotations
 
@@ -30,12 +29,11 @@ import numpy as np
 
 from .. import formats
 from ..errors import InputError
-from ..formats import (FEATURES_FORMAT, PREDICTIONS_FORMAT, PREDICTIONS_VERSION, PROBES_FORMAT, PROBES_VERSION,
-                       FormatError, feature_layers, open_igpt)
+from ..formats import FEATURES_FORMAT, PROBES_FORMAT, PROBES_VERSION, FormatError, feature_layers, open_igpt
 from ..layers import format_layers, parse_layers
 from ..outputs import atomic_output, check_distinct, check_free_space, check_output_path, hdf5_output
-from ..results import Result
 from .estimator import LinearProbe
+from .predictions import PredictionReport, report_predictions
 from .protocol import apply_standardization
 from .stream import read_layer
 
@@ -200,25 +198,6 @@ def load_probes(path: str | Path) -> tuple[dict, dict[int, Probe]]:
     return attrs, probes
 
 
-@dataclass
-class PredictionReport(Result):
-    """What `predict_file` did: rows, accuracy on the labelled rows whose class the probe knows."""
-    features: str
-    probes: str
-    output: str | None
-    layer: int
-    layer_choice: str             # how the layer was chosen ("given", "the probes' best layer", ...)
-    n: int
-    n_labelled: int
-    n_known: int                  # labelled rows whose class the probe was trained on
-    accuracy: float | None        # on those rows
-    n_unseen: int                 # labelled rows of classes the probe never saw
-    unseen_classes: list[str]
-    predictions: list[dict] | None = None   # per row (with as_list): index, source, label, class, name, probabilities
-
-    _omit_if_none = ("predictions",)
-
-
 def _text(v) -> str:
     """An HDF5 string as text (undecodable bytes replaced: a name is for reading, never for crashing)."""
     return v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v)
@@ -301,33 +280,8 @@ def predict_file(features: str | Path, probes: str | Path, layer: int | str | No
                    if isinstance(f.get("sources"), h5py.Dataset) else [None] * len(labels))
     est = probe.estimator
     Xs = apply_standardization(X, probe.mean, probe.scale)
-    proba = est.predict_proba(Xs)                     # [N, K]
-    pred = est.predict(Xs)                            # label ids
-    names = pattrs["class_names"]
-    name_of = (lambda c: names[c] if 0 <= c < len(names) else str(c))
-    labelled = labels >= 0
-    known = labelled & np.isin(labels, est.classes_)
-    unseen = sorted(set(labels[labelled & ~known].tolist()))
-    if output is not None:
-        check_free_space(output, proba.nbytes + len(pred) * 64 + (1 << 20))
-        with atomic_output(output) as tmp, hdf5_output(tmp, output) as f:
-            f.attrs.update(formats.storable_attrs(dict(format=PREDICTIONS_FORMAT, format_version=PREDICTIONS_VERSION,
-                                                       features=str(fp), probes=str(pp), layer=layer,
-                                                       class_names=json.dumps(names))))
-            formats.stamp_provenance(f, "cpu")
-            f.create_dataset("pred", data=pred.astype(np.int64))
-            f.create_dataset("pred_name", data=np.array([name_of(int(c)) for c in pred], dtype=object),
-                             dtype=formats.STR_DTYPE)
-            f.create_dataset("probabilities", data=proba.astype(np.float32))
-            f.create_dataset("classes", data=est.classes_.astype(np.int64))
-            f.create_dataset("labels", data=labels)
-            f.create_dataset("sources", data=np.array(["" if s is None else s for s in sources], dtype=object),
-                             dtype=formats.STR_DTYPE)
-    rows = [{"index": i, "source": s, "label": int(y), "class": int(c), "name": name_of(int(c)),
-             "probabilities": [float(v) for v in p]}
-            for i, (s, y, c, p) in enumerate(zip(sources, labels, pred, proba))] if as_list else None
-    return PredictionReport(
-        features=str(fp), probes=str(pp), output=None if output is None else str(output), layer=layer,
-        layer_choice=how, n=len(X), n_labelled=int(labelled.sum()), n_known=int(known.sum()),
-        accuracy=float((pred[known] == labels[known]).mean()) if known.any() else None,
-        n_unseen=int((labelled & ~known).sum()), unseen_classes=[name_of(c) for c in unseen], predictions=rows)
+    return report_predictions(est.predict(Xs), est.predict_proba(Xs), est.classes_, pattrs["class_names"], labels,
+                              sources, output=output, as_list=as_list,
+                              attrs=dict(method="linear", features=str(fp), probes=str(pp), layer=layer),
+                              features=str(fp), probes=str(pp), layer=layer, layer_choice=how, method="linear",
+                              model=None if pattrs.get("model") is None else str(pattrs["model"]))

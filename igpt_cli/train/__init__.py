@@ -29,17 +29,19 @@ installed (`watch`). Continuing a model: `init=` (`init.py`).
 Modules: `config` (settings, schedule, memory), `data` (tokens, batches, the validation
 subset), `state` (the run state on disk), `init` (the model a run starts from), `watch`
 (metrics, plot), `objective` (what the loop optimises: next-token pretraining by default),
-`loop` (`pretrain`), `finetuning` (`finetune`, `predict_finetuned`: a classification head on the
-mean-pooled last layer, the paper's joint objective, run by the same loop).
+`loop` (`pretrain`), `finetuning` (`finetune`: a classification head on the mean-pooled last
+layer, the paper's joint objective, run by the same loop), `classify` (a fine-tuned model applied:
+`predict_finetuned` in memory, `predict_finetuned_file` for `igpt predict -m`).
 """
 from .config import TrainConfig, check_config, lr_at, total_steps
 from .data import TokenData, batch_indices, flip_mask, load_tokens, make_batch, val_rows
 from .loop import (TrainResult, evaluate, loss_on, make_optimizer, pretrain, split_batch,
                    write_preprocessor_config)
 from .state import STATE_FILE, TRAIN_META
-from .finetuning import FinetuneReport, finetune, predict_finetuned
+from .classify import predict_finetuned, predict_finetuned_file
+from .finetuning import FinetuneReport, finetune
 
 __all__ = ["TrainConfig", "TrainResult", "TokenData", "pretrain", "load_tokens", "lr_at", "batch_indices",
            "make_batch", "flip_mask", "total_steps", "check_config", "evaluate", "loss_on", "make_optimizer",
            "write_preprocessor_config", "STATE_FILE", "TRAIN_META", "split_batch", "val_rows", "finetune",
-           "predict_finetuned", "FinetuneReport"]
+           "predict_finetuned", "predict_finetuned_file", "FinetuneReport"]

@@ -16,9 +16,10 @@ directory is a Hugging Face `ImageGPTForImageClassification` (`model/classifier.
 `transformers` loads it with its `id2label` and, fed the same input ids, gives our logits.
 At the end the test file is classified and `OUT/report.json` written: the probe reports'
 schema (`method="finetune"`, `pool="mean"`, `layer` = the last, the test accuracy with its
-Wilson interval, n_train/n_val/n_test, per-class accuracy, confusion).
+Wilson interval, n_train/n_val/n_test, per-class accuracy, confusion; its one row carries the
+keys every evaluation's row shares, `probe.protocol.result_row`).
 
-`predict_finetuned` applies a fine-tuned directory to tokens or images.
+`predict_finetuned` (in `classify`, re-exported here) applies a fine-tuned directory to tokens or images.
 """
 from __future__ import annotations
 
@@ -27,7 +28,6 @@ import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -37,11 +37,12 @@ from .. import __version__
 from ..distributed import DistContext
 from ..errors import InputError, ParameterError
 from ..model import IGPTConfig, sos_shift
-from ..model.classifier import IGPTClassifier, load_classifier, save_classifier
+from ..model.classifier import IGPTClassifier, save_classifier
 from ..outputs import check_distinct
 from ..progress import OnProgress
 from ..results import Result
-from ..runtime import resolve_device
+from .classify import (EVAL_BATCH, Predictions, check_tokens_fit, class_logits, classify,  # noqa: F401
+                       load_finetuned, predict_finetuned, predict_finetuned_file)
 from .config import TrainConfig
 from .data import TokenData, batch_labels, check_val, load_tokens, make_batch
 from .loop import pretrain, write_preprocessor_config
@@ -49,8 +50,12 @@ from .objective import NextToken
 from .state import TRAIN_META, write_errors, write_text
 from .watch import DrawLoss
 
+__all__ = ["finetune", "FinetuneObjective", "FinetuneReport", "make_report", "REPORT_FILE",
+           # applying a fine-tuned model (module `classify`), re-exported where it was first documented
+           "EVAL_BATCH", "Predictions", "check_tokens_fit", "class_logits", "classify", "load_finetuned",
+           "predict_finetuned", "predict_finetuned_file"]
+
 REPORT_FILE = "report.json"
-EVAL_BATCH = 256
 
 
 def class_names_of(data: TokenData) -> list[str]:
@@ -168,28 +173,6 @@ class FinetuneObjective(NextToken):
         self.report = dist.broadcast(report)
 
 
-@torch.inference_mode()
-def classify(model: IGPTClassifier, tokens: np.ndarray, device: torch.device,
-             batch_size: int = EVAL_BATCH) -> np.ndarray:
-    """Predicted class of each row of `tokens` [N, T] (float32, the model left in train mode)."""
-    return class_logits(model, tokens, device, batch_size).argmax(-1).numpy()
-
-
-@torch.inference_mode()
-def class_logits(model: IGPTClassifier, tokens: np.ndarray, device: torch.device,
-                 batch_size: int = EVAL_BATCH) -> torch.Tensor:
-    """Class logits [N, num_labels] (float32, on the CPU) of tokens [N, T]."""
-    was_training = model.training
-    model.eval()
-    out = []
-    for i in range(0, len(tokens), batch_size):
-        x = torch.from_numpy(np.asarray(tokens[i:i + batch_size]).astype(np.int64)).to(device)
-        logits, _ = model(sos_shift(x, model.config.sos_token), generative=False)
-        out.append(logits.float().cpu())
-    model.train(was_training)
-    return torch.cat(out) if out else torch.zeros((0, model.num_labels))
-
-
 # ---------------------------------------------------------------------------
 # the report: the probe reports' schema
 # ---------------------------------------------------------------------------
@@ -220,7 +203,7 @@ class FinetuneReport(Result):
 
 def make_report(y_test: np.ndarray, y_pred: np.ndarray, class_names: list[str], *, n_layer: int, dim: int,
                 seconds: float, **context) -> FinetuneReport:
-    from ..probe.protocol import wilson_interval  # the probe reports' interval (imported here: scikit-learn)
+    from ..probe.protocol import result_row, wilson_interval  # the probe reports' (imported here: scikit-learn)
 
     correct = y_pred == y_test
     per_class = {name: (float(correct[y_test == c].mean()) if (y_test == c).any() else None)
@@ -233,6 +216,9 @@ def make_report(y_test: np.ndarray, y_pred: np.ndarray, class_names: list[str], 
              "per_class_acc": per_class, "n_train": context.get("n_train"), "n_val": 0, "n_test": int(len(y_test)),
              "dim": dim, "seconds": round(seconds, 3), "test_acc_ci": wilson_interval(int(correct.sum()), len(correct)),
              "ci_method": "wilson", "confusion": confusion.tolist()}
+    layer.update(result_row(method="finetune", layers=[n_layer], pool="mean", c=None, k=None,
+                            n_train=layer["n_train"], n_val=0, n_test=len(y_test), accuracy=layer["test_acc"],
+                            accuracy_interval=layer["test_acc_ci"]))
     return FinetuneReport(
         method="finetune", igpt_version=__version__, train=context.get("train", ""), test=context.get("test", ""),
         test_mode="file", seed=context.get("seed", 0), model=context.get("model", ""),
@@ -283,71 +269,3 @@ def finetune(
     pretrain(train_tokens, out, cfg, init=model, device=device, dtype=dtype, resume=resume, restart=restart,
              grad_accum=grad_accum, dist=dist, draw_loss=draw_loss, on_progress=on_progress, objective=objective)
     return objective.report
-
-
-# ---------------------------------------------------------------------------
-# applying a fine-tuned model
-# ---------------------------------------------------------------------------
-@dataclass
-class Predictions(Result):
-    """What a fine-tuned model says of each image: the class index, its name, the probabilities."""
-    predictions: list[int]
-    labels: list[str]
-    probabilities: list[list[float]]
-    class_names: list[str]
-
-
-def predict_finetuned(tokens_or_images: Any, model_dir: str | Path, *, device: str = "auto",
-                      batch_size: int = EVAL_BATCH) -> Predictions:
-    """Classify with a fine-tuned directory (`finetune`'s output, or any
-    `ImageGPTForImageClassification` of an autoregressive iGPT).
-
-    `tokens_or_images`: a tokens file (path), palette tokens [N, H*W] (integers), or uint8 RGB
-    images [N, H, W, 3] at the model's size (quantized with the model's palette). Tokens must
-    come from the model's palette: a file quantized with another palette is refused."""
-    from ..palette import Palette, PaletteError
-
-    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-        raise ParameterError("batch_size", batch_size, "must be an integer of at least 1")
-    model, names = load_classifier(model_dir)
-    cfg = model.config
-    if not cfg.autoregressive:
-        raise ParameterError("model_dir", str(model_dir), "is a BERT-objective model; only autoregressive "
-                                                          "fine-tuned models are applied")
-    try:
-        palette = Palette.load(model_dir)
-    except PaletteError:
-        palette = None
-    if isinstance(tokens_or_images, (str, Path)):
-        data = load_tokens(tokens_or_images)
-        if data.height * data.width != cfg.n_positions:
-            raise InputError(f"{data.path}: {data.height}x{data.width} tokens, the model {model_dir} takes "
-                             f"{cfg.n_positions} tokens per image")
-        if palette is not None and (palette.centers.shape != data.palette.shape
-                                    or float(np.abs(palette.centers - data.palette).max()) >= 1e-3):
-            raise InputError(f"{data.path}: quantized with another palette than the model {model_dir}; "
-                             f"quantize with --palette {model_dir}")
-        tokens = data.tokens
-    else:
-        arr = np.asarray(tokens_or_images)
-        if arr.ndim == 4 and arr.shape[-1] == 3 and arr.dtype == np.uint8:
-            if palette is None:
-                raise InputError(f"{model_dir}: names no palette (preprocessor_config.json): give tokens, "
-                                 "not images")
-            if arr.shape[1] * arr.shape[2] != cfg.n_positions:
-                raise ParameterError("tokens_or_images", f"images {arr.shape[1]}x{arr.shape[2]}",
-                                     f"the model takes {cfg.n_positions} pixels per image; resize them first")
-            tokens = palette.quantize(arr)
-        elif arr.ndim == 2 and np.issubdtype(arr.dtype, np.integer) and arr.shape[1] == cfg.n_positions:
-            if arr.size and (arr.min() < 0 or arr.max() >= cfg.vocab_size - 1):
-                raise ParameterError("tokens_or_images", "tokens", f"values must lie in 0..{cfg.vocab_size - 2}")
-            tokens = arr
-        else:
-            raise ParameterError("tokens_or_images", f"{arr.dtype} {arr.shape}",
-                                 f"expected a tokens file, tokens [N, {cfg.n_positions}] or uint8 images [N, H, W, 3]")
-    dev = resolve_device(device)
-    model.to(dev)
-    probs = torch.softmax(class_logits(model, tokens, dev, batch_size), dim=-1)
-    pred = probs.argmax(-1).tolist()
-    return Predictions(predictions=pred, labels=[names[p] for p in pred], probabilities=probs.tolist(),
-                       class_names=names)
