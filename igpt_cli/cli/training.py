@@ -89,7 +89,7 @@ def train_command(
     (DistributedDataParallel); rank 0 writes the run directory. OUT/metrics.jsonl and
     OUT/loss.png follow the run.
 
-    Example: igpt train train.h5 --val test.h5 -o runs/tiny --depth 2 --width 32 --heads 2 --steps 20
+    Example: igpt train train.h5 --val test.h5 -o runs/tiny --depth 2 --width 32 --heads 2 --steps 20 --save-at 10,20
     """
     from ..train import pretrain
     from .plots import write_loss_plot
@@ -149,7 +149,7 @@ def finetune_command(
     its id2label), OUT/metrics.jsonl, OUT/loss.png and OUT/report.json (test accuracy with its
     95 % interval; the same JSON on stdout). Resumable; data-parallel under torchrun.
 
-    Example: igpt finetune train.h5 -m igpt-cifar8 --test test.h5 -o ft --steps 150
+    Example: igpt finetune train.h5 -m igpt-cifar8 --test test.h5 -o ft --steps 10 --batch-size 16
     """
     from ..train.finetuning import finetune
     from .plots import write_loss_plot
