@@ -14,7 +14,8 @@ in a marked block — the writer then dies of SIGPIPE, exit 141 — use `grep` o
   (`HF_HUB_OFFLINE=1`).
 
 README.md, every docs/**/*.md and this test's fixture page are scanned; a file with no marked
-block has nothing to run (it is not collected).
+block has nothing to run (it is not collected). The `Example:` lines of every command's `-h` run
+too, in the same kind of workspace (the end of this file).
 """
 from __future__ import annotations
 
@@ -213,7 +214,6 @@ def test_help_examples_run_in_order_as_written(tmp_path, monkeypatch):
         shutil.copy(p, ckpt / p.name.replace("ckpt-7", "ckpt-1000000"))
     for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "COLUMNS"):
         monkeypatch.setenv(k, env[k])
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))   # an empty cache: nothing from the user's
     monkeypatch.chdir(work)
     examples, ran = help_examples(), set()
     for name, line in examples:
