@@ -57,9 +57,9 @@ def show_command(
 
     A features file shows the images its rows came from (its tokens file, or its dataset opened again).
 
-    Example: igpt show train.h5 -o classes.png --per-class 8   # or --shuffle --seed 1 for other images
+    Example: igpt show train.h5 -o classes.png --per-class 8 --shuffle
 
-    Example: igpt show feats.h5 -o photos.png   # a features file: the images its rows came from
+    Example: igpt show feats.h5 -o photos.png
     """
     from ..show import show_tokens
 
