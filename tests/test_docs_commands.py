@@ -14,15 +14,20 @@ in a marked block — the writer then dies of SIGPIPE, exit 141 — use `grep` o
   (`HF_HUB_OFFLINE=1`).
 
 README.md, every docs/**/*.md and this test's fixture page are scanned; a file with no marked
-block has nothing to run (it is not collected).
+block has nothing to run (it is not collected). The `Example:` lines of every command's `-h` run
+too, in the same kind of workspace (the end of this file).
 """
 from __future__ import annotations
 
 import os
+import re
+import shlex
+import shutil
 import stat
 import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
 
 import pytest
@@ -149,3 +154,74 @@ def test_documented_commands_run_as_written(tmp_path, page):
         r = run_block(script, work, env)
         assert r.returncode == 0, (f"{page.relative_to(ROOT)}:{line}: exit {r.returncode}\n{script}\n"
                                    f"--- stderr ---\n{r.stderr[-3000:]}")
+
+
+# --- The `Example:` lines of `igpt CMD -h` ---------------------------------------------------------
+# Each command's help ends with one or more `Example: igpt …` lines (its docstring, so the help a user
+# reads is what runs here). Run in the order `igpt -h` lists the commands, they form one session in
+# one docs_workspace: quantize writes train.h5/test.h5, extract their features, probe saves probes.h5
+# for predict, train writes runs/tiny for info, … A `# comment` after the command is for the reader
+# (the shell ignores it). `demo` is the one left out here: test_demo.py runs `igpt demo --out DIR`
+# end to end (a minute or more), and the check below holds its example to that form.
+EXAMPLE = re.compile(r"^\s*Example: (igpt .*)$", re.M)
+RUN_ELSEWHERE = {"demo": re.compile(r"igpt demo --out [\w./-]+")}
+
+
+def help_examples() -> list[tuple[str, str]]:
+    """(command, example line) of every command of the app, in `igpt -h` order (PANELS), each
+    command's examples in the order its help gives them."""
+    from typer.main import get_command
+
+    from igpt_cli.cli import app
+    from igpt_cli.cli.app import PANELS
+
+    commands = {}
+    for name, cmd in get_command(app).commands.items():
+        for sub, c in (getattr(cmd, "commands", None) or {None: cmd}).items():
+            commands[f"{name} {sub}" if sub else name] = c
+    rank = {p: i for i, p in enumerate(PANELS)}
+    order = sorted(commands, key=lambda n: rank.get(n.split()[0], len(rank)))
+    return [(name, line.strip()) for name in order for line in EXAMPLE.findall(commands[name].help or "")]
+
+
+def test_every_command_has_help_examples_in_one_chain():
+    from typer.main import get_command
+
+    from igpt_cli.cli import app
+
+    examples = help_examples()
+    named = {n for n, _ in examples}
+    groups = get_command(app).commands
+    assert named == {f"{g} {s}" if getattr(c, "commands", None) else g
+                     for g, c in groups.items() for s in (getattr(c, "commands", None) or [None])}
+    for name, line in examples:
+        assert shlex.split(line, comments=True)[:len(name.split()) + 1] == ["igpt", *name.split()], line
+    for name, pattern in RUN_ELSEWHERE.items():
+        assert all(pattern.fullmatch(shlex.join(shlex.split(l, comments=True))) for n, l in examples if n == name)
+    assert [n for n, _ in examples][:3] == ["demo", "quantize", "quantize"]  # -h order, several per command
+
+
+def test_help_examples_run_in_order_as_written(tmp_path, monkeypatch):
+    """Every `Example:` line, in order, in one workspace, in this process (an interpreter per command
+    would cost ~2 s of imports each); the stand-in for an OpenAI checkpoint is the 2-layer one that
+    TensorFlow wrote for test_convert.py, where convert's example expects the real one."""
+    from helpers import invoke
+
+    work, env = docs_workspace(tmp_path)
+    ckpt = work / "models" / "s"
+    ckpt.mkdir(parents=True)
+    for p in (ROOT / "tests" / "fixtures" / "tf" / "ar").glob("model.ckpt-7.*"):
+        shutil.copy(p, ckpt / p.name.replace("ckpt-7", "ckpt-1000000"))
+    for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "COLUMNS"):
+        monkeypatch.setenv(k, env[k])
+    monkeypatch.chdir(work)
+    examples, ran = help_examples(), set()
+    for name, line in examples:
+        if name in RUN_ELSEWHERE:
+            continue
+        t0 = time.perf_counter()
+        r = invoke(*shlex.split(line, comments=True)[1:])
+        print(f"{time.perf_counter() - t0:5.1f} s  {line}")   # pytest -s: where the time goes
+        assert r.returncode == 0, f"`{line}` (igpt {name} -h): exit {r.returncode}\n{r.stderr[-3000:]}"
+        ran.add(name)
+    assert ran == {n for n, _ in examples} - set(RUN_ELSEWHERE) and len(ran) >= 16

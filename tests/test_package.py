@@ -179,3 +179,73 @@ def test_stages_share_the_kernel_and_runtime_not_each_other():
         stages = [d for d in graph[low]
                   if d.split(".")[1:2] in (["extract"], ["generate"], ["sweep"], ["train"], ["cli"])]
         assert not stages, (low, stages)
+
+
+# --- What the wheel carries ------------------------------------------------------------------------
+# `pip install igpt-cli` (or a wheel from `pip wheel .`) must run `igpt demo` outside a checkout: the
+# bundled model, the palette and its lookup table and the demo data are package data, and a glob in
+# pyproject.toml that misses one breaks only the installed tool, never the tests run from a checkout.
+
+def _package_files() -> list[str]:
+    """Every file of the igpt_cli package as the repository has it (git's list where this is a clone,
+    else the tree less caches), relative to the project root."""
+    r = subprocess.run(["git", "ls-files", "-z", "igpt_cli"], cwd=ROOT, capture_output=True, text=True)
+    if r.returncode == 0 and r.stdout:
+        return sorted(n for n in r.stdout.split("\0") if n and (ROOT / n).is_file())
+    return sorted(str(p.relative_to(ROOT)) for p in PKG.rglob("*")
+                  if p.is_file() and "__pycache__" not in p.parts and p.suffix != ".pyc")
+
+
+def _runtime_asset_paths() -> dict[str, Path]:
+    """The package-data paths the code loads at run time: every Path (or dict of Paths) bound at
+    module level, pointing inside igpt_cli/assets, in every module whose source names the folder."""
+    import importlib
+
+    assets, found = PKG / "assets", {}
+    for path in sorted(PKG.rglob("*.py")):
+        if '"assets"' not in path.read_text():
+            continue
+        module = importlib.import_module(module_name(path))
+        for attr, value in vars(module).items():
+            for i, v in (value.items() if isinstance(value, dict) else [(None, value)]):
+                if isinstance(v, Path) and v.resolve().is_relative_to(assets.resolve()):
+                    found[f"{module.__name__}.{attr}" + (f"[{i!r}]" if i is not None else "")] = v.resolve()
+    return found
+
+
+def test_runtime_assets_are_files_of_the_package():
+    """What the code loads from igpt_cli/assets exists and is in the repository (so in the wheel, below)."""
+    found = _runtime_asset_paths()
+    names = {Path(n).name for n in found.values()}
+    assert {"palette_igpt512.npy", "palette_igpt512_lut.npz", "demo-cifar10.tar", "igpt-cifar8"} <= names, found
+    tracked = set(_package_files())
+    for where, path in found.items():
+        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+        assert files, f"{where} = {path}: no such file or directory"
+        for f in files:
+            assert str(f.relative_to(ROOT.resolve())) in tracked, f"{where}: {f} is not in the repository"
+
+
+def test_wheel_carries_every_file_of_the_package(tmp_path):
+    """The wheel the project's build backend makes (setuptools, which torch brings into every venv; the
+    tree copied, so the checkout gets no build/ of its own) holds every file of igpt_cli, package data
+    included, and the `igpt` console script: ~1 s of CPU for the ~9 MB wheel."""
+    import zipfile
+
+    src = tmp_path / "src"
+    files = _package_files()
+    for name in [*files, "pyproject.toml", "README.md"]:
+        (src / name).parent.mkdir(parents=True, exist_ok=True)
+        (src / name).write_bytes((ROOT / name).read_bytes())
+    code = "import sys; from setuptools import build_meta; print(build_meta.build_wheel(sys.argv[1]))"
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "dist")], cwd=src, capture_output=True,
+                       text=True, env=dict(ENV, PYTHONPATH=""), timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    wheel = tmp_path / "dist" / r.stdout.split()[-1]
+    with zipfile.ZipFile(wheel) as z:
+        inside = set(z.namelist())
+        entry_points = next(z.read(n).decode() for n in inside if n.endswith(".dist-info/entry_points.txt"))
+    missing = [f for f in files if f not in inside]
+    assert not missing, f"files of igpt_cli not in the wheel (pyproject.toml package-data?): {missing}"
+    assert "igpt = igpt_cli.cli:main" in entry_points
+    assert not [n for n in inside if n.startswith(("tests/", "docs/", "bench/"))]

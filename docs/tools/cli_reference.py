@@ -7,6 +7,7 @@ and defaults, so the reference cannot drift from `igpt COMMAND -h`. Run by `make
 """
 from __future__ import annotations
 
+import html
 import sys
 from pathlib import Path
 
@@ -38,20 +39,28 @@ def _cell(text: str) -> str:
     return " ".join(str(text or "").split()).replace("|", "\\|")
 
 
+def _code(text: str) -> str:
+    """A table cell in code type: raw <code>, since a `\\|` inside backticks would show its backslash."""
+    return "<code>" + html.escape(" ".join(str(text).split())).replace("|", "&#124;") + "</code>"
+
+
 def command_page(name: str, cmd) -> str:
     ctx = _context(cmd, f"igpt {name}")
     usage = " ".join(cmd.collect_usage_pieces(ctx))
     help_text = (cmd.help or "").strip()
     summary, _, rest = help_text.partition("\n\n")
     lines = [f"# igpt {name}", "", summary.strip(), "", "```", f"igpt {name} {usage}", "```", ""]
-    if rest.strip():
-        lines += [rest.strip(), ""]
+    paragraphs = [par.strip() for par in rest.split("\n\n") if par.strip()]
+    examples = [par.removeprefix("Example:").strip() for par in paragraphs if par.startswith("Example: ")]
+    lines += [par + "\n" for par in paragraphs if not par.startswith("Example: ")]
+    if examples:   # the help's `Example:` lines, a shell session that runs as written (tests/test_docs_commands.py)
+        lines += ["## Examples", "", "```sh", *examples, "```", ""]
     rows = [(p.param_type_name, p.get_help_record(ctx)) for p in cmd.params if not p.hidden]
     for kind, title in (("argument", "Arguments"), ("option", "Options")):
         records = [r for k, r in rows if k == kind and r]
         if records:
-            lines += [f"## {title}", "", "| | |", "|---|---|"]
-            lines += [f"| `{_cell(flags)}` | {_cell(text)} |" for flags, text in records]
+            lines += [f"## {title}", "", f"| {kind} | meaning |", "|---|---|"]
+            lines += [f"| {_code(flags)} | {_cell(text)} |" for flags, text in records]
             lines.append("")
     return "\n".join(lines)
 

@@ -48,7 +48,9 @@ def quantize_command(
 ) -> None:
     """Quantize a dataset to palette tokens (an igpt-tokens HDF5 file).
 
-    Example: igpt quantize demo-cifar10.tar --split train -o train.h5   (demo-cifar10.tar: igpt demo --out DIR keeps one)
+    Example: igpt quantize demo-cifar10.tar --split train --size 8 --limit-per-class 20 -o train.h5   # the demo's data (igpt demo prints its path)
+
+    Example: igpt quantize demo-cifar10.tar --split test --size 8 --limit-per-class 10 -o test.h5
     """
     from ..quantize import quantize_dataset
 
@@ -84,7 +86,7 @@ def palette_fit_command(
 ) -> None:
     """Fit a new palette with MiniBatchKMeans (for pretraining on your own domain).
 
-    Example: igpt palette fit demo-cifar10.tar --colors 16 --sample-pixels 20000 -o palette.npy
+    Example: igpt palette fit demo-cifar10.tar --colors 16 --limit 200 --sample-pixels 20000 -o palette.npy
     """
     from ..quantize import fit_palette_file
 

@@ -48,7 +48,9 @@ def extract_command(
     Under torchrun (or srun with RANK/WORLD_SIZE/LOCAL_RANK set) every process takes a
     shard of the rows; see docs/guides/clusters.md.
 
-    Example: igpt extract train.h5 -m igpt-cifar8 --layer 2-6 -o train-feats.h5
+    Example: igpt extract train.h5 -m igpt-cifar8 --layer 4-6 -o train-feats.h5
+
+    Example: igpt extract test.h5 -m igpt-cifar8 --layer 4-6 -o test-feats.h5
     """
     from ..extract import extract_features
 

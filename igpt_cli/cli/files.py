@@ -22,7 +22,11 @@ def info_command(
 
     A partial file (an interrupted run's .OUT.tmp) says how many rows are done of how many.
 
-    Example: igpt info train.h5 --json   (also: igpt info igpt-cifar8; igpt info runs/small/train_state.pt)
+    Example: igpt info train.h5 --json
+
+    Example: igpt info igpt-cifar8   # a bundled model (also: a palette .npy, a sweep.json)
+
+    Example: igpt info runs/tiny/train_state.pt   # a training run (igpt train's example)
     """
     from ..fileinfo import file_info
 
@@ -53,7 +57,9 @@ def show_command(
 
     A features file shows the images its rows came from (its tokens file, or its dataset opened again).
 
-    Example: igpt show train.h5 -o classes.png --per-class 8   (also: --shuffle --seed 1; a features file: feats.h5)
+    Example: igpt show train.h5 -o classes.png --per-class 8 --shuffle
+
+    Example: igpt show feats.h5 -o photos.png
     """
     from ..show import show_tokens
 

@@ -57,7 +57,7 @@ def probe_command(
 ) -> None:
     """Linear-probe accuracy per layer: features in, per-layer accuracy out.
 
-    Example: igpt probe train-feats.h5 --test test-feats.h5 --plot probe.png --json
+    Example: igpt probe train-feats.h5 --test test-feats.h5 --save-probes probes.h5 --plot probe.png --json
     """
     import warnings
 

@@ -42,7 +42,7 @@ def sweep_command(
     sweep.csv, sweep.json and two PNGs (accuracy vs loss; accuracy by layer and checkpoint). Rerun to
     resume: finished checkpoints are not recomputed.
 
-    Example: igpt sweep igpt-cifar8 --train train.h5 --test test.h5 --layer 2,4,6 -o sweep/
+    Example: igpt sweep runs/tiny --train train.h5 --test test.h5 --layer -1 -o sweep/   # the checkpoints igpt train saved
     """
     from ..distributed import DistContext
     from ..sweep import run_sweep

@@ -89,7 +89,7 @@ def train_command(
     (DistributedDataParallel); rank 0 writes the run directory. OUT/metrics.jsonl and
     OUT/loss.png follow the run.
 
-    Example: igpt train train.h5 --val test.h5 -o runs/tiny --depth 2 --width 32 --heads 2 --steps 20
+    Example: igpt train train.h5 --val test.h5 -o runs/tiny --depth 2 --width 32 --heads 2 --steps 20 --save-at 10,20
     """
     from ..train import pretrain
     from .plots import write_loss_plot
@@ -153,7 +153,7 @@ def finetune_command(
     95 % interval; the same JSON on stdout). Data-parallel under torchrun. Like train, rerunning it
     resumes the run saved in --out (flags you give again must match it); --restart starts anew.
 
-    Example: igpt finetune train.h5 -m igpt-cifar8 --test test.h5 -o ft --steps 150
+    Example: igpt finetune train.h5 -m igpt-cifar8 --test test.h5 -o ft --steps 10 --batch-size 16
     """
     from ..train import STATE_FILE
     from ..train.finetuning import finetune
