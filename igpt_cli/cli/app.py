@@ -101,9 +101,9 @@ PANELS = {
     "demo": "Start here",
     "quantize": "Data", "palette": "Data",
     "extract": "Features", "features": "Features", "models": "Features", "convert": "Features",
-    "probe": "Probing", "predict": "Probing",
+    "probe": "Probing", "finetune": "Probing", "predict": "Probing",
     "sample": "Generation", "complete": "Generation", "score": "Generation",
-    "train": "Training", "finetune": "Training", "sweep": "Training",
+    "train": "Training", "sweep": "Training",
     "info": "Files", "show": "Files",
 }
 PANEL_ORDER = ("Start here", "Data", "Features", "Probing", "Generation", "Training", "Files")
@@ -117,14 +117,15 @@ def _panel_of(name: str | None) -> str:
 
 
 def _arrange_commands(app: typer.Typer) -> None:
-    """Put every command and group in its panel, panels in PANEL_ORDER (a new command without a
-    panel is shown under "Other", last)."""
+    """Put every command and group in its panel, panels in PANEL_ORDER and commands in PANELS' order
+    (a new command without a panel is shown under "Other", last)."""
     for c in app.registered_commands:
         c.rich_help_panel = _panel_of(c.name)
     for g in app.registered_groups:
         g.rich_help_panel = _panel_of(g.name)
     rank = {p: i for i, p in enumerate(PANEL_ORDER)}
-    app.registered_commands.sort(key=lambda c: rank.get(c.rich_help_panel, len(rank)))
+    order = {name: i for i, name in enumerate(PANELS)}
+    app.registered_commands.sort(key=lambda c: (rank.get(c.rich_help_panel, len(rank)), order.get(c.name, len(order))))
 
 
 _arrange_commands(app)
