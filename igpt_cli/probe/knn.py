@@ -30,12 +30,10 @@ from typing import Sequence
 
 import numpy as np
 
-from ..choices import KNN_VOTES
+from ..choices import KNN_K, KNN_TEMPERATURE, KNN_VOTES
 from ..errors import InputError, ParameterError
 from .protocol import LayerResult, check_labels, wilson_interval
 
-KNN_K = 20
-KNN_TEMPERATURE = 0.07
 CHUNK_ELEMENTS = 1 << 23   # similarities held at once (64 MiB of float64)
 QUANTUM = 2.0 ** -26       # unit rows are rounded to multiples of this: float64 dot products are exact
 SIM_BYTES = 24             # per similarity held: the float64 value and top-k/sort temporaries (value, index)
