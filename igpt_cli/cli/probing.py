@@ -35,7 +35,7 @@ def probe_command(
     device: Device = "auto",
     max_memory: Annotated[Optional[str], typer.Option("--max-memory", metavar="<bytes>", help=(
         "Cap on what the probe holds (e.g. 512M, 2G): a layer that does not fit is streamed from the file "
-        "in row chunks (same result, one file read per pass)."))] = None,
+        "in row chunks (same result; linear: one file read per pass; knn: the training rows in blocks)."))] = None,
     save_probes: Annotated[Optional[Path], typer.Option("--save-probes", metavar="<probes.h5>", help=(
         "Save each layer's chosen classifier (standardisation, weights, C, classes) for `igpt predict`."))] = None,
     plot_confusion: Annotated[Optional[Path], typer.Option("--plot-confusion", metavar="<out.png>", help=(

@@ -98,7 +98,7 @@ def _unit(X, device):
 
     t = torch.as_tensor(np.asarray(X, dtype=np.float32), device=device).double()
     t = torch.nn.functional.normalize(t, dim=1)
-    return torch.round(t / QUANTUM) * QUANTUM
+    return t.div_(QUANTUM).round_().mul_(QUANTUM)   # exact: scaling by a power of two
 
 
 def _is_source(X) -> bool:
@@ -144,12 +144,14 @@ def block_top(sim, k: int, offset: int = 0):
     import torch
 
     k = min(k, sim.shape[1])
-    v, i = sim.topk(k, dim=1)
-    tied = (sim >= v[:, -1:]).sum(dim=1) > k
-    if bool(tied.any()):
-        rows = tied.nonzero().squeeze(1)
-        sv, si = torch.sort(sim[rows], dim=1, descending=True, stable=True)
-        v[rows], i[rows] = sv[:, :k], si[:, :k]
+    v, i = sim.topk(min(k + 1, sim.shape[1]), dim=1)
+    if v.shape[1] > k:   # a tie at the k-th place: the (k+1)-th similarity equals the k-th
+        tied = v[:, k] == v[:, k - 1]
+        v, i = v[:, :k], i[:, :k]
+        if bool(tied.any()):
+            rows = tied.nonzero().squeeze(1)
+            sv, si = torch.sort(sim[rows], dim=1, descending=True, stable=True)
+            v[rows], i[rows] = sv[:, :k], si[:, :k]
     v, i = _ordered(v, i)
     return v, i + offset
 

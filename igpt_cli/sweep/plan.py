@@ -4,9 +4,10 @@
 with classes it can fit), every checkpoint (it loads, can score, has the layers, fits every
 tokens file: `open_checkpoint`, the one model runtime's checks), that no family or name
 leaves OUT, that no file the sweep writes is one of its inputs, and that no earlier result
-in OUT came from other inputs or another probe (`probe_settings`: the method, and k-NN's k, vote and
-temperature, are part of a result's identity). `read_result` reads back a checkpoint's result.json only when
-its recorded digest (`result_digest`) matches: an edited or damaged one is recomputed.
+in OUT came from other inputs or another probe (`probe_settings`: the method, and k-NN's k,
+vote and temperature, are part of a result's identity). `read_result` reads back a
+checkpoint's result.json only when its recorded digest (`result_digest`) matches: an edited
+or damaged one is recomputed.
 """
 from __future__ import annotations
 

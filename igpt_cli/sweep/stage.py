@@ -47,11 +47,11 @@ import h5py
 import numpy as np
 
 from .. import formats
+from ..choices import KNN_K, KNN_TEMPERATURE
 from ..outputs import atomic_output, output_lock
 from ..progress import OnProgress, Reporter
 from ..provenance import provenance
 from ..results import Result
-from ..choices import KNN_K, KNN_TEMPERATURE
 from .plan import (RESULT_FILE, Planned, Tokens, plan_sweep, probe_settings, read_result, result_digest,
                    stored_identity)
 from .stats import Correlation, correlate
