@@ -72,6 +72,10 @@ class KnnVote(str, Enum):
     majority = "majority"
 
 
+KNN_K = 20              # DINO's k-NN defaults: neighbours per vote and the weighted vote's temperature
+KNN_TEMPERATURE = 0.07
+
+
 class ProbeSolver(str, Enum):
     """The probe's solver of scikit-learn's logistic-regression objective (`igpt_cli.probe.estimator`)."""
     auto = "auto"

@@ -143,3 +143,76 @@ def test_cli_few_shot_json_and_too_many_shots(pair):
     assert_clean_failure(invoke("probe", train, "--test", test, "--shots", f"1,{smallest + 1}"),
                          "larger than the smallest class")
     assert_clean_failure(invoke("probe", train, "--test", test, "--shots", "1,x"), "--shots")
+
+
+# ---------------------------------------------------------------------------
+# streaming the training rows (blocks merged into a running top k; `--max-memory`)
+# ---------------------------------------------------------------------------
+
+def test_tied_neighbours_go_to_the_smaller_training_index_whatever_the_blocks(tmp_path):
+    from igpt_cli.probe.stream import H5Rows
+
+    a, b = np.array([1.0, 0.0, 0.0]), np.array([0.0, 1.0, 0.0])
+    Xtr = np.stack([b, a, 2 * a, a, b, 3 * a, b]).astype(np.float32)   # a at rows 1, 3, 5 (and 2): all tied
+    ytr = np.array([0, 1, 2, 3, 0, 2, 0])
+    path = write_features(tmp_path / "t.h5", {0: Xtr}, ytr)
+    for k, want in ((1, 1), (2, 1), (3, 1)):   # rows 1 and 2 (both a): labels 1, 2; k=3 adds row 3 (label 3)
+        for source in (Xtr, H5Rows(path, 0, 1), H5Rows(path, 0, 2), H5Rows(path, 0, 3)):
+            for rows in (None, 1, 2):
+                kw = dict(k=k, vote="majority", chunk_rows=1)
+                if not hasattr(source, "numpy_chunks"):
+                    kw["train_rows"] = rows
+                classes, scores = knn_scores(source, ytr, np.array([a, 5 * a], np.float32), **kw)
+                assert classes[scores.argmax(1)].tolist() == [want, want], (k, source, rows)
+                assert scores[0, classes.tolist().index(1)] == 1 and scores[0].sum() == k
+
+
+def test_streamed_equals_in_memory_with_many_blocks_and_ties(tmp_path):
+    from igpt_cli.probe.stream import H5Rows
+
+    X, y = overlapping_classes(260, d=10, k=4, seed=5)
+    X[100:140] = X[:40]               # duplicated rows of other labels: exact ties across blocks
+    y[100:140] = (y[:40] + 1) % 4
+    X[140:150] = 0                    # zero rows: similarity 0 to everything
+    Xtr, ytr, Xte, yte = X[:200], y[:200], np.concatenate([X[200:], X[:20]]), np.concatenate([y[200:], y[:20]])
+    path = write_features(tmp_path / "f.h5", {0: Xtr}, ytr)
+    for vote in ("weighted", "majority"):
+        kw = dict(k=9, vote=vote, temperature=0.1)
+        ref = knn_scores(Xtr, ytr, Xte, **kw)[1]
+        for train in (H5Rows(path, 0, 7), H5Rows(path, 0, 64)):
+            np.testing.assert_array_equal(knn_scores(train, ytr, Xte, chunk_rows=5, **kw)[1], ref)
+        np.testing.assert_array_equal(knn_scores(Xtr, ytr, Xte, train_rows=13, chunk_rows=11, **kw)[1], ref)
+        # leave-one-out with the queries streamed from the same file
+        loo = knn_scores(Xtr, ytr, Xtr, exclude_self=True, **kw)[1]
+        src = H5Rows(path, 0, 17)
+        np.testing.assert_array_equal(knn_scores(src, ytr, src, exclude_self=True, chunk_rows=6, **kw)[1], loo)
+    # a subset of the file's rows (the held-out split) streams the same rows as indexing them
+    idx = np.arange(0, 200, 3)
+    np.testing.assert_array_equal(knn_predict(H5Rows(path, 0, 16).take(idx), ytr[idx], Xte, k=5),
+                                  knn_predict(Xtr[idx], ytr[idx], Xte, k=5))
+
+
+def test_cli_max_memory_streams_the_training_rows_with_the_same_accuracy(tmp_path, monkeypatch):
+    from igpt_cli.probe import stream
+
+    ftr, ytr = make_data(1100, d=64, layers=(1,), seed=0)
+    fte, yte = make_data(300, d=64, layers=(1,), seed=1)
+    train = write_features(tmp_path / "train.h5", ftr, ytr)
+    test = write_features(tmp_path / "test.h5", fte, yte)
+    reads = []
+    real = stream.H5Rows.numpy_chunks
+    monkeypatch.setattr(stream.H5Rows, "numpy_chunks", lambda self: reads.append(self.path) or real(self))
+    docs = {}
+    for cap in (None, "1M"):
+        for held_out in (False, True):
+            args = ["probe", train, "--method", "knn", "--k", "10", "--json", "-q"]
+            args += [] if held_out else ["--test", test]
+            r = invoke(*args, *([] if cap is None else ["--max-memory", cap]))
+            assert r.exit_code == 0, r.stderr
+            docs[cap, held_out] = json.loads(r.stdout)
+        assert bool(reads) == (cap is not None)   # 1M: too small to hold the layer, so it streams
+    for held_out in (False, True):
+        assert [(x["layer"], x["val_acc"], x["test_acc"]) for x in docs[None, held_out]["layers"]] == \
+            [(x["layer"], x["val_acc"], x["test_acc"]) for x in docs["1M", held_out]["layers"]]
+    assert_clean_failure(invoke("probe", train, "--test", test, "--method", "knn", "--max-memory", "2K"),
+                         "--max-memory")

@@ -172,6 +172,8 @@ def test_cli_table_json_csv_and_two_pngs(series, tmp_path):
     (["{d}/run", "--layer", "7"], "layer"),
     (["{d}/run", "--jobs", "0"], "--jobs"),
     (["{d}/run", "--score-on", "{d}/none.h5"], "none.h5"),
+    (["{d}/run", "--method", "knn", "--k", "60"], "--k"),       # 60 training images: leave-one-out needs k <= 59
+    (["{d}/run", "--method", "knn", "--knn-temperature", "0"], "--knn-temperature"),
 ])
 def test_cli_bad_input_is_one_line_and_writes_nothing(series, tmp_path, args, needle):
     d, train, test = series
@@ -180,6 +182,49 @@ def test_cli_bad_input_is_one_line_and_writes_nothing(series, tmp_path, args, ne
     assert_clean_failure(r, needle, out=out)
     r = invoke("sweep", str(d / "run"), "--train", d / "missing.h5", "--test", test, "-o", out)
     assert_clean_failure(r, "missing.h5", out=out)
+
+
+def test_knn_sweep_is_igpt_probe_knn_and_results_of_another_method_are_not_reused(series, tmp_path):
+    d, train, test = series
+    out = tmp_path / "sw"
+    cks = [d / "run/step-000002", d / "run/step-000006"]
+    lin = run_sweep(cks[:1], train, test, out, **F32)
+    assert lin.probe == {"method": "linear"}
+    # a result.json from before sweeps recorded their method was a linear probe's: still reused by one
+    from igpt_cli.sweep.plan import result_digest
+
+    doc_path = out / "run/step-000002/result.json"
+    doc = json.loads(doc_path.read_text())
+    assert doc["identity"]["method"] == "linear"
+    del doc["identity"]["method"]
+    doc["digest"] = result_digest(doc["identity"], doc["result"])
+    doc_path.write_text(json.dumps(doc))
+    assert run_sweep(cks[:1], train, test, out, **F32).computed == 0
+    with pytest.raises(InputError, match=r"\(method, k, knn_vote, knn_temperature differ\)"):
+        run_sweep(cks[:1], train, test, out, method="knn", k=5, **F32)   # a linear result is no k-NN result
+    knn = ["--method", "knn", "--k", "5", "--knn-vote", "majority"]
+    r = invoke("sweep", *cks, "--train", train, "--test", test, "-o", out, *knn, "--restart", "--dtype", "float32",
+               "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["probe"] == {"method": "knn", "k": 5, "knn_vote": "majority", "knn_temperature": None}
+    assert doc["computed"] == 2 and "k-NN (k=5, majority)" in r.stderr
+    for c in doc["checkpoints"]:   # each checkpoint's accuracies are `igpt probe --method knn`'s on its features
+        ckdir = out / "run" / c["name"]
+        p = invoke("probe", ckdir / "train.h5", "--test", ckdir / "test.h5", *knn, "--json", "-q")
+        ref = json.loads(p.stdout)
+        assert ref["protocol"]["method"] == "knn" and len(c["layers"]) == 3
+        assert [(x["layer"], x["val_acc"], x["test_acc"], x["c"]) for x in c["layers"]] == \
+            [(x["layer"], x["val_acc"], x["test_acc"], None) for x in ref["layers"]]
+        assert c["best_layer"] == ref["best_layer"]
+    with open(out / "sweep.csv") as fh:
+        assert {(x["method"], x["k"]) for x in csv.DictReader(fh)} == {("knn", "5")}
+    assert json.loads((out / "sweep.json").read_text())["probe"]["method"] == "knn"
+    with pytest.raises(InputError, match=r"\(method, k, knn_vote differ\)"):    # nor a k-NN result a linear one
+        run_sweep(cks, train, test, out, **F32)
+    with pytest.raises(InputError, match=r"\(k differ\)"):                   # nor one k another
+        run_sweep(cks, train, test, out, method="knn", k=3, knn_vote="majority", **F32)
+    assert run_sweep(cks, train, test, out, method="knn", k=5, knn_vote="majority", **F32).computed == 0
 
 
 def test_results_are_typed_and_the_package_is_callable(series, tmp_path):

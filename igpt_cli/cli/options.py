@@ -6,7 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..choices import ComputeDtype, DatasetFormat, Resize, Split
+from ..choices import ComputeDtype, DatasetFormat, KnnVote, ProbeMethod, Resize, Split
 
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help=(
     "Nothing on stderr but errors and warnings (no progress bar, progress lines or tables)."))]
@@ -64,3 +64,13 @@ Revision = Annotated[Optional[str], typer.Option("--revision", help="Hub revisio
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help=(
     "Model: a directory, a bundled name (igpt-cifar8), an OpenAI TF checkpoint prefix or a Hugging Face hub "
     "id (openai/imagegpt-small)."))]
+
+# the probe's evaluation method (`igpt probe`, and `igpt sweep` for each checkpoint)
+Method = Annotated[ProbeMethod, typer.Option("--method", help=(
+    "linear: the logistic-regression probe (C searched); knn: k-nearest neighbours on cosine similarity "
+    "(DINO's evaluation; no training)."))]
+K = Annotated[int, typer.Option("--k", help="--method knn: neighbours per vote.")]
+KnnVoteOpt = Annotated[KnnVote, typer.Option("--knn-vote", help=(
+    "--method knn: weighted (each neighbour counts exp(similarity / T), DINO) or majority."))]
+KnnTemperature = Annotated[float, typer.Option("--knn-temperature", metavar="<t>", help=(
+    "--method knn --knn-vote weighted: the temperature T."))]

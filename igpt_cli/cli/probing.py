@@ -7,9 +7,10 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..choices import KnnVote, ProbeMethod, ProbeSolver
+from ..choices import KNN_K, KNN_TEMPERATURE, KnnVote, ProbeMethod, ProbeSolver
 from ..errors import InputError
-from .options import LAYERS_METAVAR, Device, LayerSpec, Overwrite, Quiet, out_option
+from .options import (LAYERS_METAVAR, K, Device, KnnTemperature, KnnVoteOpt, LayerSpec, Method, Overwrite, Quiet,
+                      out_option)
 from .ui import ProgressBar, handles_input_errors, maybe_bar, probe_layer_line, render_probe_table
 
 
@@ -34,19 +35,15 @@ def probe_command(
     device: Device = "auto",
     max_memory: Annotated[Optional[str], typer.Option("--max-memory", metavar="<bytes>", help=(
         "Cap on what the probe holds (e.g. 512M, 2G): a layer that does not fit is streamed from the file "
-        "in row chunks (same result, one file read per pass)."))] = None,
+        "in row chunks (same result; linear: one file read per pass; knn: the training rows in blocks)."))] = None,
     save_probes: Annotated[Optional[Path], typer.Option("--save-probes", metavar="<probes.h5>", help=(
         "Save each layer's chosen classifier (standardisation, weights, C, classes) for `igpt predict`."))] = None,
     plot_confusion: Annotated[Optional[Path], typer.Option("--plot-confusion", metavar="<out.png>", help=(
         "Picture of the test confusion matrix of the best layer (or of the one --layer names)."))] = None,
-    method: Annotated[ProbeMethod, typer.Option("--method", help=(
-        "linear: the logistic-regression probe (C searched); knn: k-nearest neighbours on cosine similarity "
-        "(DINO's evaluation; no training)."))] = ProbeMethod.linear,
-    k: Annotated[int, typer.Option("--k", help="--method knn: neighbours per vote.")] = 20,
-    knn_vote: Annotated[KnnVote, typer.Option("--knn-vote", help=(
-        "--method knn: weighted (each neighbour counts exp(similarity / T), DINO) or majority."))] = KnnVote.weighted,
-    knn_temperature: Annotated[float, typer.Option("--knn-temperature", metavar="<t>", help=(
-        "--method knn --knn-vote weighted: the temperature T."))] = 0.07,
+    method: Method = ProbeMethod.linear,
+    k: K = KNN_K,
+    knn_vote: KnnVoteOpt = KnnVote.weighted,
+    knn_temperature: KnnTemperature = KNN_TEMPERATURE,
     concat: Annotated[bool, typer.Option("--concat", help=(
         "One probe on the concatenation of the --layer layers (each standardised on its own), reported as one "
         "row; --save-probes and `igpt predict` concatenate the same layers."))] = False,

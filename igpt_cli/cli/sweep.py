@@ -1,4 +1,4 @@
-"""`igpt sweep`: loss and probe accuracy over checkpoints, its table and its two figures."""
+"""`igpt sweep`: loss and probe accuracy (linear or k-NN) over checkpoints, its table and its two figures."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,8 +6,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..choices import ComputeDtype
-from .options import Device, Dtype, Json, LayerSpec, Quiet, Restart, out_option
+from ..choices import KNN_K, KNN_TEMPERATURE, ComputeDtype, KnnVote, ProbeMethod
+from .options import K, Device, Dtype, Json, KnnTemperature, KnnVoteOpt, LayerSpec, Method, Quiet, Restart, out_option
 from .ui import ProgressBar, err, handles_input_errors, maybe_bar, print_json, print_table
 
 
@@ -18,7 +18,7 @@ def sweep_command(
         "Checkpoints: model directories, training runs (their step-* series), TensorFlow prefixes or globs; "
         "NAME=ARG names the series (family)."))],
     train: Annotated[Path, typer.Option("--train", help="Tokens file the probes are fitted on (C chosen on a "
-                                                        "validation split of it).")],
+                                                        "validation split of it; k-NN's neighbours).")],
     test: Annotated[Path, typer.Option("--test", help="Tokens file the probes are tested on.")],
     out: Annotated[Path, out_option("Directory for the per-checkpoint files, sweep.json, sweep.csv and the two "
                                     "PNGs (resumable).")],
@@ -34,13 +34,18 @@ def sweep_command(
     restart: Restart = False,
     quiet: Quiet = False,
     as_json: Json = False,
+    method: Method = ProbeMethod.linear,
+    k: K = KNN_K,
+    knn_vote: KnnVoteOpt = KnnVote.weighted,
+    knn_temperature: KnnTemperature = KNN_TEMPERATURE,
 ) -> None:
-    """Does generating better mean representing better? Generative loss and linear-probe accuracy per checkpoint.
+    """Does generating better mean representing better? Generative loss and probe accuracy per checkpoint.
 
     For each checkpoint: loss on --score-on (igpt score), features of --train and --test (igpt extract),
-    probe of every layer (igpt probe); then a table, the correlation between loss and best accuracy,
-    sweep.csv, sweep.json and two PNGs (accuracy vs loss; accuracy by layer and checkpoint). Rerun to
-    resume: finished checkpoints are not recomputed.
+    probe of every layer (igpt probe: linear, or k-NN with --method knn); then a table, the correlation
+    between loss and best accuracy, sweep.csv, sweep.json and two PNGs (accuracy vs loss; accuracy by
+    layer and checkpoint). Rerun to resume: finished checkpoints are not recomputed (a result of another
+    --method or k-NN setting is refused: another -o, or --restart).
 
     Example: igpt sweep runs/tiny --train train.h5 --test test.h5 --layer -1 -o sweep/   # the checkpoints igpt train saved
     """
@@ -54,7 +59,8 @@ def sweep_command(
         with maybe_bar(bar):
             result = run_sweep(checkpoints, train, test, out, score_on=score_on, layers=layers or None, seed=seed,
                                jobs=jobs, batch_size=batch_size, device=device, dtype=dtype.value,
-                               restart=restart, on_progress=bar, dist=dist)
+                               restart=restart, on_progress=bar, dist=dist, method=method.value, k=k,
+                               knn_vote=knn_vote.value, knn_temperature=knn_temperature)
     finally:
         dist.close()
     if not dist.is_main:   # rank 0 alone draws, prints and writes
@@ -71,8 +77,8 @@ def render_sweep_table(d: dict) -> None:
     """One row per checkpoint, then the correlations (stderr)."""
     from rich.table import Table
 
-    t = Table(title=f"igpt sweep · loss on {Path(d['score_on']).name} · probe {Path(d['train']).name} → "
-                    f"{Path(d['test']).name}", title_justify="left")
+    t = Table(title=f"igpt sweep · loss on {Path(d['score_on']).name} · {probe_text(d['probe'])} "
+                    f"{Path(d['train']).name} → {Path(d['test']).name}", title_justify="left")
     for col in ("family", "checkpoint", "step", "params", "loss nats", "bits", "best layer", "val acc",
                 "test acc"):
         t.add_column(col, justify="left" if col in ("family", "checkpoint") else "right",
@@ -85,6 +91,14 @@ def render_sweep_table(d: dict) -> None:
     for c in d["correlations"]:
         err.print(f"{c['family']}: {correlation_text(c)}", highlight=False)
     err.print(f"{d['computed']} computed, {d['reused']} done before; {d['seconds']:.0f} s", highlight=False)
+
+
+def probe_text(probe: dict) -> str:
+    """What the sweep's probe was, for its table and figures: "linear probe" or "k-NN (k=20, weighted, T=0.07)"."""
+    if probe.get("method") != "knn":
+        return "linear probe"
+    vote = probe["knn_vote"] + (f", T={probe['knn_temperature']:g}" if probe.get("knn_temperature") else "")
+    return f"k-NN (k={probe['k']}, {vote})"
 
 
 def correlation_text(c: dict) -> str:
@@ -137,7 +151,7 @@ def write_loss_plot(d: dict, path: Path) -> Path:
                 ax.annotate(f"{r['step']}", (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=7)
     ax.invert_xaxis()  # training runs left to right: loss falls
     ax.set_xlabel(f"generative loss on {Path(d['score_on']).name} (bits per token; lower → right)")
-    ax.set_ylabel("linear probe test accuracy, best layer (%)")
+    ax.set_ylabel(f"{probe_text(d['probe'])} test accuracy, best layer (%)")
     ax.set_title("Does generating better mean representing better?")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
@@ -171,7 +185,8 @@ def write_layer_plot(d: dict, path: Path) -> Path:
         ax.set_xticks(range(len(layers)), [str(l) for l in layers])
         ax.set_yticks(range(len(rows)), [r["name"] if r["step"] is None else f"step {r['step']}" for r in rows],
                       fontsize=7)
-        ax.set_title(f"{fam}: test accuracy (%) by layer and checkpoint (★ best layer by validation)", fontsize=9)
+        ax.set_title(f"{fam}: {probe_text(d['probe'])} test accuracy (%) by layer and checkpoint (★ best layer by "
+                     "validation)", fontsize=9)
         ax.set_xlabel("layer")
         fig.colorbar(im, ax=ax, fraction=0.03)
     fig.tight_layout()

@@ -36,7 +36,7 @@ from .estimator import DEFAULT_SOLVER, MAX_ITER, TOL, LinearProbe, resolve_probe
 from .protocol import (COARSE_GRID, EXTEND_DECADES, FEW_VAL_ROWS, KFOLD_BELOW, KFOLDS, REFINE_STEPS, VAL_FRACTION,
                        LayerResult, check_labels, fits_layers_at_once, probe_layer, probe_layers, stratified_split)
 from .fewshot import ONE_SHOT_C, check_shots, few_shot
-from .knn import KNN_K, KNN_TEMPERATURE, check_knn, knn_layer
+from .knn import KNN_K, KNN_TEMPERATURE, check_knn, knn_layer, plan_knn_memory
 from .stream import H5Rows, parse_bytes, plan_memory, read_layer
 
 if TYPE_CHECKING:
@@ -291,7 +291,7 @@ def probe_files(train: str | Path, test: str | Path | None = None, layers: Seque
     `LinearProbe` with `solver` ("torch" | "scipy" | "sklearn"; "auto": torch, the fastest on
     CPU and GPU and the one that streams) on `device` (auto | cpu | cuda).
     `max_memory` (bytes, or "512M", "2G"): a layer that does not fit is streamed from the
-    file in row chunks (torch solver). `save_probes`: write each layer's chosen classifier
+    file in row chunks (torch solver; for k-NN, the training rows in blocks, `knn.plan_knn_memory`). `save_probes`: write each layer's chosen classifier
     there (`store.save_probes`; never one of the inputs). Progress: one "probe" event per
     finished layer, its `LayerResult` as the event's `result`.
 
@@ -351,7 +351,7 @@ def probe_files(train: str | Path, test: str | Path | None = None, layers: Seque
     run = (lambda fn: ctx.run_checked(fn)) if ctx is not None else (lambda fn: fn())
     plan = run(lambda: _plan(train, test, layers, test_fraction=test_fraction, seed=seed, estimator=estimator,
                              auto=auto, max_memory=max_memory, save_probes=save_probes, overwrite=overwrite,
-                             n_c=len(probe_kw.get("grid", COARSE_GRID))))
+                             n_c=len(probe_kw.get("grid", COARSE_GRID)), method=method, k=k))
     tr, te, sel = plan["train"], plan["test"], plan["layers"]
     if shots is not None:
         check_shots(shots, seeds, plan["y_train"], tr.class_names)
@@ -399,10 +399,18 @@ def probe_files(train: str | Path, test: str | Path | None = None, layers: Seque
         if concat:
             return run_concat()
         if method == "knn":
-            X = _read_layer(tr, l)
-            Xtr, Xte = (X[tr_idx], X[te_idx]) if te is None else (X, _read_layer(te, l))
+            mem = chunks[l]
+            if mem is not None and mem.train_rows is not None:   # streamed: the rows stay in the file
+                X = H5Rows(tr.path, l, mem.train_rows)
+                Xtr, Xte = (X.take(tr_idx), X.take(te_idx)) if te is None else \
+                    (X, H5Rows(te.path, l, mem.query_rows))
+            else:
+                X = _read_layer(tr, l)
+                Xtr, Xte = (X[tr_idx], X[te_idx]) if te is None else (X, _read_layer(te, l))
+                del X
             return finish(knn_layer(Xtr, y_train, Xte, y_test, k=k, vote=knn_vote, temperature=knn_temperature,
-                                    device=str(dev), layer=l, class_names=tr.class_names))
+                                    device=str(dev), layer=l, class_names=tr.class_names,
+                                    chunk_rows=None if mem is None else mem.query_rows))
         if chunks[l] is not None and shots is None:       # out of core: the rows stay in the file
             X = H5Rows(tr.path, l, chunks[l])
             X, Xte = (X.take(tr_idx), X.take(te_idx)) if te is None else (X, H5Rows(te.path, l, chunks[l]))
@@ -480,7 +488,7 @@ def probe_files(train: str | Path, test: str | Path | None = None, layers: Seque
 
 
 def _plan(train, test, layers, *, test_fraction: float, seed: int, estimator, auto: bool, max_memory,
-          save_probes, overwrite: bool, n_c: int) -> dict:
+          save_probes, overwrite: bool, n_c: int, method: str = "linear", k: int = KNN_K) -> dict:
     """Every check before any fit: outputs, inputs, layers, labels, splits and the memory plan."""
     from ..outputs import check_distinct, check_output_path
 
@@ -516,6 +524,10 @@ def _plan(train, test, layers, *, test_fraction: float, seed: int, estimator, au
 
     # layers that do not fit in max_memory are streamed (decided, and a too small cap refused, before any fit)
     n_rows = len(y_train) + len(y_test)
+    if method == "knn":   # k-NN: a `KnnMemory` per layer (None: no cap)
+        chunks = {l: plan_knn_memory(max_memory, len(y_train), len(y_test), tr.dims[l], k, l) for l in sel}
+        return dict(train=tr, test=te, layers=sel, tr_idx=tr_idx, te_idx=te_idx, y_train=y_train, y_test=y_test,
+                    chunks=chunks)
     chunks = {l: plan_memory(max_memory, n_rows, tr.dims[l], len(np.unique(y_train)), n_c, l) for l in sel}
     if any(c is not None for c in chunks.values()) and auto:
         estimator.set_params(solver="torch")

@@ -4,8 +4,10 @@
 with classes it can fit), every checkpoint (it loads, can score, has the layers, fits every
 tokens file: `open_checkpoint`, the one model runtime's checks), that no family or name
 leaves OUT, that no file the sweep writes is one of its inputs, and that no earlier result
-in OUT came from other inputs. `read_result` reads back a checkpoint's result.json only when
-its recorded digest (`result_digest`) matches: an edited or damaged one is recomputed.
+in OUT came from other inputs or another probe (`probe_settings`: the method, and k-NN's k,
+vote and temperature, are part of a result's identity). `read_result` reads back a
+checkpoint's result.json only when its recorded digest (`result_digest`) matches: an edited
+or damaged one is recomputed.
 """
 from __future__ import annotations
 
@@ -40,6 +42,7 @@ class Tokens:
     width: int
     palette: np.ndarray
     sha256: str
+    n: int          # images
 
 
 def check_tokens(param: str, path, *, labelled: bool, fit: bool = False) -> Tokens:
@@ -62,7 +65,30 @@ def check_tokens(param: str, path, *, labelled: bool, fit: bool = False) -> Toke
                                  "the probe needs labelled rows")
             if fit:
                 check_labels(labels, f"{p} ({param})", formats.class_names(f, p))
-    return Tokens(param, p, height, width, np.asarray(palette), sha256_file(p))
+    return Tokens(param, p, height, width, np.asarray(palette), sha256_file(p), int(tok.shape[0]))
+
+
+def probe_settings(method: str, k: int, knn_vote: str, knn_temperature: float) -> dict:
+    """The probe's settings as a sweep records them (sweep.json's `probe`, and part of every checkpoint
+    result's identity): {"method": "linear"}, or k-NN's method, k, vote and temperature (None for the
+    majority vote, which has none)."""
+    from ..choices import KNN_VOTES, PROBE_METHODS
+    from ..errors import check_choice
+    from ..probe.knn import check_knn
+
+    method = check_choice("method", method, PROBE_METHODS)
+    if method == "linear":
+        return {"method": "linear"}
+    knn_vote = check_choice("knn_vote", knn_vote, KNN_VOTES)
+    check_knn(k, knn_vote, knn_temperature)
+    return {"method": "knn", "k": int(k), "knn_vote": knn_vote,
+            "knn_temperature": float(knn_temperature) if knn_vote == "weighted" else None}
+
+
+def stored_identity(doc: dict) -> dict:
+    """The identity a result.json records; one written before sweeps had a method was a linear probe's."""
+    identity = doc.get("identity")
+    return {"method": "linear", **identity} if isinstance(identity, dict) else identity
 
 
 def read_result(path: Path) -> dict | None:
@@ -99,9 +125,13 @@ class Planned:
 
 
 def plan_sweep(checkpoints, train, test, out: Path, score_on, spec, *, jobs: int, batch_size, restart: bool,
-               seed: int, on_progress) -> tuple[list[Planned], dict, dict[str, Tokens]]:
+               seed: int, on_progress, probe: dict | None = None) -> tuple[list[Planned], dict, dict[str, Tokens]]:
     """Every check before anything is computed: the tokens files, every checkpoint (loads, can score,
-    has the layers, fits the tokens), the outputs against the inputs, earlier results' inputs."""
+    has the layers, fits the tokens), the outputs against the inputs, earlier results' inputs.
+    `probe`: `probe_settings` (default: the linear probe)."""
+    from ..errors import ParameterError
+
+    probe = probe or {"method": "linear"}
     check_positive("jobs", jobs, allow_none=False)
     check_positive("batch_size", batch_size)
     check_seed(seed)
@@ -111,6 +141,11 @@ def plan_sweep(checkpoints, train, test, out: Path, score_on, spec, *, jobs: int
               "test": check_tokens("test", test, labelled=True)}
     tokens["score_on"] = check_tokens("score_on", score_on, labelled=False) if score_on is not None \
         else tokens["test"]
+    n_train = tokens["train"].n
+    if probe["method"] == "knn" and probe["k"] > n_train - 1:
+        raise ParameterError("k", probe["k"], f"is larger than the training set allows ({n_train} images in "
+                                              f"{tokens['train'].path}; leave-one-out validation needs k <= "
+                                              f"{n_train - 1})")
     planned = []
     for ck in expand_checkpoints(checkpoints):
         d, weights, cfg, check_fits = open_checkpoint(ck.path, on_progress)
@@ -130,13 +165,14 @@ def plan_sweep(checkpoints, train, test, out: Path, score_on, spec, *, jobs: int
         ins.update({f"checkpoint {p.ck.path} ({f.name})": f for f in p.model_dir.iterdir() if f.is_file()})
     check_distinct(outs, ins)
     inputs = {"train_sha256": tokens["train"].sha256, "test_sha256": tokens["test"].sha256,
-              "score_on_sha256": tokens["score_on"].sha256, "layers": spec, "seed": seed}
+              "score_on_sha256": tokens["score_on"].sha256, "layers": spec, "seed": seed, **probe}
     if not restart:   # an earlier sweep's result of other inputs: refused now, not after hours of work
         for p in planned:
             done = read_result(p.ckdir / RESULT_FILE)
             identity = dict(inputs, model_sha256=p.model_sha256)
-            if done is not None and done.get("identity") != identity:
-                what = [k for k in identity if done.get("identity", {}).get(k) != identity[k]]
+            if done is not None and stored_identity(done) != identity:
+                old = stored_identity(done)
+                what = [k for k in dict.fromkeys([*identity, *old]) if old.get(k) != identity.get(k)]
                 raise InputError(f"{p.ckdir}: holds the result of a sweep with other inputs ({', '.join(what)} "
                                  "differ); use another output directory, or restart=True to recompute it")
     return planned, inputs, tokens

@@ -1,4 +1,4 @@
-"""`run_sweep`: generative loss and linear-probe accuracy of every checkpoint of a series.
+"""`run_sweep`: generative loss and probe accuracy of every checkpoint of a series.
 
 For each checkpoint (`checkpoints.expand_checkpoints`), in `OUT/<family>/<name>/`:
 
@@ -9,12 +9,18 @@ For each checkpoint (`checkpoints.expand_checkpoints`), in `OUT/<family>/<name>/
 
 then `OUT/sweep.json` (the `SweepResult`) and `OUT/sweep.csv` (`report.write_csv`).
 
+The probe is `igpt probe`'s: the linear probe (C chosen on a validation split of train), or with
+`method="knn"` the k-NN evaluation (`probe.knn`: `k`, `knn_vote`, `knn_temperature`; its
+validation accuracy is leave-one-out on train); the settings are recorded in sweep.json
+(`probe`) and in each result.json's identity.
+
 Every checkpoint and input is checked before anything is computed (each checkpoint loads,
 can score and has the layers; the tokens files are valid, labelled and fit every model;
 no output is one of the inputs; no family or name leaves OUT).
 
 Resumable: a checkpoint whose result.json exists (for the same inputs: the tokens files'
-SHA-256, the model weights' SHA-256, the layers and the probe seed) is not recomputed;
+SHA-256, the model weights' SHA-256, the layers, the probe seed and the probe's settings: a linear
+result is never reused for k-NN, nor one k for another) is not recomputed;
 an interrupted one resumes its score and extract files where they stopped (each stage's
 own partial files) and keeps the ones already complete (when they record this
 checkpoint's weights and tokens). A result.json of other inputs is refused
@@ -41,11 +47,13 @@ import h5py
 import numpy as np
 
 from .. import formats
+from ..choices import KNN_K, KNN_TEMPERATURE
 from ..outputs import atomic_output, output_lock
 from ..progress import OnProgress, Reporter
 from ..provenance import provenance
 from ..results import Result
-from .plan import RESULT_FILE, Planned, Tokens, plan_sweep, read_result, result_digest
+from .plan import (RESULT_FILE, Planned, Tokens, plan_sweep, probe_settings, read_result, result_digest,
+                   stored_identity)
 from .stats import Correlation, correlate
 
 FORMAT, FORMAT_VERSION = formats.SWEEP_FORMAT, formats.SWEEP_VERSION
@@ -56,7 +64,7 @@ class LayerAccuracy(Result):
     layer: int
     val_acc: float
     test_acc: float
-    c: float  # the inverse regularisation strength chosen on validation
+    c: float | None  # the inverse regularisation strength chosen on validation (None: k-NN)
 
 
 @dataclass
@@ -85,6 +93,7 @@ class SweepResult(Result):
     test: str
     score_on: str
     layers: list[int] | None  # None: every layer of each model
+    probe: dict  # the probe's settings (`plan.probe_settings`): method, and k-NN's k, vote, temperature
     checkpoints: list[CheckpointResult]
     correlations: list[Correlation]  # one per family with >= 1 checkpoint, then "all"
     computed: int  # checkpoints computed by this call
@@ -137,6 +146,10 @@ def run_sweep(
     restart: bool = False,
     on_progress: OnProgress | None = None,
     dist=None,
+    method: str = "linear",
+    k: int = KNN_K,
+    knn_vote: str = "weighted",
+    knn_temperature: float = KNN_TEMPERATURE,
 ) -> SweepResult:
     """Score, extract and probe every checkpoint; see the module docstring.
 
@@ -147,6 +160,8 @@ def run_sweep(
     (default: `test`). `layers`: the layers extracted and probed (default all). `jobs`:
     layers probed at once. `batch_size`, `device`, `dtype`: for scoring, extraction and
     the probe (which runs on the same device, or on the CPU when that is mps).
+    `method`: "linear" (the linear probe) or "knn" (`igpt probe --method knn`: `k` neighbours,
+    `knn_vote` "weighted" with `knn_temperature`, or "majority"); recorded in the result.
     `dist` (a `distributed.DistContext` with world size > 1, e.g. under torchrun): the
     checkpoints are spread over the ranks; every rank returns the whole result, rank 0
     alone writes sweep.json and sweep.csv.
@@ -157,6 +172,7 @@ def run_sweep(
     t0 = time.perf_counter()
     out = Path(out)
     spec = _layer_spec(layers)
+    probe = probe_settings(method, k, knn_vote, knn_temperature)
     ctx = dist if dist is not None and dist.active else None
     dev = resolve_device(device)
     if ctx is not None:
@@ -166,7 +182,7 @@ def run_sweep(
                                                        else checkpoints)],
                        train=str(train), test=str(test), out=str(out), score_on=None if score_on is None
                        else str(score_on), layers=spec, seed=seed, jobs=jobs, batch_size=batch_size,
-                       device=str(device), dtype=dtype, restart=restart), "sweep settings")
+                       device=str(device), dtype=dtype, restart=restart, probe=probe), "sweep settings")
     run = ctx.run_checked if ctx is not None else (lambda fn: fn())
     main = ctx is None or ctx.is_main
     rep = Reporter(on_progress, "sweep")
@@ -175,7 +191,7 @@ def run_sweep(
             if not now:
                 return None
             plan = plan_sweep(checkpoints, train, test, out, score_on, spec, jobs=jobs, batch_size=batch_size,
-                         restart=restart, seed=seed, on_progress=on_progress)
+                         restart=restart, seed=seed, on_progress=on_progress, probe=probe)
             if main:
                 out.mkdir(parents=True, exist_ok=True)
                 stack.enter_context(output_lock(out))
@@ -195,7 +211,7 @@ def run_sweep(
             done = []
             for i in mine:
                 r = _one(planned[i], out, tokens, inputs, spec, seed=seed, jobs=jobs, batch_size=batch_size,
-                         device=dev, dtype=dtype, restart=restart, on_progress=on_progress, rep=rep)
+                         device=dev, dtype=dtype, restart=restart, on_progress=on_progress, rep=rep, probe=probe)
                 say(i, r)
                 done.append((i, r))
             return done
@@ -212,6 +228,7 @@ def run_sweep(
             out=str(out), train=str(tokens["train"].path), test=str(tokens["test"].path),
             score_on=str(tokens["score_on"].path),
             layers=None if spec is None else sorted({l for r in results for l in (x.layer for x in r.layers)}),
+            probe=probe,
             checkpoints=results, correlations=correlations(results), computed=computed,
             reused=len(results) - computed, seconds=round(time.perf_counter() - t0, 3))
         from .report import write_csv
@@ -243,7 +260,8 @@ def probe_device(dev) -> str:
 
 
 def _one(p: Planned, out: Path, tokens: dict[str, Tokens], inputs: dict, spec, *, seed: int, jobs: int,
-         batch_size, device, dtype: str, restart: bool, on_progress, rep: Reporter) -> CheckpointResult:
+         batch_size, device, dtype: str, restart: bool, on_progress, rep: Reporter,
+         probe: dict | None = None) -> CheckpointResult:
     """One checkpoint: its result.json when done before with the same inputs, else computed and written."""
     from ..extract import extract_features
     from ..generate import score_file
@@ -256,7 +274,7 @@ def _one(p: Planned, out: Path, tokens: dict[str, Tokens], inputs: dict, spec, *
         shutil.rmtree(ckdir)
     elif (ckdir / RESULT_FILE).is_file():
         done = read_result(ckdir / RESULT_FILE)
-        if done is not None and done.get("identity") == identity:
+        if done is not None and stored_identity(done) == identity:
             return _result_from(done["result"], reused=True)
         if done is None:
             rep.log(f"{ckdir / RESULT_FILE}: edited or damaged (its digest does not match); recomputing it")
@@ -273,8 +291,11 @@ def _one(p: Planned, out: Path, tokens: dict[str, Tokens], inputs: dict, spec, *
     for split in ("train", "test"):
         if not files[split].is_file():
             extract_features(tokens[split].path, model_dir, spec, files[split], **stage_kw)
+    settings = probe or {"method": "linear"}
     rep_ = probe_files(files["train"], files["test"], seed=seed, jobs=jobs, on_progress=on_progress,
-                       device=probe_device(device))
+                       device=probe_device(device), method=settings["method"], k=settings.get("k", KNN_K),
+                       knn_vote=settings.get("knn_vote", "weighted"),
+                       knn_temperature=settings.get("knn_temperature") or KNN_TEMPERATURE)
     best = next(r for r in rep_.layers if r.layer == rep_.best_layer)
     result = CheckpointResult(
         family=ck.family, name=ck.name, checkpoint=ck.path, model_dir=str(model_dir), step=ck.step,
