@@ -135,6 +135,12 @@ def test_checkpoint_arguments_globs_families_and_steps(series, tmp_path):
     (tmp_path / "other/step-000002").mkdir(parents=True)
     with pytest.raises(InputError, match="same family and name"):
         expand_checkpoints([f"x={run}/step-000002", f"x={tmp_path}/other/step-000002"])
+    # the bundled model by name, as -m takes it everywhere (issue 22.8), next to a run's series
+    from igpt_cli.bundled import BUNDLED
+
+    (shipped,) = expand_checkpoints(["igpt-cifar8"])
+    assert (Path(shipped.path), shipped.family, shipped.name) == (BUNDLED["igpt-cifar8"], "bundled", "igpt-cifar8")
+    assert [c.family for c in expand_checkpoints(["igpt-cifar8", f"tiny={run}/step-000002"])] == ["bundled", "tiny"]
 
 
 def test_correlations_are_scipys_and_undefined_below_three_points():

@@ -2,7 +2,8 @@
 
 An argument is one of:
 - a model directory (`runs/a/step-000200`, `imagegpt-small/`) or anything else
-  `model.resolve_model_dir` accepts (an OpenAI TensorFlow prefix `…/model.ckpt-131000`);
+  `model.resolve_model_dir` accepts (an OpenAI TensorFlow prefix `…/model.ckpt-131000`, a
+  bundled name such as `igpt-cifar8`, family "bundled");
 - a training run directory holding `step-*` directories (`igpt train --save-every`):
   its whole series, plus the run's final model when the run is finished and no `step-*`
   directory has its step;
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+from ..bundled import bundled_dir
 from ..errors import InputError
 from ..jsonfile import read_json
 
@@ -75,6 +77,9 @@ def _expand_one(arg: str) -> list[tuple[Path, str | None, str | None]]:
     if m and not Path(arg).exists():
         family, arg = m.group(1), m.group(2)
     p = Path(arg)
+    shipped = bundled_dir(arg)
+    if shipped is not None:   # a bundled name (a local path of that name wins)
+        return [(shipped, family or "bundled", arg)]
     if not p.exists() and not Path(f"{arg}.index").is_file() and glob.has_magic(arg):
         found = sorted(glob.glob(arg))
         if not found:
