@@ -24,6 +24,7 @@ class NextToken:
     settings: dict = {}  # recorded in the run state; a resumed run must have the same ("" for pretraining)
     metrics: tuple[str, ...] = ()  # extra per-step numbers the loss reports (logged next to `loss`)
     init_param = "init"  # the parameter naming the starting model, in errors
+    files: tuple[str, ...] = ()  # files the objective writes into the run directory besides a checkpoint's
     bert_refusal = "igpt train continues autoregressive (next-token) pretraining only"
 
     def build(self, model_config: IGPTConfig) -> torch.nn.Module:
