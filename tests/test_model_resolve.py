@@ -157,3 +157,14 @@ def test_models_skips_a_hostile_ref_with_a_warning(hub_cache, deadline, plant):
     r = invoke("models", "--json")
     assert r.exit_code == 0 and '"org/tiny-igpt"' in r.stdout
     assert [line for line in r.stderr.splitlines() if line.strip()] == [f"warning: {said[0]}"]
+
+
+def test_models_skips_a_repo_whose_snapshots_folder_is_a_symlink(hub_cache, deadline, tmp_path):
+    # a symlinked snapshots/ (to / say) would make the listing walk a whole file system: skipped, said once
+    cache, _, _ = hub_cache
+    repo = cache / "models--org--tiny-igpt"
+    shutil.move(repo / "snapshots", tmp_path / "elsewhere")
+    (repo / "snapshots").symlink_to(tmp_path / "elsewhere")
+    said = []
+    assert [r for r in list_models(on_warning=said.append) if r["source"] == "hub"] == []
+    assert len(said) == 1 and str(repo) in said[0] and "symbolic link" in said[0]

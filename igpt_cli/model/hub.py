@@ -180,6 +180,10 @@ def _scan_hub_cache(cache: Path, on_warning: Callable[[str], None]) -> list[tupl
     for entry in sorted(repos, key=lambda e: e.name):
         repo_id = entry.name[len("models--"):].replace("--", "/")
         repo = Path(entry.path)
+        if (repo / "refs").is_symlink() or (repo / "snapshots").is_symlink():
+            on_warning(f"{repo}: its refs or snapshots folder is a symbolic link (huggingface_hub never makes "
+                       "one); skipped")
+            continue
         refs: dict[str, list[str]] = {}
         for root, _dirs, files in os.walk(repo / "refs"):  # symlinked directories are not walked
             for name in sorted(files):
