@@ -339,6 +339,21 @@ def build_round3_inputs(d: Path, p: dict, ok: Callable) -> None:
     shutil.copy(MODEL / "model.safetensors", snap / "model.safetensors")
     (snap / "config.json").symlink_to("/dev/zero")
 
+    # Hugging Face caches of their own (igpt models reads one each): a good snapshot whose refs/main is a
+    # FIFO a co-user planted (would block a reader forever), or a sparse file of a terabyte (read whole: OOM)
+    for kind in ("fifo", "huge"):
+        repo = CACHE_ROOT / f"hub-{kind}" / "models--org--planted"
+        (repo / "snapshots" / ("c" * 40)).mkdir(parents=True)
+        (repo / "refs").mkdir()
+        for f in ("config.json", "model.safetensors", "preprocessor_config.json"):
+            shutil.copy(MODEL / f, repo / "snapshots" / ("c" * 40) / f)
+        if kind == "fifo":
+            os.mkfifo(repo / "refs" / "main")
+        else:
+            with open(repo / "refs" / "main", "wb") as fh:
+                fh.truncate(1 << 40)
+        p[f"hub_{kind}"] = CACHE_ROOT / f"hub-{kind}"
+
     # WebDataset shards: a label beyond any integer type, and a sample without a label
     png = io.BytesIO()
     Image.fromarray(np.full((8, 8, 3), 90, np.uint8)).save(png, format="PNG")
@@ -386,6 +401,14 @@ def build_round3_inputs(d: Path, p: dict, ok: Callable) -> None:
     shutil.copytree(MODEL, p["model_copy"])
     p["sweep_ck"] = d / "sweep-ck" / "step-000002"
     shutil.copytree(MODEL, p["sweep_ck"])
+    # finetune: tokens without labels (sampled from the model: its size and palette), a BERT checkpoint
+    p["tokens_unlabelled"] = d / "tokens-unlabelled.h5"
+    ok(["sample", MODEL, "-n", "8", "--seed", "1", "-o", p["tokens_unlabelled"], "-q"])
+    bert = d / "tf-bert"
+    bert.mkdir()
+    for f in (FIXTURES.parent / "bert").glob("model.ckpt-7.*"):
+        shutil.copy(f, bert / f.name)
+    p["tf_bert"] = bert / "model.ckpt-7"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -473,6 +496,27 @@ def rows_of(path: Path, dataset: str) -> int | None:
             return len(f[dataset])
     except (OSError, KeyError):
         return None
+
+
+USER_FILES = ("report.json", "metrics.jsonl", "loss.png", "notes.txt")
+
+
+def user_files(name: str) -> Callable:
+    """Setup: an existing output directory `name` holding the user's files named as a run's outputs."""
+    def setup(out: Path) -> None:
+        (out / name).mkdir()
+        for f in USER_FILES:
+            (out / name / f).write_text("precious")
+    return setup
+
+
+def user_files_untouched(name: str) -> Callable:
+    def verify(out: Path, result) -> str | None:
+        d = out / name
+        changed = [f for f in USER_FILES if not (d / f).is_file() or (d / f).read_text() != "precious"]
+        added = sorted(set(os.listdir(d)) - set(USER_FILES))
+        return f"the user's files changed: {changed}, added: {added}" if changed or added else None
+    return verify
 
 
 def victim_untouched(out: Path, result) -> str | None:
@@ -609,6 +653,9 @@ def cases(p: dict[str, Path]) -> list[Case]:
                  type("E", (), {"__reduce__": lambda s: (os.system, (f"touch {p['pwned']}",))})())))),
         Case("train: resume truncated state", ["train", p["tokens"], "-o", f"{O}/m", "--resume"], allowed=("m",),
              setup=lambda out: ((out / "m").mkdir(), (out / "m" / "train_state.pt").write_bytes(b"PK\x03\x04trunc"))),
+        Case("train: -o holds the user's metrics.jsonl, loss.png", ["train", p["tokens"], "-o", f"{O}/m", "--steps",
+             "1", "--depth", "1", "--width", "16", "--heads", "1", "--batch-size", "4"], allowed=("m",),
+             setup=user_files("m"), verify=user_files_untouched("m")),
         Case("train: disk full", ["train", p["tokens"], "-o", f"{O}/m", "--steps", "4", "--depth", "2", "--width",
              "64", "--heads", "2", "--checkpoint-every", "1"], needs_mount=True, allowed=("m",)),
         # sample / complete / score
@@ -636,11 +683,16 @@ def cases(p: dict[str, Path]) -> list[Case]:
         Case("show: jpg written as JPEG", ["show", p["tokens"], "-o", f"{O}/g.jpg"], expect=0, allowed=("g.jpg",)),
         Case("show: output is a directory", ["show", p["tokens"], "-o", f"{O}/g.png", "--overwrite"],
              setup=subdir("g.png"), allowed=("g.png",)),
+        # demo
+        Case("demo: --out is a file", ["demo", "--out", f"{O}/d", "-q"], setup=exists("d"), allowed=("d",)),
+        Case("demo: --out holds other files", ["demo", "--out", f"{O}/d", "-q"], allowed=("d",),
+             setup=lambda out: ((out / "d").mkdir(), (out / "d" / "notes.txt").write_text("mine"))),
+        Case("demo: model missing", ["demo", "--out", f"{O}/d", "--model", p["txt"].with_name("no-such-model"), "-q"]),
         # the command line itself
         Case("cli: no such command", ["bogus"]),
         Case("cli: unknown option", ["quantize", p["folder"], "-o", f"{O}/o.h5", "--no-such-flag"]),
     ]
-    return c + round3_cases(p)
+    return c + round3_cases(p) + finetune_cases(p)
 
 
 def round3_cases(p: dict[str, Path]) -> list[Case]:
@@ -839,6 +891,11 @@ def round3_cases(p: dict[str, Path]) -> list[Case]:
         # 9. configs that never end
         Case("models: cached config.json is a symlink to /dev/zero", ["models"], expect=0,
              verify=lambda out, r: "listed" if "org/evil" in r.stdout + r.stderr else None),
+        *[Case(f"models: a planted refs/main that is {what} (skipped, warned)", ["models", "--json"], expect=0,
+               env={"HF_HUB_CACHE": str(p[f"hub_{kind}"])},
+               verify=lambda out, r: None if "refs/main" in r.stderr and "skipped" in r.stderr
+               and '"org/planted"' in r.stdout else "no warning naming refs/main, or the snapshot not listed")
+          for kind, what in (("fifo", "a FIFO"), ("huge", "a 1 TiB sparse file"))],
         Case("extract: model config.json is a symlink to /dev/zero", ["extract", p["tokens"], "-m", f"{O}/m", "-o",
              f"{O}/o.h5"], allowed=("m",),
              setup=lambda out: (shutil.copytree(M, out / "m"), (out / "m" / "config.json").unlink(),
@@ -874,6 +931,121 @@ def round3_cases(p: dict[str, Path]) -> list[Case]:
              verify=edited_result_not_reused),
     ]
     return c
+
+
+def finetune_cases(p: dict[str, Path]) -> list[Case]:
+    """`igpt finetune` (the trainer's loop with a classifier head) against the trainer's causes:
+    bad inputs, outputs that are inputs, a planted lock, resume with other flags, a full disk,
+    a kill and its resume. Tiny runs: the shipped model, a batch of 4, a few steps."""
+    O = "{out}"
+    M = MODEL
+    link_to = lambda name, target: (lambda out: (out / name).symlink_to(target))  # noqa: E731
+    exists = lambda name: (lambda out: (out / name).write_text("precious"))  # noqa: E731
+    odd = "ft" + b"\xff".decode("utf-8", "surrogateescape")  # an output directory named with bytes that are not UTF-8
+    tiny = ["--batch-size", "4", "--warmup", "0", "--device", "cpu", "-q"]
+
+    def ft(*extra, out="ft", train=p["tokens"], test=p["tokens_test"], model=M):
+        return ["finetune", train, "-m", model, "--test", test, "-o", f"{O}/{out}", *tiny, *extra]
+
+    def finished_run(*extra):
+        """Setup: a finished two-step run in OUT/ft, its files' (size, mtime) remembered for `run_unchanged`."""
+        def setup(out: Path) -> None:
+            r = igpt([str(a).replace(O, str(out)) for a in ft("--steps", "2", *extra)])
+            assert r.returncode == 0, r.stderr
+            seen[out] = snapshot(out / "ft")
+        return setup
+
+    seen: dict[Path, dict] = {}
+
+    def says(needle):
+        return lambda out, result: None if needle in result.stderr else f"the message does not say {needle!r}"
+
+    def run_unchanged(out: Path, result) -> str | None:
+        changed = sorted(os.path.relpath(k, out) for k, v in snapshot(out / "ft").items() if seen[out].get(k) != v)
+        return f"the saved run changed: {changed}" if changed else None
+
+    def finished(steps: int):
+        def verify(out: Path, result) -> str | None:
+            ft_dir = out / "ft"
+            if not (ft_dir / "report.json").is_file():
+                return "no report.json"
+            meta = json.loads((ft_dir / "train_meta.json").read_text())
+            if meta.get("step") != steps:
+                return f"train_meta.json says step {meta.get('step')}, not {steps}"
+            left = sorted(f.name for f in ft_dir.iterdir() if f.name.endswith((".tmp", ".lock")))
+            return f"temp files left in the run: {left}" if left else None
+        return verify
+
+    def state_kept_and_said(out: Path, result) -> str | None:
+        if not (out / "ft" / "train_state.pt").is_file():
+            return "no train_state.pt kept after SIGTERM"
+        return None if "--resume" in result.stderr else "the message does not say how to resume (--resume)"
+
+    def kill_then_resume(sig: int, steps: int):
+        """Start the run, send `sig` once its first checkpoint is saved, then rerun it with --resume
+        (the case's result: the resumed run's)."""
+        def runner(case, out: Path) -> Result:
+            first = subprocess.Popen([sys.executable, "-m", "igpt_cli", *case.args], env=ENV, text=True,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            deadline = time.time() + 300
+            while time.time() < deadline and not (out / "ft" / "train_state.pt").exists() and first.poll() is None:
+                time.sleep(0.02)
+            if first.poll() is None:
+                first.send_signal(sig)
+            first.communicate(timeout=120)
+            if first.returncode == 0 or (out / "ft" / "report.json").exists():
+                return Result(None, "", f"the kill did not land mid-run (exit {first.returncode})")
+            return Result(*(lambda r: (r.returncode, r.stdout, r.stderr))(igpt([*case.args, "--resume"])))
+        return runner
+
+    return [
+        Case("finetune: no --steps", ["finetune", p["tokens"], "-m", M, "--test", p["tokens_test"], "-o", f"{O}/ft"]),
+        Case("finetune: tokens missing", ft("--steps", "1", train=p["txt"].with_name("nope.h5"))),
+        Case("finetune: unlabelled tokens", ft("--steps", "1", train=p["tokens_unlabelled"]), verify=says("no labels")),
+        Case("finetune: unlabelled --test", ft("--steps", "1", test=p["tokens_unlabelled"]), verify=says("no labels")),
+        Case("finetune: --test of another resolution", ft("--steps", "1", test=p["tokens4"])),
+        Case("finetune: tokens of another palette", ft("--steps", "1", train=p["tokens_otherpal"],
+                                                       test=p["tokens_otherpal"])),
+        Case("finetune: BERT model", ft("--steps", "1", train=p["tokens_tf"], test=p["tokens_tf"], model=p["tf_bert"])),
+        Case("finetune: nonexistent model", ft("--steps", "1", model=p["txt"].with_name("no-such-model"))),
+        Case("finetune: hub id not in the cache (offline)", ft("--steps", "1", model="org/no-such-model")),
+        Case("finetune: hostile pickle weights", ft("--steps", "1", model=p["model_evil"])),
+        Case("finetune: truncated safetensors", ft("--steps", "1", model=p["model_trunc"])),
+        *[Case(f"finetune: --gen-weight {w}", ft("--steps", "1", "--gen-weight", w)) for w in ("-1", "nan", "inf")],
+        Case("finetune: lr nan", ft("--steps", "1", "--lr", "nan")),
+        Case("finetune: -o is the tokens file (symlink)", ft("--steps", "1", out="t.h5"), allowed=("t.h5",),
+             setup=link_to("t.h5", p["tokens"])),
+        Case("finetune: -o is the --test file (./)", ["finetune", p["tokens"], "-m", M, "--test", p["tokens_test"],
+             "-o", p["tokens_test"].parent / "." / p["tokens_test"].name, *tiny, "--steps", "1"]),
+        Case("finetune: -o is the model directory", ["finetune", p["tokens"], "-m", p["model_copy"], "--test",
+             p["tokens_test"], "-o", p["model_copy"], *tiny, "--steps", "1"]),
+        Case("finetune: -o is the model directory (symlink)", ft("--steps", "1", model=p["model_copy"]),
+             allowed=("ft",), setup=link_to("ft", p["model_copy"])),
+        Case("finetune: -o is a file", ft("--steps", "1"), allowed=("ft",), setup=exists("ft")),
+        Case("finetune: -o holds the user's report.json, metrics.jsonl", ft("--steps", "1"), allowed=("ft",),
+             setup=user_files("ft"), verify=user_files_untouched("ft")),
+        Case("finetune: lock file is a symlink", ft("--steps", "1"), allowed=("victim.txt", ".ft.lock"),
+             setup=plant_lock("ft"), verify=victim_untouched),
+        Case("finetune: rerun on a finished run without --resume", ft("--steps", "2"), allowed=("ft",),
+             setup=finished_run(), verify=run_unchanged),
+        *[Case(f"finetune: resume with other flags ({' '.join(flags)})", ft("--resume", *flags), allowed=("ft",),
+               setup=finished_run(), verify=run_unchanged)
+          for flags in (["--lr", "0.5"], ["--gen-weight", "0"], ["--batch-size", "8"], ["--no-flip"], ["--seed", "3"])],
+        Case("finetune: resume with other tokens", ft("--resume", train=p["tokens_test"]), allowed=("ft",),
+             setup=finished_run(), verify=run_unchanged),
+        Case("finetune: resume with another model", ft("--resume", model=p["model_copy"]), allowed=("ft",),
+             setup=finished_run(), verify=run_unchanged),
+        Case("finetune: resume without a run", ft("--resume")),
+        Case("finetune: disk full", ft("--steps", "3", "--checkpoint-every", "1"), needs_mount=True, allowed=("ft",)),
+        Case("finetune: SIGTERM mid-run (state kept)", ft("--steps", "400", "--checkpoint-every", "2"), expect=143,
+             allowed=("ft",), verify=state_kept_and_said,
+             run=lambda case, out: run_with_sigterm(case.args, out, "ft/train_state.pt", 0.5)),
+        Case("finetune: kill -9 mid-run, then --resume", ft("--steps", "30", "--checkpoint-every", "5"), expect=0,
+             allowed=("ft",), run=kill_then_resume(signal.SIGKILL, 30), verify=finished(30)),
+        Case("finetune: SIGTERM mid-run, then --resume", ft("--steps", "30", "--checkpoint-every", "5"), expect=0,
+             allowed=("ft",), run=kill_then_resume(signal.SIGTERM, 30), verify=finished(30)),
+        Case("finetune: output named with non-UTF-8 bytes", ft("--steps", "1", out=odd), expect=0, allowed=(odd,)),
+    ]
 
 
 def snapshot(d: Path) -> dict[str, tuple]:

@@ -67,3 +67,12 @@ def test_demo_refuses_a_plot_or_completions_that_is_an_input_or_another_output(t
     assert (data_copy / "config.json").read_bytes() == before
     r = invoke("demo", "--out", tmp_path / "d", "--plot", tmp_path / "d" / "train.h5", "-q")
     assert_clean_failure(r, "name the same file")
+    assert not (tmp_path / "d").exists()  # the --out it made for the run is not left behind, empty
+
+
+def test_demo_with_a_missing_model_leaves_no_empty_out_directory(tmp_path):
+    from helpers import assert_clean_failure, invoke
+
+    r = invoke("demo", "--out", tmp_path / "d" / "e", "--model", tmp_path / "no-such-model", "-q")
+    assert_clean_failure(r, "model not found")
+    assert not (tmp_path / "d").exists()

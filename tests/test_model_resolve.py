@@ -105,3 +105,66 @@ def test_models_lists_bundled_and_cached(hub_cache):
 
     assert r["parameters"] == sum(p.numel() for p in ImageGPTModel.from_pretrained(r["path"]).parameters())
     assert any("v2" in (x["revision"] or "") for x in hub)
+
+
+@pytest.fixture
+def deadline():
+    """Fail (not hang) a test that blocks: SIGALRM after 20 s raises in the main thread."""
+    import signal
+
+    def expired(signum, frame):
+        raise TimeoutError("blocked for 20 s")
+
+    before = signal.signal(signal.SIGALRM, expired)
+    signal.alarm(20)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, before)
+
+
+def _plant_fifo(path: Path) -> None:
+    os.mkfifo(path)
+
+
+def _plant_huge(path: Path) -> None:
+    with open(path, "wb") as f:  # a sparse terabyte: read whole, it would exhaust memory
+        f.truncate(1 << 40)
+
+
+def _plant_dev_zero(path: Path) -> None:
+    path.symlink_to("/dev/zero")
+
+
+def _plant_not_a_hash(path: Path) -> None:
+    path.write_text("not a commit hash")
+
+
+@pytest.mark.parametrize("plant", [_plant_fifo, _plant_huge, _plant_dev_zero, _plant_not_a_hash],
+                         ids=["fifo", "oversized", "dev-zero", "not-a-hash"])
+def test_models_skips_a_hostile_ref_with_a_warning(hub_cache, deadline, plant):
+    # a co-user's planted refs/ file is never waited on or read whole: skipped, said in one line
+    cache, _, _ = hub_cache
+    ref = cache / "models--org--tiny-igpt" / "refs" / "main"
+    ref.unlink()
+    plant(ref)
+    said = []
+    hub = [r for r in list_models(on_warning=said.append) if r["source"] == "hub"]
+    assert len(said) == 1 and str(ref) in said[0] and "skipped" in said[0] and "\n" not in said[0]
+    # both snapshots are still listed; the one the bad ref named has no ref label, v2 keeps its own
+    assert sorted(r["revision"] for r in hub) == sorted([COMMIT_A[:12], f"{COMMIT_B[:12]} (v2)"])
+    from helpers import invoke
+
+    r = invoke("models", "--json")
+    assert r.exit_code == 0 and '"org/tiny-igpt"' in r.stdout
+    assert [line for line in r.stderr.splitlines() if line.strip()] == [f"warning: {said[0]}"]
+
+
+def test_models_skips_a_repo_whose_snapshots_folder_is_a_symlink(hub_cache, deadline, tmp_path):
+    # a symlinked snapshots/ (to / say) would make the listing walk a whole file system: skipped, said once
+    cache, _, _ = hub_cache
+    repo = cache / "models--org--tiny-igpt"
+    shutil.move(repo / "snapshots", tmp_path / "elsewhere")
+    (repo / "snapshots").symlink_to(tmp_path / "elsewhere")
+    said = []
+    assert [r for r in list_models(on_warning=said.append) if r["source"] == "hub"] == []
+    assert len(said) == 1 and str(repo) in said[0] and "symbolic link" in said[0]

@@ -2,6 +2,7 @@
 layer, classification + gen_weight × next-token loss) run by the trainer's loop; its directory is a
 transformers `ImageGPTForImageClassification`; resume, 2 ranks, bad input."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -194,8 +195,16 @@ def test_bad_input_is_one_line_and_writes_nothing(data, tmp_path):
     out_of_range = class_tokens(tmp_path / "range.h5", 9)
     with h5py.File(out_of_range, "a") as f:
         f["labels"][0] = 7
+    all_unlabelled = class_tokens(tmp_path / "minus1.h5", 9)  # -1: no label (sampled images, WebDataset without .cls)
+    one_unlabelled = class_tokens(tmp_path / "one-minus1.h5", 9)
+    with h5py.File(all_unlabelled, "a") as f, h5py.File(one_unlabelled, "a") as g:
+        f["labels"][:] = -1
+        g["labels"][3] = -1
     cases = [
         ((class_tokens(tmp_path / "nolab.h5", 9, labels=False), data["model"], data["test"]), "has no labels"),
+        ((all_unlabelled, data["model"], data["test"]), "has no labels"),
+        ((data["train"], data["model"], all_unlabelled), "has no labels"),
+        ((one_unlabelled, data["model"], data["test"]), "1 of 9 images have no label (-1)"),
         ((data["train"], base_model(tmp_path / "bert", objective="bert"), data["test"]), "BERT-objective"),
         ((data["train"], data["model"], other_side), "8x8 tokens"),
         ((data["train"], data["model"], other_palette), "another palette"),
@@ -212,3 +221,37 @@ def test_bad_input_is_one_line_and_writes_nothing(data, tmp_path):
     r = invoke("finetune", data["train"], "-m", data["model"], "--test", data["test"], "-o", tmp_path / "o",
                "--steps", 2, "--gen-weight", "-1", "--quiet")
     assert r.returncode == 2 and not (tmp_path / "o").exists()
+
+
+def test_an_interrupt_says_how_to_resume(data, tmp_path, monkeypatch):
+    # the checkpoint an interrupted fine-tuning run saved is resumed by --resume (finetune has no
+    # "rerun resumes" default): the one line must say so, never "nothing was written"
+    import igpt_cli.train.finetuning as finetuning
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(finetuning, "finetune", interrupted)
+    r = invoke("finetune", data["train"], "-m", data["model"], "--test", data["test"], "-o", tmp_path / "o",
+               "--steps", 2, "--quiet")
+    assert r.returncode == 130 and "--resume" in r.stderr and "nothing was written" not in r.stderr
+
+
+@pytest.mark.parametrize("command,name", [("train", "metrics.jsonl"), ("train", "loss.png"),
+                                          ("finetune", "report.json"), ("finetune", "metrics.jsonl")])
+def test_a_new_run_never_replaces_a_users_file_in_its_directory(data, tmp_path, command, name):
+    # -o an existing directory of the user's: a file there named as one a run writes (its logs, the
+    # fine-tuning report) is refused, not replaced; the directory is left as it was (the log of a
+    # run that saved nothing is started anew: test_train_watch)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / name).write_text("precious")
+    (out / "notes.txt").write_text("mine")
+    if command == "train":
+        r = invoke("train", data["train"], "-o", out, "--steps", 1, "--depth", 1, "--width", 8, "--heads", 1,
+                   "--batch-size", 4, "--quiet")
+    else:
+        r = invoke("finetune", data["train"], "-m", data["model"], "--test", data["test"], "-o", out, "--steps", 1,
+                   "--batch-size", 4, "--quiet")
+    assert_clean_failure(r, f"holds {name}")
+    assert sorted(os.listdir(out)) == sorted([name, "notes.txt"]) and (out / name).read_text() == "precious"

@@ -10,7 +10,7 @@ import typer
 from ..choices import ComputeDtype, Pool, Resize, Site, Split, StoreDtype
 from .options import (Compile, Device, Dtype, FormatOpt, ImageColumn, LabelColumn, LayerSpec, LimitOpt, LimitPerClass, MaxPixels,
                       Json, ModelOpt, Overwrite, Quiet, Restart, Revision, Shuffle, SkipBad, SplitOpt, out_option)
-from .ui import handles_input_errors, launched_run, print_json, render_models
+from .ui import err, handles_input_errors, launched_run, print_json, render_models
 
 BatchSize = Annotated[Optional[int], typer.Option("--batch-size", "-b", help="Images per batch (default: auto).")]
 NoSos = Annotated[bool, typer.Option("--no-sos", help="Feed tokens unshifted (Hugging Face's behaviour).")]
@@ -133,9 +133,12 @@ def models_command(
 
     Example: igpt models --json
     """
+    from rich.markup import escape
+
     from ..model import list_models
 
-    rows = list_models()
+    rows = list_models(on_warning=lambda message: err.print(f"[yellow]warning:[/] {escape(message)}",
+                                                            highlight=False, soft_wrap=True))
     if as_json:
         print_json({"models": rows})
     elif not quiet:

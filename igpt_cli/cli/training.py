@@ -115,7 +115,7 @@ def train_command(
         print_json(result)
 
 
-@handles_input_errors
+@handles_input_errors(resume="the last checkpoint is kept: rerun the same command with --resume to continue")
 def finetune_command(
     train_tokens: Annotated[Path, typer.Argument(help="Labelled tokens file (igpt quantize) to fine-tune on.")],
     model: ModelOpt,
@@ -207,19 +207,28 @@ def demo_command(
 
     plot_path = plot or (out / "probe.png" if out else Path("igpt-demo.png"))
     completions = None if out else Path("igpt-demo-completions.png")
+    made: list[Path] = []  # the directories this run creates for --out, innermost first
     if out is not None:
         if out.exists() and not out.is_dir():
             raise InputError(f"{out}: exists and is not a directory")
         if not overwrite and out.is_dir() and any(out.iterdir()):
             raise InputError(f"{out}: holds files already (pass overwrite=True to replace the demo's files)")
+        made = [d for d in (out, *out.parents) if not d.exists()]
         out.mkdir(parents=True, exist_ok=True)
-    check_demo_paths(out, model, {"plot": plot_path, "completions": completions})
-    check_plot_path(plot_path, overwrite)
-    if completions is not None:
-        outputs.check_output_path(completions, overwrite)
-    bar = ProgressBar.maybe(quiet)
-    with maybe_bar(bar):
-        result = run_demo(out, model=model, completions=completions, on_progress=bar)
+    try:
+        check_demo_paths(out, model, {"plot": plot_path, "completions": completions})
+        check_plot_path(plot_path, overwrite)
+        if completions is not None:
+            outputs.check_output_path(completions, overwrite)
+        bar = ProgressBar.maybe(quiet)
+        with maybe_bar(bar):
+            result = run_demo(out, model=model, completions=completions, on_progress=bar)
+    except BaseException:
+        for d in made:  # a run that failed (a missing model…) leaves no empty --out behind
+            if not d.is_dir() or any(d.iterdir()):
+                break
+            d.rmdir()
+        raise
     rep, pix = result.model.to_dict(), result.pixels.to_dict()
     files = dict(result.files, plot=str(write_probe_plot(rep, plot_path)))
     if not quiet:

@@ -10,15 +10,19 @@ bars on stderr unless `quiet`.
 
 Offline (or local_files_only) and not cached: one `CheckpointError` that says so and
 shows the command that fetches the files (`fetch_command`). `cached_models()` lists the
-iGPT models in the cache for `igpt models`.
+iGPT models in the cache for `igpt models`, reading the cache's layout itself with bounded
+reads (a planted FIFO or huge ref is skipped with a warning, never waited on or read whole).
 """
 from __future__ import annotations
 
 import os
 import re
+import stat
 from pathlib import Path
+from typing import Callable
 
-from ..jsonfile import loads_bounded, read_json
+from ..errors import InputError
+from ..jsonfile import loads_bounded, read_bounded, read_json
 from .checkpoint import CheckpointError
 
 CONFIG_FILES = ["config.json", "preprocessor_config.json"]
@@ -139,24 +143,93 @@ def _parameters(weights: Path) -> int | None:
     return total
 
 
-def cached_models() -> list[dict]:
-    """Every ImageGPT snapshot in the hub cache (`scan_cache_dir`), one row per revision."""
-    from huggingface_hub import constants, scan_cache_dir
-    from huggingface_hub.errors import CacheNotFound
+REF_MAX_BYTES = 4096  # a refs/ file holds one commit hash (40 hex digits)
+COMMIT_HASH = re.compile(r"^[0-9a-f]{40}$")
 
-    try:  # the cache named now (scan_cache_dir's own default is bound when its module is first imported)
-        info = scan_cache_dir(constants.HF_HUB_CACHE)
-    except CacheNotFound:
+
+def hub_cache_dir() -> Path:
+    """The hub cache named now (`HF_HUB_CACHE`, else under `HF_HOME`), as huggingface_hub resolves it."""
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HUB_CACHE)
+
+
+def read_ref(path: str | Path) -> str:
+    """The commit hash a ``refs/`` file of the hub cache holds, read bounded (`jsonfile.read_bounded`:
+    a FIFO, a device or a symlink to one is never read or waited on, a file over REF_MAX_BYTES
+    never read whole); InputError (one line naming the file) for anything but one commit hash."""
+    data = read_bounded(path, "hub ref", max_bytes=REF_MAX_BYTES)
+    text = data.decode("ascii", "replace").strip()
+    if not COMMIT_HASH.match(text):
+        raise InputError(f"{path}: the hub ref does not hold a commit hash")
+    return text
+
+
+def _scan_hub_cache(cache: Path, on_warning: Callable[[str], None]) -> list[tuple]:
+    """(repo id, commit, snapshot dir, ref names, bytes, last modified) of every model snapshot in the
+    hub cache `cache` (its layout: ``models--org--name/{refs,snapshots}``), read with bounded reads
+    only; a ref that cannot be read safely is skipped with `on_warning`, never a crash or a hang
+    (huggingface_hub's `scan_cache_dir` reads refs whole, and blocks on a FIFO)."""
+    try:
+        repos = [e for e in os.scandir(cache) if e.name.startswith("models--")
+                 and e.is_dir(follow_symlinks=False)] if cache.is_dir() else []
+    except OSError as e:
+        on_warning(f"{cache}: cannot list the Hugging Face cache ({e.strerror}); skipped")
         return []
-    rows = []
-    for repo in sorted(info.repos, key=lambda r: r.repo_id):
-        if repo.repo_type != "model":
+    found = []
+    for entry in sorted(repos, key=lambda e: e.name):
+        repo_id = entry.name[len("models--"):].replace("--", "/")
+        repo = Path(entry.path)
+        if (repo / "refs").is_symlink() or (repo / "snapshots").is_symlink():
+            on_warning(f"{repo}: its refs or snapshots folder is a symbolic link (huggingface_hub never makes "
+                       "one); skipped")
             continue
-        for rev in sorted(repo.revisions, key=lambda r: r.last_modified, reverse=True):
-            refs = ",".join(sorted(rev.refs)) or None
-            label = f"{rev.commit_hash[:12]}" + (f" ({refs})" if refs else "")
-            row = model_summary(repo.repo_id, Path(rev.snapshot_path), source="hub", revision=label,
-                                size_bytes=rev.size_on_disk)
-            if row is not None:
-                rows.append(row)
+        refs: dict[str, list[str]] = {}
+        for root, _dirs, files in os.walk(repo / "refs"):  # symlinked directories are not walked
+            for name in sorted(files):
+                path = Path(root) / name
+                try:
+                    commit = read_ref(path)
+                except InputError as e:
+                    on_warning(f"{e}; skipped")
+                    continue
+                refs.setdefault(commit, []).append(path.relative_to(repo / "refs").as_posix())
+        try:
+            snaps = [e for e in os.scandir(repo / "snapshots") if e.is_dir(follow_symlinks=False)]
+        except OSError:
+            continue  # no snapshots: nothing to list
+        for snap in snaps:
+            size, mtime = _snapshot_size(Path(snap.path))
+            found.append((repo_id, snap.name, Path(snap.path), sorted(refs.get(snap.name, [])), size, mtime))
+    return found
+
+
+def _snapshot_size(snap: Path) -> tuple[int, float]:
+    """Bytes of the regular files a snapshot holds (each blob once) and their latest mtime; what
+    is not a regular file (a link to a device, a FIFO) is not counted, and nothing is read."""
+    seen, size, mtime = set(), 0, 0.0
+    for root, _dirs, files in os.walk(snap):
+        for name in files:
+            try:
+                st = os.stat(os.path.join(root, name))
+            except OSError:
+                continue
+            if stat.S_ISREG(st.st_mode) and (st.st_dev, st.st_ino) not in seen:
+                seen.add((st.st_dev, st.st_ino))
+                size += st.st_size
+                mtime = max(mtime, st.st_mtime)
+    return size, mtime
+
+
+def cached_models(on_warning: Callable[[str], None] | None = None) -> list[dict]:
+    """Every ImageGPT snapshot in the hub cache, one row per revision (sorted by repo id, newest
+    first). The cache is read with bounded reads only (`_scan_hub_cache`); a hostile entry (a ref
+    that is a FIFO, a device, huge, or not a commit hash) is skipped and said to `on_warning`."""
+    rows = []
+    found = _scan_hub_cache(hub_cache_dir(), on_warning or (lambda message: None))
+    for repo_id, commit, snap, refs, size, _ in sorted(found, key=lambda r: (r[0], -r[5])):
+        label = f"{commit[:12]}" + (f" ({','.join(refs)})" if refs else "")
+        row = model_summary(repo_id, snap, source="hub", revision=label, size_bytes=size)
+        if row is not None:
+            rows.append(row)
     return rows

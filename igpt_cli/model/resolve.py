@@ -15,6 +15,7 @@ Anything else is one CheckpointError naming what was looked for.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 from .checkpoint import CheckpointError
 from .hub import cached_models, hub_snapshot, is_hub_id, model_summary
@@ -43,9 +44,10 @@ def resolve_model_dir(model: str | Path, *, revision: str | None = None, local_f
                           "a TensorFlow checkpoint prefix or a Hugging Face hub id like openai/imagegpt-small)")
 
 
-def list_models() -> list[dict]:
+def list_models(on_warning: Callable[[str], None] | None = None) -> list[dict]:
     """The bundled models and every ImageGPT snapshot in the Hugging Face cache, one dict each
     (name, source, layers, width, heads, positions, resolution, palette, parameters, size_bytes,
-    revision, path): what `igpt models` shows."""
+    revision, path): what `igpt models` shows. A cache entry that cannot be read safely is
+    skipped and said to `on_warning` (one line each)."""
     bundled = [model_summary(name, d, source="bundled") for name, d in BUNDLED.items()]
-    return [r for r in bundled if r is not None] + cached_models()
+    return [r for r in bundled if r is not None] + cached_models(on_warning)

@@ -66,11 +66,15 @@ def class_names_of(data: TokenData) -> list[str]:
 
 
 def check_labelled(data: TokenData, n_classes: int | None, what: str) -> None:
-    """InputError naming the file: no labels, or labels outside 0..n_classes-1."""
-    if data.labels is None:
+    """InputError naming the file: no labels (none stored, or every one -1), images without a
+    label (-1), or labels outside 0..n_classes-1."""
+    y = np.asarray(data.labels) if data.labels is not None else None
+    if y is None or (len(y) and (y < 0).all()):  # -1: no label (sampled images, unlabelled datasets)
         raise InputError(f"{data.path}: has no labels; fine-tuning needs labelled {what} tokens "
                          "(quantize a labelled dataset)")
-    y = np.asarray(data.labels)
+    if (y < 0).any():
+        raise InputError(f"{data.path}: {int((y < 0).sum()):,} of {len(y):,} images have no label (-1); "
+                         f"fine-tuning needs a label for every {what} image")
     n = n_classes if n_classes is not None else len(class_names_of(data))
     bad = (y < 0) | (y >= n)
     if bad.any():

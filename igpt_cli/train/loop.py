@@ -184,7 +184,7 @@ def pretrain(
                 split_batch(opts.grad_accum if is_count(opts.grad_accum) else 1, 1, opts.grad_accum)  # its type
                 init_dir = resolve_init(init) if init is not None and dist.is_main and not resume else None
                 check_distinct({"out": out}, {"train_tokens": train_tokens, "val_tokens": val_tokens,
-                                              "init": init_dir})
+                                              objective.init_param: init_dir})
                 if dist.is_main:  # `-o .` too: the lock sits next to the directory
                     stack.enter_context(output_lock(out.resolve()))
                     if restart and not resume:  # under the lock: no other run is writing it
@@ -202,8 +202,9 @@ def pretrain(
                                          "resume with its own, or train into a new directory")
                 else:
                     start = fresh_run(out, cfg, data, val_tokens,
-                                   load_init(init, init_dir, data, given, param=objective.init_param,
-                                             bert_refusal=objective.bert_refusal) if init is not None else None)
+                                      load_init(init, init_dir, data, given, param=objective.init_param,
+                                                bert_refusal=objective.bert_refusal) if init is not None else None,
+                                      objective.files)
                 mc = start.model_config
                 K = len(data.palette)
                 if mc.n_positions != data.height * data.width or mc.vocab_size != K + 1:

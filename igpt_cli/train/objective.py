@@ -25,6 +25,7 @@ class NextToken:
     metrics: tuple[str, ...] = ()  # extra per-step numbers the loss reports (logged next to `loss`)
     files: tuple[str, ...] = ()  # files it writes into OUT besides the run's own (a restart removes them too)
     init_param = "init"  # the parameter naming the starting model, in errors
+    files: tuple[str, ...] = ()  # files the objective writes into the run directory besides a checkpoint's
     bert_refusal = "igpt train continues autoregressive (next-token) pretraining only"
 
     def build(self, model_config: IGPTConfig) -> torch.nn.Module:

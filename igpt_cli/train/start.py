@@ -4,6 +4,7 @@ the split of a global batch over ranks and micro-batches, and failing on every r
 from __future__ import annotations
 
 import contextlib
+import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -64,7 +65,11 @@ def discard_run(out: Path, extra: tuple[str, ...] = ()) -> None:
             p.unlink(missing_ok=True)
 
 
-def fresh_run(out: Path, cfg: TrainConfig, data: TokenData, val_tokens, init: InitModel | None) -> Start:
+def fresh_run(out: Path, cfg: TrainConfig, data: TokenData, val_tokens, init: InitModel | None,
+              files: tuple[str, ...] = ()) -> Start:
+    """A new run in `out`. Refused when `out` holds a run, a model, or a file a run would replace there:
+    the objective's `files` (a fine-tuning report), or logs (metrics.jsonl, loss.png) that are not
+    those of a run that saved nothing (killed before its first checkpoint: started anew)."""
     if (out / STATE_FILE).exists():
         raise InputError(f"{out}: holds a training run already (resume=True continues it, restart=True "
                          "discards it)")
@@ -72,6 +77,15 @@ def fresh_run(out: Path, cfg: TrainConfig, data: TokenData, val_tokens, init: In
     if present:
         raise InputError(f"{out}: holds a model already ({', '.join(present)}) and no training state to resume; "
                          "train into a new or empty directory")
+    from .state import LOSS_PLOT, METRICS_FILE
+    from .watch import is_run_log
+
+    run_log = is_run_log(out / METRICS_FILE)
+    theirs = [n for n in (METRICS_FILE, LOSS_PLOT) if os.path.lexists(out / n) and not run_log]
+    theirs += [n for n in files if os.path.lexists(out / n)]
+    if theirs:
+        raise InputError(f"{out}: holds {', '.join(theirs[:3])}{' …' if len(theirs) > 3 else ''} and no training "
+                         "state to resume; a new run would replace them: train into a new or empty directory")
     val = None
     if val_tokens is not None:
         val = load_tokens(val_tokens)

@@ -14,6 +14,8 @@ event files go to `OUT/tensorboard/` when the `tensorboard` package is importabl
 from __future__ import annotations
 
 import json
+import os
+import stat
 from pathlib import Path
 from typing import BinaryIO, Callable
 
@@ -40,6 +42,32 @@ def read_metrics(path: Path) -> list[dict]:
         if isinstance(rec, dict) and isinstance(rec.get("step"), int):
             records.append(rec)
     return records
+
+
+def is_run_log(path: Path, head: int = 1 << 16) -> bool:
+    """Whether `path` is a metrics file a run wrote: a regular file whose lines (the first `head`
+    bytes of them; a last line cut short by a kill allowed) are each a JSON record with an
+    integer `step`. A new run may start its log anew over one; any other file is a user's."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
+    except OSError:
+        return False
+    with os.fdopen(fd, "rb") as fh:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return False
+        lines = fh.read(head).splitlines()
+    records = 0
+    for i, line in enumerate(lines):
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            if i == len(lines) - 1 and records:
+                continue
+            return False
+        if not (isinstance(rec, dict) and isinstance(rec.get("step"), int) and not isinstance(rec["step"], bool)):
+            return False
+        records += 1
+    return records > 0
 
 
 def _tensorboard_writer(log_dir: Path, start_step: int):
