@@ -979,11 +979,11 @@ def finetune_cases(p: dict[str, Path]) -> list[Case]:
     def state_kept_and_said(out: Path, result) -> str | None:
         if not (out / "ft" / "train_state.pt").is_file():
             return "no train_state.pt kept after SIGTERM"
-        return None if "--resume" in result.stderr else "the message does not say how to resume (--resume)"
+        return None if "resume" in result.stderr else "the message does not say how to resume"
 
     def kill_then_resume(sig: int, steps: int):
-        """Start the run, send `sig` once its first checkpoint is saved, then rerun it with --resume
-        (the case's result: the resumed run's)."""
+        """Start the run, send `sig` once its first checkpoint is saved, then rerun the same command,
+        which resumes (the case's result: the resumed run's)."""
         def runner(case, out: Path) -> Result:
             first = subprocess.Popen([sys.executable, "-m", "igpt_cli", *case.args], env=ENV, text=True,
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -995,7 +995,7 @@ def finetune_cases(p: dict[str, Path]) -> list[Case]:
             first.communicate(timeout=120)
             if first.returncode == 0 or (out / "ft" / "report.json").exists():
                 return Result(None, "", f"the kill did not land mid-run (exit {first.returncode})")
-            return Result(*(lambda r: (r.returncode, r.stdout, r.stderr))(igpt([*case.args, "--resume"])))
+            return Result(*(lambda r: (r.returncode, r.stdout, r.stderr))(igpt(list(case.args))))
         return runner
 
     return [
@@ -1026,8 +1026,8 @@ def finetune_cases(p: dict[str, Path]) -> list[Case]:
              setup=user_files("ft"), verify=user_files_untouched("ft")),
         Case("finetune: lock file is a symlink", ft("--steps", "1"), allowed=("victim.txt", ".ft.lock"),
              setup=plant_lock("ft"), verify=victim_untouched),
-        Case("finetune: rerun on a finished run without --resume", ft("--steps", "2"), allowed=("ft",),
-             setup=finished_run(), verify=run_unchanged),
+        Case("finetune: rerun of a finished run (resumes: nothing to do, nothing rewritten)", ft("--steps", "2"),
+             expect=0, allowed=("ft",), setup=finished_run(), verify=run_unchanged),
         *[Case(f"finetune: resume with other flags ({' '.join(flags)})", ft("--resume", *flags), allowed=("ft",),
                setup=finished_run(), verify=run_unchanged)
           for flags in (["--lr", "0.5"], ["--gen-weight", "0"], ["--batch-size", "8"], ["--no-flip"], ["--seed", "3"])],
@@ -1040,9 +1040,9 @@ def finetune_cases(p: dict[str, Path]) -> list[Case]:
         Case("finetune: SIGTERM mid-run (state kept)", ft("--steps", "400", "--checkpoint-every", "2"), expect=143,
              allowed=("ft",), verify=state_kept_and_said,
              run=lambda case, out: run_with_sigterm(case.args, out, "ft/train_state.pt", 0.5)),
-        Case("finetune: kill -9 mid-run, then --resume", ft("--steps", "30", "--checkpoint-every", "5"), expect=0,
+        Case("finetune: kill -9 mid-run, then the same command", ft("--steps", "30", "--checkpoint-every", "5"), expect=0,
              allowed=("ft",), run=kill_then_resume(signal.SIGKILL, 30), verify=finished(30)),
-        Case("finetune: SIGTERM mid-run, then --resume", ft("--steps", "30", "--checkpoint-every", "5"), expect=0,
+        Case("finetune: SIGTERM mid-run, then the same command", ft("--steps", "30", "--checkpoint-every", "5"), expect=0,
              allowed=("ft",), run=kill_then_resume(signal.SIGTERM, 30), verify=finished(30)),
         Case("finetune: output named with non-UTF-8 bytes", ft("--steps", "1", out=odd), expect=0, allowed=(odd,)),
     ]

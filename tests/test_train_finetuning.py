@@ -172,6 +172,17 @@ def test_resume_equals_an_uninterrupted_run(run, data):
     assert json.loads(r.stdout)["training"]["steps"] == 2
 
 
+def test_rerunning_a_finished_run_rewrites_nothing(run, data):
+    # the same command again resumes a run that has nothing left to do: same report, no file touched
+    out, report = run
+    before = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.rglob("*") if p.is_file()}
+    r = invoke("finetune", data["train"], "-m", data["model"], "--test", data["test"], "-o", out, *FLAGS,
+               "--steps", 12)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout) == report
+    assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.rglob("*") if p.is_file()} == before
+
+
 def test_two_ranks_train_the_model_one_process_trains(run, data):
     out = data["dir"] / "two"
     cmd = [str(TORCHRUN), "--standalone", "--nproc-per-node=2", "-m", "igpt_cli", "finetune", str(data["train"]),
@@ -224,8 +235,8 @@ def test_bad_input_is_one_line_and_writes_nothing(data, tmp_path):
 
 
 def test_an_interrupt_says_how_to_resume(data, tmp_path, monkeypatch):
-    # the checkpoint an interrupted fine-tuning run saved is resumed by --resume (finetune has no
-    # "rerun resumes" default): the one line must say so, never "nothing was written"
+    # the checkpoint an interrupted fine-tuning run saved is resumed by rerunning the command (as
+    # train's): the one line must say so, never "nothing was written"
     import igpt_cli.train.finetuning as finetuning
 
     def interrupted(*args, **kwargs):
@@ -234,7 +245,8 @@ def test_an_interrupt_says_how_to_resume(data, tmp_path, monkeypatch):
     monkeypatch.setattr(finetuning, "finetune", interrupted)
     r = invoke("finetune", data["train"], "-m", data["model"], "--test", data["test"], "-o", tmp_path / "o",
                "--steps", 2, "--quiet")
-    assert r.returncode == 130 and "--resume" in r.stderr and "nothing was written" not in r.stderr
+    assert r.returncode == 130 and "rerun" in r.stderr and "resume" in r.stderr
+    assert "nothing was written" not in r.stderr
 
 
 @pytest.mark.parametrize("command,name", [("train", "metrics.jsonl"), ("train", "loss.png"),

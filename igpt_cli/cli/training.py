@@ -115,7 +115,7 @@ def train_command(
         print_json(result)
 
 
-@handles_input_errors(resume="the last checkpoint is kept: rerun the same command with --resume to continue")
+@handles_input_errors
 def finetune_command(
     train_tokens: Annotated[Path, typer.Argument(help="Labelled tokens file (igpt quantize) to fine-tune on.")],
     model: ModelOpt,

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from .. import __version__
 from ..distributed import DistContext
 from ..errors import InputError, ParameterError
+from ..jsonfile import read_json
 from ..model import IGPTConfig, sos_shift
 from ..model.classifier import IGPTClassifier, save_classifier
 from ..outputs import check_distinct
@@ -144,7 +145,12 @@ class FinetuneObjective(NextToken):
         save_classifier(model, out, self.class_names)
         write_preprocessor_config(out, data.palette, data.height, data.width)
 
-    def done(self, model, out, dist):
+    def done(self, model, out, dist, *, trained=True):
+        if not trained:   # a rerun of a finished run: its saved report, nothing rewritten
+            saved = dist.broadcast(self.saved_report(out) if dist.is_main else None)
+            if saved is not None:
+                self.report = saved
+                return
         t0 = time.perf_counter()
         test = self.test
         mine = np.arange(dist.rank, len(test.tokens), dist.world_size)
@@ -175,6 +181,17 @@ class FinetuneObjective(NextToken):
             with write_errors(out / REPORT_FILE, "writing the report"):
                 write_text(out / REPORT_FILE, report.to_json(indent=2) + "\n")
         self.report = dist.broadcast(report)
+
+    @staticmethod
+    def saved_report(out: Path) -> "FinetuneReport | None":
+        """The report a finished run wrote (OUT/report.json), or None when it is missing or not one."""
+        from dataclasses import fields
+
+        try:
+            d = read_json(out / REPORT_FILE, "fine-tuning report")
+            return FinetuneReport(**{f.name: d[f.name] for f in fields(FinetuneReport)})
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
 
 
 # ---------------------------------------------------------------------------

@@ -319,8 +319,9 @@ def _train(out: Path, data: TokenData, train_sha: str, start: Start, dev: torch.
     t0 = time.time()
     tokens_per_step = cfg.batch_size * data.height * data.width
     first_step, info = step, ""
+    finished = state is not None and step >= steps   # a rerun of a finished run: nothing is rewritten
     try:
-        if main:
+        if main and not finished:
             with write_errors(out, "starting the metrics log"):
                 log = RunLog(out, step, opts.draw_loss)
         rep.start()
@@ -409,7 +410,7 @@ def _train(out: Path, data: TokenData, train_sha: str, start: Start, dev: torch.
         if log is not None:
             log.close()
     seconds = time.time() - t0
-    objective.done(model, out, dist)
+    objective.done(model, out, dist, trained=not finished)
     last = history[-1] if history else {}
     return TrainResult(model_dir=str(out), steps=steps, n_params=model.num_params(), height=data.height,
                        width=data.width, seconds=round(seconds, 1), train_loss=last.get("train_loss"),

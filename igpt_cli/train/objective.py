@@ -50,9 +50,10 @@ class NextToken:
         save_pretrained(model, out)
         write_preprocessor_config(out, data.palette, data.height, data.width)
 
-    def done(self, model: torch.nn.Module, out: Path, dist) -> None:
+    def done(self, model: torch.nn.Module, out: Path, dist, *, trained: bool = True) -> None:
         """Called on every rank with the trained module when the loop has finished, while the run
-        directory is still locked (a fine-tuning run evaluates its test set and writes its report)."""
+        directory is still locked (a fine-tuning run evaluates its test set and writes its report).
+        `trained` is False for a rerun of a run that had finished already: nothing may be rewritten."""
 
 
 def write_preprocessor_config(model_dir: Path, palette: np.ndarray, height: int, width: int) -> None:
