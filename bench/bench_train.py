@@ -11,6 +11,9 @@ is left out); the global batch and every other flag are the same in every config
 MFU = FLOPs/token x tokens/s / (peak of one thread x threads in use).
 
     PYTHONPATH=. .venv/bin/python bench/bench_train.py [--steps 60] [--batch-size 64] [--dtype bfloat16]
+    # imagegpt-small's shape, one process on both threads:
+    PYTHONPATH=. .venv/bin/python bench/bench_train.py --depth 24 --width 512 --heads 8 --side 32 \
+        --batch-size 2 --steps 6 --log-every 1 --configs 1x2
 
 Prints a table; run it on an idle machine (it says the load average it started under).
 """
@@ -95,7 +98,9 @@ def main() -> None:
     ap.add_argument("--heads", type=int, default=6)
     ap.add_argument("--side", type=int, default=8)
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    ap.add_argument("--configs", default="1x1,1x2,2x1", help="processes x threads, e.g. 1x2 (comma-separated)")
     args = ap.parse_args()
+    configs = [tuple(int(v) for v in c.split("x")) for c in args.configs.split(",")]
     cpu = next((line.split(":", 1)[1].strip() for line in subprocess.run(["lscpu"], capture_output=True, text=True)
                 .stdout.splitlines() if line.startswith("Model name")), "?")
     print(f"CPU: {cpu}; {os.cpu_count()} cores; load average at start {os.getloadavg()[0]:.2f}; torch {torch.__version__}")
@@ -113,12 +118,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tokens = Path(tmp) / "t.h5"
         make_tokens(tokens, max(4 * args.batch_size, 256), args.side)
-        for procs, threads in ((1, 1), (1, 2), (2, 1)):
+        for procs, threads in configs:
             tps = train(tokens, Path(tmp) / f"run-{procs}x{threads}", procs, threads, args)
             peak = peak1 * procs * threads
             rows.append((f"{procs} process{'es' if procs > 1 else ''} x {threads} thread{'s' if threads > 1 else ''}",
                          tps, fpt * tps / 1e9, 100 * fpt * tps / peak))
-    print(f"\n| configuration | tokens/s | GFLOP/s | MFU (vs bf16 peak of the threads used) |")
+    print("\n| configuration | tokens/s | GFLOP/s | MFU (vs bf16 peak of the threads used) |")
     print("| --- | ---: | ---: | ---: |")
     for name, tps, gf, mfu in rows:
         print(f"| {name} | {tps:,.0f} | {gf:.1f} | {mfu:.1f} % |")
