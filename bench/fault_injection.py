@@ -452,6 +452,10 @@ def run_with_sigint(args, out: Path, wait_for: str, delay: float) -> Result:
     while time.time() < deadline and not list(out.glob(wait_for)) and proc.poll() is None:
         time.sleep(0.01)
     time.sleep(delay)
+    if proc.poll() is not None:   # the run was faster than the case: say so (the case did not test Ctrl-C)
+        stdout, stderr = proc.communicate()
+        return Result(proc.returncode, stdout, stderr + f"\nfinished before the Ctrl-C ({delay:.2f} s after "
+                      f"{wait_for} appeared): shorten the case's delay for this machine")
     proc.send_signal(signal.SIGINT)
     try:
         stdout, stderr = proc.communicate(timeout=10)
@@ -752,7 +756,7 @@ def round3_cases(p: dict[str, Path]) -> list[Case]:
 
     sigint = [Case(f"quantize: Ctrl-C mid-run ({k + 1})", ["quantize", BIG_DATA, "--split", "test", "--size", "8",
                                                            "-o", f"{O}/o.h5"], expect=130,
-                   run=lambda case, out, delay=0.05 + 0.15 * k: run_with_sigint(case.args, out, ".o.h5.tmp", delay))
+                   run=lambda case, out, delay=0.05 + 0.1 * k: run_with_sigint(case.args, out, ".o.h5.tmp", delay))
               for k in range(6)]
     c = sigint + [
         # 1. an output that is one of the inputs (symlinks, ./a, hard links), --overwrite or not
@@ -1045,6 +1049,19 @@ def finetune_cases(p: dict[str, Path]) -> list[Case]:
         Case("finetune: SIGTERM mid-run, then the same command", ft("--steps", "30", "--checkpoint-every", "5"), expect=0,
              allowed=("ft",), run=kill_then_resume(signal.SIGTERM, 30), verify=finished(30)),
         Case("finetune: output named with non-UTF-8 bytes", ft("--steps", "1", out=odd), expect=0, allowed=(odd,)),
+        # igpt predict -m: a fine-tuned directory (the finished run above) applied to tokens
+        Case("predict -m: a model that is not fine-tuned", ["predict", p["tokens"], "-m", M]),
+        Case("predict: both --probes and -m", ["predict", p["tokens"], "--probes", p["probes"], "-m", M]),
+        Case("predict: neither --probes nor -m", ["predict", p["tokens"]]),
+        Case("predict -m: a features file as the input", ["predict", p["feats"], "-m", f"{O}/ft"], allowed=("ft",),
+             setup=finished_run(), verify=run_unchanged),
+        Case("predict -m: tokens of another size", ["predict", p["tokens4"], "-m", f"{O}/ft"], allowed=("ft",),
+             setup=finished_run(), verify=run_unchanged),
+        Case("predict -m: -o is the tokens (symlink)", ["predict", p["tokens"], "-m", f"{O}/ft", "-o", f"{O}/o.h5",
+             "--overwrite"], allowed=("ft", "o.h5"),
+             setup=lambda out: (finished_run()(out), link_to("o.h5", p["tokens"])(out)), verify=run_unchanged),
+        Case("predict -m: the fine-tuned run, to a file", ["predict", p["tokens"], "-m", f"{O}/ft", "-o",
+             f"{O}/o.h5", "-q"], expect=0, allowed=("ft", "o.h5"), setup=finished_run(), verify=run_unchanged),
     ]
 
 
