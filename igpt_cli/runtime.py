@@ -82,32 +82,12 @@ def cuda_has_fast_bf16(device: torch.device) -> bool:
     return torch.cuda.get_device_capability(index)[0] >= 8
 
 
-@functools.lru_cache(maxsize=1)
-def cpu_has_amx() -> bool:
-    """AMX tiles (Sapphire Rapids and later): oneDNN's bf16 kernels for thin products too."""
-    fn = getattr(getattr(torch, "cpu", None), "_is_amx_tile_supported", None)
-    try:
-        if fn is not None:
-            return bool(fn())
-    except Exception:  # pragma: no cover - private API drift
-        pass
-    try:
-        return bool(re.search(r"\bamx_bf16\b", Path("/proc/cpuinfo").read_text()))
-    except OSError:
-        return False
-
-
-def resolve_dtype(name: str, device: torch.device, *, decode: bool = False) -> torch.dtype:
-    """The compute dtype `name` means on `device`; "auto": bfloat16 where the hardware runs it fast.
-    `decode` (token-by-token generation): on a CPU without AMX, auto is float32 — a decode step's
-    thin products run 1.2-2.2x slower in bfloat16 there (bench/bench_generate.py, AVX512-BF16)."""
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     name = str(getattr(name, "value", name) or "auto").lower()
     if name == "auto":
         if device.type == "cuda":
             return torch.bfloat16 if cuda_has_fast_bf16(device) else torch.float32
         if device.type == "cpu":
-            if decode and not cpu_has_amx():
-                return torch.float32
             return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
         return torch.float32
     if name not in DTYPES:

@@ -24,18 +24,6 @@ def test_device_and_dtype():
         resolve_dtype("int8", torch.device("cpu"))
 
 
-def test_auto_decodes_in_float32_on_a_cpu_without_amx(monkeypatch):
-    import igpt_cli.runtime as rt
-
-    cpu = torch.device("cpu")
-    monkeypatch.setattr(rt, "cpu_has_fast_bf16", lambda: True)
-    for amx, decode_dtype in ((False, torch.float32), (True, torch.bfloat16)):
-        monkeypatch.setattr(rt, "cpu_has_amx", lambda amx=amx: amx)
-        assert resolve_dtype("auto", cpu) == torch.bfloat16          # a forward pass: bf16 where fast
-        assert resolve_dtype("auto", cpu, decode=True) == decode_dtype  # token by token: float32 without AMX
-        assert resolve_dtype("bfloat16", cpu, decode=True) == torch.bfloat16  # asked for: given
-
-
 # --- the automatic dtype on a GPU: the chosen device's own capability, never emulation -------------
 def fake_gpus(monkeypatch, capabilities: list[tuple[int, int]], current: int = 0):
     """CUDA as torch reports it on a machine with these GPUs (compute capabilities), without one.

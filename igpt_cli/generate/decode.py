@@ -187,7 +187,7 @@ def sample_images(model: IGPT | str | Path, n: int, *, temperature: float = 1.0,
     seed = check_seed(seed)
     check_positive("n", n, allow_none=False)
     check_positive("batch_size", batch_size)
-    net, dev, cdt = ready_model(model, device, dtype, generative=True, decode=True)
+    net, dev, cdt = ready_model(model, device, dtype, generative=True)
     T = net.config.n_positions
     bs = min(batch_size or decode_batch_size(net.config, dev, cdt), n)
     reporter = Reporter(on_progress, "sample", n * T, "token")
@@ -215,7 +215,7 @@ def complete_images(tokens: np.ndarray, model: IGPT | str | Path, *, keep_rows: 
     seed = check_seed(seed)
     check_positive("n", n, allow_none=False)
     check_positive("batch_size", batch_size)
-    net, dev, cdt = ready_model(model, device, dtype, generative=True, decode=True)
+    net, dev, cdt = ready_model(model, device, dtype, generative=True)
     cfg = net.config
     tokens = check_tokens_array(tokens, cfg)
     width = width or square_side(cfg)

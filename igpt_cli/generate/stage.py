@@ -194,7 +194,7 @@ def sample_file(model: str | Path, n: int, out: str | Path, *, png: str | Path |
     check_positive("n", n, allow_none=False)
     seed = _check_common(out, png, overwrite, batch_size, seed)
     m = open_model(model, device=device, dtype=dtype, revision=revision, quiet=on_progress is None, dist=dist,
-                   generative=True, decode=True)
+                   generative=True)
     cfg = m.cfg
     palette = m.palette or (Palette.default() if cfg.vocab_size - 1 == 512 else None)
     if palette is None or len(palette) > cfg.vocab_size - 1:
@@ -248,7 +248,7 @@ def complete_file(tokens_path: str | Path, model: str | Path, out: str | Path, *
     check_positive("png_images", png_images, allow_none=False)
     seed = _check_common(out, png, overwrite, batch_size, seed, {"tokens_path": tokens_path})
     m = open_model(model, device=device, dtype=dtype, revision=revision, quiet=on_progress is None, dist=dist,
-                   generative=True, decode=True)
+                   generative=True)
     tf, tok, height, width, palette, n_img = _open_tokens(tokens_path, m, limit)
     with tf:
         kept_rows, keep = keep_tokens_for(height, width, keep_rows, keep_fraction)

@@ -282,36 +282,34 @@ def check_model_fits(cfg: IGPTConfig, height: int, width: int, palette_size: int
 
 def open_model(model: str | Path, *, device: str = "auto", dtype: str = "auto", revision: str | None = None,
                local_files_only: bool = False, quiet: bool = False, dist=None,
-               generative: bool = False, decode: bool = False) -> OpenedModel:
+               generative: bool = False) -> OpenedModel:
     """Resolve and check the checkpoint `model` names and choose its device and dtype; nothing is
     loaded yet. `generative`: it must be able to generate (autoregressive, an LM head).
-    `dist` (a DistContext): under a launcher each rank takes its own GPU. `decode`: it will
-    generate token by token (dtype "auto" then means what decodes fastest: `resolve_dtype`)."""
+    `dist` (a DistContext): under a launcher each rank takes its own GPU."""
     model_dir = resolve_model_dir(model, revision=revision, local_files_only=local_files_only, quiet=quiet)
     weights = check_generative(model_dir) if generative else find_weights(model_dir)
     cfg = read_config(model_dir)
     dev = resolve_device(device)
     if dist is not None:
         dev = dist.device_for(dev)
-    return OpenedModel(model_dir, weights, cfg, dev, resolve_dtype(dtype, dev, decode=decode), model_palette(model_dir))
+    return OpenedModel(model_dir, weights, cfg, dev, resolve_dtype(dtype, dev), model_palette(model_dir))
 
 
-def ready_model(model: IGPT | str | Path, device: str = "auto", dtype: str = "auto", *, generative: bool = False,
-                decode: bool = False) -> tuple[IGPT, torch.device, torch.dtype]:
+def ready_model(model: IGPT | str | Path, device: str = "auto", dtype: str = "auto", *, generative: bool = False
+                ) -> tuple[IGPT, torch.device, torch.dtype]:
     """The model to run in memory, its device and compute dtype: an IGPT as it is unless told
     otherwise (other values move and cast it in place), or a directory loaded onto the resolved
-    device and dtype. `generative`: refuse a model that cannot generate (no LM head, BERT);
-    `decode`: as `open_model`'s."""
+    device and dtype. `generative`: refuse a model that cannot generate (no LM head, BERT)."""
     if isinstance(model, IGPT):
         if generative:
             check_autoregressive(model.config, "model")
         p = next(model.parameters())
         dev = p.device if device == "auto" else resolve_device(device)
-        cdt = p.dtype if dtype == "auto" else resolve_dtype(dtype, dev, decode=decode)
+        cdt = p.dtype if dtype == "auto" else resolve_dtype(dtype, dev)
         if (dev, cdt) != (p.device, p.dtype):
             model.to(device=dev, dtype=cdt)
         return model.eval(), dev, cdt
-    m = open_model(model, device=device, dtype=dtype, quiet=True, generative=generative, decode=decode)
+    m = open_model(model, device=device, dtype=dtype, quiet=True, generative=generative)
     return m.load(), m.device, m.dtype
 
 
