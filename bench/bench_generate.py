@@ -143,8 +143,6 @@ def main() -> None:
         save_pretrained(fp32, d)
         hf = ImageGPTForCausalImageModeling.from_pretrained(d, dtype=torch.float32).eval()
     auto = resolve_dtype("auto", torch.device("cpu"))   # bf16 where the CPU has it: timed next to float32
-    print(f"igpt sample/complete --dtype auto decodes in "
-          f"{str(resolve_dtype('auto', torch.device('cpu'), decode=True)).removeprefix('torch.')} on this CPU")
     fast = IGPT(cfg).eval().requires_grad_(False)
     fast.load_state_dict(fp32.state_dict())
     fast.to(auto)
