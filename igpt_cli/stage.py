@@ -248,6 +248,9 @@ def _abandon(f: h5py.File, path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
+POLL_S = 0.1  # how often the row writer re-checks its queue (see RowWriter._next)
+
+
 class RowWriter:
     """The batch loop's one background writer: batches of rows are queued (at most `depth` waiting,
     so memory stays bounded) and written in order into the open file `f` by one thread while the
@@ -264,7 +267,7 @@ class RowWriter:
         self._thread.start()
 
     def _run(self) -> None:
-        while (item := self._queue.get()) is not None:
+        while (item := self._next()) is not None:
             if self.error is not None:
                 continue  # drain: the main thread stops at its next put
             i, k, cols = item
@@ -279,6 +282,16 @@ class RowWriter:
                 self.f.flush()  # … then the counter
             except BaseException as e:  # noqa: BLE001 - handed to the main thread
                 self.error = e
+
+    def _next(self):
+        """The next queued item. Polled, not one blocking wait: Ctrl-C or SIGTERM raised in the main
+        thread inside `Queue.put` can leave its wake-up of this thread undone, and an unpolled wait
+        would then sleep forever while `close` waits for it (seen: a SIGTERM'd extract hanging)."""
+        while True:
+            try:
+                return self._queue.get(timeout=POLL_S)
+            except queue.Empty:
+                continue
 
     def _raise(self) -> None:
         if self.error is not None:
