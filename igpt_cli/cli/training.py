@@ -24,6 +24,18 @@ PeakLr = Annotated[float, typer.Option("--lr", help="Peak learning rate (linear 
 Warmup = Annotated[int, typer.Option("--warmup", min=0, help="Warm-up steps.")]
 NoFlip = Annotated[bool, typer.Option("--no-flip", help="Disable random horizontal flips.")]
 CheckpointEvery = Annotated[int, typer.Option("--checkpoint-every", min=1, help="Steps between checkpoints.")]
+OldResume = Annotated[bool, typer.Option("--resume", hidden=True, help=(
+    "Continue the run saved in --out (the default when there is one; kept for older scripts)."))]
+
+
+def resumes(out: Path, restart: bool, resume: bool) -> bool:
+    """Whether a train/finetune run continues the run saved in `out`: rerunning resumes by default,
+    --restart starts anew, the old --resume insists."""
+    from ..train import STATE_FILE
+
+    if restart and resume:
+        raise InputError("--restart and --resume contradict each other: give one")
+    return resume or (not restart and (out / STATE_FILE).is_file())
 
 
 def typed_settings(settings: dict) -> dict:
@@ -69,8 +81,7 @@ def train_command(
     dtype: Dtype = ComputeDtype.auto,
     restart: Annotated[bool, typer.Option("--restart", help=(
         "Discard the run saved in --out (its state, model, logs and step-* models) and start a new one.")) ] = False,
-    resume: Annotated[bool, typer.Option("--resume", hidden=True, help=(
-        "Continue the run saved in --out (the default when there is one; kept for older scripts)."))] = False,
+    resume: OldResume = False,
     compile: Annotated[bool, typer.Option("--compile", help=(
         "torch.compile the model (falls back to eager where no compiler works)."))] = False,
     activation_checkpointing: Annotated[bool, typer.Option("--activation-checkpointing", help=(
@@ -94,11 +105,7 @@ def train_command(
     from ..train import pretrain
     from .plots import write_loss_plot
 
-    from ..train import STATE_FILE
-
-    if restart and resume:
-        raise InputError("--restart and --resume contradict each other: give one")
-    resume = resume or (not restart and (out / STATE_FILE).is_file())
+    resume = resumes(out, restart, resume)
     if not resume and steps is None and epochs is None:
         raise InputError("give --steps or --epochs")
     settings = dict(n_layer=n_layer, n_embd=n_embd, n_head=n_head, steps=steps, epochs=epochs,
@@ -141,8 +148,7 @@ def finetune_command(
     dtype: Annotated[ComputeDtype, typer.Option("--dtype", help="Autocast dtype (auto: bfloat16 where fast).")] = ComputeDtype.auto,
     restart: Annotated[bool, typer.Option("--restart", help=(
         "Discard the run saved in --out (its state, model and logs) and start a new one."))] = False,
-    resume: Annotated[bool, typer.Option("--resume", hidden=True, help=(
-        "Continue the run saved in --out (the default when there is one; kept for older scripts)."))] = False,
+    resume: OldResume = False,
     quiet: Quiet = False,
     as_json: Json = False,
 ) -> None:
@@ -155,13 +161,10 @@ def finetune_command(
 
     Example: igpt finetune train.h5 -m igpt-cifar8 --test test.h5 -o ft --steps 10 --batch-size 16
     """
-    from ..train import STATE_FILE
     from ..train.finetuning import finetune
     from .plots import write_loss_plot
 
-    if restart and resume:
-        raise InputError("--restart and --resume contradict each other: give one")
-    resume = resume or (not restart and (out / STATE_FILE).is_file())
+    resume = resumes(out, restart, resume)
     if not resume and steps is None and epochs is None:
         raise InputError("give --steps or --epochs")
     settings = dict(steps=steps, epochs=epochs, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps,
